@@ -1,0 +1,387 @@
+r"""The SOAR objective (arXiv 2604.12617) and plain flow matching (SFT), for any velocity model.
+
+For a batch :math:`(x_0, c)` of B real samples (conventions in :mod:`soarflow.flow`):
+
+1. draw :math:`z_1 \sim \mathcal N(0, I)` and :math:`t_0` (``t_density``); :math:`\sigma_0 = \sigma(t_0)`,
+   :math:`x_{\sigma_0} = (1-\sigma_0) x_0 + \sigma_0 z_1`;
+2. main (SFT) term :math:`\ell_b = \lVert v_\theta(x_{\sigma_0}, \sigma_0, c) - (z_1 - x_0)\rVert^2`;
+3. rollout without gradient: one step of the N-step inference schedule with guidance,
+   :math:`t_1 = \max(t_0 - 1/N, 0)`, :math:`\sigma_1 = \sigma(t_1)`,
+   :math:`z' = x_{\sigma_0} + (\sigma_1 - \sigma_0)\,(v_u + w(v_c - v_u))` (path 0, ODE); optional extra paths
+   replace the Euler step by a stochastic step (:mod:`soarflow.sampling`), and samples with :math:`t_1 = 0` keep
+   only the ODE path;
+4. re-noise toward the same endpoint: for K points per path :math:`\sigma' \sim U[\sigma_1, \sigma_{up}]`
+   (:math:`\sigma_{up} = 1`, or :math:`\min(r\sigma_0, 1)`), :math:`\alpha = (\sigma' - \sigma_1)/(1 - \sigma_1)`,
+   :math:`z_{aux} = (1-\alpha) z' + \alpha z_1`;
+5. correction target :math:`v_{corr} = (z_{aux} - x_0)/\sigma'`: following it from :math:`z_{aux}` for
+   :math:`\sigma'` reaches :math:`x_0` exactly. :math:`\sigma'` is floored at ``sigma_floor`` *before*
+   :math:`z_{aux}` is built, so the division is safe and that identity still holds exactly;
+6. auxiliary term :math:`a_p = \lVert v_\theta(z_{aux}, \sigma', c) - v_{corr}\rVert^2` (with gradient);
+7. :math:`L = (\sum_b w(\sigma_0)\ell_b + \lambda \sum_p w(\sigma'_p) a_p) / (B + \lambda P)`.
+
+Squared errors are averaged over non-batch dimensions; :math:`w` is the SD3 loss weighting. With
+:math:`\lambda = 0` or K = 0 this is exactly the flow-matching loss. When ``torch.distributed`` is initialised
+the denominator counts every rank's terms and the loss is scaled by the world size, so after data-parallel
+gradient averaging the gradient equals that of one process on the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from .conditioning import cond_batch_size, cond_cat, cond_expand_null, cond_index, cond_repeat, cond_where
+from .flow import (
+    T_DENSITIES,
+    WEIGHTINGS,
+    append_dims,
+    interpolate,
+    loss_weight,
+    per_sample_mse,
+    sample_t,
+    shift_sigma,
+    velocity_target,
+)
+from .sampling import STEP_KINDS, guided_velocity, step
+
+VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+@dataclass
+class SOARConfig:
+    """Hyper-parameters of the SOAR objective (paper defaults). ``lambda_aux = 0`` or ``num_aux = 0`` is SFT."""
+
+    num_aux: int = 6  # K: auxiliary points per rollout path
+    lambda_aux: float = 1.0  # lambda: weight of the auxiliary term
+    rollout_steps: int = 40  # N: the rollout takes one step of the N-step schedule (1/N in t)
+    rollout_cfg: float = 4.5  # w: guidance scale of the rollout (1 = conditional velocity only)
+    num_rollout_paths: int = 1  # M: path 0 is the ODE step, paths 1..M-1 are stochastic
+    rollout_kind: Literal["simple", "sde", "flow_sde", "cps"] = "flow_sde"  # kind of the extra paths
+    rollout_noise_scale: float = 0.5
+    sigma_upper: Literal["one", "ratio"] = "one"  # upper bound of sigma': 1 or min(ratio * sigma0, 1)
+    sigma_upper_ratio: float = 1.5
+    sigma_floor: float = 1e-3  # sigma' >= floor, so v_corr = (z_aux - x0) / sigma' stays finite
+    shift: float = 3.0  # SD3.5 time shift
+    t_density: Literal["logit_normal", "uniform", "mode", "cosmap"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    cond_dropout: float = 0.0  # probability of training a sample on null_cond (enables guidance)
+    aux_chunk_size: int | None = None  # max rows per forward; larger fused batches are checkpointed in chunks
+    fuse_forward: bool = True  # False: one forward per term, as in the reference code (for benchmarks/tests)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(field: str, why: str) -> ValueError:
+            return ValueError(f"SOARConfig.{field}: {why} (got {getattr(self, field)!r})")
+
+        if not isinstance(self.num_aux, int) or self.num_aux < 0:
+            raise bad("num_aux", "must be an integer >= 0")
+        if not (isinstance(self.lambda_aux, (int, float)) and self.lambda_aux >= 0 and math.isfinite(self.lambda_aux)):
+            raise bad("lambda_aux", "must be a finite number >= 0")
+        if not isinstance(self.rollout_steps, int) or self.rollout_steps < 1:
+            raise bad("rollout_steps", "must be an integer >= 1")
+        if not (isinstance(self.rollout_cfg, (int, float)) and math.isfinite(self.rollout_cfg)):
+            raise bad("rollout_cfg", "must be a finite number")
+        if not isinstance(self.num_rollout_paths, int) or self.num_rollout_paths < 1:
+            raise bad("num_rollout_paths", "must be an integer >= 1")
+        if self.rollout_kind not in STEP_KINDS or self.rollout_kind == "ode":
+            raise bad("rollout_kind", "must be one of simple, sde, flow_sde, cps")
+        if not self.rollout_noise_scale >= 0:
+            raise bad("rollout_noise_scale", "must be >= 0")
+        if self.sigma_upper not in ("one", "ratio"):
+            raise bad("sigma_upper", "must be 'one' or 'ratio'")
+        if not self.sigma_upper_ratio >= 1:
+            raise bad("sigma_upper_ratio", "must be >= 1 so that the upper bound is >= sigma1")
+        if not 0 < self.sigma_floor < 1:
+            raise bad("sigma_floor", "must be in (0, 1)")
+        if not self.shift > 0:
+            raise bad("shift", "must be > 0")
+        if self.t_density not in T_DENSITIES:
+            raise bad("t_density", f"must be one of {T_DENSITIES}")
+        if not self.logit_std > 0:
+            raise bad("logit_std", "must be > 0")
+        if self.weighting not in WEIGHTINGS:
+            raise bad("weighting", f"must be one of {WEIGHTINGS}")
+        if not 0 <= self.cond_dropout < 1:
+            raise bad("cond_dropout", "must be in [0, 1)")
+        if self.aux_chunk_size is not None and (not isinstance(self.aux_chunk_size, int) or self.aux_chunk_size < 1):
+            raise bad("aux_chunk_size", "must be None or an integer >= 1")
+
+    def replace(self, **changes: Any) -> "SOARConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_sft(self) -> bool:
+        return self.num_aux == 0 or self.lambda_aux == 0
+
+
+@dataclass
+class ObjectiveOutput:
+    """`loss` is differentiable; everything else is detached (tensors, so no device sync until `metrics()`)."""
+
+    loss: torch.Tensor
+    main_loss: torch.Tensor  # mean unweighted main squared error over the B samples
+    aux_loss: torch.Tensor  # mean unweighted auxiliary squared error per point (0 if none)
+    num_aux_points: int  # P on this process
+    mean_sigma: torch.Tensor  # mean sigma0
+    mean_aux_sigma: torch.Tensor  # mean sigma' (nan if no aux point)
+    rollout_deviation: torch.Tensor  # mean RMS distance ||z' - x_sigma1|| of the ODE rollout (nan if none)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "loss": float(self.loss.detach()),
+            "main_loss": float(self.main_loss),
+            "aux_loss": float(self.aux_loss),
+            "num_aux_points": float(self.num_aux_points),
+            "mean_sigma": float(self.mean_sigma),
+            "mean_aux_sigma": float(self.mean_aux_sigma),
+            "rollout_deviation": float(self.rollout_deviation),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _check_inputs(x0: torch.Tensor, cond: Any, noise, t) -> int:
+    if not isinstance(x0, torch.Tensor) or x0.ndim < 2:
+        raise ValueError(f"x0: expected a tensor with a batch dimension, got {type(x0).__name__} "
+                         f"{tuple(getattr(x0, 'shape', ()))}")
+    batch = x0.shape[0]
+    cb = cond_batch_size(cond)
+    if cb is not None and cb != batch:
+        raise ValueError(f"cond: batch size {cb} does not match x0 batch size {batch}")
+    if noise is not None and tuple(noise.shape) != tuple(x0.shape):
+        raise ValueError(f"noise: shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)}")
+    if t is not None:
+        if tuple(t.shape) != (batch,):
+            raise ValueError(f"t: expected shape ({batch},), got {tuple(t.shape)}")
+        if bool((t < 0).any()) or bool((t > 1).any()):
+            raise ValueError("t: values must lie in [0, 1]")
+    return batch
+
+
+def _draw_noise_and_t(x0, config: SOARConfig, generator, noise, t):
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32).to(x0.dtype)
+    if t is None:
+        t = sample_t(
+            x0.shape[0],
+            density=config.t_density,
+            logit_mean=config.logit_mean,
+            logit_std=config.logit_std,
+            mode_scale=config.mode_scale,
+            generator=generator,
+            device=x0.device,
+        )
+    return noise, t.to(device=x0.device, dtype=torch.float32)
+
+
+def _maybe_drop_cond(cond, null_cond, batch, config: SOARConfig, generator, device):
+    if config.cond_dropout <= 0:
+        return cond
+    if null_cond is None:
+        raise ValueError("null_cond is required when cond_dropout > 0")
+    drop = torch.rand(batch, generator=generator, device=device) < config.cond_dropout
+    return cond_where(drop, cond_expand_null(null_cond, batch), cond)
+
+
+def _global_counts(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum the per-process term counts over ranks; returns (counts, world_size)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = local.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total, dist.get_world_size()
+    return local, 1
+
+
+def _forward_rows(model: VelocityModel, x, sigma, cond, chunk: int | None) -> torch.Tensor:
+    """Evaluate the model over a (possibly large) batch; above `chunk` rows, run chunks under activation
+    checkpointing so stored activations stay bounded by one chunk (costs one extra forward in backward)."""
+    n = x.shape[0]
+    if chunk is None or n <= chunk or not torch.is_grad_enabled():
+        return model(x, sigma, cond)
+    outs = []
+    for start in range(0, n, chunk):
+        idx = slice(start, min(start + chunk, n))
+        outs.append(checkpoint(model, x[idx], sigma[idx], cond_index(cond, idx), use_reentrant=False))
+    return torch.cat(outs)
+
+
+def _normalise(main_sum, aux_sum, batch, num_points, lam, device):
+    counts, world = _global_counts(torch.tensor([float(batch), float(num_points)], device=device))
+    denom = counts[0] + lam * counts[1]
+    return (main_sum + lam * aux_sum) * world / denom
+
+
+def renoise(z_prime: torch.Tensor, z1: torch.Tensor, sigma1: torch.Tensor, sigma_aux: torch.Tensor) -> torch.Tensor:
+    r""":math:`z_{aux} = (1-\alpha) z' + \alpha z_1`, :math:`\alpha = (\sigma' - \sigma_1)/(1 - \sigma_1)`.
+
+    ``sigma1`` and ``sigma_aux`` broadcast over the leading (non-feature) dimensions of ``z_prime``; their
+    trailing dimension is the batch. At :math:`\sigma' = \sigma_1` this is :math:`z'`, at 1 it is :math:`z_1`."""
+    alpha = ((sigma_aux - sigma1) / (1.0 - sigma1).clamp_min(1e-6)).clamp(0.0, 1.0)
+    a = alpha.reshape(alpha.shape + (1,) * (z_prime.ndim - alpha.ndim)).to(z_prime.dtype)
+    return (1 - a) * z_prime + a * z1
+
+
+def correction_target(z_aux: torch.Tensor, x0: torch.Tensor, sigma_aux: torch.Tensor) -> torch.Tensor:
+    r""":math:`v_{corr} = (z_{aux} - x_0)/\sigma'` (float32), so that :math:`z_{aux} - \sigma' v_{corr} = x_0`."""
+    return (z_aux.float() - x0.float()) / append_dims(sigma_aux.float(), z_aux.ndim)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def sft_loss(
+    model: VelocityModel,
+    x0: torch.Tensor,
+    cond: Any,
+    *,
+    config: SOARConfig | None = None,
+    null_cond: Any = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+) -> ObjectiveOutput:
+    r"""Plain flow matching: :math:`\sum_b w(\sigma_0)\lVert v_\theta(x_{\sigma_0},\sigma_0,c) - (z_1 - x_0)\rVert^2 / B`."""
+    config = config or SOARConfig(num_aux=0)
+    batch = _check_inputs(x0, cond, noise, t)
+    noise, t = _draw_noise_and_t(x0, config, generator, noise, t)
+    train_cond = _maybe_drop_cond(cond, null_cond, batch, config, generator, x0.device)
+    sigma0 = shift_sigma(t, config.shift)
+    x_t = interpolate(x0, noise, sigma0)
+    err = per_sample_mse(model(x_t, sigma0, train_cond), velocity_target(x0, noise))
+    main_sum = (loss_weight(sigma0, config.weighting) * err).sum()
+    loss = _normalise(main_sum, main_sum.new_zeros(()), batch, 0, 0.0, x0.device)
+    nan = torch.tensor(float("nan"), device=x0.device)
+    return ObjectiveOutput(
+        loss=loss,
+        main_loss=err.detach().mean(),
+        aux_loss=torch.zeros((), device=x0.device),
+        num_aux_points=0,
+        mean_sigma=sigma0.mean(),
+        mean_aux_sigma=nan,
+        rollout_deviation=nan,
+    )
+
+
+def soar_loss(
+    model: VelocityModel,
+    x0: torch.Tensor,
+    cond: Any,
+    *,
+    null_cond: Any,
+    config: SOARConfig | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    aux_sigmas: torch.Tensor | None = None,
+) -> ObjectiveOutput:
+    """The SOAR loss (module docstring). ``noise`` (shape of x0), ``t`` (B,) and ``aux_sigmas`` (K, B), the
+    sigma' of the ODE path, override the random draws: with an ODE-only rollout the loss is then a pure
+    function of its inputs."""
+    config = config or SOARConfig()
+    if config.is_sft:
+        if aux_sigmas is not None and aux_sigmas.numel() > 0:
+            raise ValueError("aux_sigmas: given, but the config has no auxiliary term (num_aux or lambda_aux is 0)")
+        return sft_loss(model, x0, cond, config=config, null_cond=null_cond, generator=generator, noise=noise, t=t)
+
+    batch = _check_inputs(x0, cond, noise, t)
+    K, M, lam = config.num_aux, config.num_rollout_paths, float(config.lambda_aux)
+    if config.rollout_cfg != 1.0 and null_cond is None:
+        raise ValueError(f"null_cond is required for the guided rollout (rollout_cfg={config.rollout_cfg})")
+    noise, t = _draw_noise_and_t(x0, config, generator, noise, t)
+    train_cond = _maybe_drop_cond(cond, null_cond, batch, config, generator, x0.device)
+    device = x0.device
+
+    sigma0 = shift_sigma(t, config.shift)
+    t1 = (t - 1.0 / config.rollout_steps).clamp_min(0.0)
+    sigma1 = shift_sigma(t1, config.shift)
+    x_t = interpolate(x0, noise, sigma0)
+
+    # 3. Rollout: one guided, gradient-free step of the inference schedule (ODE path + optional stochastic paths).
+    with torch.no_grad():
+        v_cfg = guided_velocity(model, x_t, sigma0, cond, null_cond, config.rollout_cfg)
+        z_paths = [step("ode", x_t, sigma0, sigma1, v_cfg)]
+        for _ in range(M - 1):
+            z_paths.append(
+                step(config.rollout_kind, x_t, sigma0, sigma1, v_cfg,
+                     noise_scale=config.rollout_noise_scale, generator=generator)
+            )
+        deviation = per_sample_mse(z_paths[0], interpolate(x0, noise, sigma1)).sqrt().mean()
+
+    # 4. Auxiliary noise levels sigma' ~ U[sigma1, upper], per path and point: shape (M, K, B).
+    upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
+    u = torch.rand((M, K, batch), generator=generator, device=device)
+    sig_aux = sigma1 + u * (upper - sigma1)
+    if aux_sigmas is not None:
+        aux_sigmas = aux_sigmas.to(device=device, dtype=torch.float32)
+        if tuple(aux_sigmas.shape) != (K, batch):
+            raise ValueError(f"aux_sigmas: expected shape ({K}, {batch}) = (num_aux, B), got {tuple(aux_sigmas.shape)}")
+        tol = 1e-5
+        if bool((aux_sigmas < sigma1 - tol).any()) or bool((aux_sigmas > upper + tol).any()):
+            raise ValueError("aux_sigmas: every sigma' must lie in [sigma1, sigma_upper] of its sample")
+        sig_aux = torch.cat([aux_sigmas[None], sig_aux[1:]])
+    sig_aux = sig_aux.clamp_min(config.sigma_floor)
+    # Stochastic paths of samples whose rollout reached sigma = 0 are dropped (their step is undefined).
+    valid = torch.ones((M, K, batch), dtype=torch.bool, device=device)
+    if M > 1:
+        valid[1:] &= (t1 > 0)[None, None, :]
+
+    # 4-5. Re-noise toward the same z1 and build the correction targets.
+    z_prime = torch.stack(z_paths)  # (M, B, ...)
+    z_aux = renoise(z_prime[:, None], noise[None, None], sigma1, sig_aux)  # (M, K, B, ...)
+    z_aux = z_aux[valid].reshape(-1, *x0.shape[1:])  # (P, ...) in (path, point, sample) order
+    s_aux = sig_aux[valid]
+    sample_of = torch.arange(batch, device=device).expand(M, K, batch)[valid]
+    v_corr = correction_target(z_aux, x0[sample_of], s_aux)
+    num_points = z_aux.shape[0]
+
+    # 2 + 6. Main and auxiliary terms, fused into one forward/backward (or one forward per term).
+    aux_cond = _index_cond(train_cond, sample_of, batch, M * K, valid)
+    if config.fuse_forward:
+        v_all = _forward_rows(
+            model,
+            torch.cat([x_t, z_aux]),
+            torch.cat([sigma0, s_aux]),
+            cond_cat([train_cond, aux_cond]),
+            config.aux_chunk_size,
+        )
+        v_main, v_aux = v_all[:batch], v_all[batch:]
+    else:
+        v_main = model(x_t, sigma0, train_cond)
+        v_aux = torch.cat([
+            model(z_aux[i : i + batch], s_aux[i : i + batch], cond_index(aux_cond, slice(i, i + batch)))
+            for i in range(0, num_points, batch)
+        ])
+
+    main_err = per_sample_mse(v_main, velocity_target(x0, noise))
+    aux_err = per_sample_mse(v_aux, v_corr)
+    main_sum = (loss_weight(sigma0, config.weighting) * main_err).sum()
+    aux_sum = (loss_weight(s_aux, config.weighting) * aux_err).sum()
+    loss = _normalise(main_sum, aux_sum, batch, num_points, lam, device)
+    return ObjectiveOutput(
+        loss=loss,
+        main_loss=main_err.detach().mean(),
+        aux_loss=aux_err.detach().mean(),
+        num_aux_points=num_points,
+        mean_sigma=sigma0.mean(),
+        mean_aux_sigma=s_aux.mean(),
+        rollout_deviation=deviation,
+    )
+
+
+def _index_cond(cond: Any, sample_of: torch.Tensor, batch: int, groups: int, valid: torch.Tensor) -> Any:
+    """The condition of every auxiliary row; a plain repeat when every row is valid (no gather copy)."""
+    if bool(valid.all()):
+        return cond_repeat(cond, groups)
+    return cond_index(cond, sample_of)

@@ -1,0 +1,182 @@
+r"""Guided samplers for rectified-flow velocity models, sharing their step code with the SOAR rollout.
+
+A velocity model is any callable ``model(x, sigma, cond) -> v`` (sigma of shape (B,)). Classifier-free guidance
+evaluates the conditional and unconditional velocities in one forward over the doubled batch:
+:math:`v_{cfg} = v_u + w (v_c - v_u)`; ``w = 1`` is the conditional velocity alone (one forward of B).
+
+Steps from :math:`\sigma` to :math:`\sigma_n < \sigma` (with :math:`\hat x_0 = x - \sigma v`,
+:math:`\hat z_1 = x + (1-\sigma) v`, :math:`\epsilon \sim \mathcal N(0, I)`, noise scale :math:`a`):
+
+* ``ode``: Euler, :math:`x_n = x + (\sigma_n - \sigma) v`;
+* ``simple``: Euler plus isotropic noise, :math:`x_n = x + (\sigma_n - \sigma) v + a\sqrt{\sigma - \sigma_n}\,\epsilon`;
+* ``flow_sde``: Euler-Maruyama of the marginal-preserving reverse SDE used by Flow-GRPO, with diffusion
+  :math:`g = a\sqrt{\sigma/(1-\sigma)}`:
+  :math:`x_n = x + [v + \tfrac{g^2}{2\sigma}(x + (1-\sigma) v)](\sigma_n - \sigma) + g\sqrt{\sigma - \sigma_n}\,\epsilon`
+  (:math:`\sigma` is capped at 0.99 inside :math:`g` so the first step from pure noise stays finite);
+* ``sde``: the same SDE with a constant diffusion :math:`g = a` (:math:`\sigma` floored at 1e-3 in the drift);
+* ``cps``: coefficient-preserving sampling,
+  :math:`x_n = (1-\sigma_n)\hat x_0 + \sigma_n\cos(\tfrac{\pi a}{2})\hat z_1 + \sigma_n\sin(\tfrac{\pi a}{2})\epsilon`,
+  which keeps the state on the straight-path family of noise levels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal
+
+import torch
+
+from .conditioning import cond_batch_size, cond_cat, cond_expand_null
+from .flow import append_dims, sigma_schedule
+
+VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+StepKind = Literal["ode", "simple", "sde", "flow_sde", "cps"]
+STEP_KINDS = ("ode", "simple", "sde", "flow_sde", "cps")
+
+
+def _as_batch_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+    return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+
+
+def guided_velocity(
+    model: VelocityModel,
+    x: torch.Tensor,
+    sigma: torch.Tensor | float,
+    cond: Any,
+    null_cond: Any = None,
+    cfg_scale: float = 1.0,
+) -> torch.Tensor:
+    r""":math:`v_u + w (v_c - v_u)` from one forward over ``[x, x]`` with ``[cond, null_cond]``.
+
+    With ``cfg_scale == 1`` only the conditional half is evaluated. ``null_cond`` may have batch size 1."""
+    sigma = _as_batch_sigma(sigma, x)
+    if cfg_scale == 1.0:
+        return model(x, sigma, cond)
+    if null_cond is None:
+        raise ValueError(f"null_cond is required for classifier-free guidance (cfg_scale={cfg_scale})")
+    batch = x.shape[0]
+    null_cond = cond_expand_null(null_cond, batch)
+    v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cond_cat([cond, null_cond]))
+    v_cond, v_uncond = v[:batch], v[batch:]
+    return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+
+def step(
+    kind: StepKind,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    noise_scale: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One step of the given kind from per-sample `sigma` to `sigma_next` (both shape (B,)); see module doc."""
+    s = append_dims(sigma.float(), x.ndim)
+    sn = append_dims(sigma_next.float(), x.ndim)
+    xf, vf = x.float(), v.float()
+    ds = sn - s
+    if kind == "ode":
+        out = xf + ds * vf
+    else:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        if kind == "simple":
+            out = xf + ds * vf + noise_scale * (-ds).clamp_min(0).sqrt() * eps
+        elif kind in ("sde", "flow_sde"):
+            if kind == "flow_sde":
+                sc = s.clamp(max=0.99)
+                g = noise_scale * (sc / (1 - sc)).sqrt()
+            else:
+                g = torch.full_like(s, noise_scale)
+            drift = vf + g**2 / (2 * s.clamp_min(1e-3)) * (xf + (1 - s) * vf)
+            out = xf + drift * ds + g * (-ds).clamp_min(0).sqrt() * eps
+        elif kind == "cps":
+            x0_hat = xf - s * vf
+            z1_hat = xf + (1 - s) * vf
+            angle = math.pi * noise_scale / 2
+            out = (1 - sn) * x0_hat + sn * math.cos(angle) * z1_hat + sn * math.sin(angle) * eps
+        else:
+            raise ValueError(f"step kind must be one of {STEP_KINDS}, got {kind!r}")
+    return out.to(x.dtype)
+
+
+@torch.no_grad()
+def integrate(
+    model: VelocityModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    cond: Any,
+    *,
+    null_cond: Any = None,
+    cfg_scale: float = 1.0,
+    kind: StepKind = "ode",
+    noise_level: float = 0.0,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+):
+    """Integrate from ``x`` at ``sigmas[0]`` over the decreasing grid ``sigmas`` (shape (S+1,)).
+
+    Stochastic kinds take their last step (to ``sigmas[-1]``) deterministically so the output carries no
+    fresh noise. Returns the final state, or ``(final, trajectory)`` with the S+1 visited states."""
+    if cond_batch_size(cond) not in (None, x.shape[0]):
+        raise ValueError(f"cond: batch size {cond_batch_size(cond)} does not match x batch size {x.shape[0]}")
+    traj = [x] if return_trajectory else None
+    n = len(sigmas) - 1
+    for i in range(n):
+        s = _as_batch_sigma(sigmas[i], x)
+        sn = _as_batch_sigma(sigmas[i + 1], x)
+        v = guided_velocity(model, x, s, cond, null_cond, cfg_scale)
+        step_kind = "ode" if i == n - 1 else kind
+        x = step(step_kind, x, s, sn, v, noise_scale=noise_level, generator=generator)
+        if traj is not None:
+            traj.append(x)
+    return (x, traj) if return_trajectory else x
+
+
+def sample_euler(
+    model: VelocityModel,
+    noise: torch.Tensor,
+    cond: Any,
+    *,
+    null_cond: Any = None,
+    num_steps: int = 40,
+    cfg_scale: float = 1.0,
+    shift: float = 1.0,
+    return_trajectory: bool = False,
+):
+    """Deterministic N-step Euler sampler from ``noise`` (sigma = 1) on the shifted grid ``sigma_schedule(N, shift)``."""
+    sigmas = sigma_schedule(num_steps, shift, device=noise.device)
+    return integrate(
+        model, noise, sigmas, cond, null_cond=null_cond, cfg_scale=cfg_scale, return_trajectory=return_trajectory
+    )
+
+
+def sample_sde(
+    model: VelocityModel,
+    noise: torch.Tensor,
+    cond: Any,
+    *,
+    null_cond: Any = None,
+    num_steps: int = 40,
+    cfg_scale: float = 1.0,
+    shift: float = 1.0,
+    noise_level: float = 0.7,
+    kind: StepKind = "flow_sde",
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+):
+    """Stochastic N-step sampler (``flow_sde`` by default, as in Flow-GRPO with noise level 0.7)."""
+    sigmas = sigma_schedule(num_steps, shift, device=noise.device)
+    return integrate(
+        model,
+        noise,
+        sigmas,
+        cond,
+        null_cond=null_cond,
+        cfg_scale=cfg_scale,
+        kind=kind,
+        noise_level=noise_level,
+        generator=generator,
+        return_trajectory=return_trajectory,
+    )
