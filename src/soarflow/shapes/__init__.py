@@ -1,0 +1,64 @@
+"""ShapesEval: an offline, exact GenEval analog for text-to-image flow models on a CPU (see docs/shapes.md).
+
+* `world`: prompt grammar, tokenizer, renderer, training splits and the evaluation prompt set;
+* `scorer`: object detection and GenEval-style judging (`score`, `reward`);
+* `metrics`: Frechet distance, per-prompt diversity, exposure bias of any velocity model;
+* `sheet`: PNG sample sheets; `cli`: ``soarflow eval-shapes``.
+"""
+
+from .metrics import ExposureBiasReport, diversity, exposure_bias, features, frechet_distance
+from .scorer import DetectedObject, ImageRecord, ShapesReport, detect, reward, score
+from .sheet import save_sample_sheet
+from .world import (
+    COLORS,
+    FAMILIES,
+    HELD_OUT_RELATIONS,
+    HELD_OUT_SHAPE_COLORS,
+    MAX_TOKENS,
+    RELATIONS,
+    SHAPES,
+    VOCAB,
+    EvalPrompt,
+    ObjectSpec,
+    PromptSpec,
+    ShapesDataset,
+    ShapesEval,
+    detokenize,
+    family_prompts,
+    parse_prompt,
+    render,
+    tokenize,
+)
+
+__all__ = [
+    "DetectedObject",
+    "ExposureBiasReport",
+    "ImageRecord",
+    "ShapesReport",
+    "detect",
+    "diversity",
+    "exposure_bias",
+    "features",
+    "frechet_distance",
+    "reward",
+    "save_sample_sheet",
+    "score",
+    "COLORS",
+    "FAMILIES",
+    "HELD_OUT_RELATIONS",
+    "HELD_OUT_SHAPE_COLORS",
+    "MAX_TOKENS",
+    "RELATIONS",
+    "SHAPES",
+    "VOCAB",
+    "EvalPrompt",
+    "ObjectSpec",
+    "PromptSpec",
+    "ShapesDataset",
+    "ShapesEval",
+    "detokenize",
+    "family_prompts",
+    "parse_prompt",
+    "render",
+    "tokenize",
+]

@@ -1,0 +1,147 @@
+"""`soarflow eval-shapes`: score a folder of PNGs, a model checkpoint or the world's own renders on ShapesEval.
+
+Image layout (used by ``--images`` and written by ``--write-real``): image k (0-based) of evaluation prompt p is
+``{p.index:04d}_{k}.png`` (RGB, all the same square size), e.g. ``0012_3.png``. The prompt set is
+``ShapesEval(--prompts-per-family, --images-per-prompt, --seed)``; list it with ``--list-prompts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .scorer import score
+from .sheet import save_sample_sheet
+from .world import ShapesEval, to_tensor
+
+
+def image_filename(prompt_index: int, k: int) -> str:
+    return f"{prompt_index:04d}_{k}.png"
+
+
+def load_image_folder(folder: str | Path, ev: ShapesEval) -> torch.Tensor:
+    """All evaluation images from `folder` in `ev.image_prompts()` order, (B, 3, S, S) in [-1, 1]."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist or is not a directory")
+    arrays, first = [], None
+    for p in ev.prompts:
+        for k in range(ev.images_per_prompt):
+            path = folder / image_filename(p.index, k)
+            if not path.is_file():
+                raise FileNotFoundError(f"missing image {path} for prompt {p.index} ({p.text!r}), image {k}")
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+            if arr.shape[0] != arr.shape[1] or (first is not None and arr.shape != first):
+                expected = f"{first[1]}x{first[0]} like the first image" if first is not None else "a square image"
+                raise ValueError(f"image {path} has size {arr.shape[1]}x{arr.shape[0]}, expected {expected}")
+            if arr.shape[0] < 16:
+                raise ValueError(f"image {path} is {arr.shape[1]}x{arr.shape[0]}; ShapesEval needs at least 16x16")
+            first = arr.shape
+            arrays.append(arr)
+    return to_tensor(np.stack(arrays))
+
+
+def write_image_folder(images: torch.Tensor, folder: str | Path, ev: ShapesEval) -> list[Path]:
+    """Write images (in `ev.image_prompts()` order) as PNGs in the layout above; never overwrites a file."""
+    folder = Path(folder)
+    names = [image_filename(p.index, k) for p in ev.prompts for k in range(ev.images_per_prompt)]
+    if len(names) != images.shape[0]:
+        raise ValueError(f"got {images.shape[0]} images for {len(names)} evaluation images")
+    existing = [n for n in names if (folder / n).exists()]
+    if existing:
+        raise FileExistsError(f"{folder / existing[0]} already exists ({len(existing)} files would be overwritten)")
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    paths = []
+    for name, a in zip(names, arr):
+        Image.fromarray(a).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="soarflow eval-shapes", description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", metavar="DIR", help="score PNGs named {prompt_index:04d}_{k}.png in DIR")
+    src.add_argument("--checkpoint", metavar="PATH", help='score a shapes model checkpoint ("base" = shipped model)')
+    src.add_argument("--real", action="store_true", help="score the world's own renders (scorer sanity check)")
+    src.add_argument("--write-real", metavar="DIR", help="write the world's renders to DIR in the --images layout")
+    src.add_argument("--list-prompts", action="store_true", help="print the evaluation prompts as JSON lines")
+    ap.add_argument("--prompts-per-family", type=int, default=10)
+    ap.add_argument("--images-per-prompt", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0, help="prompt-set seed; also the render / sampling seed")
+    ap.add_argument("--size", type=int, default=32, help="image size for --real / --write-real")
+    ap.add_argument("--num-steps", type=int, default=40, help="sampler steps for --checkpoint")
+    ap.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale for --checkpoint")
+    ap.add_argument("--batch-size", type=int, default=64, help="sampling batch size for --checkpoint")
+    ap.add_argument("--jsonl", metavar="PATH", help="write per-image records (JSON lines)")
+    ap.add_argument("--json", metavar="PATH", help="write the summary (JSON)")
+    ap.add_argument("--sheet", metavar="PATH", help="write a PNG sample sheet of the first image of each prompt")
+    return ap
+
+
+def _checkpoint_images(args, ev: ShapesEval) -> torch.Tensor:
+    from soarflow.models.shapes_task import generate_images, load_shapes_model
+
+    if args.checkpoint != "base" and not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+    model = load_shapes_model(args.checkpoint)
+    return generate_images(
+        model,
+        ev.image_prompts(),
+        num_steps=args.num_steps,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+
+
+def _run(args) -> int:
+    ev = ShapesEval(args.prompts_per_family, args.images_per_prompt, args.seed)
+    for name in ("jsonl", "json", "sheet"):
+        path = getattr(args, name)
+        if path and Path(path).exists():
+            raise FileExistsError(f"--{name} {path} already exists; not overwriting it")
+    if args.list_prompts:
+        for p in ev.prompts:
+            print(json.dumps(p.__dict__))
+        return 0
+    if args.write_real:
+        paths = write_image_folder(ev.render_real(args.size), args.write_real, ev)
+        print(f"wrote {len(paths)} images to {args.write_real}")
+        return 0
+    if args.images:
+        images = load_image_folder(args.images, ev)
+    elif args.checkpoint:
+        images = _checkpoint_images(args, ev)
+    else:
+        images = ev.render_real(args.size)
+    prompts = [p for p in ev.prompts for _ in range(ev.images_per_prompt)]
+    report = score(images, prompts)
+    print(report.table())
+    if args.jsonl:
+        report.write_jsonl(args.jsonl)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "x") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    if args.sheet:
+        first = list(range(0, images.shape[0], ev.images_per_prompt))
+        save_sample_sheet(images[first], [ev.prompts[i // ev.images_per_prompt].text for i in first], args.sheet, 10)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"soarflow eval-shapes: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,24 @@
+"""Training: config (YAML + CLI overrides), the accelerate training loop, checkpoints, EMA, task registry.
+
+    from soarflow.train import TrainConfig, load_config, train, TrainResult
+    cfg = load_config("configs/shapes_soar.yaml", ["--soar.num_aux", "4"])
+    result = train(cfg)             # task from the registry, model = task.build_model()
+"""
+
+from .config import SOARSection, TrainConfig, from_dict, load_config
+from .registry import TASKS, build_task, get_task_class
+from .task import Task
+from .trainer import TrainResult, train
+
+__all__ = [
+    "TrainConfig",
+    "SOARSection",
+    "TrainResult",
+    "Task",
+    "TASKS",
+    "build_task",
+    "from_dict",
+    "get_task_class",
+    "load_config",
+    "train",
+]

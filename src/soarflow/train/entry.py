@@ -1,0 +1,88 @@
+"""`soarflow train` (and the `soarflow pretrain` dispatch): config file + dotted overrides -> `train()`.
+
+    soarflow train --config configs/shapes_soar.yaml --soar.num_aux 4 --learning_rate=1e-4
+    accelerate launch --num_processes 2 -m soarflow train --config ...     # several processes / GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import describe_fields
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="soarflow train",
+        add_help=False,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Post-train a flow model with SFT or SOAR. Every config key can be overridden as "
+                    "--key value or --key=value (dotted for sections: --soar.num_aux 4, --model.rank 16).",
+    )
+    parser.add_argument("--config", default=None, help="YAML config file (defaults are used without one)")
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and the config keys")
+    return parser
+
+
+def train_help() -> str:
+    return _parser().format_help() + "\nconfig keys:\n" + "\n".join(describe_fields()) + "\n"
+
+
+def main_train(argv: list[str]) -> int:
+    args, overrides = _parser().parse_known_args(list(argv))
+    if args.help:
+        print(train_help())
+        return 0
+    from .config import load_config
+    from .trainer import train
+
+    try:
+        cfg = load_config(args.config, overrides)
+        result = train(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"soarflow train: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:  # diverged: a training failure, not a usage error
+        print(f"soarflow train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("soarflow train: interrupted; continue with --resume_from_checkpoint latest "
+              "(from the last checkpoint)", file=sys.stderr)
+        return 130
+    if result.num_processes > 1:
+        from accelerate.state import PartialState
+
+        if not PartialState().is_main_process:
+            return 0
+    print(summary(cfg, result))
+    return 0
+
+
+def summary(cfg, result) -> str:
+    last = result.history[-1] if result.history else {}
+    lines = [
+        f"done: {cfg.method} on task {cfg.task}, {result.global_step} steps in {result.wall_time_s:.1f} s "
+        f"({result.num_processes} process(es))",
+    ]
+    if last:
+        lines.append(f"  last logged step {int(last['step'])}: loss {last['loss']:.4f}  main {last['main_loss']:.4f}  "
+                     f"aux {last['aux_loss']:.4f}  lr {last['lr']:.3g}")
+    if result.resumed_from is not None:
+        lines.append(f"  resumed from {result.resumed_from}")
+    lines.append(f"  model:  {result.model_path}")
+    lines.append(f"  output: {result.output_dir} (config.yaml, checkpoints, logs/, validation/)")
+    return "\n".join(lines)
+
+
+def main_pretrain(argv: list[str]) -> int:
+    """`soarflow pretrain` lives in soarflow.train.pretrain (the embedded model's pretraining)."""
+    try:
+        module = importlib.import_module("soarflow.train.pretrain")
+    except ImportError as err:
+        print(f"soarflow pretrain: unavailable ({err})", file=sys.stderr)
+        return 2
+    run = getattr(module, "main_pretrain", None) or getattr(module, "main")
+    return int(run(list(argv)) or 0)

@@ -1,0 +1,417 @@
+r"""The training loop shared by every method (SFT, SOAR) and model family, on accelerate.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``train_batch_size`` samples per process.
+The loop only moves data and calls the objective (:func:`soarflow.objective.soar_loss` / ``sft_loss``); the
+objective owns the math.
+
+Randomness is chosen so that a run does not depend on how it is executed:
+
+* the data order is a permutation seeded by (seed, epoch); the global batch of step k is the same samples for
+  any number of processes (process p takes rows ``[p B, (p+1) B)`` of it);
+* the objective's noise :math:`z_1`, times :math:`t` and ODE-path :math:`\sigma'` are drawn for the whole
+  global batch from a generator seeded by (seed, micro-step) and sliced per process, so with an ODE-only
+  rollout and no condition dropout the loss and gradient equal those of one process on the global batch;
+  stochastic rollout paths and condition dropout use a per-process generator seeded by (seed, micro-step, rank);
+* nothing else needs saving to resume exactly: the step counter fixes every seed; accelerate restores the
+  optimizer, scheduler, EMA and the global RNGs (model dropout, augmentation with ``dataloader_num_workers=0``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..flow import sample_t, shift_sigma
+from ..objective import ObjectiveOutput, SOARConfig, sft_loss, soar_loss
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .ema import copy_ema_to, create_ema, ema_weights, trainable_parameters, update_ema
+from .registry import build_task
+
+logger = logging.getLogger(__name__)
+
+METRIC_KEYS = ("loss", "main_loss", "aux_loss", "num_aux_points", "mean_sigma", "mean_aux_sigma", "rollout_deviation")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # unwrapped; holds the EMA weights when use_ema
+    global_step: int
+    wall_time_s: float
+    history: list[dict[str, float]]  # one entry per logged step: step, loss, main_loss, aux_loss, lr, ...
+    output_dir: Path
+    model_path: Path | None = None  # where task.save_model wrote the final weights
+    resumed_from: Path | None = None
+    num_processes: int = 1
+    validation_images: list[Path] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- seeds & data
+
+
+def _seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy SeedSequence), so (seed, step) pairs never collide."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def _local_batches(num_samples: int, global_batch: int, batch: int, rank: int, epoch: int, seed: int) -> list[list[int]]:
+    """This process's sample indices for every step of `epoch` (drop_last over the global batch)."""
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(_seed(seed, epoch, 17))).tolist()
+    steps = num_samples // global_batch
+    return [perm[s * global_batch + rank * batch : s * global_batch + (rank + 1) * batch] for s in range(steps)]
+
+
+def _epoch_loader(dataset, task, cfg: TrainConfig, epoch: int, start: int, rank: int, world: int):
+    batches = _local_batches(len(dataset), cfg.train_batch_size * world, cfg.train_batch_size, rank, epoch, cfg.seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches[start:],
+        collate_fn=task.collate,
+        num_workers=cfg.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(_seed(cfg.seed, epoch, start, 23)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- objective call
+
+
+def _aux_sigmas(t: torch.Tensor, config: SOARConfig, u: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sigma' = \sigma_1 + u(\sigma_{up} - \sigma_1)` for the ODE path, as the objective draws it."""
+    sigma0 = shift_sigma(t, config.shift)
+    sigma1 = shift_sigma((t - 1.0 / config.rollout_steps).clamp_min(0.0), config.shift)
+    upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
+    return sigma1 + u * (upper - sigma1)
+
+
+def compute_loss(
+    model: Any,
+    task: Any,
+    batch: Any,
+    *,
+    method: str,
+    config: SOARConfig,
+    device: torch.device,
+    shared: torch.Generator,
+    local: torch.Generator,
+    rank: int,
+    world: int,
+) -> ObjectiveOutput:
+    """Encode one micro-batch and evaluate the objective with global-batch noise (module docstring)."""
+    x0, cond = task.encode_batch(batch, device)
+    b = x0.shape[0]
+    rows = slice(rank * b, (rank + 1) * b)
+    noise = torch.randn((world * b, *x0.shape[1:]), generator=shared, device=device, dtype=torch.float32)[rows]
+    t = sample_t(world * b, density=config.t_density, logit_mean=config.logit_mean, logit_std=config.logit_std,
+                 mode_scale=config.mode_scale, generator=shared, device=device)[rows]
+    noise = noise.to(x0.dtype)
+    null = task.null_cond(b, device)
+    if method == "sft" or config.is_sft:
+        return sft_loss(model, x0, cond, config=config, null_cond=null, generator=local, noise=noise, t=t)
+    u = torch.rand((config.num_aux, world * b), generator=shared, device=device)[:, rows]
+    return soar_loss(model, x0, cond, null_cond=null, config=config, generator=local, noise=noise, t=t,
+                     aux_sigmas=_aux_sigmas(t, config, u))
+
+
+# ---------------------------------------------------------------------------------------------- setup helpers
+
+
+def _make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes), "
+                             "or set use_8bit_adam: false") from None
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+               weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+
+
+def lr_lambda(name: str, warmup: int, total: int):
+    """Multiplier of the base LR at scheduler step n — the formulas of diffusers' `get_scheduler`
+    (linear warm-up over `warmup` steps, then constant, linear decay to 0 at `total`, or half-cosine to 0)."""
+
+    def factor(n: int) -> float:
+        if name == "constant":
+            return 1.0
+        if n < warmup:
+            return n / max(1, warmup)
+        if name == "constant_with_warmup":
+            return 1.0
+        progress = (n - warmup) / max(1, total - warmup)
+        if name == "linear":
+            return max(0.0, 1.0 - progress)
+        if name == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        raise ValueError(f"config key 'lr_scheduler': unknown schedule {name!r}")
+
+    return factor
+
+
+def _make_scheduler(cfg: TrainConfig, optimizer, num_processes: int):
+    # accelerate's prepared scheduler steps once per process per optimizer step (diffusers' convention), so
+    # warm-up and length are counted in process-steps.
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps * num_processes, cfg.max_train_steps * num_processes)
+    )
+
+
+def _enable_gradient_checkpointing(task: Any, model: nn.Module) -> None:
+    if hasattr(task, "enable_gradient_checkpointing"):
+        task.enable_gradient_checkpointing(model)
+    elif hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    else:
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no enable_gradient_checkpointing(); "
+                         "set gradient_checkpointing: false")
+
+
+def _make_accelerator(cfg: TrainConfig, output_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with="tensorboard" if cfg.report_to == "tensorboard" else None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+
+
+def _reset_accelerate_state() -> None:
+    """Let a later `train()` in the same process use other accelerate settings (e.g. mixed precision). The
+    process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
+    """Flat scalar hyper-parameters for tensorboard's hparams (nested sections as dotted keys)."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float, str, bool)):
+                flat[prefix + k] = v
+            else:
+                flat[prefix + k] = str(v)
+
+    walk(cfg.to_dict(), "")
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: Path) -> Path:
+    """Main process: sample the task's validation grid (EMA weights if any) into validation/step_XXXXXX.png
+    and tensorboard. Runs under `fork_rng` so validation never changes the training randomness."""
+    from ..utils.images import save_image_grid, to_uint8
+
+    path = output_dir / "validation" / f"step_{step:06d}.png"
+    was_training = model.training
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), ema_weights(ema, model):
+        model.eval()
+        try:
+            images, captions = task.validation_images(model, accelerator.device)
+        finally:
+            model.train(was_training)
+    save_image_grid(images, captions, path)
+    if any(t.name == "tensorboard" for t in accelerator.trackers):
+        accelerator.get_tracker("tensorboard").log_images({"validation": to_uint8(images)}, step=step,
+                                                          dataformats="NHWC")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig, task: Any = None, model: nn.Module | None = None) -> TrainResult:
+    """Train `model` (default ``task.build_model()``) with ``cfg.method`` for ``cfg.max_train_steps`` steps.
+
+    `task` defaults to the registry's ``TaskClass.from_config(model=cfg.model, data=cfg.data, train_config=cfg)``.
+    Writes ``config.yaml``, ``checkpoint-{step}`` folders, ``logs/`` (tensorboard), ``validation/step_*.png``
+    and the final weights (``task.save_model(model, output_dir / "model")``) into ``cfg.output_dir``.
+    """
+    cfg.validate()
+    output_dir = Path(cfg.output_dir)
+    resume_from = ckpt.resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    ckpt.check_output_dir(cfg, resume_from)
+    if resume_from is not None:
+        ckpt.read_trainer_state(resume_from)  # fail before any work if it is unreadable
+    task = task if task is not None else build_task(cfg)
+    objective = cfg.objective_config()
+
+    accelerator = _make_accelerator(cfg, output_dir)
+    try:
+        return _run(cfg, task, model, objective, accelerator, output_dir, resume_from)
+    finally:
+        accelerator.end_training()
+        _reset_accelerate_state()
+
+
+def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from: Path | None) -> TrainResult:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    start_time = time.perf_counter()
+    set_seed(cfg.seed)  # model initialisation (when the task builds it)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+
+    if model is None:
+        model = task.build_model()
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(task, model)
+    model.to(device)
+    model.train()
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+    dataset = task.train_dataset()
+    batches_per_epoch = len(dataset) // (cfg.train_batch_size * world)
+    if batches_per_epoch == 0:
+        raise ValueError(f"train_batch_size: {cfg.train_batch_size} x {world} process(es) exceeds the dataset size "
+                         f"{len(dataset)}")
+
+    optimizer = _make_optimizer(cfg, params)
+    lr_scheduler = _make_scheduler(cfg, optimizer, world)
+    ema = create_ema(model, cfg.ema_decay) if cfg.use_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ckpt.register_trainable_state_hooks(accelerator)
+    unwrapped = accelerator.unwrap_model(model)
+
+    global_step = 0
+    if resume_from is not None:
+        global_step = ckpt.load_checkpoint(accelerator, resume_from)
+        logger.info("resumed from %s at step %d", resume_from, global_step)
+
+    accelerator.wait_for_everyone()  # every process has checked output_dir before anything is written
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(cfg, output_dir)
+    accelerator.wait_for_everyone()
+    if cfg.report_to == "tensorboard":
+        accelerator.init_trackers("soarflow", config=_tracker_config(cfg))
+
+    history: list[dict[str, float]] = []
+    grids: list[Path] = []
+    accum = cfg.gradient_accumulation_steps
+    micro = global_step * accum
+    shared = torch.Generator(device=device)
+    local = torch.Generator(device=device)
+    progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc=f"{cfg.method} ({cfg.task})",
+                    disable=not (cfg.show_progress and accelerator.is_local_main_process), dynamic_ncols=True)
+    step_metrics: list[dict[str, float]] = []
+    grad_norm = float("nan")
+
+    while global_step < cfg.max_train_steps:
+        epoch, offset = divmod(micro, batches_per_epoch)
+        loader = _epoch_loader(dataset, task, cfg, epoch, offset, rank, world)
+        for batch in loader:
+            shared.manual_seed(_seed(cfg.seed, micro, 0))
+            local.manual_seed(_seed(cfg.seed, micro, 1 + rank))
+            with accelerator.accumulate(model):
+                out = compute_loss(model, task, batch, method=cfg.method, config=objective, device=device,
+                                   shared=shared, local=local, rank=rank, world=world)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            step_metrics.append(out.metrics())
+            if not accelerator.sync_gradients:
+                continue
+
+            global_step += 1
+            if ema is not None:
+                update_ema(ema, unwrapped)
+            lr = lr_scheduler.get_last_lr()[0]
+            if global_step % cfg.logging_steps == 0 or global_step == cfg.max_train_steps:
+                entry = _reduce_metrics(accelerator, step_metrics)
+                entry.update(step=global_step, lr=lr, epoch=epoch)
+                if cfg.max_grad_norm is not None:
+                    entry["grad_norm"] = grad_norm
+                if not np.isfinite(entry["loss"]):
+                    raise FloatingPointError(f"non-finite loss {entry['loss']} at step {global_step}; "
+                                             "lower learning_rate or check the data")
+                history.append(entry)
+                accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=global_step)
+                progress.set_postfix(loss=f"{entry['loss']:.4f}", main=f"{entry['main_loss']:.4f}",
+                                     aux=f"{entry['aux_loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+            step_metrics = []
+            progress.update(1)
+
+            if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
+                ckpt.save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
+            is_last = global_step >= cfg.max_train_steps
+            if cfg.validation_steps and (global_step % cfg.validation_steps == 0 or is_last):
+                if accelerator.is_main_process:
+                    grids.append(_validate(accelerator, task, unwrapped, ema, global_step, output_dir))
+                accelerator.wait_for_everyone()
+            if is_last:
+                break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if ema is not None:
+        copy_ema_to(ema, unwrapped)
+    model_path = output_dir / ckpt.MODEL_DIR
+    if accelerator.is_main_process:
+        written = task.save_model(unwrapped, model_path)
+        # the task picks the format: a folder, or a file with its own extension (model.safetensors)
+        model_path = Path(written) if written is not None else (ckpt.find_final_model(output_dir) or model_path)
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        model=unwrapped,
+        global_step=global_step,
+        wall_time_s=time.perf_counter() - start_time,
+        history=history,
+        output_dir=output_dir,
+        model_path=model_path,
+        resumed_from=resume_from,
+        num_processes=world,
+        validation_images=grids,
+    )
+
+
+def _reduce_metrics(accelerator, per_micro: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over this step's micro-batches, then over processes (each process's loss is already scaled so
+    that the mean over processes is the global-batch loss)."""
+    values = torch.tensor([[m[k] for k in METRIC_KEYS] for m in per_micro], dtype=torch.float32).mean(0)
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
+    out = {k: float(v) for k, v in zip(METRIC_KEYS, values)}
+    out["num_aux_points"] *= accelerator.num_processes  # per process -> global count
+    return out
+
+
+def _write_config(cfg: TrainConfig, output_dir: Path) -> None:
+    """Write the resolved config; on resume a changed execution setting keeps the old file as config.N.yaml."""
+    path = output_dir / ckpt.CONFIG_FILE
+    text = cfg.to_yaml()
+    if path.exists() and path.read_text() != text:
+        n = 1
+        while (output_dir / f"config.{n}.yaml").exists():
+            n += 1
+        path.rename(output_dir / f"config.{n}.yaml")
+    path.write_text(text)

@@ -1,0 +1,176 @@
+import hashlib
+
+import pytest
+import torch
+
+from soarflow.shapes import (
+    FAMILIES,
+    HELD_OUT_RELATIONS,
+    HELD_OUT_SHAPE_COLORS,
+    MAX_TOKENS,
+    VOCAB,
+    ShapesDataset,
+    ShapesEval,
+    detokenize,
+    family_prompts,
+    parse_prompt,
+    render,
+    score,
+    tokenize,
+)
+from soarflow.shapes.world import caption_held_out_combos
+
+
+def test_vocab_and_tokenizer_round_trip():
+    assert VOCAB[0] == "<pad>" and len(set(VOCAB)) == len(VOCAB)
+    captions = [p.text for f in FAMILIES for p in family_prompts(f)]
+    ids = tokenize(captions)
+    assert ids.shape == (len(captions), MAX_TOKENS) and ids.dtype == torch.long
+    assert detokenize(ids) == captions
+    assert tokenize(["a circle"])[0, 2:].eq(0).all()
+
+
+def test_tokenizer_errors_name_the_problem():
+    with pytest.raises(ValueError, match="'purple'"):
+        tokenize(["a purple circle"])
+    with pytest.raises(ValueError, match="more than max_len=3"):
+        tokenize(["a red circle and a blue square"], max_len=3)
+    with pytest.raises(ValueError, match="single string"):
+        tokenize("a circle")
+
+
+def test_parse_prompt_round_trip_and_families():
+    for family in FAMILIES:
+        prompts = family_prompts(family)
+        assert prompts
+        for p in prompts:
+            assert parse_prompt(p.text) == p and p.family == family
+    spec = parse_prompt("three yellow circles")
+    assert (spec.family, spec.count, spec.objects[0].shape, spec.objects[0].color) == ("counting", 3, "circle", "yellow")
+    spec = parse_prompt("a red circle to the left of a blue square")
+    assert spec.relation == "to the left of" and spec.objects[1].color == "blue"
+
+
+@pytest.mark.parametrize(
+    "bad", ["a purple circle", "a circle and a circle", "", "two circle", "a red circle above a red circle", "five circles"]
+)
+def test_parse_prompt_rejects_out_of_grammar(bad):
+    with pytest.raises(ValueError, match="not in the ShapesEval grammar"):
+        parse_prompt(bad)
+
+
+def test_held_out_flags():
+    assert parse_prompt("a cyan circle").held_out and not parse_prompt("a red circle").held_out
+    assert parse_prompt("two yellow squares").held_out
+    assert parse_prompt("a red circle above a blue square").held_out  # held-out relation
+    assert parse_prompt("a red square below a blue circle").held_out  # its converse
+    assert not parse_prompt("a red square above a blue circle").held_out
+    assert caption_held_out_combos("a photo of a red circle above a blue square") == [("circle", "above", "square")]
+    assert caption_held_out_combos("two magenta triangles") == [("triangle", "magenta")]
+
+
+def test_render_deterministic_and_in_range():
+    prompts = ["a circle", "three red squares", "a blue triangle below a green circle"]
+    x = render(prompts, seed=3)
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, render(prompts, seed=3))
+    assert not torch.equal(x, render(prompts, seed=4))
+    # image b depends only on (prompt b, b, seed), not on the other prompts
+    assert torch.equal(render(["a square", prompts[1]], seed=3)[1], x[1])
+    assert render(prompts, size=48).shape == (3, 3, 48, 48)
+    with pytest.raises(ValueError, match="'a purple circle'"):
+        render(["a purple circle"])
+
+
+def _digest(ds, n):
+    h = hashlib.sha256()
+    for i in range(n):
+        item = ds[i]
+        h.update(((item["image"] + 1) * 127.5).round().to(torch.uint8).numpy().tobytes())
+        h.update(item["caption"].encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("split", ["pretrain", "curated"])
+def test_splits_deterministic_same_bytes(split):
+    a, b = ShapesDataset(split, seed=7), ShapesDataset(split, seed=7)
+    assert _digest(a, 50) == _digest(b, 50)
+    assert _digest(a, 50) != _digest(ShapesDataset(split, seed=8), 50)
+    item = a[3]
+    assert item["image"].shape == (3, 32, 32) and -1 <= item["image"].min() and item["image"].max() <= 1
+
+
+def test_splits_pinned_digest():
+    """Guards cross-machine / cross-version determinism: change only together with a deliberate world change."""
+    assert _digest(ShapesDataset("curated", seed=0), 20)[:16] == CURATED_DIGEST
+    assert _digest(ShapesDataset("pretrain", seed=0), 20)[:16] == PRETRAIN_DIGEST
+
+
+CURATED_DIGEST = "8a2ace5ffd1db480"
+PRETRAIN_DIGEST = "aebcdb11edbc0b78"
+
+
+def test_held_out_combos_absent_from_training_splits():
+    for split, n in (("pretrain", 3000), ("curated", 1500)):
+        ds = ShapesDataset(split, num_samples=n, seed=1)
+        for i in range(n):
+            s = ds.sample(i)
+            assert not caption_held_out_combos(s.caption), (split, i, s.caption)
+            for o in s.scene.objects:
+                assert (o.shape, o.color) not in HELD_OUT_SHAPE_COLORS, (split, i, o)
+    assert len(HELD_OUT_RELATIONS) == 4
+
+
+def test_pretrain_is_noisy_and_curated_is_clean():
+    pre = ShapesDataset("pretrain", num_samples=2000, seed=0)
+    samples = [pre.sample(i) for i in range(2000)]
+    tokenize([s.caption for s in samples])  # every caption is in the vocabulary and fits MAX_TOKENS
+
+    def in_grammar(c):
+        try:
+            parse_prompt(c)
+            return True
+        except ValueError:
+            return False
+
+    off_grammar = sum(not in_grammar(s.caption) for s in samples) / len(samples)
+    duplicates = sum(s.source != i for i, s in enumerate(samples)) / len(samples)
+    clutter = sum(in_grammar(s.caption) and len(s.scene.objects) > _described(s.caption) for s in samples) / 2000
+    assert 0.1 < off_grammar < 0.6 and 0.01 < duplicates < 0.15 and clutter > 0.05
+    assert pre[5]["caption"] == pre[samples[5].source]["caption"]
+
+    cur = ShapesDataset("curated", num_samples=120, seed=0)
+    items = [cur[i] for i in range(120)]
+    captions = [it["caption"] for it in items]
+    assert {parse_prompt(c).family for c in captions} == set(FAMILIES)
+    report = score(torch.stack([it["image"] for it in items]), captions)
+    assert report.overall == 1.0  # clean, exact captions
+
+
+def _described(caption):
+    spec = parse_prompt(caption)
+    return spec.count or len(spec.objects)
+
+
+def test_dataset_errors():
+    with pytest.raises(ValueError, match="'train'"):
+        ShapesDataset("train")
+    ds = ShapesDataset("curated", num_samples=5)
+    assert len(ds) == 5 and len(ShapesDataset("curated")) == 2000 and len(ShapesDataset()) == 200_000
+    with pytest.raises(IndexError):
+        ds[5]
+
+
+def test_eval_prompt_set():
+    ev = ShapesEval(prompts_per_family=10, images_per_prompt=3, seed=0)
+    assert len(ev.prompts) == 60 and [p.index for p in ev.prompts] == list(range(60))
+    assert len(ev.image_prompts()) == 180 and ev.image_prompts()[3] == ev.prompts[1].text
+    for p in ev.prompts:
+        spec = parse_prompt(p.text)
+        assert spec.family == p.family and spec.held_out == p.held_out
+    for family in ("counting", "colors", "position", "color_attr"):
+        fam = [p for p in ev.prompts if p.family == family]
+        assert sum(p.held_out for p in fam) == 3 and len({p.text for p in fam}) == 10
+    assert [p.text for p in ShapesEval(10, 3, seed=0).prompts] == [p.text for p in ev.prompts]
+    assert [p.text for p in ShapesEval(10, 3, seed=1).prompts] != [p.text for p in ev.prompts]

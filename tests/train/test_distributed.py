@@ -1,0 +1,54 @@
+"""Two CPU processes (gloo) through `accelerate launch` match one process on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from soarflow.train import load_config, train
+
+from .toy_task import ToyTask
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+RUN = ["--max_train_steps", "2", "--report_to", "none", "--show_progress", "false", "--checkpointing_steps", "1",
+       "--soar.num_aux", "3", "--soar.rollout_steps", "4", "--learning_rate", "1e-2", "--gradient_accumulation_steps", "2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(WORKER), str(tmp_path / "dist"),
+           "--train_batch_size", "2", *RUN]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    dist = json.loads((tmp_path / "dist" / "history.json").read_text())
+    assert dist["num_processes"] == 2
+    ckpt = tmp_path / "dist" / "run" / "checkpoint-2"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+
+    single = train(load_config(None, ["--output_dir", str(tmp_path / "single"), "--train_batch_size", "4", *RUN]),
+                   task=ToyTask())
+    assert single.num_processes == 1
+    for d, s in zip(dist["history"], single.history, strict=True):
+        for key in ("loss", "main_loss", "aux_loss", "grad_norm", "num_aux_points"):
+            assert abs(d[key] - s[key]) <= 1e-5 * max(1.0, abs(s[key])), (key, d[key], s[key])
+    w_dist = load_file(str(tmp_path / "dist" / "run" / "model" / "toy.safetensors"))
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(w_dist[k], v, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)  # the trainer seeds the model init with `seed` (0)
+    init = ToyTask().build_model().state_dict()
+    assert not torch.allclose(w_dist["net.0.weight"], init["net.0.weight"])  # the runs did move the weights
