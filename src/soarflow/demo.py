@@ -1,0 +1,290 @@
+"""`soarflow demo`: the paper's pipeline in miniature, on a CPU, with nothing downloaded.
+
+1. Start from the shipped base model (the embedded MMDiT pretrained on ShapesEval's noisy corpus).
+2. Post-train it on the curated set twice, with SFT and with SOAR: same optimizer, learning rate, batch, steps
+   and seed; SOAR with an ODE-only rollout of one guided Euler step, a few auxiliary points.
+3. Evaluate base, SFT and SOAR on ShapesEval at the same sampler settings (several step counts, fixed guidance):
+   per-family and overall accuracy, seen vs held-out prompts, Frechet distance to real renders, diversity,
+   the exposure-bias gap, and the wall-clock of each post-training run.
+4. Print the table and write a report folder: report.json (every number and the exact settings), a sample
+   grid per method, and a comparison plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+METHODS = ("base", "sft", "soar")
+
+
+@dataclass
+class DemoSettings:
+    max_train_steps: int = 300
+    train_batch_size: int = 32
+    learning_rate: float = 2e-4
+    seed: int = 0
+    num_aux: int = 4
+    lambda_aux: float = 1.0
+    rollout_steps: int = 10
+    rollout_cfg: float = 4.0
+    eval_num_steps: list[int] = field(default_factory=lambda: [10, 40])
+    cfg_scale: float = 4.0
+    prompts_per_family: int = 8
+    images_per_prompt: int = 4
+    exposure_images: int = 64
+    base: str = "base"
+
+
+QUICK = dict(max_train_steps=20, train_batch_size=16, eval_num_steps=[10], prompts_per_family=2, images_per_prompt=2, exposure_images=16)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DemoSettings()
+    p = argparse.ArgumentParser(prog="soarflow demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--output_dir", default="runs/demo", help="report folder (refuses one that holds a different run)")
+    p.add_argument("--quick", action="store_true", help="smoke run: a few steps and a small evaluation (< 2 min)")
+    p.add_argument("--max_train_steps", type=int, help=f"post-training steps per method (default {d.max_train_steps})")
+    p.add_argument("--train_batch_size", type=int, help=f"default {d.train_batch_size}")
+    p.add_argument("--learning_rate", type=float, help=f"default {d.learning_rate}")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--num_aux", type=int, help=f"SOAR auxiliary points K (default {d.num_aux})")
+    p.add_argument("--lambda_aux", type=float, help=f"SOAR auxiliary weight (default {d.lambda_aux})")
+    p.add_argument("--rollout_steps", type=int, help=f"SOAR rollout schedule N (default {d.rollout_steps})")
+    p.add_argument("--rollout_cfg", type=float, help=f"SOAR rollout guidance (default {d.rollout_cfg})")
+    p.add_argument("--eval_num_steps", type=int, nargs="+", help=f"sampler steps to evaluate (default {d.eval_num_steps})")
+    p.add_argument("--cfg_scale", type=float, help=f"evaluation guidance (default {d.cfg_scale})")
+    p.add_argument("--prompts_per_family", type=int, help=f"ShapesEval prompts per family (default {d.prompts_per_family})")
+    p.add_argument("--images_per_prompt", type=int, help=f"default {d.images_per_prompt}")
+    p.add_argument("--base", help='base checkpoint: "base" (shipped) or a .safetensors path')
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> DemoSettings:
+    values = asdict(DemoSettings())
+    if args.quick:
+        values.update(QUICK)
+    for k in values:
+        v = getattr(args, k, None)
+        if v is not None:
+            values[k] = v
+    s = DemoSettings(**values)
+    for name in ("max_train_steps", "train_batch_size", "prompts_per_family", "images_per_prompt", "rollout_steps"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(s, name)}")
+    if not s.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be > 0, got {s.learning_rate}")
+    if any(n < 1 for n in s.eval_num_steps):
+        raise ValueError(f"--eval_num_steps must all be >= 1, got {s.eval_num_steps}")
+    return s
+
+
+# -- post-training -------------------------------------------------------------------------------------
+def post_train(method: str, s: DemoSettings, run_dir: Path):
+    """SFT or SOAR from the base with the shared settings, through the same trainer `soarflow train` uses."""
+    from .train import load_config, train
+
+    overrides = {
+        "task": "shapes",
+        "method": method,
+        "output_dir": str(run_dir),
+        "seed": s.seed,
+        "learning_rate": s.learning_rate,
+        "lr_scheduler": "constant",
+        "train_batch_size": s.train_batch_size,
+        "max_train_steps": s.max_train_steps,
+        "checkpointing_steps": 0,
+        "validation_steps": 0,
+        "logging_steps": 10,
+        "weighting_scheme": "logit_normal",
+        "soar.shift": 1.0,
+        "soar.num_aux": s.num_aux,
+        "soar.lambda_aux": s.lambda_aux,
+        "soar.rollout_steps": s.rollout_steps,
+        "soar.rollout_cfg": s.rollout_cfg,
+        "soar.num_rollout_paths": 1,
+        "model.pretrained": s.base,
+        "data.split": "curated",
+    }
+    argv = [f"--{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()]
+    return train(load_config(None, argv))
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+def evaluate(model: torch.nn.Module, s: DemoSettings, bench, real: torch.Tensor, log) -> dict:
+    from .models.shapes_task import encode_captions, generate_images, null_caption
+    from .shapes import diversity, exposure_bias, frechet_distance, score
+
+    prompts = [p.text for p in bench.prompts for _ in range(s.images_per_prompt)]
+    groups = [p.index for p in bench.prompts for _ in range(s.images_per_prompt)]
+    results, samples = {}, {}
+    for n in s.eval_num_steps:
+        t0 = time.time()
+        images = generate_images(model, prompts, num_steps=n, cfg_scale=s.cfg_scale, seed=s.seed)
+        report = score(images, prompts)
+        # Exposure bias on real eval images coupled to their own noise (see docs/shapes.md).
+        # An evenly strided subset so every family is represented.
+        k = min(s.exposure_images, real.shape[0])
+        idx = torch.linspace(0, real.shape[0] - 1, k).round().long().unique()
+        eb = exposure_bias(
+            model,
+            real[idx],
+            encode_captions([prompts[i] for i in idx]),
+            null_cond=null_caption(len(idx)),
+            num_steps=n,
+            cfg_scale=s.cfg_scale,
+            shift=1.0,
+            generator=torch.Generator().manual_seed(s.seed),
+        )
+        results[str(n)] = {
+            "shapes_eval": report.to_dict(),
+            "frechet_distance": float(frechet_distance(images, real)),
+            "diversity": float(diversity(images, groups)),
+            "exposure_bias": eb.to_dict(),
+            "eval_seconds": round(time.time() - t0, 1),
+        }
+        samples[n] = images
+        log(f"    {n:>3} steps: overall {report.overall:.3f}  ({time.time() - t0:.0f}s)")
+    return {"metrics": results, "samples": samples}
+
+
+def format_table(report: dict, s: DemoSettings) -> str:
+    lines = []
+    families = list(report["methods"]["base"]["metrics"][str(s.eval_num_steps[0])]["shapes_eval"]["per_family"])
+    for n in s.eval_num_steps:
+        lines.append(f"\nShapesEval, {n} Euler steps, guidance {s.cfg_scale}  (higher is better, except FD / exposure gap)")
+        header = ["metric"] + list(METHODS)
+        rows = []
+
+        def row(name, get, fmt="{:.3f}"):
+            vals = [get(report["methods"][m]["metrics"][str(n)]) for m in METHODS]
+            rows.append([name] + ["-" if v is None else fmt.format(v) for v in vals])
+
+        row("overall", lambda r: r["shapes_eval"]["overall"])
+        for f in families:
+            row(f"  {f}", lambda r, f=f: r["shapes_eval"]["per_family"][f])
+        row("seen prompts", lambda r: r["shapes_eval"]["seen"])
+        row("held-out prompts", lambda r: r["shapes_eval"]["held_out"])
+        row("Frechet distance", lambda r: r["frechet_distance"], "{:.2f}")
+        row("diversity", lambda r: r["diversity"], "{:.3f}")
+        row("exposure gap", lambda r: r["exposure_bias"]["mean_gap"], "{:.4f}")
+        widths = [max(len(str(x[i])) for x in rows + [header]) for i in range(len(header))]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.append("")
+    lines.append("post-training: " + ", ".join(
+        f"{m} {report['methods'][m]['train']['steps']} steps in {report['methods'][m]['train']['wall_clock_s']:.0f}s"
+        for m in ("sft", "soar")
+    ))
+    return "\n".join(lines)
+
+
+def save_plot(report: dict, s: DemoSettings, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = str(max(s.eval_num_steps))
+    fams = list(report["methods"]["base"]["metrics"][n]["shapes_eval"]["per_family"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.27
+    for i, m in enumerate(METHODS):
+        se = report["methods"][m]["metrics"][n]["shapes_eval"]
+        vals = [se["per_family"][f] for f in fams] + [se["overall"]]
+        axes[0].bar([j + (i - 1) * width for j in range(len(vals))], vals, width, label=m)
+        eb = report["methods"][m]["metrics"][n]["exposure_bias"]
+        axes[1].plot([(b["sigma_low"] + b["sigma_high"]) / 2 for b in eb["bins"]], [b["gap"] for b in eb["bins"]], marker="o", label=m)
+    axes[0].set_xticks(range(len(fams) + 1), fams + ["overall"], rotation=30, ha="right")
+    axes[0].set_ylabel("accuracy")
+    axes[0].set_title(f"ShapesEval ({n} steps, guidance {s.cfg_scale})")
+    axes[0].legend()
+    axes[1].set_xlabel("sigma")
+    axes[1].set_ylabel("x0 error on own states - on ideal states")
+    axes[1].set_title("exposure-bias gap per sigma bin")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        s = settings_from_args(args)
+        return run_demo(s, Path(args.output_dir))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_demo(s: DemoSettings, out: Path) -> int:
+    from .models.shapes_task import load_shapes_model, resolve_checkpoint
+    from .shapes import ShapesEval, render
+    from .utils.images import save_image_grid
+
+    settings = asdict(s)
+    report_path = out / "report.json"
+    if report_path.exists():
+        old = json.loads(report_path.read_text())
+        if old.get("settings") != settings:
+            raise FileExistsError(
+                f"{out} already holds a demo run with different settings; choose another --output_dir "
+                f"(nothing was changed)"
+            )
+        print(format_table(old, s))
+        print(f"\n(already computed: {report_path}; use another --output_dir to run again)")
+        return 0
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not a finished demo run; choose another --output_dir (nothing was changed)")
+    if not resolve_checkpoint(s.base).is_file():
+        raise FileNotFoundError(f"base checkpoint {resolve_checkpoint(s.base)} not found (create one with `soarflow pretrain`)")
+
+    torch.manual_seed(s.seed)
+    start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    bench = ShapesEval(prompts_per_family=s.prompts_per_family, images_per_prompt=s.images_per_prompt, seed=s.seed)
+    prompts = [p.text for p in bench.prompts for _ in range(s.images_per_prompt)]
+    real = render(prompts, seed=s.seed + 1)
+    log(f"ShapesEval: {len(bench.prompts)} prompts x {s.images_per_prompt} images; evaluating at {s.eval_num_steps} steps")
+
+    report = {"settings": settings, "methods": {}}
+    models = {"base": load_shapes_model(s.base)}
+    for method in ("sft", "soar"):
+        log(f"post-training {method.upper()} for {s.max_train_steps} steps (batch {s.train_batch_size}, lr {s.learning_rate})")
+        result = post_train(method, s, out / "runs" / method)
+        models[method] = result.model.float().cpu().eval()
+        report["methods"][method] = {
+            "train": {"steps": result.global_step, "wall_clock_s": round(result.wall_time_s, 1), "history": result.history}
+        }
+    report["methods"]["base"] = {"train": {"steps": 0, "wall_clock_s": 0.0}}
+
+    grid_idx = [i * s.images_per_prompt for i in range(0, len(bench.prompts), max(1, s.prompts_per_family // 2))][:16]
+    for method in METHODS:
+        log(f"evaluating {method}")
+        ev = evaluate(models[method], s, bench, real, log)
+        report["methods"][method]["metrics"] = ev["metrics"]
+        n = max(s.eval_num_steps)
+        save_image_grid(ev["samples"][n][grid_idx], [prompts[i] for i in grid_idx], out / f"samples_{method}.png")
+    save_image_grid(real[grid_idx], [prompts[i] for i in grid_idx], out / "samples_real.png")
+    report = {k: report[k] for k in ("settings", "methods")}
+    report["methods"] = {m: report["methods"][m] for m in METHODS}
+    report["total_wall_clock_s"] = round(time.time() - start, 1)
+    save_plot(report, s, out / "comparison.png")
+    tmp = report_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(report_path)
+    print(format_table(report, s))
+    log(f"report: {report_path}, grids: {out}/samples_*.png, plot: {out}/comparison.png")
+    return 0

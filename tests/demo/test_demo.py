@@ -1,0 +1,70 @@
+"""`soarflow demo` end to end on a tiny stand-in base model: report contents, files, and output-dir safety."""
+
+import json
+
+import pytest
+import torch
+
+from soarflow.demo import METHODS, main
+from soarflow.models.mmdit import MMDiT, save_mmdit
+from soarflow.models.shapes_task import ShapesModelSection, ShapesTask, ShapesDataSection
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    task = ShapesTask(ShapesModelSection(pretrained=None, hidden_size=32, depth=1, num_heads=2), ShapesDataSection())
+    torch.manual_seed(0)
+    model = MMDiT(task.model_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return save_mmdit(model, tmp_path_factory.mktemp("base") / "tiny.safetensors")
+
+
+def demo_args(base, out, **extra):
+    args = {
+        "base": base, "output_dir": out, "max_train_steps": 2, "train_batch_size": 4, "num_aux": 2,
+        "rollout_steps": 5, "prompts_per_family": 1, "images_per_prompt": 2, "eval_num_steps": 4,
+    }
+    args.update(extra)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def test_demo_writes_a_complete_report_and_refuses_a_different_run(tiny_base, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(demo_args(tiny_base, out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["methods"]) == list(METHODS)
+    for method in METHODS:
+        m = report["methods"][method]["metrics"]["4"]
+        assert 0 <= m["shapes_eval"]["overall"] <= 1
+        assert set(m["shapes_eval"]["per_family"]) == {"single_object", "two_objects", "counting", "colors", "position", "color_attr"}
+        assert m["frechet_distance"] >= 0 and m["diversity"] >= 0
+        assert len(m["exposure_bias"]["bins"]) >= 1
+        assert (out / f"samples_{method}.png").stat().st_size > 0
+    assert report["methods"]["sft"]["train"]["steps"] == report["methods"]["soar"]["train"]["steps"] == 2
+    assert report["settings"]["max_train_steps"] == 2
+    assert (out / "comparison.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "overall" in table and "exposure gap" in table
+
+    # Same settings again: prints the stored result, recomputes nothing.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(demo_args(tiny_base, out)) == 0
+    assert "already computed" in capsys.readouterr().out
+    # Different settings into the same folder: a clear error, and every file is untouched.
+    assert main(demo_args(tiny_base, out, learning_rate=1e-3)) == 2
+    assert "different settings" in capsys.readouterr().err
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_demo_errors_name_the_bad_input(tmp_path, capsys):
+    assert main(demo_args(tmp_path / "missing.safetensors", tmp_path / "o1")) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+    assert main(demo_args("base", tmp_path / "o2", max_train_steps=0)) == 2
+    assert "--max_train_steps" in capsys.readouterr().err
+    (tmp_path / "o3").mkdir()
+    (tmp_path / "o3" / "notes.txt").write_text("mine")
+    assert main(demo_args("base", tmp_path / "o3")) == 2
+    assert (tmp_path / "o3" / "notes.txt").read_text() == "mine"
