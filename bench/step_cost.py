@@ -54,7 +54,13 @@ def build_model(kind: str, device):
         except ImportError:
             kind = "generic"
         else:
-            model = MMDiT(MMDiTConfig(vocab_size=len(VOCAB))).to(device)
+            from soarflow.models.shapes_task import base_checkpoint_path, load_shapes_model
+
+            # The shipped base (trained weights) when present; a fresh model has the same cost.
+            if base_checkpoint_path().is_file():
+                model = load_shapes_model("base").to(device)
+            else:
+                model = MMDiT(MMDiTConfig(vocab_size=len(VOCAB))).to(device)
             tokens = tokenize(["a red circle to the left of a blue square"])
             return "mmdit", model, lambda b: {"tokens": tokens.repeat(b, 1).to(device)}, \
                 lambda b: {"tokens": torch.zeros_like(tokens).repeat(b, 1).to(device)}

@@ -232,3 +232,23 @@ def test_lr_schedules_match_diffusers(name):
         assert ours(n) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), n
         opt.step()
         ref.step()
+
+
+class BucketedToyTask(ToyTask):
+    """A task that picks its own global batches (as the diffusers tasks do for aspect-ratio buckets)."""
+
+    def batch_indices(self, dataset, global_batch, seed, epoch):
+        evens = [i for i in range(len(dataset)) if i % 2 == 0]
+        odds = [i for i in range(len(dataset)) if i % 2 == 1]
+        return [evens[:global_batch], odds[:global_batch], odds[global_batch : global_batch + 1]]
+
+    def data_summary(self):
+        return "0 bad samples skipped"
+
+
+def test_trainer_uses_task_batch_indices_and_reports_data_summary(tmp_path):
+    task = BucketedToyTask()
+    result = train(config(tmp_path, "bucketed", "--max_train_steps", "2"), task=task)
+    # Batches come from the task (incomplete ones dropped), in its order: all even, then all odd indices.
+    assert task.seen_indices == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert result.data_summary == "0 bad samples skipped"

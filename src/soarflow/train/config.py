@@ -224,7 +224,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return ValueError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
     if tp is Any:
-        return yaml.safe_load(value) if isinstance(value, _Text) else value
+        # Free-form sections (model/data): command-line text is read as YAML, at any nesting depth.
+        if isinstance(value, _Text):
+            return yaml.safe_load(value)
+        if isinstance(value, dict):
+            return {k: _coerce(v, Any, f"{key}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [_coerce(v, Any, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):

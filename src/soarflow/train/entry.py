@@ -72,6 +72,8 @@ def summary(cfg, result) -> str:
                      f"aux {last['aux_loss']:.4f}  lr {last['lr']:.3g}")
     if result.resumed_from is not None:
         lines.append(f"  resumed from {result.resumed_from}")
+    if result.data_summary:
+        lines.append(f"  data:   {result.data_summary}")
     lines.append(f"  model:  {result.model_path}")
     lines.append(f"  output: {result.output_dir} (config.yaml, checkpoints, logs/, validation/)")
     return "\n".join(lines)

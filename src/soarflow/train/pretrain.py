@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import shlex
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,10 +29,12 @@ from ..objective import SOARConfig, sft_loss
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="soarflow pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="runs/pretrain", help="where model.safetensors and manifest.json go")
-    p.add_argument("--max_train_steps", type=int, default=4000)
+    p.add_argument("--max_train_steps", type=int, default=5000)
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=6e-4)
     p.add_argument("--lr_warmup_steps", type=int, default=300)
+    p.add_argument("--lr_scheduler", choices=["constant", "cosine"], default="cosine",
+                   help="after warm-up: constant, or cosine decay to 0 (a converged, stable base to fine-tune)")
     p.add_argument("--adam_weight_decay", type=float, default=0.0)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--ema_decay", type=float, default=0.999)
@@ -46,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_prompts_per_family", type=int, default=10, help="ShapesEval size for the manifest score")
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing output_dir/model.safetensors")
     return p
+
+
+def lr_factor(args: argparse.Namespace, step: int) -> float:
+    """Linear warm-up, then constant or a cosine decay to 0 at max_train_steps."""
+    if step < args.lr_warmup_steps:
+        return (step + 1) / args.lr_warmup_steps
+    if args.lr_scheduler == "constant":
+        return 1.0
+    progress = (step - args.lr_warmup_steps) / max(1, args.max_train_steps - args.lr_warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @torch.no_grad()
@@ -89,7 +103,7 @@ def main_pretrain(argv: list[str] | None = None) -> int:
         generator=torch.Generator().manual_seed(args.seed),
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args))
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
     ema.to(accelerator.device)
     gen = torch.Generator(device=accelerator.device).manual_seed(args.seed + 1)

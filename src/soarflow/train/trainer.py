@@ -52,6 +52,7 @@ class TrainResult:
     resumed_from: Path | None = None
     num_processes: int = 1
     validation_images: list[Path] = field(default_factory=list)
+    data_summary: str | None = None  # the task's data report (e.g. how many bad samples were skipped)
 
 
 # ---------------------------------------------------------------------------------------------- seeds & data
@@ -70,7 +71,13 @@ def _local_batches(num_samples: int, global_batch: int, batch: int, rank: int, e
 
 
 def _epoch_loader(dataset, task, cfg: TrainConfig, epoch: int, start: int, rank: int, world: int):
-    batches = _local_batches(len(dataset), cfg.train_batch_size * world, cfg.train_batch_size, rank, epoch, cfg.seed)
+    batch, global_batch = cfg.train_batch_size, cfg.train_batch_size * world
+    # A task may choose the epoch's global batches itself (e.g. one aspect-ratio bucket per batch).
+    chosen = task.batch_indices(dataset, global_batch, cfg.seed, epoch) if hasattr(task, "batch_indices") else None
+    if chosen is not None:
+        batches = [g[rank * batch : (rank + 1) * batch] for g in chosen if len(g) == global_batch]
+    else:
+        batches = _local_batches(len(dataset), global_batch, batch, rank, epoch, cfg.seed)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches[start:],
@@ -391,6 +398,7 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
         resumed_from=resume_from,
         num_processes=world,
         validation_images=grids,
+        data_summary=task.data_summary() if hasattr(task, "data_summary") else None,
     )
 
 
