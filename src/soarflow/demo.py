@@ -29,6 +29,9 @@ class DemoSettings:
     max_train_steps: int = 300
     train_batch_size: int = 32
     learning_rate: float = 2e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    cond_dropout: float = 0.1
     seed: int = 0
     num_aux: int = 4
     lambda_aux: float = 1.0
@@ -53,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_train_steps", type=int, help=f"post-training steps per method (default {d.max_train_steps})")
     p.add_argument("--train_batch_size", type=int, help=f"default {d.train_batch_size}")
     p.add_argument("--learning_rate", type=float, help=f"default {d.learning_rate}")
+    p.add_argument("--lr_scheduler", choices=["constant", "constant_with_warmup", "cosine", "linear"],
+                   help=f"default {d.lr_scheduler}")
+    p.add_argument("--lr_warmup_steps", type=int, help=f"default {d.lr_warmup_steps}")
+    p.add_argument("--cond_dropout", type=float,
+                   help=f"probability of training on the null caption, keeps guidance working (default {d.cond_dropout})")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--num_aux", type=int, help=f"SOAR auxiliary points K (default {d.num_aux})")
     p.add_argument("--lambda_aux", type=float, help=f"SOAR auxiliary weight (default {d.lambda_aux})")
@@ -96,7 +104,9 @@ def post_train(method: str, s: DemoSettings, run_dir: Path):
         "output_dir": str(run_dir),
         "seed": s.seed,
         "learning_rate": s.learning_rate,
-        "lr_scheduler": "constant",
+        "lr_scheduler": s.lr_scheduler,
+        "lr_warmup_steps": s.lr_warmup_steps,
+        "cond_dropout": s.cond_dropout,
         "train_batch_size": s.train_batch_size,
         "max_train_steps": s.max_train_steps,
         "checkpointing_steps": 0,
