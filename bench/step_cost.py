@@ -1,7 +1,7 @@
 """What does a SOAR step cost relative to an SFT step?
 
 Prints, for a small transformer velocity model, the measured SOAR/SFT training-step time ratio for several
-numbers of auxiliary points K beside the FLOP floor (3(1+K)+2)/3 — an SFT step is one forward + backward
+numbers of auxiliary points K beside the FLOP ratio (3(1+K)+2)/3 — an SFT step is one forward + backward
 (~3 forward units) over B rows; a SOAR step adds a no-grad guided rollout over 2B rows (2 units) and K*B more
 rows in the fused forward/backward — and the time of the fused evaluation against a per-point loop (the
 reference code's structure) at identical loss values.
@@ -114,7 +114,7 @@ def main() -> None:
         return run
 
     sft = train_step(lambda: sft_loss(model, x0, cond, config=SOARConfig(num_aux=0)))
-    print(f"\n{'K':>3} {'SFT ms':>9} {'SOAR ms':>9} {'ratio':>7} {'FLOP floor':>11}")
+    print(f"\n{'K':>3} {'SFT ms':>9} {'SOAR ms':>9} {'ratio':>7} {'FLOP ratio':>11}")
     for k in [int(v) for v in args.ks.split(",")]:
         cfg = SOARConfig(num_aux=k, rollout_cfg=4.5)
         soar = train_step(lambda: soar_loss(model, x0, cond, null_cond=null, config=cfg))

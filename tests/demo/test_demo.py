@@ -68,3 +68,23 @@ def test_demo_errors_name_the_bad_input(tmp_path, capsys):
     (tmp_path / "o3" / "notes.txt").write_text("mine")
     assert main(demo_args("base", tmp_path / "o3")) == 2
     assert (tmp_path / "o3" / "notes.txt").read_text() == "mine"
+
+
+def test_quick_demo_runs_the_readme_command_on_the_shipped_base(tmp_path):
+    """`soarflow demo --quick` as a user runs it: the shipped base checkpoint, the real CLI, a finished report.
+    Post-training must actually change the model (SFT and SOAR end at different weights, so different images)."""
+    import subprocess
+    import sys
+
+    from soarflow.models.shapes_task import base_checkpoint_path
+
+    assert base_checkpoint_path().is_file(), "the shipped base checkpoint is missing from the package"
+    out = tmp_path / "quick"
+    proc = subprocess.run([sys.executable, "-m", "soarflow", "demo", "--quick", "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["max_train_steps"] == 20 and report["settings"]["base"] == "base"
+    fds = {m: report["methods"][m]["metrics"]["10"]["frechet_distance"] for m in METHODS}
+    assert len(set(fds.values())) == 3, fds  # three different models produced three different image sets
+    assert "post-training: sft 20 steps" in proc.stdout
