@@ -30,10 +30,13 @@ def append_dims(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def shift_sigma(t: torch.Tensor, shift: float) -> torch.Tensor:
-    r""":math:`\sigma(t) = s t / (1 + (s-1) t)`; monotone, fixes 0 and 1."""
+    r""":math:`\sigma(t) = s t / (1 + (s-1) t)`; monotone, fixes 0 and 1.
+
+    Clamped to [0, 1]: in floating point the formula can return 1 + 1 ulp at t = 1 (e.g. s = 0.1), and a sigma
+    above 1 would push the re-noising weight alpha past 1."""
     if shift == 1.0:
         return t
-    return shift * t / (1.0 + (shift - 1.0) * t)
+    return (shift * t / (1.0 + (shift - 1.0) * t)).clamp(0.0, 1.0)
 
 
 def sigma_schedule(num_steps: int, shift: float = 1.0, device=None, dtype=torch.float32) -> torch.Tensor:
