@@ -49,6 +49,8 @@ QUICK = dict(max_train_steps=20, train_batch_size=16, eval_num_steps=[10], promp
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train.config import LR_SCHEDULERS
+
     d = DemoSettings()
     p = argparse.ArgumentParser(prog="soarflow demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="runs/demo", help="report folder (refuses one that holds a different run)")
@@ -56,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_train_steps", type=int, help=f"post-training steps per method (default {d.max_train_steps})")
     p.add_argument("--train_batch_size", type=int, help=f"default {d.train_batch_size}")
     p.add_argument("--learning_rate", type=float, help=f"default {d.learning_rate}")
-    p.add_argument("--lr_scheduler", choices=["constant", "constant_with_warmup", "cosine", "linear"],
-                   help=f"default {d.lr_scheduler}")
+    p.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, help=f"default {d.lr_scheduler}")
     p.add_argument("--lr_warmup_steps", type=int, help=f"default {d.lr_warmup_steps}")
     p.add_argument("--cond_dropout", type=float,
                    help=f"probability of training on the null caption, keeps guidance working (default {d.cond_dropout})")
