@@ -77,3 +77,26 @@ def test_from_config_names_bad_keys():
         ShapesTask.from_config(model={"hiden_size": 3}, data={})
     task = ShapesTask.from_config(model={"pretrained": None, "depth": 1}, data={"split": "pretrain", "num_samples": 10})
     assert task.model_cfg.depth == 1 and len(task.train_dataset()) == 10
+
+
+def test_shipped_base_manifest_is_reproducible_by_its_command():
+    """The manifest's command must still reproduce the shipped base: every recorded argument equals what that
+    command line parses to today, and the architecture matches the checkpoint's."""
+    import json
+    import shlex
+
+    from soarflow.models.mmdit import read_mmdit_checkpoint
+    from soarflow.models.shapes_task import base_checkpoint_path
+    from soarflow.train.pretrain import build_parser
+
+    path = base_checkpoint_path()
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    argv = shlex.split(manifest["command"])
+    assert argv[:2] == ["soarflow", "pretrain"]
+    parsed = vars(build_parser().parse_args(argv[2:]))
+    assert parsed == manifest["args"]
+    config, state, _ = read_mmdit_checkpoint(path)
+    assert (config.hidden_size, config.depth, config.num_heads, config.patch_size) == tuple(
+        manifest["args"][k] for k in ("hidden_size", "depth", "num_heads", "patch_size"))
+    assert sum(v.numel() for v in state.values()) == manifest["parameters"]
+    assert 0 <= manifest["shapes_eval"]["overall"] <= 1 and manifest["steps"] == manifest["args"]["max_train_steps"]
