@@ -6,19 +6,19 @@ import pytest
 import torch
 
 from soarflow.demo import METHODS, main
-from soarflow.models.mmdit import MMDiT, save_mmdit
+from soarflow.models.embedded import build_model, save_checkpoint
 from soarflow.models.shapes_task import ShapesModelSection, ShapesTask, ShapesDataSection
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    task = ShapesTask(ShapesModelSection(pretrained=None, hidden_size=32, depth=1, num_heads=2), ShapesDataSection())
+    task = ShapesTask(ShapesModelSection(pretrained=None, architecture="mmdit", hidden_size=32, depth=1, num_heads=2), ShapesDataSection())
     torch.manual_seed(0)
-    model = MMDiT(task.model_config())
+    model = task.build_model()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    return save_mmdit(model, tmp_path_factory.mktemp("base") / "tiny.safetensors")
+    return save_checkpoint(model, tmp_path_factory.mktemp("base") / "tiny.safetensors")
 
 
 def demo_args(base, out, **extra):

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from soarflow.models.mmdit import MMDiT, save_mmdit
+from soarflow.models.embedded import build_model, save_checkpoint
 from soarflow.models.shapes_task import ShapesDataSection, ShapesModelSection, ShapesTask, generate_images
 from soarflow.shapes import MAX_TOKENS, VOCAB
 
 
 def small_task(**data):
     return ShapesTask(
-        ShapesModelSection(pretrained=None, hidden_size=32, depth=1, num_heads=2),
+        ShapesModelSection(pretrained=None, architecture="mmdit", hidden_size=32, depth=1, num_heads=2),
         ShapesDataSection(**{"num_samples": 64, **data}),
     )
 
@@ -62,8 +62,8 @@ def test_save_and_load_weights(tmp_path):
 
 
 def test_pretrained_path_and_errors(tmp_path):
-    model = perturbed(MMDiT(small_task().model_config()))
-    path = save_mmdit(model, tmp_path / "m.safetensors")
+    model = perturbed(small_task().build_model())
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
     task = ShapesTask(ShapesModelSection(pretrained=str(path)), ShapesDataSection())
     assert torch.equal(task.build_model().null_txt, model.null_txt)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
@@ -85,7 +85,7 @@ def test_shipped_base_manifest_is_reproducible_by_its_command():
     import json
     import shlex
 
-    from soarflow.models.mmdit import read_mmdit_checkpoint
+    from soarflow.models.embedded import read_checkpoint
     from soarflow.models.shapes_task import base_checkpoint_path
     from soarflow.train.pretrain import build_parser
 
@@ -95,8 +95,10 @@ def test_shipped_base_manifest_is_reproducible_by_its_command():
     assert argv[:2] == ["soarflow", "pretrain"]
     parsed = vars(build_parser().parse_args(argv[2:]))
     assert parsed == manifest["args"]
-    config, state, _ = read_mmdit_checkpoint(path)
-    assert (config.hidden_size, config.depth, config.num_heads, config.patch_size) == tuple(
-        manifest["args"][k] for k in ("hidden_size", "depth", "num_heads", "patch_size"))
+    architecture, config, state, _ = read_checkpoint(path)
+    assert architecture == manifest["args"]["architecture"]
+    keys = ("channels", "num_res_blocks", "attention_levels", "text_dim", "text_layers", "num_heads") if architecture == "unet" \
+        else ("hidden_size", "depth", "num_heads", "patch_size")
+    assert {k: getattr(config, k) for k in keys} == {k: manifest["args"][k] for k in keys}
     assert sum(v.numel() for v in state.values()) == manifest["parameters"]
     assert 0 <= manifest["shapes_eval"]["overall"] <= 1 and manifest["steps"] == manifest["args"]["max_train_steps"]

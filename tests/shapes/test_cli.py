@@ -48,14 +48,15 @@ def test_cli_bad_inputs(real_dir, tmp_path, capsys):
 
 def test_cli_checkpoint(tmp_path, capsys):
     try:
-        from soarflow.models.mmdit import MMDiT, MMDiTConfig, save_mmdit
+        from soarflow.models.embedded import save_checkpoint
+        from soarflow.models.mmdit import MMDiT, MMDiTConfig
         from soarflow.models.shapes_task import generate_images, load_shapes_model  # noqa: F401
     except ImportError as e:
         pytest.skip(f"shapes model not available: {e}")
     import torch
 
     torch.manual_seed(0)
-    path = save_mmdit(MMDiT(MMDiTConfig(hidden_size=32, depth=1, num_heads=2)), tmp_path / "tiny.safetensors")
+    path = save_checkpoint(MMDiT(MMDiTConfig(hidden_size=32, depth=1, num_heads=2)), tmp_path / "tiny.safetensors")
     args = ["--checkpoint", str(path), "--prompts-per-family", "1", "--images-per-prompt", "1", "--num-steps", "2"]
     assert main([*args, "--json", str(tmp_path / "s.json")]) == 0
     summary = json.loads((tmp_path / "s.json").read_text())

@@ -18,10 +18,8 @@ The model is a velocity model in soarflow's convention: `model(x, sigma, cond) -
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import torch
@@ -210,56 +208,3 @@ class MMDiT(nn.Module):
             img, txt = self._checkpointed(blk, img, txt, c, key_mask)
         shift, scale = self.final_ada(F.silu(c)).chunk(2, dim=-1)
         return self.unpatchify(self.final(modulate(self.final_norm(img), shift, scale)))
-
-
-# -- checkpoints ------------------------------------------------------------------------------------
-def save_mmdit(model: MMDiT, path: str | Path, extra_metadata: Mapping[str, str] | None = None) -> Path:
-    """Write weights as safetensors with the architecture config in the header metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(asdict(model.config))}
-    meta.update(extra_metadata or {})
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint under the real name
-    return path
-
-
-def read_mmdit_checkpoint(path: str | Path) -> tuple[MMDiTConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """(config, state_dict, metadata) of a checkpoint, with errors that name the file."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MMDiT checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for truncated/garbage files
-        raise ValueError(f"{path} is not a readable safetensors checkpoint ({e})") from e
-    if meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
-        raise ValueError(f"{path} is not a soarflow MMDiT checkpoint (metadata format={meta.get('format')!r})")
-    return MMDiTConfig.from_dict(json.loads(meta["config"])), state, meta
-
-
-def load_mmdit(path: str | Path) -> MMDiT:
-    config, state, _ = read_mmdit_checkpoint(path)
-    model = MMDiT(config)
-    load_mmdit_state(model, state, path)
-    return model
-
-
-def load_mmdit_state(model: MMDiT, state: Mapping[str, torch.Tensor], path: str | Path = "<state>") -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or bad:
-        raise ValueError(
-            f"{path} does not match this MMDiT: missing={missing[:5]} unexpected={unexpected[:5]} shape mismatch={bad[:5]}"
-        )
-    model.load_state_dict(state)

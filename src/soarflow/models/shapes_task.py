@@ -1,4 +1,4 @@
-"""The embedded default task: the small MMDiT on the ShapesEval world (no download, no GPU).
+"""The embedded default task: the small U-Net (or MMDiT) on the ShapesEval world (no download, no GPU).
 
 Also the helpers everything else uses to run that model: `load_shapes_model` (a path or "base", the shipped
 base checkpoint), `generate_images` (captions -> images with the Euler sampler and guidance) and
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..sampling import sample_euler
-from .mmdit import MMDiT, MMDiTConfig, load_mmdit, read_mmdit_checkpoint, load_mmdit_state, save_mmdit
+from .embedded import ARCHITECTURES, build_model, load_checkpoint, load_state, read_checkpoint, save_checkpoint
 
 BASE_CHECKPOINT = "base_shapes.safetensors"
 
@@ -35,9 +35,9 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
     return Path(path_or_name)
 
 
-def load_shapes_model(path_or_name: str | Path = "base") -> MMDiT:
-    """An MMDiT from a safetensors checkpoint path, or "base" for the shipped base model."""
-    return load_mmdit(resolve_checkpoint(path_or_name))
+def load_shapes_model(path_or_name: str | Path = "base") -> nn.Module:
+    """An embedded model (U-Net or MMDiT) from a safetensors checkpoint path, or "base" for the shipped base."""
+    return load_checkpoint(resolve_checkpoint(path_or_name))
 
 
 def encode_captions(captions: Sequence[str], device: torch.device | str = "cpu", max_tokens: int | None = None) -> dict:
@@ -69,7 +69,7 @@ def generate_images(
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    cfg: MMDiTConfig = model.config
+    cfg = model.config  # UNetConfig or MMDiTConfig: image_size, in_channels, max_tokens
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     was_training = model.training
     model.eval()
@@ -98,14 +98,25 @@ def generate_images(
 
 @dataclass
 class ShapesModelSection:
-    """`model:` section of a config for task "shapes"."""
+    """`model:` section of a config for task "shapes".
+
+    The architecture fields are used only when ``pretrained`` is null (training from scratch)."""
 
     pretrained: str | None = "base"  # "base" (shipped), a .safetensors path, or null to train from scratch
-    hidden_size: int = 96  # the architecture fields are used only when pretrained is null
+    architecture: str = "unet"  # "unet" (the shipped base's) or "mmdit"
+    # unet
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    num_res_blocks: int = 1
+    attention_levels: list[int] = field(default_factory=lambda: [1, 2])
+    text_dim: int = 128
+    text_layers: int = 1
+    # mmdit
+    hidden_size: int = 96
     depth: int = 4
-    num_heads: int = 4
     patch_size: int = 4
     mlp_ratio: float = 3.0
+    # both
+    num_heads: int = 4
 
 
 @dataclass
@@ -133,7 +144,7 @@ class ShapesDataSection:
 
 
 class ShapesTask:
-    """`Task` for the embedded MMDiT on ShapesEval (see `soarflow.train.task.Task`)."""
+    """`Task` for the embedded model on ShapesEval (see `soarflow.train.task.Task`)."""
 
     def __init__(self, model: ShapesModelSection | None = None, data: ShapesDataSection | None = None):
         self.model_cfg = model or ShapesModelSection()
@@ -148,24 +159,22 @@ class ShapesTask:
         return cls(from_dict(ShapesModelSection, model or {}, prefix="model"), from_dict(ShapesDataSection, data or {}, prefix="data"))
 
     # -- model -------------------------------------------------------------------------------------
-    def model_config(self) -> MMDiTConfig:
+    def model_config(self) -> dict:
+        """The architecture config (as a dict for `embedded.build_model`) of a model trained from scratch."""
         from ..shapes.world import MAX_TOKENS, VOCAB
 
         m = self.model_cfg
-        return MMDiTConfig(
-            image_size=self.data_cfg.image_size,
-            patch_size=m.patch_size,
-            hidden_size=m.hidden_size,
-            depth=m.depth,
-            num_heads=m.num_heads,
-            mlp_ratio=m.mlp_ratio,
-            vocab_size=len(VOCAB),
-            max_tokens=MAX_TOKENS,
-        )
+        common = dict(image_size=self.data_cfg.image_size, num_heads=m.num_heads, vocab_size=len(VOCAB), max_tokens=MAX_TOKENS)
+        if m.architecture == "unet":
+            return dict(common, channels=list(m.channels), num_res_blocks=m.num_res_blocks,
+                        attention_levels=list(m.attention_levels), text_dim=m.text_dim, text_layers=m.text_layers)
+        if m.architecture == "mmdit":
+            return dict(common, patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, mlp_ratio=m.mlp_ratio)
+        raise ValueError(f"config key 'model.architecture': unknown {m.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
 
     def build_model(self) -> nn.Module:
         if self.model_cfg.pretrained is None:
-            return MMDiT(self.model_config())
+            return build_model(self.model_cfg.architecture, self.model_config())
         model = load_shapes_model(self.model_cfg.pretrained)
         if model.config.image_size != self.data_cfg.image_size:
             raise ValueError(
@@ -202,11 +211,11 @@ class ShapesTask:
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
-        save_mmdit(model, path)
+        save_checkpoint(model, path)
 
     def load_model_weights(self, model: nn.Module, path: Path) -> None:
         path = Path(path)
         if not path.exists() and path.with_suffix(".safetensors").exists():
             path = path.with_suffix(".safetensors")
-        config, state, _ = read_mmdit_checkpoint(path)
-        load_mmdit_state(model, state, path)
+        _, _, state, _ = read_checkpoint(path)
+        load_state(model, state, path)

@@ -10,9 +10,9 @@ Detection (no learned weights; thresholds scale with the image side S):
 2. Objects: 4-connected components of equal class with area >= max(10, 0.012 S^2) pixels (smaller specks are
    ignored). Centroid = mean pixel coordinate + 0.5 (x to the right, y down).
 3. Shape, from the component's bounding box (w x h), fill ratio f = area / (w h) and the mean row widths of its top
-   and bottom thirds relative to w (t, b) and the mean fill c of its four k x k corner blocks (k = max(1,
-   floor(min(w, h) / 5))): ``unknown`` if max(w, h) > 0.75 S or the aspect ratio exceeds 1.6; else ``triangle``
-   if |b - t| > 0.35 and f <= 0.75; else ``square`` if f >= 0.8 and c >= 0.75; else ``circle`` if f >= 0.6;
+   and bottom thirds relative to w (t, b) and the mean fill c of its four k x k corner blocks (k = max(2,
+   round(min(w, h) / 4))): ``unknown`` if max(w, h) > 0.75 S or the aspect ratio exceeds 1.6; else ``triangle``
+   if |b - t| > 0.35 and f <= 0.75; else ``square`` if f >= 0.8 and c >= 0.6; else ``circle`` if f >= 0.6;
    else ``unknown``. (Ideal values: square f=1, c=1; disc f=pi/4, t=b, c~0; triangle f=1/2, t~1/6, b~5/6.)
 
 Judging (an object "matches" a (shape, color) if both agree; an uncolored request matches any color):
@@ -126,9 +126,11 @@ def classify_shape(mask: np.ndarray, image_size: int) -> tuple[str, float]:
     top, bottom = float(widths[:third].mean()), float(widths[-third:].mean())
     if abs(bottom - top) > 0.35 and fill <= 0.75:
         return "triangle", fill
-    k = max(1, min(h, w) // 5)  # corner blocks: a square fills them, a disc leaves them (mostly) empty
+    # Corner blocks: a square fills them, a disc leaves them (mostly) empty. At least 2 x 2, because a soft-edged
+    # square (a generator's, or drawn at a sub-pixel offset) loses its single outermost corner pixels.
+    k = max(2, round(min(h, w) / 4))
     corners = float(np.mean([mask[:k, :k].mean(), mask[:k, -k:].mean(), mask[-k:, :k].mean(), mask[-k:, -k:].mean()]))
-    if fill >= 0.8 and corners >= 0.75:
+    if fill >= 0.8 and corners >= 0.6:
         return "square", fill
     if fill >= 0.6:
         return "circle", fill
