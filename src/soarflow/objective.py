@@ -5,7 +5,8 @@ For a batch :math:`(x_0, c)` of B real samples (conventions in :mod:`soarflow.fl
 1. draw :math:`z_1 \sim \mathcal N(0, I)` and :math:`t_0` (``t_density``); :math:`\sigma_0 = \sigma(t_0)`,
    :math:`x_{\sigma_0} = (1-\sigma_0) x_0 + \sigma_0 z_1`;
 2. main (SFT) term :math:`\ell_b = \lVert v_\theta(x_{\sigma_0}, \sigma_0, c) - (z_1 - x_0)\rVert^2`;
-3. rollout without gradient: one step of the N-step inference schedule with guidance,
+3. rollout without gradient: one step of the N-step inference schedule with guidance (by default
+   :math:`v_c` is the main term's detached output, so only :math:`v_u` needs a forward),
    :math:`t_1 = \max(t_0 - 1/N, 0)`, :math:`\sigma_1 = \sigma(t_1)`,
    :math:`z' = x_{\sigma_0} + (\sigma_1 - \sigma_0)\,(v_u + w(v_c - v_u))` (path 0, ODE); optional extra paths
    replace the Euler step by a stochastic step (:mod:`soarflow.sampling`), and samples with :math:`t_1 = 0` keep
@@ -296,7 +297,7 @@ def _probe_forward_batch(model: VelocityModel, x, sigma, cond, batch: int) -> in
                 t0 = time.perf_counter()
                 xi = x.detach().requires_grad_(not params)
                 out = _forward_rows(target, xi, sigma, cond, None, c)
-                torch.autograd.grad(out.float().square().sum(), params or [xi])
+                torch.autograd.grad(out.float().square().sum(), params or [xi], allow_unused=True)
                 if x.device.type == "cuda":
                     torch.cuda.synchronize(x.device)
                 if rep:
@@ -308,12 +309,12 @@ def _probe_forward_batch(model: VelocityModel, x, sigma, cond, batch: int) -> in
 def _resolve_forward_batch(model, x, sigma, cond, batch: int, config: SOARConfig) -> int | None:
     """Rows per plain forward call of the gradient terms (``forward_batch_size``).
 
-    ``auto``: a size heuristic from bench/step_cost.py — on a CPU, calls of B rows (the per-point loop's layout,
-    which a CPU runs faster than one (1+K)B-row call); on an accelerator, one call (it fills the device).
-    ``probe``: a one-time timing probe (:func:`_probe_forward_batch`)."""
+    ``auto``: one call for all rows, on every device: in bench/step_cost.py on the 2-core CPU, one call was as
+    fast as or faster than calls of B rows in 5 of 6 cases (docs/performance.md), and an accelerator only gains
+    from larger calls. ``probe``: a one-time timing probe (:func:`_probe_forward_batch`)."""
     choice = config.forward_batch_size
     if choice == "auto":
-        return batch if x.device.type == "cpu" else None
+        return None
     if choice == "probe":
         if x.shape[0] <= batch or not torch.is_grad_enabled():
             return None
