@@ -20,8 +20,8 @@ then FLUX LoRA, then the rest.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import math
 import os
 import resource
 import subprocess
@@ -328,8 +328,9 @@ def main() -> None:
             row["status"] = "OOM" if _is_oom(err) else f"error: {type(err).__name__}: {str(err)[:200]}"
             if _is_oom(err):
                 models.clear()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        if row["status"] != "ok" and device.type == "cuda":
+            gc.collect()  # the exception's frames are gone now; free their tensors before the next configuration
+            torch.cuda.empty_cache()
         rows.append(row)
         peak = (f"{row['peak_gib']:.1f} GiB" if "peak_gib" in row else
                 f"{row['peak_rss_growth_mib']:.0f} MiB" if "peak_rss_growth_mib" in row else "-")
