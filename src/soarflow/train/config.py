@@ -71,7 +71,7 @@ class SOARSection:
     fuse_forward: bool = _f(True, "one fused forward for the main and auxiliary terms")
     reuse_main_output: bool = _f(True, "the main term's output is the rollout's conditional velocity (saves B rows)")
     forward_batch_size: int | Literal["auto", "probe"] | None = _f(
-        "auto", "rows per forward call of the gradient terms: auto (size heuristic), probe (timed once), N, null")
+        "auto", "rows per forward call of the gradient terms: auto (one call), probe (timed once), N, null")
     points_per_sample: int = _f(1, "method sft: P standard draws (fresh noise and t) per image (compute-matched SFT)")
     rollout: Literal["guided", "none"] = _f("guided", "none: z' = x_sigma1 exactly, no deviation (control)")
     aux_noise: Literal["shared", "fresh"] = _f("shared", "fresh (with rollout none): noise-level-matched SFT")
