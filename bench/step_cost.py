@@ -1,18 +1,28 @@
-"""What does a SOAR step cost relative to an SFT step?
+"""What does a SOAR step cost relative to an SFT step, and which forward layout is fastest?
 
-Prints, for a small transformer velocity model, the measured SOAR/SFT training-step time ratio for several
-numbers of auxiliary points K beside the FLOP ratio (3(1+K)+2)/3 — an SFT step is one forward + backward
-(~3 forward units) over B rows; a SOAR step adds a no-grad guided rollout over 2B rows (2 units) and K*B more
-rows in the fused forward/backward — and the time of the fused evaluation against a per-point loop (the
-reference code's structure) at identical loss values.
+For a small transformer velocity model and K in --ks, prints the measured time of one optimizer step for SFT and
+for SOAR in each forward layout, all at identical loss values (checked on fixed draws):
 
-    python bench/step_cost.py                 # CPU, embedded MMDiT-style model if available
-    python bench/step_cost.py --device cuda   # on a GPU
+* ``default``: the library default — main term first (with grad), its detached output is the rollout's
+  conditional half (one B-row no-grad forward for the unconditional half), then the aux rows
+  (``forward_batch_size="auto"``: one call);
+* ``reuse_Brows``: as default, aux rows in calls of B rows; ``reuse_probe``: as default, with the timing probe;
+* ``fused``: rollout over 2B rows, then main + aux in one (1+K)B-row forward (``reuse_main_output=False``);
+* ``chunked``: fused, in activation-checkpointed chunks of B rows (``aux_chunk_size=B``);
+* ``loop``: the reference code's structure, one B-row forward per term (``fuse_forward=False``).
+
+FLOP floors in forward units (backward = 2 forwards): SFT 3; fused/loop 3(1+K)+2; default 3(1+K)+1. Variants run
+interleaved, round by round, so drifting machine load hits all alike; the spread over rounds is printed.
+
+    python bench/step_cost.py                          # CPU, embedded MMDiT-style model if available
+    python bench/step_cost.py --device cuda --out r.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
 import time
 
@@ -87,14 +97,29 @@ def time_steps(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
+VARIANTS = {
+    "default": dict(),
+    "reuse_Brows": dict(forward_batch_size=-1),  # -1: B rows per call
+    "reuse_probe": dict(forward_batch_size="probe"),
+    "fused": dict(reuse_main_output=False, forward_batch_size=None),
+    "chunked": dict(reuse_main_output=False, forward_batch_size=None, aux_chunk_size=-1),  # -1: B rows
+    "loop": dict(reuse_main_output=False, fuse_forward=False, forward_batch_size=None),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", choices=["mmdit", "generic"], default="mmdit")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="rounds; each round times every variant once")
     ap.add_argument("--ks", default="1,2,4,6")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     name, model, cond_fn, null_fn = build_model(args.model, device)
@@ -103,7 +128,20 @@ def main() -> None:
     x0 = torch.randn(B, 3, 32, 32, device=device)
     cond, null = cond_fn(B), null_fn(1)
     params = sum(p.numel() for p in model.parameters())
-    print(f"model={name} params={params / 1e6:.2f}M device={device} batch={B} threads={torch.get_num_threads()}")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"model={name} params={params / 1e6:.2f}M device={device} ({dev_name}) batch={B} "
+          f"threads={torch.get_num_threads()}")
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
+
+    def config(k: int, variant: str) -> SOARConfig:
+        kw = dict(VARIANTS[variant])
+        for key in ("aux_chunk_size", "forward_batch_size"):
+            if kw.get(key) == -1:
+                kw[key] = B
+        return SOARConfig(num_aux=k, rollout_cfg=4.5, **kw)
 
     def train_step(loss_fn):
         def run():
@@ -113,38 +151,65 @@ def main() -> None:
 
         return run
 
-    sft = train_step(lambda: sft_loss(model, x0, cond, config=SOARConfig(num_aux=0)))
-    print(f"\n{'K':>3} {'SFT ms':>9} {'SOAR ms':>9} {'ratio':>7} {'FLOP ratio':>11}")
-    for k in [int(v) for v in args.ks.split(",")]:
-        cfg = SOARConfig(num_aux=k, rollout_cfg=4.5)
-        soar = train_step(lambda: soar_loss(model, x0, cond, null_cond=null, config=cfg))
-        # interleave the two so drift in machine load hits both alike
-        t_sft, t_soar = [], []
-        for _ in range(args.repeats):
-            t_sft.append(time_steps(sft, 1, device))
-            t_soar.append(time_steps(soar, 1, device))
-        a, b = statistics.median(t_sft), statistics.median(t_soar)
-        print(f"{k:>3} {a * 1e3:>9.1f} {b * 1e3:>9.1f} {b / a:>7.2f} {(3 * (1 + k) + 2) / 3:>11.2f}")
+    def timed(fn) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t0
 
-    k = 6
+    results = {"device": str(device), "device_name": dev_name, "torch": torch.__version__,
+               "cuda": torch.version.cuda, "model": name, "params": params, "batch": B,
+               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "ks": {}}
     g = torch.Generator(device="cpu").manual_seed(1)
     noise = torch.randn(x0.shape, generator=g).to(device)
-    t = torch.rand(B, generator=g).to(device) * 0.9 + 0.05
-    s1 = shift_sigma((t - 1 / 40).clamp_min(0), 3.0)
-    aux = s1 + torch.rand(k, B, generator=g).to(device) * (1 - s1)
-    fixed = dict(noise=noise, t=t, aux_sigmas=aux)
-    fused_cfg = SOARConfig(num_aux=k)
-    loop_cfg = fused_cfg.replace(fuse_forward=False)
-    lf = soar_loss(model, x0, cond, null_cond=null, config=fused_cfg, **fixed).loss.item()
-    ll = soar_loss(model, x0, cond, null_cond=null, config=loop_cfg, **fixed).loss.item()
-    tf = time_steps(train_step(lambda: soar_loss(model, x0, cond, null_cond=null, config=fused_cfg, **fixed)), args.repeats, device)
-    tl = time_steps(train_step(lambda: soar_loss(model, x0, cond, null_cond=null, config=loop_cfg, **fixed)), args.repeats, device)
-    print(f"\nK={k}: fused {tf * 1e3:.1f} ms, per-point loop {tl * 1e3:.1f} ms, speed-up {tl / tf:.2f}x; "
-          f"loss fused={lf:.6f} loop={ll:.6f} |diff|={abs(lf - ll):.2e}")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        train_step(lambda: soar_loss(model, x0, cond, null_cond=null, config=fused_cfg, **fixed))()
-        print(f"peak CUDA memory (fused, K={k}): {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    t_fixed = torch.rand(B, generator=g).to(device) * 0.9 + 0.05
+    s1 = shift_sigma((t_fixed - 1 / 40).clamp_min(0), 3.0)
+    header = f"{'K':>2} {'SFT ms':>8} " + " ".join(f"{v + ' ms':>15}" for v in variants)
+    header += f" {'default/SFT':>11} {'floor':>6} {'old floor':>9} {'default/loop':>12} {'max|dloss|':>10}"
+    print(header)
+    for k in [int(v) for v in args.ks.split(",")]:
+        # identical loss on fixed draws, for every variant
+        aux = s1 + torch.rand(k, B, generator=g).to(device) * (1 - s1)
+        fixed = dict(noise=noise, t=t_fixed, aux_sigmas=aux)
+        losses = {v: soar_loss(model, x0, cond, null_cond=null, config=config(k, v), **fixed).loss.item()
+                  for v in variants}
+        dloss = max(losses.values()) - min(losses.values())
+        steps = {"sft": train_step(lambda: sft_loss(model, x0, cond, config=SOARConfig(num_aux=0)))}
+        for v in variants:
+            steps[v] = train_step(lambda cfg=config(k, v): soar_loss(model, x0, cond, null_cond=null, config=cfg))
+        for fn in steps.values():
+            fn()  # warm-up (and the probe's one-time timing)
+        times = {n: [] for n in steps}
+        for _ in range(args.repeats):
+            for n, fn in steps.items():
+                times[n].append(timed(fn))
+        med = {n: statistics.median(ts) for n, ts in times.items()}
+        # per-round ratios: their spread is the noise of the ratio
+        ratio_rounds = [d / s for d, s in zip(times["default"], times["sft"])] if "default" in times else []
+        floor, old_floor = (3 * (1 + k) + 1) / 3, (3 * (1 + k) + 2) / 3
+        row = f"{k:>2} {med['sft'] * 1e3:>8.1f} " + " ".join(f"{med[v] * 1e3:>15.1f}" for v in variants)
+        d_sft = med["default"] / med["sft"] if "default" in med else float("nan")
+        d_loop = med["default"] / med["loop"] if "default" in med and "loop" in med else float("nan")
+        row += f" {d_sft:>11.2f} {floor:>6.2f} {old_floor:>9.2f} {d_loop:>12.2f} {dloss:>10.1e}"
+        print(row, flush=True)
+        results["ks"][str(k)] = {
+            "times_s": times, "median_s": med, "losses_fixed_draws": losses, "max_abs_loss_diff": dloss,
+            "default_over_sft": d_sft, "default_over_sft_rounds": ratio_rounds, "default_over_loop": d_loop,
+            "floor": floor, "old_floor": old_floor,
+        }
+        if device.type == "cuda":
+            peaks = {}
+            for n, fn in steps.items():
+                torch.cuda.reset_peak_memory_stats(device)
+                fn()
+                peaks[n] = torch.cuda.max_memory_allocated(device) / 2**20
+            results["ks"][str(k)]["peak_mib"] = peaks
+            print("   peak MiB: " + ", ".join(f"{n} {m:.0f}" for n, m in peaks.items()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ For a batch :math:`(x_0, c)` of B real samples (conventions in :mod:`soarflow.fl
 1. draw :math:`z_1 \sim \mathcal N(0, I)` and :math:`t_0` (``t_density``); :math:`\sigma_0 = \sigma(t_0)`,
    :math:`x_{\sigma_0} = (1-\sigma_0) x_0 + \sigma_0 z_1`;
 2. main (SFT) term :math:`\ell_b = \lVert v_\theta(x_{\sigma_0}, \sigma_0, c) - (z_1 - x_0)\rVert^2`;
-3. rollout without gradient: one step of the N-step inference schedule with guidance,
+3. rollout without gradient: one step of the N-step inference schedule with guidance (by default
+   :math:`v_c` is the main term's detached output, so only :math:`v_u` needs a forward),
    :math:`t_1 = \max(t_0 - 1/N, 0)`, :math:`\sigma_1 = \sigma(t_1)`,
    :math:`z' = x_{\sigma_0} + (\sigma_1 - \sigma_0)\,(v_u + w(v_c - v_u))` (path 0, ODE); optional extra paths
    replace the Euler step by a stochastic step (:mod:`soarflow.sampling`), and samples with :math:`t_1 = 0` keep
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -55,7 +58,12 @@ VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 @dataclass
 class SOARConfig:
-    """Hyper-parameters of the SOAR objective (paper defaults). ``lambda_aux = 0`` or ``num_aux = 0`` is SFT."""
+    """Hyper-parameters of the SOAR objective (paper defaults). ``lambda_aux = 0`` or ``num_aux = 0`` is SFT.
+
+    The controls of docs/objective.md ("Controls") are fields here: ``points_per_sample`` (compute-matched SFT),
+    ``rollout="none"`` (no deviation: isolates the correction), ``rollout="none"`` with ``aux_noise="fresh"``
+    (noise-level-matched SFT), ``aux_sigma_density`` (the sigma' distribution) and the condition-dropout order
+    (``cond_dropout_mode``, ``rollout_uses_dropped_cond``)."""
 
     num_aux: int = 6  # K: auxiliary points per rollout path
     lambda_aux: float = 1.0  # lambda: weight of the auxiliary term
@@ -74,8 +82,18 @@ class SOARConfig:
     mode_scale: float = 1.29
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     cond_dropout: float = 0.0  # probability of training a sample on null_cond (enables guidance)
-    aux_chunk_size: int | None = None  # max rows per forward; larger fused batches are checkpointed in chunks
+    aux_chunk_size: int | None = None  # max rows per forward; larger batches run checkpointed in chunks (memory)
     fuse_forward: bool = True  # False: one forward per term, as in the reference code (for benchmarks/tests)
+    # --- speed: layout of the gradient forwards (identical loss; see docs/objective.md "Cost")
+    reuse_main_output: bool = True  # the main term's detached output is the rollout's conditional velocity
+    forward_batch_size: int | Literal["auto", "probe"] | None = "auto"  # rows per (uncheckpointed) forward call
+    # --- controls (issue 12): what SOAR's gain is made of
+    points_per_sample: int = 1  # SFT only: P standard draws (fresh noise and t) per image
+    rollout: Literal["guided", "none"] = "guided"  # none: z' = x_sigma1 exactly (no deviation, v_corr = z1 - x0)
+    aux_noise: Literal["shared", "fresh"] = "shared"  # fresh (rollout none): aux points on new noise, standard target
+    aux_sigma_density: Literal["uniform", "t_density"] = "uniform"  # sigma' ~ U[sigma1, up] or t-density on it
+    cond_dropout_mode: Literal["per_sample", "per_batch"] = "per_sample"  # per_batch: one draw drops the batch
+    rollout_uses_dropped_cond: bool = False  # True (official order): a dropped sample rolls out unconditionally
 
     def __post_init__(self) -> None:
         self.validate()
@@ -116,6 +134,23 @@ class SOARConfig:
             raise bad("cond_dropout", "must be in [0, 1)")
         if self.aux_chunk_size is not None and (not isinstance(self.aux_chunk_size, int) or self.aux_chunk_size < 1):
             raise bad("aux_chunk_size", "must be None or an integer >= 1")
+        fbs = self.forward_batch_size
+        if not (fbs is None or fbs in ("auto", "probe") or (isinstance(fbs, int) and not isinstance(fbs, bool) and fbs >= 1)):
+            raise bad("forward_batch_size", "must be 'auto', 'probe', None or an integer >= 1")
+        if not isinstance(self.points_per_sample, int) or self.points_per_sample < 1:
+            raise bad("points_per_sample", "must be an integer >= 1")
+        if self.rollout not in ("guided", "none"):
+            raise bad("rollout", "must be 'guided' or 'none'")
+        if self.rollout == "none" and self.num_rollout_paths != 1:
+            raise bad("rollout", "'none' has a single (exact) path: set num_rollout_paths to 1")
+        if self.aux_noise not in ("shared", "fresh"):
+            raise bad("aux_noise", "must be 'shared' or 'fresh'")
+        if self.aux_noise == "fresh" and self.rollout != "none":
+            raise bad("aux_noise", "'fresh' needs rollout='none' (a rollout state lies on the shared noise)")
+        if self.aux_sigma_density not in ("uniform", "t_density"):
+            raise bad("aux_sigma_density", "must be 'uniform' or 't_density'")
+        if self.cond_dropout_mode not in ("per_sample", "per_batch"):
+            raise bad("cond_dropout_mode", "must be 'per_sample' or 'per_batch'")
 
     def replace(self, **changes: Any) -> "SOARConfig":
         return dataclasses.replace(self, **changes)
@@ -186,13 +221,20 @@ def _draw_noise_and_t(x0, config: SOARConfig, generator, noise, t):
     return noise, t.to(device=x0.device, dtype=torch.float32)
 
 
-def _maybe_drop_cond(cond, null_cond, batch, config: SOARConfig, generator, device):
+def _drop_cond(cond, null_cond, batch, config: SOARConfig, generator, device):
+    """``(train_cond, dropped)``: the condition each row trains on and the (B,) mask of rows put on null_cond.
+
+    ``per_sample`` draws one Bernoulli(p) per row; ``per_batch`` one draw for the whole micro-batch (the official
+    SOAR code's order). Both consume B uniforms from ``generator``, so switching mode leaves later draws alone."""
     if config.cond_dropout <= 0:
-        return cond
+        return cond, torch.zeros(batch, dtype=torch.bool, device=device)
     if null_cond is None:
         raise ValueError("null_cond is required when cond_dropout > 0")
-    drop = torch.rand(batch, generator=generator, device=device) < config.cond_dropout
-    return cond_where(drop, cond_expand_null(null_cond, batch), cond)
+    u = torch.rand(batch, generator=generator, device=device)
+    if config.cond_dropout_mode == "per_batch":
+        u = u[:1].expand(batch)
+    drop = u < config.cond_dropout
+    return cond_where(drop, cond_expand_null(null_cond, batch), cond), drop
 
 
 def _global_counts(local: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -204,17 +246,80 @@ def _global_counts(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     return local, 1
 
 
-def _forward_rows(model: VelocityModel, x, sigma, cond, chunk: int | None) -> torch.Tensor:
-    """Evaluate the model over a (possibly large) batch; above `chunk` rows, run chunks under activation
-    checkpointing so stored activations stay bounded by one chunk (costs one extra forward in backward)."""
+def _forward_rows(model: VelocityModel, x, sigma, cond, chunk: int | None, micro: int | None = None) -> torch.Tensor:
+    """Evaluate the model over a (possibly large) batch.
+
+    Above ``chunk`` rows (``aux_chunk_size``), chunks run under activation checkpointing so stored activations stay
+    bounded by one chunk (costs one extra forward in backward). Otherwise, above ``micro`` rows
+    (``forward_batch_size``), rows run in plain calls of ``micro`` rows: the same values and the same memory, but
+    smaller matrices, which is faster where one large call is not (CPUs)."""
     n = x.shape[0]
-    if chunk is None or n <= chunk or not torch.is_grad_enabled():
+    if not torch.is_grad_enabled():
+        return model(x, sigma, cond)
+    size, wrap = (chunk, True) if chunk is not None else (micro, False)
+    if size is None or n <= size:
         return model(x, sigma, cond)
     outs = []
-    for start in range(0, n, chunk):
-        idx = slice(start, min(start + chunk, n))
-        outs.append(checkpoint(model, x[idx], sigma[idx], cond_index(cond, idx), use_reentrant=False))
+    for start in range(0, n, size):
+        idx = slice(start, min(start + size, n))
+        args = (x[idx], sigma[idx], cond_index(cond, idx))
+        outs.append(checkpoint(model, *args, use_reentrant=False) if wrap else model(*args))
     return torch.cat(outs)
+
+
+# Per model: {(rows, batch, row shape, dtype, device): chosen rows per call}. Weak keys: no model is kept alive.
+_PROBE_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _probe_forward_batch(model: VelocityModel, x, sigma, cond, batch: int) -> int | None:
+    """Time forward+backward of ``x`` as one call and in calls of ``batch`` / ``2 batch`` rows; keep the fastest.
+
+    Once per (model, shape, dtype, device). Gradients go to ``torch.autograd.grad`` (no ``.grad`` is touched) and
+    the RNG state is restored, so the probe leaves training unchanged. A DistributedDataParallel wrapper is
+    bypassed (its reducer expects one backward per forward)."""
+    target = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    key = (x.shape[0], batch, tuple(x.shape[1:]), x.dtype, str(x.device))
+    try:
+        cache = _PROBE_CACHE.setdefault(target, {})
+    except TypeError:  # not weak-referenceable: a plain function, nothing to cache against
+        return batch
+    if key in cache:
+        return cache[key]
+    params = [p for p in target.parameters() if p.requires_grad] if isinstance(target, torch.nn.Module) else []
+    candidates: list[int | None] = [None] + [m for m in (batch, 2 * batch) if m < x.shape[0]]
+    devices = [x.device] if x.device.type == "cuda" else []
+    timings: dict[int | None, float] = {c: float("inf") for c in candidates}
+    with torch.random.fork_rng(devices=devices):
+        for rep in range(3):  # rep 0 warms up
+            for c in candidates:
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
+                t0 = time.perf_counter()
+                xi = x.detach().requires_grad_(not params)
+                out = _forward_rows(target, xi, sigma, cond, None, c)
+                torch.autograd.grad(out.float().square().sum(), params or [xi], allow_unused=True)
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
+                if rep:
+                    timings[c] = min(timings[c], time.perf_counter() - t0)
+    cache[key] = min(candidates, key=lambda c: timings[c])
+    return cache[key]
+
+
+def _resolve_forward_batch(model, x, sigma, cond, batch: int, config: SOARConfig) -> int | None:
+    """Rows per plain forward call of the gradient terms (``forward_batch_size``).
+
+    ``auto``: one call for all rows, on every device: in bench/step_cost.py on the 2-core CPU, one call was as
+    fast as or faster than calls of B rows in 5 of 6 cases (docs/performance.md), and an accelerator only gains
+    from larger calls. ``probe``: a one-time timing probe (:func:`_probe_forward_batch`)."""
+    choice = config.forward_batch_size
+    if choice == "auto":
+        return None
+    if choice == "probe":
+        if x.shape[0] <= batch or not torch.is_grad_enabled():
+            return None
+        return _probe_forward_batch(model, x, sigma, cond, batch)
+    return choice
 
 
 def _normalise(main_sum, aux_sum, batch, num_points, lam, device):
@@ -238,6 +343,56 @@ def correction_target(z_aux: torch.Tensor, x0: torch.Tensor, sigma_aux: torch.Te
     return (z_aux.float() - x0.float()) / append_dims(sigma_aux.float(), z_aux.ndim)
 
 
+def _t_of_u(u: torch.Tensor, config: SOARConfig) -> torch.Tensor:
+    """The training density's increasing map from a uniform u in [0, 1] to t (:func:`soarflow.flow.sample_t`)."""
+    if config.t_density == "logit_normal":
+        return torch.sigmoid(config.logit_mean + config.logit_std * torch.special.ndtri(u))
+    if config.t_density == "uniform":
+        return u
+    if config.t_density == "mode":  # SD3's map is decreasing in its u; use 1 - u
+        v = 1.0 - u
+        return 1.0 - v - config.mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1.0 + v)
+    return 1.0 - 1.0 / (torch.tan(math.pi * u / 2) + 1.0)
+
+
+def _u_of_t(t: torch.Tensor, config: SOARConfig, iters: int = 60) -> torch.Tensor:
+    """Inverse of :func:`_t_of_u` (the training CDF of t) by bisection in float64: exact to ~1e-16."""
+    lo, hi = torch.zeros_like(t), torch.ones_like(t)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        below = _t_of_u(mid, config) < t
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return (lo + hi) / 2
+
+
+def _unshift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    r"""Inverse of :func:`soarflow.flow.shift_sigma`: :math:`t = \sigma / (s - (s-1)\sigma)`."""
+    return sigma / (shift - (shift - 1.0) * sigma)
+
+
+def aux_sigmas_from_uniform(t: torch.Tensor, config: SOARConfig, u: torch.Tensor) -> torch.Tensor:
+    r"""Map uniforms ``u`` (shape (..., B)) to the auxiliary levels :math:`\sigma'` of samples drawn at ``t`` (B,).
+
+    With :math:`\sigma_1 = \sigma(\max(t - 1/N, 0))` and :math:`\sigma_{up} = 1` (or :math:`\min(r\sigma_0, 1)`):
+
+    * ``aux_sigma_density="uniform"`` (paper): :math:`\sigma' = \sigma_1 + u(\sigma_{up} - \sigma_1)`;
+    * ``"t_density"``: the training density of t restricted to :math:`[t_1, t_{up}]`,
+      :math:`t_{up} = \sigma^{-1}(\sigma_{up})`, by inverse CDF:
+      :math:`t' = F^{-1}(F(t_1) + u(F(t_{up}) - F(t_1)))`, :math:`\sigma' = \sigma(t')`.
+
+    Not floored at ``sigma_floor`` (the objective floors after any override)."""
+    sigma0 = shift_sigma(t, config.shift)
+    t1 = (t - 1.0 / config.rollout_steps).clamp_min(0.0)
+    sigma1 = shift_sigma(t1, config.shift)
+    upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
+    if config.aux_sigma_density == "uniform":
+        return sigma1 + u * (upper - sigma1)
+    t_up = _unshift_sigma(upper.double(), config.shift)
+    lo, hi = _u_of_t(t1.double(), config), _u_of_t(t_up, config)
+    t_aux = _t_of_u(lo + u.double() * (hi - lo), config).clamp(t1.double(), t_up)
+    return shift_sigma(t_aux, config.shift).float().clamp(sigma1, upper)
+
+
 # ---------------------------------------------------------------------------------------------- losses
 
 
@@ -252,16 +407,27 @@ def sft_loss(
     noise: torch.Tensor | None = None,
     t: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
-    r"""Plain flow matching: :math:`\sum_b w(\sigma_0)\lVert v_\theta(x_{\sigma_0},\sigma_0,c) - (z_1 - x_0)\rVert^2 / B`."""
+    r"""Plain flow matching: :math:`\sum_r w(\sigma_r)\lVert v_\theta(x_{\sigma_r},\sigma_r,c_r) - (z_r - x_0)\rVert^2 / (PB)`
+    over P = ``points_per_sample`` draws per image (compute-matched SFT when P > 1).
+
+    ``noise``/``t`` fix the first draw; the other P - 1 draws (noise, then t) come from ``generator``, and
+    condition dropout is drawn per row (per draw) after them."""
     config = config or SOARConfig(num_aux=0)
     batch = _check_inputs(x0, cond, noise, t)
     noise, t = _draw_noise_and_t(x0, config, generator, noise, t)
-    train_cond = _maybe_drop_cond(cond, null_cond, batch, config, generator, x0.device)
+    P = config.points_per_sample
+    if P > 1:
+        x0 = x0.repeat((P,) + (1,) * (x0.ndim - 1))
+        extra, t_extra = _draw_noise_and_t(x0[batch:], config, generator, None, None)
+        noise, t = torch.cat([noise, extra]), torch.cat([t, t_extra])
+        cond = cond_repeat(cond, P)
+    rows = P * batch
+    train_cond, _ = _drop_cond(cond, null_cond, rows, config, generator, x0.device)
     sigma0 = shift_sigma(t, config.shift)
     x_t = interpolate(x0, noise, sigma0)
     err = per_sample_mse(model(x_t, sigma0, train_cond), velocity_target(x0, noise))
     main_sum = (loss_weight(sigma0, config.weighting) * err).sum()
-    loss = _normalise(main_sum, main_sum.new_zeros(()), batch, 0, 0.0, x0.device)
+    loss = _normalise(main_sum, main_sum.new_zeros(()), rows, 0, 0.0, x0.device)
     nan = torch.tensor(float("nan"), device=x0.device)
     return ObjectiveOutput(
         loss=loss,
@@ -272,6 +438,32 @@ def sft_loss(
         mean_aux_sigma=nan,
         rollout_deviation=nan,
     )
+
+
+def _guided_from_main(model, v_main, x_t, sigma0, rollout_cond, null_cond, need_cond, cfg_scale) -> torch.Tensor:
+    r"""The rollout's guided velocity :math:`v_u + w(v_c - v_u)` with :math:`v_c` taken from the main term's
+    detached output ``v_main`` wherever the main term saw the rollout's condition; rows in ``need_cond`` (main
+    caption dropped, rollout undropped) get their :math:`v_c` from the same no-grad forward as :math:`v_u`."""
+    batch = x_t.shape[0]
+    idx = need_cond.nonzero().flatten()
+    xs, ss, cs = [], [], []
+    if cfg_scale != 1.0:
+        xs, ss, cs = [x_t], [sigma0], [cond_expand_null(null_cond, batch)]
+    if idx.numel():
+        xs.append(x_t[idx])
+        ss.append(sigma0[idx])
+        cs.append(cond_index(rollout_cond, idx))
+    v_cond = v_main.detach()
+    if not xs:
+        return v_cond
+    v = model(torch.cat(xs), torch.cat(ss), cond_cat(cs))
+    if idx.numel():
+        v_cond = v_cond.clone()
+        v_cond[idx] = v[v.shape[0] - idx.numel():]
+    if cfg_scale == 1.0:
+        return v_cond
+    v_uncond = v[:batch]
+    return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
 def soar_loss(
@@ -294,35 +486,53 @@ def soar_loss(
         if aux_sigmas is not None and aux_sigmas.numel() > 0:
             raise ValueError("aux_sigmas: given, but the config has no auxiliary term (num_aux or lambda_aux is 0)")
         return sft_loss(model, x0, cond, config=config, null_cond=null_cond, generator=generator, noise=noise, t=t)
+    if config.points_per_sample != 1:
+        raise ValueError(f"points_per_sample: {config.points_per_sample} draws per image is an SFT control; "
+                         "SOAR uses 1 (set num_aux=0 or method sft)")
 
     batch = _check_inputs(x0, cond, noise, t)
     K, M, lam = config.num_aux, config.num_rollout_paths, float(config.lambda_aux)
-    if config.rollout_cfg != 1.0 and null_cond is None:
+    guided = config.rollout == "guided"
+    if guided and config.rollout_cfg != 1.0 and null_cond is None:
         raise ValueError(f"null_cond is required for the guided rollout (rollout_cfg={config.rollout_cfg})")
     noise, t = _draw_noise_and_t(x0, config, generator, noise, t)
-    train_cond = _maybe_drop_cond(cond, null_cond, batch, config, generator, x0.device)
+    train_cond, dropped = _drop_cond(cond, null_cond, batch, config, generator, x0.device)
+    rollout_cond = train_cond if config.rollout_uses_dropped_cond else cond
     device = x0.device
 
     sigma0 = shift_sigma(t, config.shift)
     t1 = (t - 1.0 / config.rollout_steps).clamp_min(0.0)
     sigma1 = shift_sigma(t1, config.shift)
     x_t = interpolate(x0, noise, sigma0)
+    # Main term first when its output feeds the rollout (it is the conditional half of the guided step).
+    main_first = guided and config.reuse_main_output
+    v_main = model(x_t, sigma0, train_cond) if main_first else None
 
-    # 3. Rollout: one guided, gradient-free step of the inference schedule (ODE path + optional stochastic paths).
+    # 3. Rollout: one guided, gradient-free step of the inference schedule (ODE path + optional stochastic paths),
+    #    or (rollout="none") the exact forward state x_sigma1.
     with torch.no_grad():
-        v_cfg = guided_velocity(model, x_t, sigma0, cond, null_cond, config.rollout_cfg)
-        z_paths = [step("ode", x_t, sigma0, sigma1, v_cfg)]
-        for _ in range(M - 1):
-            z_paths.append(
-                step(config.rollout_kind, x_t, sigma0, sigma1, v_cfg,
-                     noise_scale=config.rollout_noise_scale, generator=generator)
-            )
-        deviation = per_sample_mse(z_paths[0], interpolate(x0, noise, sigma1)).sqrt().mean()
+        x_sigma1 = interpolate(x0, noise, sigma1)
+        if guided:
+            if main_first:
+                need_cond = dropped & (not config.rollout_uses_dropped_cond)
+                v_cfg = _guided_from_main(model, v_main, x_t, sigma0, rollout_cond, null_cond, need_cond,
+                                          config.rollout_cfg)
+            else:
+                v_cfg = guided_velocity(model, x_t, sigma0, rollout_cond, null_cond, config.rollout_cfg)
+            z_paths = [step("ode", x_t, sigma0, sigma1, v_cfg)]
+            for _ in range(M - 1):
+                z_paths.append(
+                    step(config.rollout_kind, x_t, sigma0, sigma1, v_cfg,
+                         noise_scale=config.rollout_noise_scale, generator=generator)
+                )
+        else:
+            z_paths = [x_sigma1]
+        deviation = per_sample_mse(z_paths[0], x_sigma1).sqrt().mean()
 
-    # 4. Auxiliary noise levels sigma' ~ U[sigma1, upper], per path and point: shape (M, K, B).
+    # 4. Auxiliary noise levels sigma' in [sigma1, upper], per path and point: shape (M, K, B).
     upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
     u = torch.rand((M, K, batch), generator=generator, device=device)
-    sig_aux = sigma1 + u * (upper - sigma1)
+    sig_aux = aux_sigmas_from_uniform(t, config, u)
     if aux_sigmas is not None:
         aux_sigmas = aux_sigmas.to(device=device, dtype=torch.float32)
         if tuple(aux_sigmas.shape) != (K, batch):
@@ -337,25 +547,30 @@ def soar_loss(
     if M > 1:
         valid[1:] &= (t1 > 0)[None, None, :]
 
-    # 4-5. Re-noise toward the same z1 and build the correction targets.
-    z_prime = torch.stack(z_paths)  # (M, B, ...)
-    z_aux = renoise(z_prime[:, None], noise[None, None], sigma1, sig_aux)  # (M, K, B, ...)
+    # 4-5. Re-noise toward the same z1 (or, aux_noise="fresh", onto new noise) and build the correction targets.
+    if config.aux_noise == "fresh":
+        z_end = torch.randn((M, K) + tuple(x0.shape), generator=generator, device=device,
+                            dtype=torch.float32).to(x0.dtype)
+        z_aux = renoise(x0.expand_as(z_end), z_end, torch.zeros_like(sigma1), sig_aux)  # (1-s') x0 + s' z
+    else:
+        z_prime = torch.stack(z_paths)  # (M, B, ...)
+        z_aux = renoise(z_prime[:, None], noise[None, None], sigma1, sig_aux)  # (M, K, B, ...)
     z_aux = z_aux[valid].reshape(-1, *x0.shape[1:])  # (P, ...) in (path, point, sample) order
     s_aux = sig_aux[valid]
     sample_of = torch.arange(batch, device=device).expand(M, K, batch)[valid]
     v_corr = correction_target(z_aux, x0[sample_of], s_aux)
     num_points = z_aux.shape[0]
 
-    # 2 + 6. Main and auxiliary terms, fused into one forward/backward (or one forward per term).
+    # 2 + 6. Main and auxiliary terms: main already done (main_first), fused into one forward/backward, or one
+    # forward per term.
     aux_cond = _index_cond(train_cond, sample_of, batch, M * K, valid)
-    if config.fuse_forward:
-        v_all = _forward_rows(
-            model,
-            torch.cat([x_t, z_aux]),
-            torch.cat([sigma0, s_aux]),
-            cond_cat([train_cond, aux_cond]),
-            config.aux_chunk_size,
-        )
+    if main_first:
+        micro = _resolve_forward_batch(model, z_aux, s_aux, aux_cond, batch, config)
+        v_aux = _forward_rows(model, z_aux, s_aux, aux_cond, config.aux_chunk_size, micro)
+    elif config.fuse_forward:
+        x_all, s_all, c_all = torch.cat([x_t, z_aux]), torch.cat([sigma0, s_aux]), cond_cat([train_cond, aux_cond])
+        micro = _resolve_forward_batch(model, x_all, s_all, c_all, batch, config)
+        v_all = _forward_rows(model, x_all, s_all, c_all, config.aux_chunk_size, micro)
         v_main, v_aux = v_all[:batch], v_all[batch:]
     else:
         v_main = model(x_t, sigma0, train_cond)

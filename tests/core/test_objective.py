@@ -104,15 +104,18 @@ def test_small_lambda_converges_to_sft():
     assert abs(float(far.detach() - sft.detach())) > 1e-3
 
 
-@pytest.mark.parametrize("chunk", [None, 7])
-def test_fused_equals_per_point_loop(chunk):
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("chunk,rows", [(None, None), (7, None), (None, B), (None, 3), (None, "probe"), (None, "auto")])
+def test_fused_equals_per_point_loop(chunk, rows, reuse):
     torch.manual_seed(0)
     model = ToyVelocity(D, C)
     x0, cond, null, noise, t = make_batch()
-    base = SOARConfig(num_aux=4, rollout_steps=8, aux_chunk_size=chunk)
+    base = SOARConfig(num_aux=4, rollout_steps=8, aux_chunk_size=chunk, forward_batch_size=rows,
+                      reuse_main_output=reuse)
     aux = aux_sigmas_for(t, base)
     fused = soar_loss(model, x0, cond, null_cond=null, config=base, noise=noise, t=t, aux_sigmas=aux)
-    loop = soar_loss(model, x0, cond, null_cond=null, config=base.replace(fuse_forward=False), noise=noise, t=t,
+    loop_cfg = base.replace(fuse_forward=False, reuse_main_output=False)
+    loop = soar_loss(model, x0, cond, null_cond=null, config=loop_cfg, noise=noise, t=t,
                      aux_sigmas=aux)
     torch.testing.assert_close(fused.loss, loop.loss, rtol=1e-6, atol=1e-7)
     for g1, g2 in zip(grads(model, fused.loss), grads(model, loop.loss)):
@@ -123,11 +126,20 @@ def test_forward_structure_rollout_has_no_grad():
     torch.manual_seed(0)
     model = RecordingModel(ToyVelocity(D, C))
     x0, cond, null, *_ = make_batch()
-    soar_loss(model, x0, cond, null_cond=null, config=SOARConfig(num_aux=3))
+    # the reference layout: guided rollout over 2B rows, then main + aux fused
+    fused = SOARConfig(num_aux=3, reuse_main_output=False, forward_batch_size=None)
+    soar_loss(model, x0, cond, null_cond=null, config=fused)
     assert [(c["rows"], c["grad"]) for c in model.calls] == [(2 * B, False), (B + 3 * B, True)]
     model.calls.clear()
-    soar_loss(model, x0, cond, null_cond=None, config=SOARConfig(num_aux=3, rollout_cfg=1.0))
+    soar_loss(model, x0, cond, null_cond=None, config=fused.replace(rollout_cfg=1.0))
     assert [(c["rows"], c["grad"]) for c in model.calls] == [(B, False), (B + 3 * B, True)]
+    # the default: main (with grad) first, its output is the conditional half; the rollout adds B no-grad rows
+    model.calls.clear()
+    soar_loss(model, x0, cond, null_cond=null, config=SOARConfig(num_aux=3, forward_batch_size=None))
+    assert [(c["rows"], c["grad"]) for c in model.calls] == [(B, True), (B, False), (3 * B, True)]
+    model.calls.clear()
+    soar_loss(model, x0, cond, null_cond=None, config=SOARConfig(num_aux=3, rollout_cfg=1.0, forward_batch_size=B))
+    assert [(c["rows"], c["grad"]) for c in model.calls] == [(B, True)] * 4  # no rollout forward at all
 
 
 def test_no_gradient_flows_through_rollout():
@@ -153,7 +165,7 @@ def test_cfg_one_is_conditional_velocity_in_rollout():
     model = RecordingModel(ToyVelocity(D, C))
     x0, cond, null, noise, t = make_batch()
     t = t * 0.6 + 0.35  # keep sigma1 above sigma_floor, so sigma' = sigma1 exactly
-    cfg = SOARConfig(num_aux=1, rollout_cfg=1.0, rollout_steps=4)
+    cfg = SOARConfig(num_aux=1, rollout_cfg=1.0, rollout_steps=4, reuse_main_output=False, forward_batch_size=None)
     s1 = shift_sigma((t - 0.25).clamp_min(0), cfg.shift)
     soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, aux_sigmas=s1[None])
     s0 = shift_sigma(t, cfg.shift)
@@ -193,7 +205,8 @@ def test_t0_below_one_step_reaches_sigma_zero_and_drops_stochastic_paths():
     model = RecordingModel(ToyVelocity(D, C))
     x0, cond, null, noise, _ = make_batch()
     t = torch.tensor([0.01, 0.02, 0.5, 0.6, 0.7])  # first two below 1/N = 0.05
-    cfg = SOARConfig(num_aux=2, rollout_steps=20, num_rollout_paths=3, rollout_kind="sde")
+    cfg = SOARConfig(num_aux=2, rollout_steps=20, num_rollout_paths=3, rollout_kind="sde", reuse_main_output=False,
+                     forward_batch_size=None)
     out = soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, generator=torch.Generator().manual_seed(0))
     # ODE path: 2 points x 5 samples; stochastic paths: 2 paths x 2 points x 3 samples
     assert out.num_aux_points == 2 * 5 + 2 * 2 * 3
@@ -219,7 +232,8 @@ def test_sigma_upper_ratio_bounds_aux_sigmas():
     model = RecordingModel(ToyVelocity(D, C))
     x0, cond, null, noise, t = make_batch()
     t = torch.full((B,), 0.2)
-    cfg = SOARConfig(num_aux=50, sigma_upper="ratio", sigma_upper_ratio=1.5, shift=1.0, rollout_steps=10)
+    cfg = SOARConfig(num_aux=50, sigma_upper="ratio", sigma_upper_ratio=1.5, shift=1.0, rollout_steps=10,
+                     reuse_main_output=False, forward_batch_size=None)
     soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, generator=torch.Generator().manual_seed(1))
     s = model.calls[1]["sigma"][B:]
     assert float(s.min()) >= 0.1 - 1e-6 and float(s.max()) <= 0.3 + 1e-6
@@ -281,7 +295,9 @@ def test_seeded_calls_are_reproducible_and_diagnostics_sane():
     "field,value",
     [("num_aux", -1), ("lambda_aux", -0.1), ("rollout_steps", 0), ("num_rollout_paths", 0),
      ("rollout_kind", "ode"), ("sigma_upper", "two"), ("sigma_upper_ratio", 0.5), ("sigma_floor", 0.0),
-     ("t_density", "normal"), ("weighting", "snr"), ("cond_dropout", 1.0), ("aux_chunk_size", 0), ("shift", 0.0)],
+     ("t_density", "normal"), ("weighting", "snr"), ("cond_dropout", 1.0), ("aux_chunk_size", 0), ("shift", 0.0),
+     ("forward_batch_size", 0), ("forward_batch_size", "fast"), ("points_per_sample", 0), ("rollout", "exact"),
+     ("aux_noise", "new"), ("aux_sigma_density", "beta"), ("cond_dropout_mode", "per_token")],
 )
 def test_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):

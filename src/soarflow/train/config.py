@@ -69,6 +69,16 @@ class SOARSection:
     shift: float = _f(3.0, "time shift s: sigma(t) = s t / (1 + (s - 1) t) (SD3.5: 3)")
     aux_chunk_size: int | None = _f(None, "max rows per forward; larger fused batches run checkpointed in chunks")
     fuse_forward: bool = _f(True, "one fused forward for the main and auxiliary terms")
+    reuse_main_output: bool = _f(True, "the main term's output is the rollout's conditional velocity (saves B rows)")
+    forward_batch_size: int | Literal["auto", "probe"] | None = _f(
+        "auto", "rows per forward call of the gradient terms: auto (one call), probe (timed once), N, null")
+    points_per_sample: int = _f(1, "method sft: P standard draws (fresh noise and t) per image (compute-matched SFT)")
+    rollout: Literal["guided", "none"] = _f("guided", "none: z' = x_sigma1 exactly, no deviation (control)")
+    aux_noise: Literal["shared", "fresh"] = _f("shared", "fresh (with rollout none): noise-level-matched SFT")
+    aux_sigma_density: Literal["uniform", "t_density"] = _f(
+        "uniform", "sigma' ~ U[sigma1, upper] (paper) or the training t density restricted to it")
+    cond_dropout_mode: Literal["per_sample", "per_batch"] = _f("per_sample", "condition dropout per sample or batch")
+    rollout_uses_dropped_cond: bool = _f(False, "a dropped sample rolls out unconditionally (official order)")
 
 
 @dataclass

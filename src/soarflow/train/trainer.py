@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..flow import sample_t, shift_sigma
-from ..objective import ObjectiveOutput, SOARConfig, sft_loss, soar_loss
+from ..flow import sample_t
+from ..objective import ObjectiveOutput, SOARConfig, aux_sigmas_from_uniform, sft_loss, soar_loss
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .ema import copy_ema_to, create_ema, ema_weights, trainable_parameters, update_ema
@@ -91,11 +91,8 @@ def _epoch_loader(dataset, task, cfg: TrainConfig, epoch: int, start: int, rank:
 
 
 def _aux_sigmas(t: torch.Tensor, config: SOARConfig, u: torch.Tensor) -> torch.Tensor:
-    r""":math:`\sigma' = \sigma_1 + u(\sigma_{up} - \sigma_1)` for the ODE path, as the objective draws it."""
-    sigma0 = shift_sigma(t, config.shift)
-    sigma1 = shift_sigma((t - 1.0 / config.rollout_steps).clamp_min(0.0), config.shift)
-    upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
-    return sigma1 + u * (upper - sigma1)
+    r""":math:`\sigma'` of the ODE path from uniforms u, as the objective draws it."""
+    return aux_sigmas_from_uniform(t, config, u)
 
 
 def compute_loss(

@@ -1,0 +1,54 @@
+"""bench/scale.py at a tiny scale: real SD3.5-M / FLUX architectures (scaled), a LoRA and a full step each."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "scale.py"
+
+
+def run(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+
+
+def test_tiny_scale_runs_every_kind_of_configuration(tmp_path, monkeypatch):
+    out = tmp_path / "scale.json"
+    run(monkeypatch, "--device", "cpu", "--scale", "0.04", "--resolutions", "64", "--text-len", "8", "--ks", "2",
+        "--archs", "sd3m,flux", "--finetune", "lora,full", "--grad-ckpt", "1", "--aux-chunks", "none,1",
+        "--steps", "1", "--out", str(out))
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    # 2 archs x 2 finetune x (SFT + SOAR K=2 x 2 chunk sizes)
+    assert len(rows) == 12 and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    assert all(r["s_per_step"] > 0 for r in rows)
+    assert {(r["arch"], r["finetune"], r["method"], r["aux_chunk"]) for r in rows} >= {
+        ("sd3m", "lora", "soar", 1), ("flux", "full", "sft", None)}
+    assert rows[0]["arch"] == "sd3m"  # SD3.5-M first
+    assert data["meta"]["scale"] == 0.04 and data["meta"]["device"] == "cpu"
+
+
+def test_budget_skips_and_records(tmp_path, monkeypatch):
+    out = tmp_path / "scale.json"
+    run(monkeypatch, "--device", "cpu", "--scale", "0.04", "--resolutions", "64", "--text-len", "8", "--ks", "1",
+        "--archs", "sd3m", "--finetune", "lora", "--grad-ckpt", "1", "--max-seconds", "0", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+
+
+def test_published_configs_at_full_scale():
+    mod = runpy.run_path(str(SCRIPT))
+    sd3, flux = mod["SD35M"], mod["FLUX1DEV"]
+    assert (sd3["num_layers"], sd3["num_attention_heads"] * sd3["attention_head_dim"], sd3["joint_attention_dim"],
+            sd3["pooled_projection_dim"], sd3["qk_norm"], len(sd3["dual_attention_layers"])) == (
+        24, 1536, 4096, 2048, "rms_norm", 13)
+    assert (flux["num_layers"], flux["num_single_layers"], flux["num_attention_heads"] * flux["attention_head_dim"],
+            flux["pooled_projection_dim"], flux["in_channels"], sum(flux["axes_dims_rope"])) == (
+        19, 38, 3072, 768, 64, 128)
+    assert mod["scaled"](sd3, 1.0, "sd3m") == sd3
