@@ -41,7 +41,11 @@ REPORT_TO = ("tensorboard", "none")
 NON_DEFINING_KEYS = frozenset({
     "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
     "validation_steps", "report_to", "logging_steps", "dataloader_num_workers", "show_progress",
+    "skip_nonfinite_steps",
 })
+# Keys that say where a run lives or how it was started, not what it is: ignored when comparing a resumed run's
+# config with the one in its folder (a run may be moved or its folder spelled differently).
+LOCATION_KEYS = frozenset({"output_dir", "resume_from_checkpoint"})
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
@@ -109,6 +113,8 @@ class TrainConfig:
     ema_decay: float = _f(0.999, "EMA decay (diffusers EMAModel; warms up as (1+n)/(10+n))")
     cond_dropout: float = _f(0.0, "probability of training a sample on the null condition")
     show_progress: bool = _f(True, "tqdm progress bar")
+    skip_nonfinite_steps: int = _f(0, "skip up to N updates with a non-finite loss or gradient norm "
+                                      "(0: stop at the first, naming the last good checkpoint)")
     soar: SOARSection = _f(help="SOAR objective settings", factory=SOARSection)
     model: dict[str, Any] = _f(help="model section, validated by the task", factory=dict)
     data: dict[str, Any] = _f(help="data section, validated by the task", factory=dict)
@@ -145,6 +151,7 @@ class TrainConfig:
         need(self.validation_steps >= 0, "validation_steps", "must be >= 0 (0: no validation)")
         need(self.report_to in REPORT_TO, "report_to", f"must be one of {', '.join(REPORT_TO)}")
         need(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        need(self.skip_nonfinite_steps >= 0, "skip_nonfinite_steps", "must be >= 0")
         need(self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
         need(self.weighting_scheme in WEIGHTING_SCHEMES, "weighting_scheme",
              f"must be one of {', '.join(WEIGHTING_SCHEMES)}")
