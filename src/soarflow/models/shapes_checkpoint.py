@@ -59,9 +59,12 @@ def load_shapes_checkpoint(path: str | Path) -> nn.Module:
     if kind == "file":
         try:
             return load_shapes_model(resolved)
-        except (ValueError, FileNotFoundError):
-            raise
-        except Exception as err:  # a damaged file can fail in many ways inside the loader
+        except (ValueError, FileNotFoundError) as err:
+            if str(resolved) in str(err):
+                raise
+            raise (FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError)(
+                f"{resolved}: {err}") from None
+        except Exception as err:  # a damaged file can fail in many ways inside the loader (bad JSON metadata, ...)
             raise ValueError(f"{resolved} is not a readable shapes model checkpoint "
                              f"({type(err).__name__}: {err})") from None
     return _load_training_checkpoint(resolved)

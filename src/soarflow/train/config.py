@@ -411,12 +411,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ValueError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return from_dict(TrainConfig, apply_overrides(raw, overrides))
+    if path is None:
+        return from_dict(TrainConfig, apply_overrides(raw, overrides))
+    try:
+        return from_dict(TrainConfig, apply_overrides(raw, overrides))
+    except ValueError as err:  # name the file: the bad key may come from it
+        raise ValueError(f"config file {path}: {err}") from None
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
