@@ -86,3 +86,18 @@ def test_grid_marks_pass_and_fail_with_a_border_and_legend():
     colors = {tuple(c) for c in marked.reshape(-1, 3)}
     assert MARK_PASS in colors and MARK_FAIL in colors
     assert MARK_PASS not in {tuple(c) for c in np.asarray(plain).reshape(-1, 3)}
+
+
+@pytest.mark.parametrize("method", ["sft", "soar"])
+def test_the_shipped_yaml_is_the_demo_recipe(tmp_path, monkeypatch, method):
+    import soarflow.train as train_module
+    from soarflow.train import load_config
+    from soarflow.train.config import LOCATION_KEYS, NON_DEFINING_KEYS, config_differences
+
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda cfg: seen.append(cfg))
+    demo.post_train(method, demo.DemoSettings(), tmp_path / "run")
+    yaml_cfg = load_config(f"configs/shapes_{method}.yaml")
+    diffs = [d for d in config_differences(yaml_cfg.to_dict(), seen[0].to_dict())
+             if d.split(":")[0] not in NON_DEFINING_KEYS | LOCATION_KEYS]
+    assert diffs == []
