@@ -3,25 +3,31 @@
 The core is model-agnostic: a velocity model is any callable ``model(x, sigma, cond) -> v``.
 """
 
-from .flow import interpolate, sample_t, shift_sigma, sigma_schedule, velocity_target, x0_from_velocity
-from .objective import ObjectiveOutput, SOARConfig, sft_loss, soar_loss
-from .sampling import guided_velocity, integrate, sample_euler, sample_sde
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SOARConfig",
-    "ObjectiveOutput",
-    "soar_loss",
-    "sft_loss",
-    "guided_velocity",
-    "integrate",
-    "sample_euler",
-    "sample_sde",
-    "interpolate",
-    "sample_t",
-    "shift_sigma",
-    "sigma_schedule",
-    "velocity_target",
-    "x0_from_velocity",
-]
+# Imported on first use (PEP 562), so `soarflow --help` and `import soarflow` do not load torch.
+_LAZY = {
+    "interpolate": "flow", "sample_t": "flow", "shift_sigma": "flow", "sigma_schedule": "flow",
+    "velocity_target": "flow", "x0_from_velocity": "flow",
+    "ObjectiveOutput": "objective", "SOARConfig": "objective", "sft_loss": "objective", "soar_loss": "objective",
+    "guided_velocity": "sampling", "integrate": "sampling", "sample_euler": "sampling", "sample_sde": "sampling",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'soarflow' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -13,7 +13,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = DemoSettings()
     p = argparse.ArgumentParser(prog="soarflow demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="runs/demo", help="report folder (refuses one that holds a different run)")
+    p.add_argument("--output_dir", default="runs/demo",
+                   help="report folder; a rerun with the same settings continues where it stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: delete this demo's previous results in --output_dir (only a demo folder)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps and a small evaluation (< 2 min)")
     p.add_argument("--max_train_steps", type=int, help=f"post-training steps per method (default {d.max_train_steps})")
     p.add_argument("--train_batch_size", type=int, help=f"default {d.train_batch_size}")
@@ -110,7 +116,10 @@ def post_train(method: str, s: DemoSettings, run_dir: Path):
         "cond_dropout": s.cond_dropout,
         "train_batch_size": s.train_batch_size,
         "max_train_steps": s.max_train_steps,
-        "checkpointing_steps": 0,
+        "checkpointing_steps": max(1, s.max_train_steps // 5),  # an interrupted demo resumes from these
+        "checkpoints_total_limit": 1,
+        "resume_from_checkpoint": "latest",
+        "show_progress": False,
         "validation_steps": 0,
         "logging_steps": 10,
         "weighting_scheme": "logit_normal",
@@ -134,7 +143,7 @@ def evaluate(model: torch.nn.Module, s: DemoSettings, bench, real: torch.Tensor,
 
     prompts = [p.text for p in bench.prompts for _ in range(s.images_per_prompt)]
     groups = [p.index for p in bench.prompts for _ in range(s.images_per_prompt)]
-    results, samples = {}, {}
+    results, samples, records = {}, {}, {}
     for n in s.eval_num_steps:
         t0 = time.time()
         images = generate_images(model, prompts, num_steps=n, cfg_scale=s.cfg_scale, seed=s.seed)
@@ -161,20 +170,22 @@ def evaluate(model: torch.nn.Module, s: DemoSettings, bench, real: torch.Tensor,
             "eval_seconds": round(time.time() - t0, 1),
         }
         samples[n] = images
+        records[n] = [{"correct": r.correct} for r in report.records]
         log(f"    {n:>3} steps: overall {report.overall:.3f}  ({time.time() - t0:.0f}s)")
-    return {"metrics": results, "samples": samples}
+    return {"metrics": results, "samples": samples, "records": records}
 
 
 def format_table(report: dict, s: DemoSettings) -> str:
     lines = []
     families = list(report["methods"]["base"]["metrics"][str(s.eval_num_steps[0])]["shapes_eval"]["per_family"])
+    diverged = {m: report["methods"][m]["train"] for m in METHODS if report["methods"][m].get("metrics") is None}
     for n in s.eval_num_steps:
         lines.append(f"\nShapesEval, {n} Euler steps, guidance {s.cfg_scale}  (higher is better, except FD / exposure gap)")
         header = ["metric"] + list(METHODS)
         rows = []
 
         def row(name, get, fmt="{:.3f}"):
-            vals = [get(report["methods"][m]["metrics"][str(n)]) for m in METHODS]
+            vals = [None if m in diverged else get(report["methods"][m]["metrics"][str(n)]) for m in METHODS]
             rows.append([name] + ["-" if v is None else fmt.format(v) for v in vals])
 
         row("overall", lambda r: r["shapes_eval"]["overall"])
@@ -190,9 +201,12 @@ def format_table(report: dict, s: DemoSettings) -> str:
         lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.append("")
     lines.append("post-training: " + ", ".join(
+        f"{m} diverged at step {report['methods'][m]['train']['diverged_at_step']}" if m in diverged else
         f"{m} {report['methods'][m]['train']['steps']} steps in {report['methods'][m]['train']['wall_clock_s']:.0f}s"
         for m in ("sft", "soar")
     ))
+    for m, t in diverged.items():
+        lines.append(f"  {m}: diverged at step {t['diverged_at_step']} (columns '-'): {t['message']}")
     return "\n".join(lines)
 
 
@@ -207,6 +221,8 @@ def save_plot(report: dict, s: DemoSettings, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.27
     for i, m in enumerate(METHODS):
+        if report["methods"][m].get("metrics") is None:  # diverged
+            continue
         se = report["methods"][m]["metrics"][n]["shapes_eval"]
         vals = [se["per_family"][f] for f in fams] + [se["overall"]]
         axes[0].bar([j + (i - 1) * width for j in range(len(vals))], vals, width, label=m)
@@ -227,34 +243,89 @@ def save_plot(report: dict, s: DemoSettings, path: Path) -> None:
 
 # -- main ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    from .train.safety import EXIT_INTERRUPTED, Interrupted
+
     args = build_parser().parse_args(argv)
     try:
         s = settings_from_args(args)
-        return run_demo(s, Path(args.output_dir))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        return run_demo(s, Path(args.output_dir), overwrite=args.overwrite)
+    except Interrupted as err:  # SIGTERM/SIGINT during post-training: the stage's checkpoint is saved
+        print(f"soarflow demo: {err.args[0].split(';')[0]}; run the same command again to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("soarflow demo: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
+        print(f"soarflow demo: error: {e}", file=sys.stderr)
         return 2
 
 
-def run_demo(s: DemoSettings, out: Path) -> int:
+STATE_FILE = "demo_state.json"  # marks a demo folder: settings + finished stages
+
+
+def _stage_key(settings: dict, stage: str) -> str:
+    """Hash of the settings a stage's result depends on (all of them: the stages share the base and prompts)."""
+    return hashlib.sha256(json.dumps({"stage": stage, **settings}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """Finished stages of a demo run (train_sft, train_soar, eval_base, ...), each stored with its settings hash
+    in demo_state.json, so a rerun with the same settings skips what is done."""
+
+    def __init__(self, out: Path, settings: dict):
+        self.path, self.settings = out / STATE_FILE, settings
+        self.state = json.loads(self.path.read_text()) if self.path.is_file() else {"settings": settings, "stages": {}}
+
+    def get(self, stage: str) -> dict | None:
+        entry = self.state["stages"].get(stage)
+        return entry["result"] if entry and entry.get("key") == _stage_key(self.settings, stage) else None
+
+    def put(self, stage: str, result: dict) -> dict:
+        self.state["stages"][stage] = {"key": _stage_key(self.settings, stage), "result": result}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1) + "\n")
+        tmp.replace(self.path)
+        return result
+
+
+def check_output_dir(out: Path, settings: dict, overwrite: bool) -> None:
+    """One-line errors before any work: a file, an unwritable folder, another run's folder."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output_dir {out} is a file, not a folder; choose another --output_dir")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output_dir {out}: cannot write there ({parent} is not a writable folder)")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    state = out / STATE_FILE
+    if not state.is_file() and not (out / "report.json").is_file():
+        raise FileExistsError(f"{out} exists and is not a demo run; choose another --output_dir (nothing was changed)")
+    if overwrite:
+        shutil.rmtree(out)
+        return
+    old = json.loads(state.read_text()) if state.is_file() else json.loads((out / "report.json").read_text())
+    if old.get("settings") != settings:
+        raise FileExistsError(f"{out} already holds a demo run with different settings; choose another --output_dir, "
+                              f"or pass --overwrite to start over (nothing was changed)")
+
+
+def run_demo(s: DemoSettings, out: Path, overwrite: bool = False) -> int:
+    from .models.shapes_checkpoint import load_shapes_checkpoint
     from .models.shapes_task import load_shapes_model, resolve_checkpoint
     from .shapes import ShapesEval, render
+    from .train.safety import Diverged
     from .utils.images import save_image_grid
 
     settings = asdict(s)
     report_path = out / "report.json"
+    check_output_dir(out, settings, overwrite)
     if report_path.exists():
         old = json.loads(report_path.read_text())
-        if old.get("settings") != settings:
-            raise FileExistsError(
-                f"{out} already holds a demo run with different settings; choose another --output_dir "
-                f"(nothing was changed)"
-            )
         print(format_table(old, s))
-        print(f"\n(already computed: {report_path}; use another --output_dir to run again)")
+        print(f"\n(already computed: {report_path}; use another --output_dir or --overwrite to run again)")
         return 0
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not a finished demo run; choose another --output_dir (nothing was changed)")
     if not resolve_checkpoint(s.base).is_file():
         raise FileNotFoundError(f"base checkpoint {resolve_checkpoint(s.base)} not found (create one with `soarflow pretrain`)")
 
@@ -265,29 +336,49 @@ def run_demo(s: DemoSettings, out: Path) -> int:
         print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out, settings)
     bench = ShapesEval(prompts_per_family=s.prompts_per_family, images_per_prompt=s.images_per_prompt, seed=s.seed)
     prompts = [p.text for p in bench.prompts for _ in range(s.images_per_prompt)]
     real = render(prompts, seed=s.seed + 1)
     log(f"ShapesEval: {len(bench.prompts)} prompts x {s.images_per_prompt} images; evaluating at {s.eval_num_steps} steps")
 
-    report = {"settings": settings, "methods": {}}
-    models = {"base": load_shapes_model(s.base)}
+    report = {"settings": settings, "methods": {"base": {"train": {"steps": 0, "wall_clock_s": 0.0}}}}
+    models = {"base": lambda: load_shapes_model(s.base)}
     for method in ("sft", "soar"):
-        log(f"post-training {method.upper()} for {s.max_train_steps} steps (batch {s.train_batch_size}, lr {s.learning_rate})")
-        result = post_train(method, s, out / "runs" / method)
-        models[method] = result.model.float().cpu().eval()
-        report["methods"][method] = {
-            "train": {"steps": result.global_step, "wall_clock_s": round(result.wall_time_s, 1), "history": result.history}
-        }
-    report["methods"]["base"] = {"train": {"steps": 0, "wall_clock_s": 0.0}}
+        done = stages.get(f"train_{method}")
+        if done is None:
+            log(f"post-training {method.upper()} for {s.max_train_steps} steps (batch {s.train_batch_size}, lr {s.learning_rate})")
+            try:
+                result = post_train(method, s, out / "runs" / method)
+                done = {"steps": result.global_step, "wall_clock_s": round(result.wall_time_s, 1),
+                        "history": result.history, "model": str(result.model_path)}
+            except Diverged as err:  # reported in the table; the other methods go on
+                log(f"{method.upper()} diverged at step {err.step}")
+                done = {"steps": err.step, "diverged_at_step": err.step, "message": str(err), "wall_clock_s": 0.0}
+            stages.put(f"train_{method}", done)
+        else:
+            log(f"post-training {method.upper()}: already done ({out / 'runs' / method})")
+        report["methods"][method] = {"train": done}
+        if "diverged_at_step" not in done:
+            models[method] = lambda path=done["model"]: load_shapes_checkpoint(path).float().cpu().eval()
 
     grid_idx = [i * s.images_per_prompt for i in range(0, len(bench.prompts), max(1, s.prompts_per_family // 2))][:16]
     for method in METHODS:
-        log(f"evaluating {method}")
-        ev = evaluate(models[method], s, bench, real, log)
-        report["methods"][method]["metrics"] = ev["metrics"]
-        n = max(s.eval_num_steps)
-        save_image_grid(ev["samples"][n][grid_idx], [prompts[i] for i in grid_idx], out / f"samples_{method}.png")
+        if method not in models:
+            report["methods"][method]["metrics"] = None
+            continue
+        metrics = stages.get(f"eval_{method}")
+        if metrics is None:
+            log(f"evaluating {method}")
+            ev = evaluate(models[method](), s, bench, real, log)
+            n = max(s.eval_num_steps)
+            marks = [r["correct"] for r in ev["records"][n]]
+            save_image_grid(ev["samples"][n][grid_idx], [prompts[i] for i in grid_idx], out / f"samples_{method}.png",
+                            marks=[marks[i] for i in grid_idx])
+            metrics = stages.put(f"eval_{method}", ev["metrics"])
+        else:
+            log(f"evaluating {method}: already done")
+        report["methods"][method]["metrics"] = metrics
     save_image_grid(real[grid_idx], [prompts[i] for i in grid_idx], out / "samples_real.png")
     report = {k: report[k] for k in ("settings", "methods")}
     report["methods"] = {m: report["methods"][m] for m in METHODS}
@@ -297,5 +388,6 @@ def run_demo(s: DemoSettings, out: Path) -> int:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(report_path)
     print(format_table(report, s))
-    log(f"report: {report_path}, grids: {out}/samples_*.png, plot: {out}/comparison.png")
+    log(f"report: {report_path}, grids: {out}/samples_*.png (border: green = scorer pass, red = fail), "
+        f"plot: {out}/comparison.png")
     return 0

@@ -1,6 +1,7 @@
 """Run by `accelerate launch` in test_distributed.py: a short training run; rank 0 writes its history."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,11 +14,37 @@ from train.toy_task import ToyTask  # noqa: E402
 from soarflow.train import load_config, train  # noqa: E402
 
 
+class SignalledToyTask(ToyTask):
+    """Sends SIGTERM to its own process on rank 1 only, in micro-batch `at` (a preempted worker)."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def encode_batch(self, batch, device):
+        import os
+        import signal
+
+        if self.encoded + 1 == self.at and os.environ.get("RANK") == "1":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().encode_batch(batch, device)
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     overrides = sys.argv[2:]
     torch.set_num_threads(1)
     cfg = load_config(None, ["--output_dir", str(out / "run"), *overrides])
+    signal_at = int(os.environ.get("SOARFLOW_TEST_SIGTERM_RANK1_AT", "0"))
+    if signal_at:
+        from soarflow.train.safety import Interrupted
+
+        try:
+            train(cfg, task=SignalledToyTask(signal_at))
+        except Interrupted as err:
+            rank = os.environ["RANK"]
+            (out / f"stopped_{rank}.json").write_text(json.dumps({"step": err.step, "signal": err.signal_name}))
+        return
     result = train(cfg, task=ToyTask())
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return

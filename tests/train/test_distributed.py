@@ -52,3 +52,19 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     torch.manual_seed(0)  # the trainer seeds the model init with `seed` (0)
     init = ToyTask().build_model().state_dict()
     assert not torch.allclose(w_dist["net.0.weight"], init["net.0.weight"])  # the runs did move the weights
+
+
+def test_a_signal_on_one_process_stops_every_process_at_the_same_saved_step(tmp_path):
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               SOARFLOW_TEST_SIGTERM_RANK1_AT="3")  # rank 1 gets SIGTERM in its 3rd micro-batch = step 3
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(WORKER), str(tmp_path / "dist"),
+           "--train_batch_size", "2", "--max_train_steps", "50", "--report_to", "none", "--show_progress", "false",
+           "--checkpointing_steps", "0", "--soar.num_aux", "1", "--soar.rollout_steps", "4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stops = [json.loads((tmp_path / "dist" / f"stopped_{r}.json").read_text()) for r in (0, 1)]
+    assert stops[0]["step"] == stops[1]["step"] == 3
+    assert stops[1]["signal"] == "SIGTERM" and "another process" in stops[0]["signal"]
+    assert [p.name for p in (tmp_path / "dist" / "run").glob("checkpoint-*")] == ["checkpoint-3"]

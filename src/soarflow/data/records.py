@@ -66,8 +66,12 @@ class BadSampleLog:
 def _read_jsonl(path: Path, log: BadSampleLog) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"metadata file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"metadata file {path} is not UTF-8 text ({err})") from None
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -78,14 +78,35 @@ def _find_model(path: Path) -> tuple[str, Path]:
                             f"model/{MANIFEST}, nor a checkpoint folder ({TRAINABLE_FILE} + ../{CONFIG_FILE})")
 
 
+def _refuse_shapes_run(path: Path) -> None:
+    """A run or checkpoint of the embedded shapes model has no diffusers pipeline: point to eval-shapes."""
+    from ..train.checkpoint import CONFIG_FILE
+
+    for cfg in (path / CONFIG_FILE, path.parent / CONFIG_FILE):
+        if cfg.is_file():
+            try:
+                import yaml
+
+                task = (yaml.safe_load(cfg.read_text()) or {}).get("task")
+            except (OSError, ValueError, AttributeError, yaml.YAMLError):
+                return
+            if task == "shapes":
+                raise ValueError(f"--model {path} is a shapes model (task 'shapes' in {cfg}); sample and score it "
+                                 f"with: soarflow eval-shapes --checkpoint {path} --sheet samples.png")
+            return
+
+
 def load_pipeline(model_path: str | Path, base: str | None = None, dtype: torch.dtype = torch.float32):
     """(pipeline, manifest) for a saved model folder, run folder or checkpoint folder."""
-    import diffusers
-
     path = Path(model_path)
     if not path.exists():
         raise FileNotFoundError(f"--model not found: {path}")
+    _refuse_shapes_run(path)
     kind, path = _find_model(path)
+    try:
+        import diffusers
+    except ImportError:
+        raise ValueError("soarflow sample needs the diffusers extra: pip install 'soarflow[diffusers]'") from None
     if kind == "checkpoint":
         return _pipeline_from_checkpoint(path, base, dtype)
     manifest = json.loads((path / MANIFEST).read_text())

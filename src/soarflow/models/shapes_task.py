@@ -156,6 +156,11 @@ class ShapesTask:
     def from_config(cls, model: dict | None = None, data: dict | None = None, train_config: Any = None) -> "ShapesTask":
         from ..train.config import from_dict
 
+        arch = sorted(k for k in (model or {}) if k != "pretrained")
+        if arch and (model or {}).get("pretrained", "base") is not None:  # a checkpoint fixes its architecture
+            raise ValueError(f"config key 'model.{arch[0]}': architecture keys apply only to a model trained from "
+                             f"scratch (model.pretrained: null); model.pretrained="
+                             f"{(model or {}).get('pretrained', 'base')!r} fixes the architecture")
         return cls(from_dict(ShapesModelSection, model or {}, prefix="model"), from_dict(ShapesDataSection, data or {}, prefix="data"))
 
     # -- model -------------------------------------------------------------------------------------

@@ -1,14 +1,23 @@
 """`soarflow eval-shapes`: score a folder of PNGs, a model checkpoint or the world's own renders on ShapesEval.
 
 Image layout (used by ``--images`` and written by ``--write-real``): image k (0-based) of evaluation prompt p is
-``{p.index:04d}_{k}.png`` (RGB, all the same square size), e.g. ``0012_3.png``. The prompt set is
+``{p.index:04d}_{k}.png`` (RGB, all the same square size, at least 24 x 24), e.g. ``0012_3.png``. Grayscale or
+palette images are converted to RGB and counted. The prompt set is
 ``ShapesEval(--prompts-per-family, --images-per-prompt, --seed)``; list it with ``--list-prompts``.
+
+``--checkpoint`` takes ``base``, a model file, a run folder or a ``checkpoint-N`` folder
+(see :mod:`soarflow.models.shapes_checkpoint` for the rule).
+
+Alignment is always reported with fidelity: the Frechet distance (``fd``) of the images to real renders of the
+same prompts (drawn with seed ``--seed + 1``, so ``--real`` shows the floor set by sampling noise) and the
+per-prompt diversity (``diversity``, needs ``--images-per-prompt`` >= 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,17 +25,39 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .metrics import diversity, frechet_distance
 from .scorer import score
 from .sheet import save_sample_sheet
-from .world import ShapesEval, to_tensor
+from .world import ShapesEval, render, to_tensor
+
+MIN_SIZE = 24  # the renderer's and scorer's smallest classifiable image
+
+
+def read_png(path: str | Path) -> tuple[np.ndarray, bool]:
+    """(H, W, 3) uint8 of an image file and whether it had to be converted to RGB (grayscale, palette, RGBA).
+
+    Corrupt or truncated files are a ValueError naming the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            converted = im.mode != "RGB"
+            arr = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as err:
+        # PIL: UnidentifiedImageError / "image file is truncated" (OSError), broken chunks (SyntaxError), ...
+        raise ValueError(f"image {path} is corrupt or truncated ({type(err).__name__}: {err})") from None
+    return arr, converted
 
 
 def image_filename(prompt_index: int, k: int) -> str:
     return f"{prompt_index:04d}_{k}.png"
 
 
-def load_image_folder(folder: str | Path, ev: ShapesEval) -> torch.Tensor:
-    """All evaluation images from `folder` in `ev.image_prompts()` order, (B, 3, S, S) in [-1, 1]."""
+def load_image_folder(folder: str | Path, ev: ShapesEval, converted: list[Path] | None = None) -> torch.Tensor:
+    """All evaluation images from `folder` in `ev.image_prompts()` order, (B, 3, S, S) in [-1, 1]. Files that were
+    not RGB are converted and appended to `converted`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist or is not a directory")
@@ -36,13 +67,15 @@ def load_image_folder(folder: str | Path, ev: ShapesEval) -> torch.Tensor:
             path = folder / image_filename(p.index, k)
             if not path.is_file():
                 raise FileNotFoundError(f"missing image {path} for prompt {p.index} ({p.text!r}), image {k}")
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
+            arr, was_converted = read_png(path)
+            if was_converted and converted is not None:
+                converted.append(path)
             if arr.shape[0] != arr.shape[1] or (first is not None and arr.shape != first):
                 expected = f"{first[1]}x{first[0]} like the first image" if first is not None else "a square image"
                 raise ValueError(f"image {path} has size {arr.shape[1]}x{arr.shape[0]}, expected {expected}")
-            if arr.shape[0] < 16:
-                raise ValueError(f"image {path} is {arr.shape[1]}x{arr.shape[0]}; ShapesEval needs at least 16x16")
+            if arr.shape[0] < MIN_SIZE:
+                raise ValueError(f"image {path} is {arr.shape[1]}x{arr.shape[0]}; ShapesEval needs at least "
+                                 f"{MIN_SIZE}x{MIN_SIZE}")
             first = arr.shape
             arrays.append(arr)
     return to_tensor(np.stack(arrays))
@@ -70,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="soarflow eval-shapes", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="score PNGs named {prompt_index:04d}_{k}.png in DIR")
-    src.add_argument("--checkpoint", metavar="PATH", help='score a shapes model checkpoint ("base" = shipped model)')
+    src.add_argument("--checkpoint", metavar="PATH",
+                     help='score a shapes model: "base" (shipped), a model file, a run folder or a checkpoint-N folder')
     src.add_argument("--real", action="store_true", help="score the world's own renders (scorer sanity check)")
     src.add_argument("--write-real", metavar="DIR", help="write the world's renders to DIR in the --images layout")
     src.add_argument("--list-prompts", action="store_true", help="print the evaluation prompts as JSON lines")
@@ -88,27 +122,59 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _checkpoint_images(args, ev: ShapesEval) -> torch.Tensor:
-    from soarflow.models.shapes_task import generate_images, load_shapes_model
+    from tqdm.auto import tqdm
 
-    if args.checkpoint != "base" and not Path(args.checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
-    model = load_shapes_model(args.checkpoint)
-    return generate_images(
-        model,
-        ev.image_prompts(),
-        num_steps=args.num_steps,
-        cfg_scale=args.cfg_scale,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
+    from soarflow.models.shapes_checkpoint import describe, load_shapes_checkpoint
+    from soarflow.models.shapes_task import generate_images
+
+    kind, resolved = describe(args.checkpoint)
+    model = load_shapes_checkpoint(args.checkpoint)
+    prompts = ev.image_prompts()
+    print(f"checkpoint {resolved if kind != 'base' else 'base (shipped)'}: sampling {len(prompts)} images with "
+          f"{args.num_steps} Euler steps, guidance {args.cfg_scale}, seed {args.seed}", file=sys.stderr)
+    batches = -(-len(prompts) // args.batch_size)
+    # one model forward per sampler step (guidance runs both halves in one call): the bar counts them
+    with tqdm(total=batches * args.num_steps, desc="sampling", unit="step", disable=None, file=sys.stderr) as bar:
+        hook = model.register_forward_hook(lambda *_: bar.update(1))
+        try:
+            return generate_images(model, prompts, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+                                   seed=args.seed, batch_size=args.batch_size)
+        finally:
+            hook.remove()
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """Fail before any work if `path` exists (never overwritten) or could not be created."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{flag} {path} already exists; not overwriting it")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write there ({parent} is not a writable folder)")
+
+
+def fidelity(images: torch.Tensor, ev: ShapesEval) -> dict:
+    """``fd`` to real renders of the same prompts (seed + 1) and per-prompt ``diversity`` (None with one image
+    per prompt)."""
+    real = render(ev.image_prompts(), seed=ev.seed + 1, size=images.shape[-1])
+    groups = [p.index for p in ev.prompts for _ in range(ev.images_per_prompt)]
+    div = diversity(images, groups) if ev.images_per_prompt >= 2 else None
+    return {"fd": frechet_distance(images, real), "diversity": div}
+
+
+def fidelity_table(fid: dict) -> str:
+    div = "  -  (needs --images-per-prompt >= 2)" if fid["diversity"] is None else f"{fid['diversity']:.3f}"
+    return f"{'Frechet dist.':<15}{fid['fd']:>7.2f}   (to real renders; lower is better)\n{'diversity':<15}{div:>7}"
 
 
 def _run(args) -> int:
     ev = ShapesEval(args.prompts_per_family, args.images_per_prompt, args.seed)
     for name in ("jsonl", "json", "sheet"):
         path = getattr(args, name)
-        if path and Path(path).exists():
-            raise FileExistsError(f"--{name} {path} already exists; not overwriting it")
+        if path:
+            check_writable(path, f"--{name}")
     if args.list_prompts:
         for p in ev.prompts:
             print(json.dumps(p.__dict__))
@@ -118,20 +184,25 @@ def _run(args) -> int:
         print(f"wrote {len(paths)} images to {args.write_real}")
         return 0
     if args.images:
-        images = load_image_folder(args.images, ev)
+        converted: list[Path] = []
+        images = load_image_folder(args.images, ev, converted)
+        if converted:
+            print(f"converted {len(converted)} non-RGB image(s) to RGB (first: {converted[0]})", file=sys.stderr)
     elif args.checkpoint:
         images = _checkpoint_images(args, ev)
     else:
         images = ev.render_real(args.size)
     prompts = [p for p in ev.prompts for _ in range(ev.images_per_prompt)]
     report = score(images, prompts)
+    fid = fidelity(images, ev)
     print(report.table())
+    print(fidelity_table(fid))
     if args.jsonl:
         report.write_jsonl(args.jsonl)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "x") as f:
-            json.dump(report.to_dict(), f, indent=2)
+            json.dump({**report.to_dict(), **fid}, f, indent=2)
     if args.sheet:
         first = list(range(0, images.shape[0], ev.images_per_prompt))
         save_sample_sheet(images[first], [ev.prompts[i // ev.images_per_prompt].text for i in first], args.sheet, 10)

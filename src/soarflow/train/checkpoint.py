@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import NON_DEFINING_KEYS, TrainConfig, config_differences
+from .config import LOCATION_KEYS, NON_DEFINING_KEYS, TrainConfig, config_differences
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINABLE_FILE = "trainable_params.safetensors"
@@ -68,12 +68,25 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
+def is_finite_checkpoint(checkpoint: Path) -> bool:
+    """Whether the trainer verified the checkpoint's weights as finite when saving it (``"finite": true`` in
+    trainer_state.json; checkpoints of older versions lack the mark)."""
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text()).get("finite") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def prune_checkpoints(output_dir: str | Path, limit: int | None) -> list[Path]:
-    """Delete the oldest checkpoints so that at most `limit` remain; returns the deleted folders."""
+    """Delete the oldest checkpoints so that at most `limit` remain, except the newest checkpoint with verified
+    finite weights, which is always kept; returns the deleted folders."""
     if limit is None:
         return []
     found = list_checkpoints(output_dir)
     doomed = found[: max(0, len(found) - limit)]
+    finite = [p for p in found if is_finite_checkpoint(p)]
+    if finite:
+        doomed = [p for p in doomed if p != finite[-1]]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
@@ -90,6 +103,8 @@ def check_output_dir(config: TrainConfig, resume_from: Path | None) -> None:
       differs, suggesting ``--resume_from_checkpoint latest`` or a new folder if it is the same;
     * resume requested: fine if the defining keys agree (execution keys such as max_train_steps may change);
       a checkpoint of *this* folder with a different config is refused (resume into a new folder instead);
+      ``output_dir`` itself is not compared (``runP``, ``runP/``, ``./runP``, an absolute path or a moved run
+      are the same run);
     * a non-empty folder that is not a soarflow run: error.
     """
     out = Path(config.output_dir)
@@ -104,16 +119,19 @@ def check_output_dir(config: TrainConfig, resume_from: Path | None) -> None:
                              "choose a new or empty folder")
         return
     previous = _read_yaml(cfg_file)
-    diffs = [d for d in config_differences(previous, config.to_dict()) if d.split(":")[0] not in NON_DEFINING_KEYS]
+    ignored = NON_DEFINING_KEYS | LOCATION_KEYS
+    diffs = [d for d in config_differences(previous, config.to_dict()) if d.split(":")[0] not in ignored]
+    resume_cmd = f"soarflow train --config {cfg_file} --output_dir {out} --resume_from_checkpoint latest"
     if config.resume_from_checkpoint is None:
         if diffs:
             raise ValueError(f"output_dir {out} already holds a different run (differences: {'; '.join(diffs)}); "
                              "choose a new output_dir — nothing was changed")
         raise ValueError(f"output_dir {out} already holds this run; pass --resume_from_checkpoint latest to continue "
-                         "it, or choose a new output_dir — nothing was changed")
+                         f"it ({resume_cmd}), or choose a new output_dir — nothing was changed")
     if diffs:
         raise ValueError(f"output_dir {out} holds a run with a different config (differences: {'; '.join(diffs)}); "
-                         "resume it with its own config, or resume into a new output_dir")
+                         f"resume it with its own config ({resume_cmd}), or resume into a new output_dir "
+                         f"(--resume_from_checkpoint {out.resolve()}/checkpoint-N --output_dir <new folder>)")
     if resume_from is None and find_final_model(out) is not None:
         raise ValueError(f"output_dir {out} holds a finished run without checkpoints to resume from; "
                          "choose a new output_dir — nothing was changed")
@@ -184,8 +202,12 @@ def register_trainable_state_hooks(accelerator: Any) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator: Any, output_dir: Path, global_step: int, limit: int | None) -> Path:
-    """Write ``checkpoint-{global_step}`` atomically (via a .tmp folder), then prune to `limit`. All processes call it."""
+def save_checkpoint(accelerator: Any, output_dir: Path, global_step: int, limit: int | None,
+                    state: dict[str, Any] | None = None) -> Path:
+    """Write ``checkpoint-{global_step}`` atomically (via a .tmp folder), then prune to `limit`. All processes call it.
+
+    The caller has verified the weights are finite; trainer_state.json records that (``"finite": true``) and
+    `state` (extra counters)."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
     tmp = output_dir / f"{CHECKPOINT_PREFIX}{global_step}.tmp"
     if accelerator.is_main_process:
@@ -197,7 +219,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, global_step: int, limit:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"global_step": global_step}))
+        (tmp / STATE_FILE).write_text(json.dumps({"global_step": global_step, "finite": True, **(state or {})}))
         os.replace(tmp, final)
         prune_checkpoints(output_dir, limit)
     accelerator.wait_for_everyone()

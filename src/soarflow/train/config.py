@@ -41,7 +41,11 @@ REPORT_TO = ("tensorboard", "none")
 NON_DEFINING_KEYS = frozenset({
     "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
     "validation_steps", "report_to", "logging_steps", "dataloader_num_workers", "show_progress",
+    "skip_nonfinite_steps",
 })
+# Keys that say where a run lives or how it was started, not what it is: ignored when comparing a resumed run's
+# config with the one in its folder (a run may be moved or its folder spelled differently).
+LOCATION_KEYS = frozenset({"output_dir", "resume_from_checkpoint"})
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
@@ -119,6 +123,8 @@ class TrainConfig:
     ema_decay: float = _f(0.999, "EMA decay (diffusers EMAModel; warms up as (1+n)/(10+n))")
     cond_dropout: float = _f(0.0, "probability of training a sample on the null condition")
     show_progress: bool = _f(True, "tqdm progress bar")
+    skip_nonfinite_steps: int = _f(0, "skip up to N updates with a non-finite loss or gradient norm "
+                                      "(0: stop at the first, naming the last good checkpoint)")
     soar: SOARSection = _f(help="SOAR objective settings", factory=SOARSection)
     model: dict[str, Any] = _f(help="model section, validated by the task", factory=dict)
     data: dict[str, Any] = _f(help="data section, validated by the task", factory=dict)
@@ -155,6 +161,7 @@ class TrainConfig:
         need(self.validation_steps >= 0, "validation_steps", "must be >= 0 (0: no validation)")
         need(self.report_to in REPORT_TO, "report_to", f"must be one of {', '.join(REPORT_TO)}")
         need(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        need(self.skip_nonfinite_steps >= 0, "skip_nonfinite_steps", "must be >= 0")
         need(self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
         need(self.weighting_scheme in WEIGHTING_SCHEMES, "weighting_scheme",
              f"must be one of {', '.join(WEIGHTING_SCHEMES)}")
@@ -414,12 +421,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ValueError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return from_dict(TrainConfig, apply_overrides(raw, overrides))
+    if path is None:
+        return from_dict(TrainConfig, apply_overrides(raw, overrides))
+    try:
+        return from_dict(TrainConfig, apply_overrides(raw, overrides))
+    except ValueError as err:  # name the file: the bad key may come from it
+        raise ValueError(f"config file {path}: {err}") from None
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -2,6 +2,10 @@
 
     soarflow train --config configs/shapes_soar.yaml --soar.num_aux 4 --learning_rate=1e-4
     accelerate launch --num_processes 2 -m soarflow train --config ...     # several processes / GPUs
+
+Exit status: 0 done; 2 bad input (config, paths, files); 1 diverged (non-finite loss or gradient; the message
+names the last good checkpoint); 75 stopped by SIGTERM/SIGINT after saving a checkpoint of the current step
+(resume with --resume_from_checkpoint latest); 130 a second Ctrl-C while stopping.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def main_train(argv: list[str]) -> int:
         print(train_help())
         return 0
     from .config import load_config
+    from .safety import EXIT_DIVERGED, EXIT_INTERRUPTED, Interrupted
     from .trainer import train
 
     try:
@@ -47,8 +52,11 @@ def main_train(argv: list[str]) -> int:
         return 2
     except FloatingPointError as err:  # diverged: a training failure, not a usage error
         print(f"soarflow train: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+        return EXIT_DIVERGED
+    except Interrupted as err:  # SIGTERM / SIGINT: a checkpoint of the current step was saved
+        print(f"soarflow train: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
         print("soarflow train: interrupted; continue with --resume_from_checkpoint latest "
               "(from the last checkpoint)", file=sys.stderr)
         return 130

@@ -32,6 +32,7 @@ from torch import nn
 from ..flow import sample_t
 from ..objective import ObjectiveOutput, SOARConfig, aux_sigmas_from_uniform, sft_loss, soar_loss
 from . import checkpoint as ckpt
+from . import safety
 from .config import TrainConfig
 from .ema import copy_ema_to, create_ema, ema_weights, trainable_parameters, update_ema
 from .registry import build_task
@@ -263,13 +264,15 @@ def train(cfg: TrainConfig, task: Any = None, model: nn.Module | None = None) ->
 
     accelerator = _make_accelerator(cfg, output_dir)
     try:
-        return _run(cfg, task, model, objective, accelerator, output_dir, resume_from)
+        with safety.StopSignals() as signals:
+            return _run(cfg, task, model, objective, accelerator, output_dir, resume_from, signals)
     finally:
         accelerator.end_training()
         _reset_accelerate_state()
 
 
-def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from: Path | None) -> TrainResult:
+def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from: Path | None,
+         signals: safety.StopSignals) -> TrainResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -325,6 +328,18 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
                     disable=not (cfg.show_progress and accelerator.is_local_main_process), dynamic_ncols=True)
     step_metrics: list[dict[str, float]] = []
     grad_norm = float("nan")
+    skipped = int(ckpt.read_trainer_state(resume_from).get("skipped_nonfinite_steps", 0)) if resume_from else 0
+    last_good = resume_from  # newest checkpoint known to hold finite weights
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any micro-batch loss of this step non-finite
+    # fp16 loss scaling produces inf gradients on purpose and skips those steps itself
+    check_grads = accelerator.scaler is None
+
+    def save(step: int) -> Path:
+        tensors = list(params) + (list(ema.shadow_params) if ema is not None else [])
+        if not safety.all_finite(tensors):
+            raise safety.Diverged(_diverged_message(step, last_good, "the weights are non-finite"), step, last_good)
+        return ckpt.save_checkpoint(accelerator, output_dir, step, cfg.checkpoints_total_limit,
+                                    state={"skipped_nonfinite_steps": skipped})
 
     while global_step < cfg.max_train_steps:
         epoch, offset = divmod(micro, batches_per_epoch)
@@ -335,11 +350,33 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
             with accelerator.accumulate(model):
                 out = compute_loss(model, task, batch, method=cfg.method, config=objective, device=device,
                                    shared=shared, local=local, rank=rank, world=world)
+                nonfinite = nonfinite | ~torch.isfinite(out.loss.detach())
                 accelerator.backward(out.loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-                optimizer.step()
-                lr_scheduler.step()
+                skip = False
+                if accelerator.sync_gradients:
+                    if cfg.max_grad_norm is not None:
+                        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    else:
+                        norm = safety.grad_norm(params)
+                    if check_grads:
+                        nonfinite = nonfinite | ~torch.isfinite(torch.as_tensor(norm))
+                    # every process decides alike: gradients are all-reduced, flags are combined
+                    skip, stop_now = safety.step_flags(accelerator, nonfinite, signals.received is not None)
+                    grad_norm = float(norm)
+                    nonfinite = torch.zeros_like(nonfinite)
+                    if skip:
+                        if skipped >= cfg.skip_nonfinite_steps:
+                            raise safety.Diverged(_diverged_message(global_step + 1, last_good,
+                                                                    "non-finite loss or gradient norm",
+                                                                    cfg.skip_nonfinite_steps), global_step + 1,
+                                                  last_good)
+                        skipped += 1
+                        logger.warning("step %d: non-finite loss or gradient norm; update skipped (%d of %d "
+                                       "allowed by skip_nonfinite_steps)", global_step + 1, skipped,
+                                       cfg.skip_nonfinite_steps)
+                if not skip:
+                    optimizer.step()
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             micro += 1
             step_metrics.append(out.metrics())
@@ -347,7 +384,7 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
                 continue
 
             global_step += 1
-            if ema is not None:
+            if ema is not None and not skip:
                 update_ema(ema, unwrapped)
             lr = lr_scheduler.get_last_lr()[0]
             if global_step % cfg.logging_steps == 0 or global_step == cfg.max_train_steps:
@@ -355,9 +392,8 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
                 entry.update(step=global_step, lr=lr, epoch=epoch)
                 if cfg.max_grad_norm is not None:
                     entry["grad_norm"] = grad_norm
-                if not np.isfinite(entry["loss"]):
-                    raise FloatingPointError(f"non-finite loss {entry['loss']} at step {global_step}; "
-                                             "lower learning_rate or check the data")
+                if skipped:
+                    entry["skipped_nonfinite_steps"] = skipped
                 history.append(entry)
                 accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=global_step)
                 progress.set_postfix(loss=f"{entry['loss']:.4f}", main=f"{entry['main_loss']:.4f}",
@@ -365,8 +401,18 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
             step_metrics = []
             progress.update(1)
 
+            saved_now = False
             if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
-                ckpt.save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
+                last_good, saved_now = save(global_step), True
+            if stop_now:
+                progress.close()
+                if not saved_now:
+                    last_good = save(global_step)
+                name = signals.received or "a stop signal (another process)"
+                raise safety.Interrupted(
+                    f"stopped by {name} after step {global_step}; saved {last_good}. Continue with: "
+                    f"soarflow train --config {output_dir / ckpt.CONFIG_FILE} --resume_from_checkpoint latest",
+                    global_step, last_good, name)
             is_last = global_step >= cfg.max_train_steps
             if cfg.validation_steps and (global_step % cfg.validation_steps == 0 or is_last):
                 if accelerator.is_main_process:
@@ -380,6 +426,9 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
     if ema is not None:
         copy_ema_to(ema, unwrapped)
     model_path = output_dir / ckpt.MODEL_DIR
+    if not safety.all_finite(trainable_parameters(unwrapped)):
+        raise safety.Diverged(_diverged_message(global_step, last_good, "the final weights are non-finite"),
+                              global_step, last_good)
     if accelerator.is_main_process:
         written = task.save_model(unwrapped, model_path)
         # the task picks the format: a folder, or a file with its own extension (model.safetensors)
@@ -399,6 +448,14 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
     )
 
 
+def _diverged_message(step: int, last_good: Path | None, what: str, budget: int = 0) -> str:
+    where = (f"the last good checkpoint is {last_good}; resume from it with a lower learning_rate into a new folder: "
+             f"--resume_from_checkpoint {last_good.resolve()} --output_dir <new folder> --learning_rate <lower>"
+             if last_good is not None else "no checkpoint was saved before it; lower learning_rate and start again")
+    allowed = f" (skip_nonfinite_steps: {budget} skipped steps allowed, all used)" if budget else ""
+    return f"training diverged at step {step}: {what}{allowed}; {where}"
+
+
 def _reduce_metrics(accelerator, per_micro: list[dict[str, float]]) -> dict[str, float]:
     """Mean over this step's micro-batches, then over processes (each process's loss is already scaled so
     that the mean over processes is the global-batch loss)."""
@@ -411,10 +468,19 @@ def _reduce_metrics(accelerator, per_micro: list[dict[str, float]]) -> dict[str,
 
 
 def _write_config(cfg: TrainConfig, output_dir: Path) -> None:
-    """Write the resolved config; on resume a changed execution setting keeps the old file as config.N.yaml."""
+    """Write the resolved config; on resume a changed setting keeps the old file as config.N.yaml. Where the run
+    lives and how it was started (output_dir spelling, resume_from_checkpoint) is not a change."""
+    from .config import LOCATION_KEYS, config_differences
+
     path = output_dir / ckpt.CONFIG_FILE
     text = cfg.to_yaml()
-    if path.exists() and path.read_text() != text:
+    if path.exists():
+        try:
+            previous = ckpt._read_yaml(path)
+        except ValueError:
+            previous = {}
+        if not [d for d in config_differences(previous, cfg.to_dict()) if d.split(":")[0] not in LOCATION_KEYS]:
+            return
         n = 1
         while (output_dir / f"config.{n}.yaml").exists():
             n += 1
