@@ -62,6 +62,43 @@ def guided_velocity(
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
+def step_distribution(
+    kind: StepKind,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    noise_scale: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Mean and standard deviation of the Gaussian step :math:`x_n \sim \mathcal N(\mu, s^2 I)` of the given kind
+    (module doc), in float32: :math:`\mu` has the shape of ``x``, :math:`s` is (B, 1, ..., 1); ``ode`` has s = 0.
+
+    Differentiable in ``v`` (Flow-GRPO's per-step log-probabilities, :mod:`soarflow.methods.grpo`)."""
+    s = append_dims(sigma.float(), x.ndim)
+    sn = append_dims(sigma_next.float(), x.ndim)
+    xf, vf = x.float(), v.float()
+    ds = sn - s
+    if kind == "ode":
+        return xf + ds * vf, torch.zeros_like(s)
+    if kind == "simple":
+        return xf + ds * vf, noise_scale * (-ds).clamp_min(0).sqrt()
+    if kind in ("sde", "flow_sde"):
+        if kind == "flow_sde":
+            sc = s.clamp(max=0.99)
+            g = noise_scale * (sc / (1 - sc)).sqrt()
+        else:
+            g = torch.full_like(s, noise_scale)
+        drift = vf + g**2 / (2 * s.clamp_min(1e-3)) * (xf + (1 - s) * vf)
+        return xf + drift * ds, g * (-ds).clamp_min(0).sqrt()
+    if kind == "cps":
+        x0_hat = xf - s * vf
+        z1_hat = xf + (1 - s) * vf
+        angle = math.pi * noise_scale / 2
+        return (1 - sn) * x0_hat + sn * math.cos(angle) * z1_hat, sn * math.sin(angle)
+    raise ValueError(f"step kind must be one of {STEP_KINDS}, got {kind!r}")
+
+
 def step(
     kind: StepKind,
     x: torch.Tensor,
@@ -72,33 +109,13 @@ def step(
     noise_scale: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One step of the given kind from per-sample `sigma` to `sigma_next` (both shape (B,)); see module doc."""
-    s = append_dims(sigma.float(), x.ndim)
-    sn = append_dims(sigma_next.float(), x.ndim)
-    xf, vf = x.float(), v.float()
-    ds = sn - s
+    r"""One step of the given kind from per-sample `sigma` to `sigma_next` (both shape (B,)); see module doc.
+    Draws :math:`\mu + s\,\epsilon` from :func:`step_distribution`."""
+    mean, std = step_distribution(kind, x, sigma, sigma_next, v, noise_scale=noise_scale)
     if kind == "ode":
-        out = xf + ds * vf
-    else:
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        if kind == "simple":
-            out = xf + ds * vf + noise_scale * (-ds).clamp_min(0).sqrt() * eps
-        elif kind in ("sde", "flow_sde"):
-            if kind == "flow_sde":
-                sc = s.clamp(max=0.99)
-                g = noise_scale * (sc / (1 - sc)).sqrt()
-            else:
-                g = torch.full_like(s, noise_scale)
-            drift = vf + g**2 / (2 * s.clamp_min(1e-3)) * (xf + (1 - s) * vf)
-            out = xf + drift * ds + g * (-ds).clamp_min(0).sqrt() * eps
-        elif kind == "cps":
-            x0_hat = xf - s * vf
-            z1_hat = xf + (1 - s) * vf
-            angle = math.pi * noise_scale / 2
-            out = (1 - sn) * x0_hat + sn * math.cos(angle) * z1_hat + sn * math.sin(angle) * eps
-        else:
-            raise ValueError(f"step kind must be one of {STEP_KINDS}, got {kind!r}")
-    return out.to(x.dtype)
+        return mean.to(x.dtype)
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return (mean + std * eps).to(x.dtype)
 
 
 @torch.no_grad()

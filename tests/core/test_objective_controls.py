@@ -248,7 +248,7 @@ def test_logit_normal_t_density_matches_the_closed_form_and_ratio_bound():
 
 
 def test_t_density_in_the_loss_and_the_trainer_draw():
-    from soarflow.train.trainer import _aux_sigmas
+    from soarflow.train.methods import _aux_sigmas
 
     model = RecordingModel(ToyVelocity(D, C))
     x0, cond, null, noise, t = make_batch()

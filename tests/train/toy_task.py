@@ -38,7 +38,7 @@ class ToyDataset(torch.utils.data.Dataset):
         return len(self.x0)
 
     def __getitem__(self, i: int) -> dict:
-        return {"x0": self.x0[i], "cond": self.cond[i], "index": i}
+        return {"x0": self.x0[i], "cond": self.cond[i], "index": i, "caption": f"toy {i}"}
 
 
 class ToyTask:
@@ -62,7 +62,7 @@ class ToyTask:
         return ToyDataset(self.n, self.seed)
 
     def collate(self, samples: Sequence[dict]) -> dict:
-        return {k: (torch.stack([s[k] for s in samples]) if k != "index" else [s[k] for s in samples])
+        return {k: (torch.stack([s[k] for s in samples]) if k not in ("index", "caption") else [s[k] for s in samples])
                 for k in samples[0]}
 
     def encode_batch(self, batch: dict, device: torch.device):
@@ -92,3 +92,8 @@ class ToyTask:
 
     def load_model_weights(self, model: nn.Module, path: Path) -> None:
         model.load_state_dict(load_file(str(Path(path) / "toy.safetensors")))
+
+
+def toy_reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """A reward for method grpo on the toy task: the mean of the first channel (higher is better)."""
+    return images[:, 0].flatten(1).mean(1)

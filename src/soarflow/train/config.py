@@ -26,6 +26,7 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
+from ..methods import GRPOConfig, InputPerturbationConfig, ScheduledSamplingConfig
 from ..objective import SOARConfig
 
 T = TypeVar("T")
@@ -35,6 +36,9 @@ WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "none")
+METHOD_NAMES = ("sft", "soar", "grpo", "scheduled_sampling", "input_perturbation")
+# Sections that belong to one method (soar: is shared: its `shift` is every method's time shift).
+METHOD_SECTIONS = ("grpo", "scheduled_sampling", "input_perturbation")
 
 # Keys that change how a run is executed or reported, not what it computes: a finished or interrupted run
 # may be resumed with different values (e.g. a larger max_train_steps) without counting as a different run.
@@ -90,7 +94,9 @@ class TrainConfig:
     """Everything a training run needs. Field names follow diffusers' SD3 training examples."""
 
     task: str = _f("shapes", "model family: shapes | sd3 | flux (or 'package.module:TaskClass')")
-    method: Literal["sft", "soar"] = _f("soar", "training objective: sft (flow matching) or soar")
+    method: Literal["sft", "soar", "grpo", "scheduled_sampling", "input_perturbation"] = _f(
+        "soar", "training method: sft | soar | grpo | scheduled_sampling | input_perturbation (docs/methods.md)")
+    init_from: str | None = _f(None, "start from these weights: a finished run folder, a model folder or a file")
     output_dir: str = _f("runs/soarflow", "where checkpoints, logs, validation grids and the final model go")
     seed: int = _f(0, "seed of the model init, data order and objective noise")
     learning_rate: float = _f(1e-4, "AdamW learning rate")
@@ -126,6 +132,11 @@ class TrainConfig:
     skip_nonfinite_steps: int = _f(0, "skip up to N updates with a non-finite loss or gradient norm "
                                       "(0: stop at the first, naming the last good checkpoint)")
     soar: SOARSection = _f(help="SOAR objective settings", factory=SOARSection)
+    grpo: GRPOConfig = _f(help="Flow-GRPO settings (method: grpo)", factory=GRPOConfig)
+    scheduled_sampling: ScheduledSamplingConfig = _f(help="method: scheduled_sampling settings",
+                                                     factory=ScheduledSamplingConfig)
+    input_perturbation: InputPerturbationConfig = _f(help="method: input_perturbation settings",
+                                                     factory=InputPerturbationConfig)
     model: dict[str, Any] = _f(help="model section, validated by the task", factory=dict)
     data: dict[str, Any] = _f(help="data section, validated by the task", factory=dict)
 
@@ -140,7 +151,12 @@ class TrainConfig:
 
         need(self.task in TASK_NAMES or ":" in self.task, "task",
              f"must be one of {', '.join(TASK_NAMES)} or 'package.module:TaskClass'")
-        need(self.method in ("sft", "soar"), "method", "must be 'sft' or 'soar'")
+        need(self.method in METHOD_NAMES, "method", f"must be one of {', '.join(METHOD_NAMES)}")
+        need(self.init_from is None or bool(self.init_from), "init_from", "must be a path or null")
+        self._check_method_sections()
+        if self.method == "grpo" and self.train_batch_size % self.grpo.group_size:
+            raise ValueError(f"config key 'train_batch_size': must be a multiple of grpo.group_size "
+                             f"{self.grpo.group_size} (got {self.train_batch_size})")
         need(bool(self.output_dir), "output_dir", "must not be empty")
         need(self.seed >= 0, "seed", "must be >= 0")
         need(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "must be > 0")
@@ -169,6 +185,17 @@ class TrainConfig:
         need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         need(0 <= self.cond_dropout < 1, "cond_dropout", "must be in [0, 1)")
         self.objective_config()  # range checks of the SOAR fields, reported with their config key
+
+    def _check_method_sections(self) -> None:
+        """A method's own section may differ from its defaults only under that method; name the first key set."""
+        for section in METHOD_SECTIONS:
+            if section == self.method:
+                continue
+            value, default = getattr(self, section), type(getattr(self, section))()
+            for f in dataclasses.fields(value):
+                if getattr(value, f.name) != getattr(default, f.name):
+                    raise ValueError(f"config key '{section}.{f.name}' applies only to method '{section}', but method "
+                                     f"is '{self.method}'; remove it or set method: {section}")
 
     # ------------------------------------------------------------------------------------------ views
     def objective_config(self) -> SOARConfig:
@@ -199,7 +226,12 @@ class TrainConfig:
             raise ValueError(msg) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All keys, without the sections of other methods (they hold only defaults)."""
+        d = dataclasses.asdict(self)
+        for section in METHOD_SECTIONS:
+            if section != self.method:
+                d.pop(section)
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -209,7 +241,21 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        check_method_keys(d)
         return from_dict(cls, d)
+
+
+def check_method_keys(d: Any) -> None:
+    """In a raw config mapping, a key inside another method's section (even one set to its default) is an error."""
+    if not isinstance(d, dict):
+        return
+    method = d.get("method", TrainConfig.method)
+    for section in METHOD_SECTIONS:
+        keys = d.get(section)
+        if section != method and isinstance(keys, dict) and keys:
+            key = next(iter(keys))
+            raise ValueError(f"config key '{section}.{key}' applies only to method '{section}', but method is "
+                             f"'{method}'; remove it or set method: {section}")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -426,11 +472,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ValueError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path}: expected a mapping at the top level, got {type(raw).__name__}")
-    if path is None:
-        return from_dict(TrainConfig, apply_overrides(raw, overrides))
+    raw = apply_overrides(raw, overrides)
     try:
-        return from_dict(TrainConfig, apply_overrides(raw, overrides))
+        check_method_keys(raw)
+        return from_dict(TrainConfig, raw)
     except ValueError as err:  # name the file: the bad key may come from it
+        if path is None:
+            raise
         raise ValueError(f"config file {path}: {err}") from None
 
 

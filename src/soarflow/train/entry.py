@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Post-train a flow model with SFT or SOAR. Every config key can be overridden as "
+        description="Post-train a flow model with SFT, SOAR, Flow-GRPO, scheduled sampling or input perturbation. Every config key can be overridden as "
                     "--key value or --key=value (dotted for sections: --soar.num_aux 4, --model.rank 16).",
     )
     parser.add_argument("--config", default=None, help="YAML config file (defaults are used without one)")
@@ -76,8 +76,10 @@ def summary(cfg, result) -> str:
         f"({result.num_processes} process(es))",
     ]
     if last:
-        lines.append(f"  last logged step {int(last['step'])}: loss {last['loss']:.4f}  main {last['main_loss']:.4f}  "
-                     f"aux {last['aux_loss']:.4f}  lr {last['lr']:.3g}")
+        parts = "  ".join(f"{k} {last[k]:.4f}" for k in ("main_loss", "aux_loss", "flow_loss", "reward_mean", "kl")
+                          if k in last)
+        lines.append(f"  last logged step {int(last['step'])}: loss {last['loss']:.4f}  {parts}  lr {last['lr']:.3g}  "
+                     f"{last.get('step_time_s', float('nan')):.2f} s/step")
     if result.resumed_from is not None:
         lines.append(f"  resumed from {result.resumed_from}")
     if result.data_summary:

@@ -1,8 +1,8 @@
 r"""The training loop shared by every method (SFT, SOAR) and model family, on accelerate.
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``train_batch_size`` samples per process.
-The loop only moves data and calls the objective (:func:`soarflow.objective.soar_loss` / ``sft_loss``); the
-objective owns the math.
+The loop only moves data and calls the method (:mod:`soarflow.train.methods`: sft, soar, grpo, scheduled_sampling,
+input_perturbation); the method's module owns the math.
 
 Randomness is chosen so that a run does not depend on how it is executed:
 
@@ -29,17 +29,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..flow import sample_t
-from ..objective import ObjectiveOutput, SOARConfig, aux_sigmas_from_uniform, sft_loss, soar_loss
 from . import checkpoint as ckpt
 from . import safety
 from .config import TrainConfig
 from .ema import copy_ema_to, create_ema, ema_weights, trainable_parameters, update_ema
+from .methods import StepContext, TrainMethod, build_method, compute_loss, load_init_weights, resolve_init_from  # noqa: F401
 from .registry import build_task
 
 logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("loss", "main_loss", "aux_loss", "num_aux_points", "mean_sigma", "mean_aux_sigma", "rollout_deviation")
+# Each method (train/methods.py) names its own metric keys; every one logs loss, forwards per sample and step time.
 
 
 @dataclass
@@ -86,43 +86,6 @@ def _epoch_loader(dataset, task, cfg: TrainConfig, epoch: int, start: int, rank:
         num_workers=cfg.dataloader_num_workers,
         generator=torch.Generator().manual_seed(_seed(cfg.seed, epoch, start, 23)),
     )
-
-
-# ---------------------------------------------------------------------------------------------- objective call
-
-
-def _aux_sigmas(t: torch.Tensor, config: SOARConfig, u: torch.Tensor) -> torch.Tensor:
-    r""":math:`\sigma'` of the ODE path from uniforms u, as the objective draws it."""
-    return aux_sigmas_from_uniform(t, config, u)
-
-
-def compute_loss(
-    model: Any,
-    task: Any,
-    batch: Any,
-    *,
-    method: str,
-    config: SOARConfig,
-    device: torch.device,
-    shared: torch.Generator,
-    local: torch.Generator,
-    rank: int,
-    world: int,
-) -> ObjectiveOutput:
-    """Encode one micro-batch and evaluate the objective with global-batch noise (module docstring)."""
-    x0, cond = task.encode_batch(batch, device)
-    b = x0.shape[0]
-    rows = slice(rank * b, (rank + 1) * b)
-    noise = torch.randn((world * b, *x0.shape[1:]), generator=shared, device=device, dtype=torch.float32)[rows]
-    t = sample_t(world * b, density=config.t_density, logit_mean=config.logit_mean, logit_std=config.logit_std,
-                 mode_scale=config.mode_scale, generator=shared, device=device)[rows]
-    noise = noise.to(x0.dtype)
-    null = task.null_cond(b, device)
-    if method == "sft" or config.is_sft:
-        return sft_loss(model, x0, cond, config=config, null_cond=null, generator=local, noise=noise, t=t)
-    u = torch.rand((config.num_aux, world * b), generator=shared, device=device)[:, rows]
-    return soar_loss(model, x0, cond, null_cond=null, config=config, generator=local, noise=noise, t=t,
-                     aux_sigmas=_aux_sigmas(t, config, u))
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
@@ -246,8 +209,11 @@ def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: P
 # ---------------------------------------------------------------------------------------------- train
 
 
-def train(cfg: TrainConfig, task: Any = None, model: nn.Module | None = None) -> TrainResult:
+def train(cfg: TrainConfig, task: Any = None, model: nn.Module | None = None, reward: Any = None) -> TrainResult:
     """Train `model` (default ``task.build_model()``) with ``cfg.method`` for ``cfg.max_train_steps`` steps.
+
+    ``reward(images, prompts) -> (B,)`` overrides ``grpo.reward`` for method grpo. With ``init_from`` the
+    model's weights are first replaced by that run's / file's (the task's ``load_model_weights``).
 
     `task` defaults to the registry's ``TaskClass.from_config(model=cfg.model, data=cfg.data, train_config=cfg)``.
     Writes ``config.yaml``, ``checkpoint-{step}`` folders, ``logs/`` (tensorboard), ``validation/step_*.png``
@@ -259,19 +225,21 @@ def train(cfg: TrainConfig, task: Any = None, model: nn.Module | None = None) ->
     ckpt.check_output_dir(cfg, resume_from)
     if resume_from is not None:
         ckpt.read_trainer_state(resume_from)  # fail before any work if it is unreadable
+    if cfg.init_from:
+        resolve_init_from(cfg.init_from)  # fail before any work on a missing path
     task = task if task is not None else build_task(cfg)
-    objective = cfg.objective_config()
+    method = build_method(cfg, reward)  # with its reward resolved: fails before any work
 
     accelerator = _make_accelerator(cfg, output_dir)
     try:
         with safety.StopSignals() as signals:
-            return _run(cfg, task, model, objective, accelerator, output_dir, resume_from, signals)
+            return _run(cfg, task, model, method, accelerator, output_dir, resume_from, signals)
     finally:
         accelerator.end_training()
         _reset_accelerate_state()
 
 
-def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from: Path | None,
+def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, resume_from: Path | None,
          signals: safety.StopSignals) -> TrainResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -283,6 +251,8 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
 
     if model is None:
         model = task.build_model()
+    if cfg.init_from:
+        logger.info("init_from: loaded %s", load_init_weights(task, model, cfg.init_from))
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(task, model)
     model.to(device)
@@ -304,6 +274,7 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ckpt.register_trainable_state_hooks(accelerator)
     unwrapped = accelerator.unwrap_model(model)
+    method.setup(unwrapped, task, device)  # before a checkpoint is restored: a KL reference is the start model
 
     global_step = 0
     if resume_from is not None:
@@ -345,11 +316,13 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
         epoch, offset = divmod(micro, batches_per_epoch)
         loader = _epoch_loader(dataset, task, cfg, epoch, offset, rank, world)
         for batch in loader:
+            if not step_metrics:
+                step_start = time.perf_counter()  # seconds per optimizer step: its micro-batches' work
             shared.manual_seed(_seed(cfg.seed, micro, 0))
             local.manual_seed(_seed(cfg.seed, micro, 1 + rank))
             with accelerator.accumulate(model):
-                out = compute_loss(model, task, batch, method=cfg.method, config=objective, device=device,
-                                   shared=shared, local=local, rank=rank, world=world)
+                out = method.compute_loss(model, task, batch, StepContext(device, shared, local, rank, world,
+                                                                           global_step, micro))
                 nonfinite = nonfinite | ~torch.isfinite(out.loss.detach())
                 accelerator.backward(out.loss)
                 skip = False
@@ -379,7 +352,7 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             micro += 1
-            step_metrics.append(out.metrics())
+            step_metrics.append(out.metrics)
             if not accelerator.sync_gradients:
                 continue
 
@@ -388,16 +361,16 @@ def _run(cfg, task, model, objective, accelerator, output_dir: Path, resume_from
                 update_ema(ema, unwrapped)
             lr = lr_scheduler.get_last_lr()[0]
             if global_step % cfg.logging_steps == 0 or global_step == cfg.max_train_steps:
-                entry = _reduce_metrics(accelerator, step_metrics)
-                entry.update(step=global_step, lr=lr, epoch=epoch)
+                entry = _reduce_metrics(accelerator, step_metrics, method.metric_keys, method.summed_keys)
+                entry.update(step=global_step, lr=lr, epoch=epoch, step_time_s=time.perf_counter() - step_start)
                 if cfg.max_grad_norm is not None:
                     entry["grad_norm"] = grad_norm
                 if skipped:
                     entry["skipped_nonfinite_steps"] = skipped
                 history.append(entry)
                 accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=global_step)
-                progress.set_postfix(loss=f"{entry['loss']:.4f}", main=f"{entry['main_loss']:.4f}",
-                                     aux=f"{entry['aux_loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+                progress.set_postfix(**{k: f"{entry[k]:.4f}" for k in method.progress_keys}, lr=f"{lr:.2e}",
+                                     refresh=False)
             step_metrics = []
             progress.update(1)
 
@@ -456,14 +429,16 @@ def _diverged_message(step: int, last_good: Path | None, what: str, budget: int 
     return f"training diverged at step {step}: {what}{allowed}; {where}"
 
 
-def _reduce_metrics(accelerator, per_micro: list[dict[str, float]]) -> dict[str, float]:
+def _reduce_metrics(accelerator, per_micro: list[dict[str, float]], keys=METRIC_KEYS,
+                    summed=("num_aux_points",)) -> dict[str, float]:
     """Mean over this step's micro-batches, then over processes (each process's loss is already scaled so
-    that the mean over processes is the global-batch loss)."""
-    values = torch.tensor([[m[k] for k in METRIC_KEYS] for m in per_micro], dtype=torch.float32).mean(0)
+    that the mean over processes is the global-batch loss); `summed` keys are per-process counts -> global."""
+    values = torch.tensor([[m[k] for k in keys] for m in per_micro], dtype=torch.float32).mean(0)
     if accelerator.num_processes > 1:
         values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
-    out = {k: float(v) for k, v in zip(METRIC_KEYS, values)}
-    out["num_aux_points"] *= accelerator.num_processes  # per process -> global count
+    out = {k: float(v) for k, v in zip(keys, values)}
+    for k in summed:
+        out[k] *= accelerator.num_processes
     return out
 
 

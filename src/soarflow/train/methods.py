@@ -1,0 +1,414 @@
+r"""The method registry: ``TrainConfig.method`` -> a :class:`TrainMethod` the trainer calls once per micro-batch.
+
+The math lives in :mod:`soarflow.objective` (sft, soar) and :mod:`soarflow.methods` (grpo, scheduled_sampling,
+input_perturbation); a TrainMethod only draws the randomness the trainer's way (global-batch noise and t from the
+``shared`` generator, sliced per process; everything else from the per-process ``local`` generator), counts model
+forwards, and reports metrics. Every method reports ``loss``, its loss parts, ``forwards_per_sample`` (rows the model
+evaluated per training sample, with and without gradient) and ``grad_forwards_per_sample`` (rows with gradient);
+the trainer adds ``step_time_s``.
+
+    method = build_method(cfg)                      # fails on a bad method / reward before anything runs
+    method.setup(model, task, device)               # e.g. the frozen KL reference of grpo
+    out = method.compute_loss(model, task, batch, ctx)
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..conditioning import cond_expand_null, cond_index, cond_where
+from ..flow import sample_t, shift_sigma
+from ..methods import grpo as grpo_math
+from ..methods.input_perturbation import input_perturbation_loss
+from ..methods.scheduled_sampling import draw_offsets, max_offsets, scheduled_sampling_loss
+from ..objective import SOARConfig, aux_sigmas_from_uniform, sft_loss, soar_loss
+
+@dataclass
+class StepContext:
+    """What the trainer hands a method for one micro-batch."""
+
+    device: torch.device
+    shared: torch.Generator  # seeded identically on every process (global-batch draws)
+    local: torch.Generator  # seeded per process
+    rank: int
+    world: int
+    step: int  # optimizer steps done so far
+    micro: int  # micro-batches done so far
+
+
+@dataclass
+class MethodOutput:
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
+class ForwardCounter:
+    """Calls the model and counts the rows it evaluated (with / without gradient)."""
+
+    def __init__(self, model: Callable):
+        self.model, self.rows, self.grad_rows = model, 0, 0
+
+    def __call__(self, x, sigma, cond):
+        self.rows += x.shape[0]
+        if torch.is_grad_enabled():
+            self.grad_rows += x.shape[0]
+        return self.model(x, sigma, cond)
+
+    def metrics(self, batch: int) -> dict[str, float]:
+        return {"forwards_per_sample": self.rows / batch, "grad_forwards_per_sample": self.grad_rows / batch}
+
+
+def _global_noise_and_t(x0: torch.Tensor, objective: SOARConfig, ctx: StepContext):
+    """z1 and t drawn for the whole global batch from the shared generator, this process's rows."""
+    b = x0.shape[0]
+    rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
+    noise = torch.randn((ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device,
+                        dtype=torch.float32)[rows]
+    t = sample_t(ctx.world * b, density=objective.t_density, logit_mean=objective.logit_mean,
+                 logit_std=objective.logit_std, mode_scale=objective.mode_scale, generator=ctx.shared,
+                 device=ctx.device)[rows]
+    return noise.to(x0.dtype), t, rows
+
+
+def _drop_cond(cond, null, batch: int, p: float, generator, device):
+    if p <= 0:
+        return cond
+    drop = torch.rand(batch, generator=generator, device=device) < p
+    return cond_where(drop, cond_expand_null(null, batch), cond)
+
+
+def _aux_sigmas(t: torch.Tensor, config: SOARConfig, u: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sigma'` of the ODE path from uniforms u, as the objective draws it."""
+    return aux_sigmas_from_uniform(t, config, u)
+
+
+def compute_loss(model, task, batch, *, method: str, config: SOARConfig, device, shared, local, rank: int, world: int):
+    """SFT / SOAR on one micro-batch with global-batch noise (the trainer's module docstring); returns the
+    objective's :class:`~soarflow.objective.ObjectiveOutput`."""
+    x0, cond = task.encode_batch(batch, device)
+    ctx = StepContext(torch.device(device), shared, local, rank, world, 0, 0)
+    noise, t, rows = _global_noise_and_t(x0, config, ctx)
+    null = task.null_cond(x0.shape[0], device)
+    if method == "sft" or config.is_sft:
+        return sft_loss(model, x0, cond, config=config, null_cond=null, generator=local, noise=noise, t=t)
+    u = torch.rand((config.num_aux, world * x0.shape[0]), generator=shared, device=device)[:, rows]
+    return soar_loss(model, x0, cond, null_cond=null, config=config, generator=local, noise=noise, t=t,
+                     aux_sigmas=_aux_sigmas(t, config, u))
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+class TrainMethod:
+    """Base class: one training method as the trainer sees it."""
+
+    name: ClassVar[str] = ""
+    metric_keys: ClassVar[tuple[str, ...]] = ("loss",)
+    progress_keys: ClassVar[tuple[str, ...]] = ("loss",)
+    # keys summed (not averaged) over processes after the per-step mean
+    summed_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.objective = cfg.objective_config()
+
+    def setup(self, model: nn.Module, task: Any, device: torch.device) -> None:
+        """Called once, after the model is built and before a checkpoint is restored."""
+
+    def compute_loss(self, model: Any, task: Any, batch: Any, ctx: StepContext) -> MethodOutput:
+        raise NotImplementedError
+
+
+COMMON_KEYS = ("forwards_per_sample", "grad_forwards_per_sample")
+
+
+class FlowMatchingMethod(TrainMethod):
+    """sft and soar: :func:`soarflow.objective.sft_loss` / ``soar_loss``."""
+
+    metric_keys = ("loss", "main_loss", "aux_loss", "num_aux_points", "mean_sigma", "mean_aux_sigma",
+                   "rollout_deviation") + COMMON_KEYS
+    progress_keys = ("loss", "main_loss", "aux_loss")
+    summed_keys = ("num_aux_points",)
+
+    def compute_loss(self, model, task, batch, ctx):
+        counter = ForwardCounter(model)
+        out = compute_loss(counter, task, batch, method=self.name, config=self.objective, device=ctx.device,
+                           shared=ctx.shared, local=ctx.local, rank=ctx.rank, world=ctx.world)
+        return MethodOutput(out.loss, {**out.metrics(), **counter.metrics(self.cfg.train_batch_size)})
+
+
+class SFTMethod(FlowMatchingMethod):
+    name = "sft"
+
+
+class SOARMethod(FlowMatchingMethod):
+    name = "soar"
+
+
+class InputPerturbationMethod(TrainMethod):
+    name = "input_perturbation"
+    metric_keys = ("loss", "flow_loss", "mean_sigma") + COMMON_KEYS
+    progress_keys = ("loss",)
+
+    def compute_loss(self, model, task, batch, ctx):
+        x0, cond = task.encode_batch(batch, ctx.device)
+        noise, t, rows = _global_noise_and_t(x0, self.objective, ctx)
+        b = x0.shape[0]
+        xi = torch.randn((ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device,
+                         dtype=torch.float32)[rows].to(x0.dtype)
+        cond = _drop_cond(cond, task.null_cond(b, ctx.device), b, self.objective.cond_dropout, ctx.local, ctx.device)
+        counter = ForwardCounter(model)
+        out = input_perturbation_loss(counter, x0, cond, noise=noise, perturbation=xi,
+                                      sigma=shift_sigma(t, self.objective.shift), gamma=self.cfg.input_perturbation.gamma,
+                                      weighting=self.objective.weighting)
+        return MethodOutput(out.loss, {"loss": float(out.loss.detach()), "flow_loss": float(out.flow_loss),
+                                       "mean_sigma": float(out.mean_sigma), **counter.metrics(b)})
+
+
+class ScheduledSamplingMethod(TrainMethod):
+    name = "scheduled_sampling"
+    metric_keys = ("loss", "flow_loss", "mean_offset", "rollout_deviation", "rollout_probability", "mean_sigma") + COMMON_KEYS
+    progress_keys = ("loss", "mean_offset")
+
+    def compute_loss(self, model, task, batch, ctx):
+        ss = self.cfg.scheduled_sampling
+        x0, cond = task.encode_batch(batch, ctx.device)
+        noise, t, rows = _global_noise_and_t(x0, self.objective, ctx)
+        b = x0.shape[0]
+        p = ss.probability_at(ctx.step)
+        # offsets for the global batch from the shared generator, so they do not depend on the process count
+        # k for the whole global batch from the shared generator (independent of the process count), then capped
+        offsets = draw_offsets(torch.zeros(ctx.world * b, device=ctx.device), ss, p, ctx.shared)[rows]
+        offsets = torch.minimum(offsets, max_offsets(t, ss.num_steps))
+        null = task.null_cond(b, ctx.device)
+        cond = _drop_cond(cond, null, b, self.objective.cond_dropout, ctx.local, ctx.device)
+        counter = ForwardCounter(model)
+        out = scheduled_sampling_loss(counter, x0, cond, noise=noise, t=t, offsets=offsets, null_cond=null, config=ss,
+                                      shift=self.objective.shift, weighting=self.objective.weighting)
+        return MethodOutput(out.loss, {
+            "loss": float(out.loss.detach()), "flow_loss": float(out.flow_loss), "mean_offset": float(out.mean_offset),
+            "rollout_deviation": float(out.rollout_deviation), "rollout_probability": p,
+            "mean_sigma": float(out.mean_sigma), **counter.metrics(b)})
+
+
+# ---------------------------------------------------------------------------------------------- grpo
+
+
+def resolve_reward(spec: str, kwargs: dict[str, Any], task_name: str) -> tuple[Callable, str]:
+    """The reward callable named by ``grpo.reward`` (and its display name)."""
+    if spec == "auto":
+        if task_name != "shapes":
+            raise ValueError(f"config key 'grpo.reward': task {task_name!r} has no default reward; name one as "
+                             "'package.module:callable' (e.g. soarflow.scorers:CLIPScorer.from_pretrained with "
+                             "grpo.reward_kwargs: {path: ...})")
+        spec = "soarflow.shapes:reward"
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not attr:
+        raise ValueError(f"config key 'grpo.reward': expected 'package.module:callable', got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"config key 'grpo.reward': could not import {module_name} ({err})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"config key 'grpo.reward': {module_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if kwargs or isinstance(obj, type):
+        obj = obj(**kwargs)
+    if not callable(obj):
+        raise ValueError(f"config key 'grpo.reward': {spec} is not callable")
+    return obj, spec
+
+
+@contextmanager
+def _adapters_disabled(transformer: nn.Module):
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
+def _lora_transformer(model: nn.Module) -> nn.Module | None:
+    transformer = getattr(model, "transformer", None)
+    return transformer if transformer is not None and getattr(transformer, "peft_config", None) else None
+
+
+def decode_images(task: Any, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Images in [-1, 1] from the model's space: the task's VAE decoder, or the samples themselves (pixels)."""
+    if hasattr(task, "decode"):
+        if hasattr(task, "frozen_on"):
+            with task.frozen_on(device):
+                return task.decode(x)
+        return task.decode(x)
+    return x.float().clamp(-1, 1)
+
+
+class GRPOMethod(TrainMethod):
+    """Flow-GRPO (:mod:`soarflow.methods.grpo`). Each micro-batch of B rows takes the first B/G captions of the
+    data batch, samples G images for each with the SDE sampler, scores them and trains on T steps per image.
+    The KL reference is the model at the start of training: for a LoRA model without ``init_from``, the
+    transformer with its adapters disabled; otherwise a frozen copy."""
+
+    name = "grpo"
+    metric_keys = ("loss", "policy_loss", "kl", "reward_mean", "reward_std", "clip_frac", "approx_kl_old", "entropy",
+                   "advantage_abs") + COMMON_KEYS
+    progress_keys = ("loss", "reward_mean", "kl")
+
+    def __init__(self, cfg: Any, reward: Callable | None = None):
+        super().__init__(cfg)
+        self.config = cfg.grpo
+        if reward is not None:
+            self.reward, self.reward_name = reward, getattr(reward, "__name__", type(reward).__name__)
+        else:
+            self.reward, self.reward_name = resolve_reward(cfg.grpo.reward, dict(cfg.grpo.reward_kwargs), cfg.task)
+        self.reference: Callable | None = None
+        self._cache: dict[int, tuple] = {}
+
+    def setup(self, model, task, device):
+        if self.config.beta == 0:
+            return
+        transformer = _lora_transformer(model)
+        if transformer is not None and not self.cfg.init_from:
+            def reference(x, sigma, cond):
+                with _adapters_disabled(transformer):
+                    return model(x, sigma, cond)
+            self.reference = reference
+        else:
+            frozen = copy.deepcopy(model).requires_grad_(False).eval()
+            self.reference = frozen
+
+    def _prompts(self, batch: Any, b: int) -> list[str]:
+        captions = batch.get("caption") if isinstance(batch, dict) else None
+        if captions is None:
+            raise ValueError("grpo: the task's batches carry no 'caption' list, which the reward needs")
+        return [str(c) for c in list(captions)[: b // self.config.group_size]]
+
+    @torch.no_grad()
+    def _rollout(self, model, task, batch, ctx: StepContext):
+        g = self.config.group_size
+        x0, cond = task.encode_batch(batch, ctx.device)
+        b = x0.shape[0]
+        if b % g:
+            raise ValueError(f"train_batch_size {b} is not a multiple of grpo.group_size {g}")
+        pick = torch.arange(b // g, device=ctx.device).repeat_interleave(g)  # G copies of each of the first B/G
+        prompts = [p for p in self._prompts(batch, b) for _ in range(g)]
+        cond = cond_index(cond, pick)
+        null = task.null_cond(b, ctx.device)
+        noise = torch.randn(x0.shape, generator=ctx.local, device=ctx.device, dtype=torch.float32).to(x0.dtype)
+        rollout = grpo_math.sample_with_log_probs(model, noise, cond, null_cond=null, config=self.config,
+                                                  shift=self.objective.shift, generator=ctx.local)
+        images = decode_images(task, rollout.images, ctx.device)
+        rewards = grpo_math.check_rewards(self.reward(images, prompts), b, self.reward_name, ctx.step)
+        rewards = rewards.to(ctx.device)
+        adv = grpo_math.group_advantages(rewards, g, self.config.adv_clip_max)
+        return rollout, cond, null, rewards, adv
+
+    def compute_loss(self, model, task, batch, ctx):
+        counter = ForwardCounter(model)
+        slot = ctx.micro % self.cfg.gradient_accumulation_steps
+        fresh = ctx.step % self.config.sample_reuse == 0 or slot not in self._cache
+        if fresh:
+            self._cache[slot] = self._rollout(counter, task, batch, ctx)
+        rollout, cond, null, rewards, adv = self._cache[slot]
+        b = rewards.shape[0]
+        steps = grpo_math.choose_timesteps(b, self.config, ctx.local, ctx.device)
+        reference = ForwardCounter(self.reference) if self.reference is not None else None
+        out = grpo_math.grpo_loss(counter, rollout, adv, steps, cond, null_cond=null, config=self.config,
+                                  reference=reference)
+        metrics = counter.metrics(b)
+        if reference is not None:
+            metrics["forwards_per_sample"] += reference.rows / b
+        return MethodOutput(out.loss, {
+            "loss": float(out.loss.detach()), "policy_loss": float(out.policy_loss), "kl": float(out.kl),
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+            "clip_frac": float(out.clip_frac), "approx_kl_old": float(out.approx_kl_old),
+            "entropy": float(out.entropy), "advantage_abs": float(adv.abs().mean()), **metrics})
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+METHODS: dict[str, type[TrainMethod]] = {
+    "sft": SFTMethod,
+    "soar": SOARMethod,
+    "grpo": GRPOMethod,
+    "scheduled_sampling": ScheduledSamplingMethod,
+    "input_perturbation": InputPerturbationMethod,
+}
+METHOD_NAMES = tuple(METHODS)
+
+
+def build_method(cfg: Any, reward: Callable | None = None) -> TrainMethod:
+    """The TrainMethod of ``cfg.method`` (``reward`` overrides ``grpo.reward`` in the Python API)."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"config key 'method': unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if reward is not None and cfg.method != "grpo":
+        raise ValueError(f"reward: given, but method {cfg.method!r} uses no reward (only grpo does)")
+    cls = METHODS[cfg.method]
+    return cls(cfg, reward=reward) if cls is GRPOMethod else cls(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- init_from
+
+
+def resolve_init_from(path: str | Path) -> Path:
+    """``init_from``: a run folder (its final ``model`` / ``model.<ext>``), a model folder or a weights file."""
+    from .checkpoint import CONFIG_FILE, find_final_model
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config key 'init_from': {p} does not exist")
+    if p.is_dir() and (p / CONFIG_FILE).is_file():
+        final = find_final_model(p)
+        if final is None:
+            raise ValueError(f"config key 'init_from': run folder {p} holds no final model (did the run finish?)")
+        return final
+    return p
+
+
+def load_init_weights(task: Any, model: nn.Module, path: str | Path) -> Path:
+    """Load the ``init_from`` weights into the freshly built `model` with the task's own loader."""
+    resolved = resolve_init_from(path)
+    try:
+        task.load_model_weights(model, resolved)
+    except (KeyError, RuntimeError) as err:
+        raise ValueError(f"config key 'init_from': {resolved} does not match the model ({err})") from None
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+# The method-specific settings of the shipped shapes recipes (configs/shapes_<method>.yaml), for callers that
+# build configs programmatically (e.g. a demo comparing methods on the same base and data budget).
+SHAPES_RECIPES: dict[str, dict[str, Any]] = {
+    "sft": {},
+    "soar": {"soar.num_aux": 4, "soar.rollout_steps": 40, "soar.rollout_cfg": 4.0, "soar.num_rollout_paths": 1},
+    "grpo": {"grpo.group_size": 4, "grpo.num_steps": 10, "grpo.train_timesteps": 3, "grpo.cfg_scale": 4.0,
+             "grpo.beta": 0.04, "grpo.sample_reuse": 1, "cond_dropout": 0.0},
+    "scheduled_sampling": {"scheduled_sampling.max_step_offset": 3, "scheduled_sampling.num_steps": 40,
+                           "scheduled_sampling.rollout_cfg": 4.0},
+    "input_perturbation": {"input_perturbation.gamma": 0.1},
+}
+
+
+def method_config(method: str, common: dict[str, Any] | None = None) -> Any:
+    """A TrainConfig for `method` on the shapes task: `common` (dotted keys -> values shared by every method:
+    output_dir, seed, learning_rate, train_batch_size, max_train_steps, model.pretrained, ...) plus the
+    method's recipe settings (SHAPES_RECIPES; a key in `common` wins)."""
+    import json
+
+    from .config import load_config
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    values = {"task": "shapes", "soar.shift": 1.0, **SHAPES_RECIPES[method], **(common or {}), "method": method}
+    argv = [f"--{k}={json.dumps(v) if isinstance(v, (list, dict)) or v is None else v}" for k, v in values.items()]
+    return load_config(None, argv)
