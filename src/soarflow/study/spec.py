@@ -224,9 +224,12 @@ def load_study(path: str | Path, quick: bool = False, only: list[str] | None = N
     include_base = bool(raw.get("include_base", True))
     names = [r.name for r in rows] + ([BASE_ROW] if include_base else [])
     if only:
-        keep = {n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in only)}
+        def hit(name: str, pat: str) -> bool:  # exact names first: "soar[num_aux=1]" is not a glob class
+            return name == pat or fnmatch.fnmatchcase(name, pat)
+
+        keep = {n for n in names if any(hit(n, pat) for pat in only)}
         for pat in only:
-            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            if not any(hit(n, pat) for n in names):
                 raise ValueError(f"--only {pat!r} matches no row of {path} (rows: {', '.join(names)})")
         rows = [r for r in rows if r.name in keep]
         include_base = include_base and BASE_ROW in keep
