@@ -11,6 +11,7 @@ COMMANDS = {
     "train": ("soarflow.train.entry:main_train", "post-train a model (SFT or SOAR) from a YAML config + overrides"),
     "sample": ("soarflow.models.sample:main", "generate images from a trained checkpoint"),
     "eval-shapes": ("soarflow.shapes.cli:main", "score images or a checkpoint on ShapesEval"),
+    "study": ("soarflow.study.cli:main", "run a grid of methods x settings x seeds with cached cells and statistics"),
 }
 
 

@@ -138,37 +138,16 @@ def post_train(method: str, s: DemoSettings, run_dir: Path):
 
 # -- evaluation ----------------------------------------------------------------------------------------
 def evaluate(model: torch.nn.Module, s: DemoSettings, bench, real: torch.Tensor, log) -> dict:
-    from .models.shapes_task import encode_captions, generate_images, null_caption
-    from .shapes import diversity, exposure_bias, frechet_distance, score
+    from .shapes.evaluate import evaluate_setting
 
     prompts = [p.text for p in bench.prompts for _ in range(s.images_per_prompt)]
     groups = [p.index for p in bench.prompts for _ in range(s.images_per_prompt)]
     results, samples, records = {}, {}, {}
     for n in s.eval_num_steps:
         t0 = time.time()
-        images = generate_images(model, prompts, num_steps=n, cfg_scale=s.cfg_scale, seed=s.seed)
-        report = score(images, prompts)
-        # Exposure bias on real eval images coupled to their own noise (see docs/shapes.md).
-        # An evenly strided subset so every family is represented.
-        k = min(s.exposure_images, real.shape[0])
-        idx = torch.linspace(0, real.shape[0] - 1, k).round().long().unique()
-        eb = exposure_bias(
-            model,
-            real[idx],
-            encode_captions([prompts[i] for i in idx]),
-            null_cond=null_caption(len(idx)),
-            num_steps=n,
-            cfg_scale=s.cfg_scale,
-            shift=1.0,
-            generator=torch.Generator().manual_seed(s.seed),
-        )
-        results[str(n)] = {
-            "shapes_eval": report.to_dict(),
-            "frechet_distance": float(frechet_distance(images, real)),
-            "diversity": float(diversity(images, groups)),
-            "exposure_bias": eb.to_dict(),
-            "eval_seconds": round(time.time() - t0, 1),
-        }
+        metrics, images, report = evaluate_setting(model, prompts, groups, real, num_steps=n, cfg_scale=s.cfg_scale,
+                                                   seed=s.seed, exposure_images=s.exposure_images, shift=1.0)
+        results[str(n)] = {**metrics, "eval_seconds": round(time.time() - t0, 1)}
         samples[n] = images
         records[n] = [{"correct": r.correct} for r in report.records]
         log(f"    {n:>3} steps: overall {report.overall:.3f}  ({time.time() - t0:.0f}s)")

@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -209,7 +209,8 @@ def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: P
 # ---------------------------------------------------------------------------------------------- train
 
 
-def train(cfg: TrainConfig, task: Any = None, model: nn.Module | None = None, reward: Any = None) -> TrainResult:
+def train(cfg: TrainConfig, task: Any = None, model: nn.Module | None = None, reward: Any = None,
+          step_callback: Callable[[int, nn.Module], bool | None] | None = None) -> TrainResult:
     """Train `model` (default ``task.build_model()``) with ``cfg.method`` for ``cfg.max_train_steps`` steps.
 
     ``reward(images, prompts) -> (B,)`` overrides ``grpo.reward`` for method grpo. With ``init_from`` the
@@ -218,6 +219,8 @@ def train(cfg: TrainConfig, task: Any = None, model: nn.Module | None = None, re
     `task` defaults to the registry's ``TaskClass.from_config(model=cfg.model, data=cfg.data, train_config=cfg)``.
     Writes ``config.yaml``, ``checkpoint-{step}`` folders, ``logs/`` (tensorboard), ``validation/step_*.png``
     and the final weights (``task.save_model(model, output_dir / "model")``) into ``cfg.output_dir``.
+    `step_callback(global_step, model)` runs after every optimizer step (e.g. `soarflow study`'s evaluations and
+    time budget); returning False ends training there, as if max_train_steps had been reached.
     """
     cfg.validate()
     output_dir = Path(cfg.output_dir)
@@ -233,14 +236,14 @@ def train(cfg: TrainConfig, task: Any = None, model: nn.Module | None = None, re
     accelerator = _make_accelerator(cfg, output_dir)
     try:
         with safety.StopSignals() as signals:
-            return _run(cfg, task, model, method, accelerator, output_dir, resume_from, signals)
+            return _run(cfg, task, model, method, accelerator, output_dir, resume_from, signals, step_callback)
     finally:
         accelerator.end_training()
         _reset_accelerate_state()
 
 
 def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, resume_from: Path | None,
-         signals: safety.StopSignals) -> TrainResult:
+         signals: safety.StopSignals, step_callback=None) -> TrainResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -312,7 +315,8 @@ def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, r
         return ckpt.save_checkpoint(accelerator, output_dir, step, cfg.checkpoints_total_limit,
                                     state={"skipped_nonfinite_steps": skipped})
 
-    while global_step < cfg.max_train_steps:
+    stopped = False  # step_callback returned False
+    while global_step < cfg.max_train_steps and not stopped:
         epoch, offset = divmod(micro, batches_per_epoch)
         loader = _epoch_loader(dataset, task, cfg, epoch, offset, rank, world)
         for batch in loader:
@@ -386,7 +390,8 @@ def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, r
                     f"stopped by {name} after step {global_step}; saved {last_good}. Continue with: "
                     f"soarflow train --config {output_dir / ckpt.CONFIG_FILE} --resume_from_checkpoint latest",
                     global_step, last_good, name)
-            is_last = global_step >= cfg.max_train_steps
+            stopped = step_callback is not None and step_callback(global_step, unwrapped) is False
+            is_last = global_step >= cfg.max_train_steps or stopped
             if cfg.validation_steps and (global_step % cfg.validation_steps == 0 or is_last):
                 if accelerator.is_main_process:
                     grids.append(_validate(accelerator, task, unwrapped, ema, global_step, output_dir))

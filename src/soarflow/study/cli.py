@@ -1,0 +1,62 @@
+"""`soarflow study --config configs/study_claim.yaml [--quick] [--only ROW ...] [--output_dir DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="soarflow study", description=(
+        "Run a grid of training cells (rows x seeds) from one base, cached per cell, evaluated at equal steps and "
+        "equal wall-clock; writes report.md, results.json and plots. See docs/study.md."))
+    p.add_argument("--config", required=True, help="study YAML (configs/study_*.yaml)")
+    p.add_argument("--output_dir", help="study folder (default runs/study_<name>[_quick]); rerunning continues it")
+    p.add_argument("--quick", action="store_true", help="the study file's quick: section (few steps, seeds, images)")
+    p.add_argument("--only", nargs="+", metavar="ROW", help="run only rows matching these names / glob patterns")
+    p.add_argument("--estimate_only", action="store_true", help="print the estimated wall-clock and stop")
+    p.add_argument("--no_estimate", action="store_true", help="skip the timing probe before running")
+    p.add_argument("--keep_models", action="store_true", help="keep each cell's trained weights")
+    p.add_argument("--num_resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from .report import aggregate, markdown, plots
+    from .runner import run_study, spec_record
+    from .spec import load_study
+
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        spec = load_study(args.config, quick=args.quick, only=args.only)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.num_resamples < 100:
+        print(f"error: --num_resamples must be >= 100, got {args.num_resamples}", file=sys.stderr)
+        return 2
+    out = Path(args.output_dir or f"runs/study_{spec.name}{'_quick' if args.quick else ''}")
+    records = run_study(spec, out, estimate=not args.no_estimate, estimate_only=args.estimate_only,
+                        keep_models=args.keep_models)
+    if args.estimate_only:
+        return 0
+    results = aggregate(spec, records, num_resamples=args.num_resamples)
+    results["plots"] = plots(spec, results, out)
+    command = "soarflow study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads " \
+              f"{torch.get_num_threads()}"
+    wall = time.perf_counter() - start
+    results.update(study=spec_record(spec), command=command, machine=machine, wall_seconds=round(wall, 1))
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(spec, results, command, machine, wall))
+    print(f"report: {out / 'report.md'}, results: {out / 'results.json'}, plots: {', '.join(results['plots'])}")
+    return 1 if results["failed"] else 0

@@ -1,0 +1,346 @@
+"""A study file: a base training config, rows of dotted-key overrides, seeds, a compute budget and an evaluation.
+
+    name: claim
+    base_config: shapes_soar.yaml        # optional, relative to this file: the `soarflow train --config` format
+    base: {method: sft, learning_rate: 5.0e-5, soar.shift: 1.0}   # merged over base_config (dotted keys allowed)
+    seeds: [0, 1, 2]
+    budget: {steps: 100, seconds: 60, max_steps: 2000}
+    evaluation: {kind: shapes, num_steps: [10, 40], cfg_scales: [1.0, 4.0], prompts_per_family: 4, ...}
+    include_base: true                   # evaluate the untrained base as a row named "base"
+    reference: sft                       # rows are compared to this row and to the base
+    rows:
+      - {name: sft, set: {method: sft}}
+      - {name: soar_k, set: {method: soar}, sweep: {soar.num_aux: [1, 2, 4]}}   # one row per value
+    quick: {seeds: [0], budget: {steps: 3}, evaluation: {...}, rows: [sft, soar_k*]}   # `--quick`
+
+A cell is (row, seed): its training config is ``base`` + the row's ``set`` (+ one sweep point) + the seed and
+the budget, validated with the trainer's own config checks (:func:`soarflow.train.config.from_dict`) before the
+first cell runs, so an unknown method or key fails naming the row and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..train.config import TrainConfig, from_dict
+
+BASE_ROW = "base"
+# Execution settings every cell gets: the study owns output folders, logging and evaluation.
+CELL_FIXED = {"report_to": "none", "show_progress": False, "checkpointing_steps": 0, "validation_steps": 0}
+
+
+@dataclass
+class Budget:
+    """Equal compute. ``steps``: every cell is evaluated after this many optimizer steps (equal steps).
+    ``seconds``: every cell is also evaluated when its training clock (evaluation excluded) first reaches this
+    many seconds (equal wall-clock); a cell trains until both are reached, at most ``max_steps`` steps."""
+
+    steps: int | None = 100
+    seconds: float | None = None
+    max_steps: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.seconds is None:
+            raise ValueError("budget: give steps, seconds or both")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"budget.steps must be >= 1, got {self.steps}")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ValueError(f"budget.seconds must be > 0, got {self.seconds}")
+        if self.max_steps < (self.steps or 1):
+            raise ValueError(f"budget.max_steps ({self.max_steps}) must be >= budget.steps ({self.steps})")
+
+    @property
+    def arms(self) -> list[str]:
+        return [a for a, v in (("steps", self.steps), ("seconds", self.seconds)) if v is not None]
+
+    @property
+    def train_steps(self) -> int:
+        """The trainer's max_train_steps: exactly `steps` without a time budget, else the cap."""
+        return self.steps if self.seconds is None else self.max_steps
+
+
+@dataclass
+class EvalSpec:
+    """``evaluation:``. kind ``shapes``: ShapesEval at every (num_steps, cfg_scale), FD / diversity against real
+    renders, exposure gap; kind ``loss`` (any task, e.g. diffusers): per-sample flow-matching loss at fixed noise
+    and sigmas on the first ``num_samples`` training samples, plus the exposure gap. Every cell uses the same
+    prompts and noise (``seed``), so two cells' per-image results are paired."""
+
+    kind: str = "shapes"
+    seed: int = 1234
+    num_steps: list[int] = field(default_factory=lambda: [10, 40])
+    cfg_scales: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    prompts_per_family: int = 4
+    images_per_prompt: int = 2
+    exposure_images: int = 32
+    num_samples: int = 8  # kind "loss"
+    loss_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # kind "loss"
+    shift: float = 1.0  # sampler time shift (shapes: 1; SD3: 3)
+    every_steps: int = 0  # score-vs-wall-clock curve: a small evaluation every M steps (0: none)
+    curve_num_steps: int = 10
+    curve_cfg_scale: float = 4.0
+    curve_prompts_per_family: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("shapes", "loss"):
+            raise ValueError(f"evaluation.kind must be 'shapes' or 'loss', got {self.kind!r}")
+        for key in ("prompts_per_family", "images_per_prompt", "exposure_images", "num_samples", "curve_num_steps",
+                    "curve_prompts_per_family"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"evaluation.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.num_steps or any(n < 2 for n in self.num_steps):
+            raise ValueError(f"evaluation.num_steps must be a non-empty list of values >= 2, got {self.num_steps}")
+        if not self.cfg_scales or any(c <= 0 for c in self.cfg_scales):
+            raise ValueError(f"evaluation.cfg_scales must be a non-empty list of values > 0, got {self.cfg_scales}")
+        if self.every_steps < 0:
+            raise ValueError(f"evaluation.every_steps must be >= 0, got {self.every_steps}")
+
+    @property
+    def settings(self) -> list[tuple[int, float]]:
+        return [(n, float(c)) for n in self.num_steps for c in self.cfg_scales]
+
+
+def setting_key(num_steps: int, cfg_scale: float) -> str:
+    return f"steps{num_steps}_cfg{float(cfg_scale):g}"
+
+
+@dataclass
+class Row:
+    name: str
+    overrides: dict[str, Any]  # dotted key -> value, applied over the base
+
+
+@dataclass
+class Cell:
+    row: str
+    seed: int | None  # None for the base row (no training)
+    config: dict[str, Any]  # the validated training config (TrainConfig.to_dict()), output_dir blanked
+    hash: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.row if self.seed is None else f"{self.row} seed {self.seed}"
+
+
+@dataclass
+class StudySpec:
+    name: str
+    base: dict[str, Any]  # raw training-config mapping (nested)
+    rows: list[Row]
+    seeds: list[int]
+    budget: Budget
+    evaluation: EvalSpec
+    include_base: bool = True
+    reference: str | None = "sft"
+    source: str = ""
+
+    def row_names(self) -> list[str]:
+        return ([BASE_ROW] if self.include_base else []) + [r.name for r in self.rows]
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"study file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"study file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"study file {path}: expected a mapping at the top level")
+    return raw
+
+
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the config mapping `raw` with dotted keys (``soar.num_aux: 4``) set to their (YAML-typed) values;
+    the trainer's `from_dict` then checks every key and value."""
+    out = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        path = str(key).split(".")
+        if any(not p for p in path):
+            raise ValueError(f"malformed config key {key!r}")
+        node = out
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ValueError(f"config key '{key}': '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = copy.deepcopy(value)
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+STUDY_KEYS = {"name", "description", "base_config", "base", "seeds", "budget", "evaluation", "include_base",
+              "reference", "rows", "quick"}
+
+
+def load_study(path: str | Path, quick: bool = False, only: list[str] | None = None) -> StudySpec:
+    """Parse and validate a study file (every cell's training config included); see the module docstring."""
+    path = Path(path)
+    raw = _load_yaml(path)
+    unknown = set(raw) - STUDY_KEYS
+    if unknown:
+        raise ValueError(f"study file {path}: unknown key(s) {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted(STUDY_KEYS))})")
+    if quick:
+        q = raw.get("quick") or {}
+        if not isinstance(q, dict):
+            raise ValueError(f"study file {path}: 'quick' must be a mapping")
+        bad = set(q) - {"seeds", "budget", "evaluation", "rows", "base"}
+        if bad:
+            raise ValueError(f"study file {path}: unknown key(s) in 'quick': {', '.join(sorted(bad))}")
+        for key in ("seeds", "budget", "evaluation", "base"):
+            if key in q:
+                raw[key] = _merge(raw.get(key) or {}, q[key]) if isinstance(q[key], dict) else q[key]
+        if "rows" in q:
+            only = list(q["rows"]) + ([BASE_ROW] if raw.get("include_base", True) else []) if only is None else only
+    base: dict[str, Any] = {}
+    if raw.get("base_config"):
+        base_path = (path.parent / raw["base_config"]).resolve()
+        base = _load_yaml(base_path)
+    if not isinstance(raw.get("base") or {}, dict):
+        raise ValueError(f"study file {path}: 'base' must be a mapping of (dotted) config keys")
+    base = with_overrides(base, raw.get("base") or {})
+    seeds = raw.get("seeds", [0, 1, 2])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ValueError(f"study file {path}: 'seeds' must be a non-empty list of integers >= 0, got {seeds!r}")
+    budget = from_dict(Budget, raw.get("budget") or {}, prefix="budget")
+    evaluation = from_dict(EvalSpec, raw.get("evaluation") or {}, prefix="evaluation")
+    rows = _expand_rows(raw.get("rows") or [], path)
+    include_base = bool(raw.get("include_base", True))
+    names = [r.name for r in rows] + ([BASE_ROW] if include_base else [])
+    if only:
+        def hit(name: str, pat: str) -> bool:  # exact names first: "soar[num_aux=1]" is not a glob class
+            return name == pat or fnmatch.fnmatchcase(name, pat)
+
+        keep = {n for n in names if any(hit(n, pat) for pat in only)}
+        for pat in only:
+            if not any(hit(n, pat) for n in names):
+                raise ValueError(f"--only {pat!r} matches no row of {path} (rows: {', '.join(names)})")
+        rows = [r for r in rows if r.name in keep]
+        include_base = include_base and BASE_ROW in keep
+    reference = raw.get("reference", "sft")
+    if reference is not None and reference not in [r.name for r in rows]:
+        reference = None  # the reference row is filtered out (or absent): compare to the base only
+    spec = StudySpec(name=str(raw.get("name") or path.stem), base=base, rows=rows, seeds=seeds, budget=budget,
+                     evaluation=evaluation, include_base=include_base, reference=reference, source=str(path))
+    if not spec.rows and not spec.include_base:
+        raise ValueError(f"study file {path}: no rows to run")
+    expand_cells(spec)  # validates every cell before anything runs
+    return spec
+
+
+def _expand_rows(items: list, path: Path) -> list[Row]:
+    rows: list[Row] = []
+    if not isinstance(items, list):
+        raise ValueError(f"study file {path}: 'rows' must be a list")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "name" not in item:
+            raise ValueError(f"study file {path}: rows[{i}] must be a mapping with a 'name'")
+        bad = set(item) - {"name", "set", "sweep", "sweep_mode"}
+        if bad:
+            raise ValueError(f"study row '{item['name']}': unknown key(s) {', '.join(sorted(bad))} "
+                             "(known: name, set, sweep, sweep_mode)")
+        base_set = dict(item.get("set") or {})
+        sweep = dict(item.get("sweep") or {})
+        mode = item.get("sweep_mode", "product")
+        if mode not in ("product", "one_at_a_time"):
+            raise ValueError(f"study row '{item['name']}': sweep_mode must be 'product' or 'one_at_a_time'")
+        if not sweep:
+            rows.append(Row(str(item["name"]), base_set))
+            continue
+        for key, values in sweep.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"study row '{item['name']}': sweep.{key} must be a non-empty list")
+        if mode == "product":
+            points = [dict(zip(sweep, combo)) for combo in itertools.product(*sweep.values())]
+        else:  # vary one key at a time around `set`
+            points = [{k: v} for k, vals in sweep.items() for v in vals]
+        for point in points:
+            label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+            rows.append(Row(f"{item['name']}[{label}]", {**base_set, **point}))
+    seen = set()
+    for r in rows:
+        if r.name in seen or r.name == BASE_ROW:
+            raise ValueError(f"study file {path}: duplicate row name {r.name!r}")
+        seen.add(r.name)
+    return rows
+
+
+def cell_config(spec: StudySpec, row: Row, seed: int) -> TrainConfig:
+    """The validated training config of one cell (output_dir set later by the runner)."""
+    fixed = {**CELL_FIXED, "seed": seed, "max_train_steps": spec.budget.train_steps}
+    try:
+        raw = with_overrides(spec.base, {**row.overrides, **fixed})
+        return from_dict(TrainConfig, raw)
+    except ValueError as err:
+        raise ValueError(f"study row '{row.name}': {err}") from None
+
+
+def expand_cells(spec: StudySpec) -> list[Cell]:
+    """Every cell of the grid, each validated and hashed; the base row (if any) first."""
+    cells = []
+    if spec.include_base:
+        # The base row is evaluated, never trained: its config is the base's (seed 0) for the model section only.
+        cfg = cell_config(spec, Row(BASE_ROW, {}), 0)
+        cells.append(Cell(BASE_ROW, None, _blank(cfg)))
+    for row in spec.rows:
+        for seed in spec.seeds:
+            cells.append(Cell(row.name, seed, _blank(cell_config(spec, row, seed))))
+    for c in cells:
+        c.hash = cell_hash(spec, c)
+    return cells
+
+
+def _blank(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
+    d["output_dir"] = ""
+    return d
+
+
+def _base_model_fingerprint(config: dict) -> str:
+    """Content hash of the shapes task's starting checkpoint (so replacing the shipped base invalidates the cache);
+    for other tasks the model section itself is the fingerprint."""
+    if config.get("task") == "shapes":
+        from ..models.shapes_task import resolve_checkpoint
+
+        pretrained = (config.get("model") or {}).get("pretrained", "base")
+        if pretrained is not None:
+            p = resolve_checkpoint(pretrained)
+            if p.is_file():
+                return hashlib.sha256(p.read_bytes()).hexdigest()
+    return ""
+
+
+_FINGERPRINTS: dict[str, str] = {}
+
+
+def cell_hash(spec: StudySpec, cell: Cell) -> str:
+    """sha256 (16 hex) of everything that defines a cell's result: training config (or, for the base row, only
+    the task/model/data), budget, evaluation, base checkpoint content."""
+    cfg = cell.config
+    if cell.row == BASE_ROW:
+        cfg = {k: cfg[k] for k in ("task", "model", "data")}
+        budget = None
+    else:
+        budget = asdict(spec.budget)
+    key = json.dumps(cfg, sort_keys=True, default=str)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = _base_model_fingerprint(cfg)
+    payload = {"config": cfg, "budget": budget, "evaluation": asdict(spec.evaluation),
+               "base_model": _FINGERPRINTS[key], "format": 1}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

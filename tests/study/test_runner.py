@@ -1,0 +1,147 @@
+"""`soarflow study` on a tiny stand-in base: grid validation, the per-cell cache (resume, added rows, hash
+mismatch), failed cells, equal-steps / equal-wall-clock arms, and the report files."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from soarflow.models.shapes_task import ShapesDataSection, ShapesModelSection, ShapesTask
+from soarflow.study import expand_cells, load_study
+from soarflow.study import runner as runner_mod
+from soarflow.study.cli import main
+from soarflow.study.report import aggregate
+from soarflow.study.runner import run_study
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    task = ShapesTask(ShapesModelSection(pretrained=None, hidden_size=32, depth=1, num_heads=2), ShapesDataSection())
+    torch.manual_seed(0)
+    model = task.build_model()
+    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
+    task.save_model(model, path)
+    return path
+
+
+def write_study(tmp_path, base, rows, **extra):
+    study = {
+        "name": "t",
+        "base": {"task": "shapes", "train_batch_size": 4, "learning_rate": 1e-3, "model.pretrained": str(base),
+                 "soar.num_aux": 2, "soar.rollout_steps": 5, "soar.rollout_cfg": 2.0, "soar.shift": 1.0},
+        "seeds": [0],
+        "budget": {"steps": 2},
+        "evaluation": {"num_steps": [3], "cfg_scales": [2.0], "prompts_per_family": 1, "images_per_prompt": 2,
+                       "exposure_images": 4},
+        "rows": rows,
+    }
+    study.update(extra)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def quiet(msg):
+    pass
+
+
+def test_grid_is_validated_before_anything_runs_naming_row_and_key(tmp_path, tiny_base):
+    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
+                                             {"name": "new", "set": {"method": "no_such_method"}}])
+    with pytest.raises(ValueError, match=r"study row 'new': config key 'method'.*no_such_method"):
+        load_study(path)
+    path = write_study(tmp_path, tiny_base, [{"name": "k", "set": {"soar.num_auxx": 2}}])
+    with pytest.raises(ValueError, match=r"study row 'k': unknown config key 'soar.num_auxx'.*soar.num_aux"):
+        load_study(path)
+    assert main(["--config", str(path), "--output_dir", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()  # nothing ran, nothing written
+    # --only runs a subset, and a pattern that matches nothing is an error
+    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
+                                             {"name": "new", "set": {"method": "no_such_method"}}])
+    assert [r.name for r in load_study(path, only=["sft"]).rows] == ["sft"]
+    with pytest.raises(ValueError, match="--only 'zzz' matches no row"):
+        load_study(path, only=["zzz"])
+
+
+def test_sweeps_expand_to_named_rows_and_hashes_follow_the_config(tmp_path, tiny_base):
+    path = write_study(tmp_path, tiny_base, [
+        {"name": "soar", "set": {"method": "soar"}, "sweep": {"soar.num_aux": [1, 2], "soar.lambda_aux": [0.5]}},
+        {"name": "v", "set": {"method": "soar"}, "sweep_mode": "one_at_a_time",
+         "sweep": {"soar.num_aux": [1, 3], "soar.rollout_cfg": [1.0]}}], seeds=[0, 1])
+    spec = load_study(path)
+    assert [r.name for r in spec.rows] == ["soar[num_aux=1,lambda_aux=0.5]", "soar[num_aux=2,lambda_aux=0.5]",
+                                           "v[num_aux=1]", "v[num_aux=3]", "v[rollout_cfg=1.0]"]
+    cells = expand_cells(spec)
+    assert len(cells) == 1 + 5 * 2 and cells[0].row == "base" and cells[0].seed is None
+    assert cells[1].config["soar"]["num_aux"] == 1 and cells[1].config["soar"]["lambda_aux"] == 0.5
+    assert len({c.hash for c in cells}) == len(cells)
+    assert [c.hash for c in expand_cells(load_study(path))] == [c.hash for c in cells]  # stable
+
+
+def test_cache_resume_added_rows_mismatch_and_failed_cells(tmp_path, tiny_base, monkeypatch):
+    out = tmp_path / "out"
+    ran = []
+    real_run_cell = runner_mod.run_cell
+
+    def counting(spec, cell, *a, **k):
+        ran.append(cell.label)
+        return real_run_cell(spec, cell, *a, **k)
+
+    monkeypatch.setattr(runner_mod, "run_cell", counting)
+    rows = [{"name": "sft", "set": {"method": "sft"}}]
+    records = run_study(load_study(write_study(tmp_path, tiny_base, rows)), out, estimate=False, log=quiet)
+    assert ran == ["base", "sft seed 0"] and all(r["status"] == "ok" for r in records)
+    sft = records[1]
+    assert sft["arms"]["steps"]["step"] == 2 and sft["steps_trained"] == 2
+    assert sft["arms"]["steps"]["forwards_per_step"] == 1.0  # SFT: one forward per step
+    assert len(sft["arms"]["steps"]["metrics"]["steps3_cfg2"]["per_image"]["overall"]) == 12
+    # a finished study reruns nothing
+    ran.clear()
+    run_study(load_study(write_study(tmp_path, tiny_base, rows)), out, estimate=False, log=quiet)
+    assert ran == []
+    # adding a row runs only that row; a cell that crashes is recorded and the study goes on
+    rows += [{"name": "broken", "set": {"method": "sft", "data.num_samples": 2}},  # batch 4 > 2 samples
+             {"name": "soar", "set": {"method": "soar"}}]
+    records = run_study(load_study(write_study(tmp_path, tiny_base, rows)), out, estimate=False, log=quiet)
+    assert ran == ["broken seed 0", "soar seed 0"]
+    broken = next(r for r in records if r["row"] == "broken")
+    assert broken["status"] == "failed" and "train_batch_size" in broken["error"]
+    soar = next(r for r in records if r["row"] == "soar")
+    # main + 2 aux rows per image, plus the rollout's unconditional row (its conditional half is the main output)
+    assert soar["status"] == "ok" and soar["arms"]["steps"]["sample_forwards_per_image"] == 4.0
+    results = aggregate(load_study(write_study(tmp_path, tiny_base, rows)), records, num_resamples=200)
+    assert results["failed"][0]["row"] == "broken"
+    assert "sft" in results["summary"]["steps"]["steps3_cfg2"]["soar"]["compare"]
+    # a cache entry whose recorded hash does not match is never reused
+    ran.clear()
+    sft_file = out / "cells" / sft["hash"] / "result.json"
+    tampered = json.loads(sft_file.read_text())
+    tampered["hash"] = "0" * 16
+    sft_file.write_text(json.dumps(tampered))
+    rows.pop(1)
+    run_study(load_study(write_study(tmp_path, tiny_base, rows)), out, estimate=False, log=quiet)
+    assert ran == ["sft seed 0"] and (sft_file.parent / "result.mismatch.json").exists()
+
+
+def test_equal_wall_clock_arm_and_report_files(tmp_path, tiny_base, capsys):
+    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
+                                             {"name": "soar", "set": {"method": "soar"}}],
+                       budget={"steps": 1, "seconds": 0.05, "max_steps": 50},
+                       evaluation={"num_steps": [3], "cfg_scales": [1.0, 2.0], "prompts_per_family": 1,
+                                   "images_per_prompt": 2, "exposure_images": 4, "every_steps": 1})
+    out = tmp_path / "o"
+    assert main(["--config", str(path), "--output_dir", str(out), "--num_resamples", "200"]) == 0
+    assert "estimated total for 3 cells" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    for row in ("sft", "soar"):
+        cell = next(c for c in results["cells"] if c["row"] == row)
+        record = json.loads((out / "cells" / cell["hash"] / "result.json").read_text())
+        assert record["arms"]["steps"]["step"] == 1
+        assert record["arms"]["seconds"]["train_seconds"] >= 0.05 and not record["arms"]["seconds"]["capped"]
+        assert [p["step"] for p in record["curve"]] == list(range(1, record["steps_trained"] + 1))
+    report = (out / "report.md").read_text()
+    assert "equal training wall-clock (0.05 s)" in report and "Δ overall vs sft" in report
+    for name in results["plots"]:
+        assert (out / name).stat().st_size > 1000
+    assert {"pareto_steps.png", "curves.png", "families_seconds.png", "exposure_steps.png"} <= set(results["plots"])

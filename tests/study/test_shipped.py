@@ -1,0 +1,49 @@
+"""The shipped study files: `--quick` runs end to end on the shipped base (the CI smoke run), every file parses,
+and rows that need keys or methods this trainer lacks fail before any cell runs, naming the row and key."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from soarflow.study import load_study
+from soarflow.study.cli import main
+from soarflow.train.config import TrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+STUDIES = ["study_claim.yaml", "study_knobs.yaml", "study_methods.yaml"]
+
+
+def test_claim_quick_runs_in_under_two_minutes(tmp_path):
+    out = tmp_path / "claim"
+    t0 = time.perf_counter()
+    assert main(["--config", str(CONFIGS / "study_claim.yaml"), "--quick", "--output_dir", str(out)]) == 0
+    assert time.perf_counter() - t0 < 120
+    results = json.loads((out / "results.json").read_text())
+    assert {c["row"] for c in results["cells"]} == {"base", "sft", "soar_demo"}
+    assert all(c["status"] == "ok" for c in results["cells"])
+    table = results["summary"]["steps"]["steps4_cfg4"]
+    assert set(table["soar_demo"]["compare"]) == {"sft", "base"}
+    assert 0 <= table["sft"]["overall"]["mean"] <= 1
+    assert "within noise" in (out / "report.md").read_text() or "[+" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_shipped_studies_parse_and_name_missing_keys(name):
+    missing = {"points_per_sample", "rollout", "aux_noise", "aux_sigma_density"} - set(TrainConfig().soar.__dict__)
+    methods = TrainConfig.__dataclass_fields__["method"].type
+    try:
+        spec = load_study(CONFIGS / name)
+    except ValueError as err:  # only acceptable while another branch's keys/methods are not merged yet
+        assert missing or "grpo" not in str(methods), err
+        assert str(err).startswith("study row '"), err
+        return
+    assert len(spec.seeds) >= 3 and spec.include_base and spec.reference == "sft"
+    assert set(spec.budget.arms) == {"steps", "seconds"}
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_quick_sections_use_rows_that_exist_here(name):
+    spec = load_study(CONFIGS / name, quick=True)
+    assert spec.rows and spec.include_base
