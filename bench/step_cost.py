@@ -57,22 +57,18 @@ class SmallTransformer(nn.Module):
 
 
 def build_model(kind: str, device):
-    if kind == "mmdit":
+    if kind in ("mmdit", "unet"):
         try:
-            from soarflow.models.mmdit import MMDiT, MMDiTConfig
-            from soarflow.shapes import VOCAB, tokenize
+            from soarflow.models.embedded import build_model as build_embedded
+            from soarflow.shapes import MAX_TOKENS, VOCAB, tokenize
         except ImportError:
             kind = "generic"
         else:
-            from soarflow.models.shapes_task import base_checkpoint_path, load_shapes_model
-
-            # The shipped base (trained weights) when present; a fresh model has the same cost.
-            if base_checkpoint_path().is_file():
-                model = load_shapes_model("base").to(device)
-            else:
-                model = MMDiT(MMDiTConfig(vocab_size=len(VOCAB))).to(device)
+            # A fresh model of the architecture (its step costs what a trained one's does): "mmdit" is the
+            # 1.28M-parameter MMDiT the CPU tables were measured on, "unet" the shipped base's architecture.
+            model = build_embedded(kind, {"vocab_size": len(VOCAB), "max_tokens": MAX_TOKENS}).to(device)
             tokens = tokenize(["a red circle to the left of a blue square"])
-            return "mmdit", model, lambda b: {"tokens": tokens.repeat(b, 1).to(device)}, \
+            return kind, model, lambda b: {"tokens": tokens.repeat(b, 1).to(device)}, \
                 lambda b: {"tokens": torch.zeros_like(tokens).repeat(b, 1).to(device)}
     model = SmallTransformer().to(device)
     g = torch.Generator().manual_seed(0)
@@ -110,7 +106,7 @@ VARIANTS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--model", choices=["mmdit", "generic"], default="mmdit")
+    ap.add_argument("--model", choices=["mmdit", "unet", "generic"], default="mmdit")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5, help="rounds; each round times every variant once")
     ap.add_argument("--ks", default="1,2,4,6")

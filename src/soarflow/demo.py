@@ -1,6 +1,6 @@
 """`soarflow demo`: the paper's pipeline in miniature, on a CPU, with nothing downloaded.
 
-1. Start from the shipped base model (the embedded MMDiT pretrained on ShapesEval's noisy corpus).
+1. Start from the shipped base model (the embedded U-Net pretrained on ShapesEval's noisy corpus).
 2. Post-train it on the curated set twice, with SFT and with SOAR: same optimizer, learning rate, batch, steps
    and seed; SOAR with an ODE-only rollout of one guided Euler step, a few auxiliary points.
 3. Evaluate base, SFT and SOAR on ShapesEval at the same sampler settings (several step counts, fixed guidance):

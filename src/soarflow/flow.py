@@ -32,11 +32,12 @@ def append_dims(t: torch.Tensor, ndim: int) -> torch.Tensor:
 def shift_sigma(t: torch.Tensor, shift: float) -> torch.Tensor:
     r""":math:`\sigma(t) = s t / (1 + (s-1) t)`; monotone, fixes 0 and 1.
 
-    Clamped to [0, 1]: in floating point the formula can return 1 + 1 ulp at t = 1 (e.g. s = 0.1), and a sigma
-    above 1 would push the re-noising weight alpha past 1."""
+    The denominator is written :math:`s t + (1 - t)`, so that t = 1 gives s / s = 1 exactly (``1 + (s-1)`` can
+    round away from s: sigma(1) was 1 - 1 ulp for s = 0.32 and 1 + 1 ulp for s = 0.1); the clamp to [0, 1] keeps
+    the re-noising weight alpha in [0, 1] whatever the rounding inside."""
     if shift == 1.0:
         return t
-    return (shift * t / (1.0 + (shift - 1.0) * t)).clamp(0.0, 1.0)
+    return (shift * t / (shift * t + (1.0 - t))).clamp(0.0, 1.0)
 
 
 def sigma_schedule(num_steps: int, shift: float = 1.0, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -17,6 +17,7 @@ unit = st.floats(0.0, 1.0, allow_nan=False)
 
 @given(t=unit, shift=st.floats(0.1, 10.0))
 @example(t=1.0, shift=0.1)  # unclamped, the formula gives 1 + 1 ulp here
+@example(t=0.0, shift=0.32)  # with the denominator 1 + (s-1) t, sigma(1) was 1 - 1 ulp here
 def test_shift_fixes_endpoints_and_is_monotone(t, shift):
     tt = torch.tensor([0.0, t, min(t + 1e-3, 1.0), 1.0], dtype=torch.float64)
     s = shift_sigma(tt, shift)

@@ -75,7 +75,7 @@ def test_pretrained_path_and_errors(tmp_path):
 def test_from_config_names_bad_keys():
     with pytest.raises(ValueError, match="model.hiden_size"):
         ShapesTask.from_config(model={"hiden_size": 3}, data={})
-    task = ShapesTask.from_config(model={"pretrained": None, "depth": 1}, data={"split": "pretrain", "num_samples": 10})
+    task = ShapesTask.from_config(model={"pretrained": None, "architecture": "mmdit", "depth": 1}, data={"split": "pretrain", "num_samples": 10})
     assert task.model_cfg.depth == 1 and len(task.train_dataset()) == 10
 
 

@@ -89,7 +89,7 @@ def tiny_run(tmp_path_factory):
     train(load_config(None, [
         "--task", "shapes", "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "1",
         "--train_batch_size", "4", "--report_to", "none", "--show_progress", "false", "--method", "sft",
-        "--model.pretrained", "null", "--model.hidden_size", "32", "--model.depth", "1", "--model.num_heads", "2",
+        "--model.pretrained", "null", "--model.architecture", "mmdit", "--model.hidden_size", "32", "--model.depth", "1", "--model.num_heads", "2",
         "--data.num_samples", "8", "--learning_rate", "1e-3"]))
     return out
 

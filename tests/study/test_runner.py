@@ -17,7 +17,7 @@ from soarflow.study.runner import run_study
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    task = ShapesTask(ShapesModelSection(pretrained=None, hidden_size=32, depth=1, num_heads=2), ShapesDataSection())
+    task = ShapesTask(ShapesModelSection(pretrained=None, architecture="mmdit", hidden_size=32, depth=1, num_heads=2), ShapesDataSection())
     torch.manual_seed(0)
     model = task.build_model()
     path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
@@ -145,3 +145,27 @@ def test_equal_wall_clock_arm_and_report_files(tmp_path, tiny_base, capsys):
     for name in results["plots"]:
         assert (out / name).stat().st_size > 1000
     assert {"pareto_steps.png", "curves.png", "families_seconds.png", "exposure_steps.png"} <= set(results["plots"])
+
+
+def test_a_signal_stops_the_study_and_keeps_finished_cells(tmp_path, tiny_base, monkeypatch):
+    """SIGTERM / Ctrl-C in a cell (the trainer's Interrupted) stops the whole study instead of recording the cell as
+    failed and going on; finished cells stay cached, and the interrupted one runs again on the rerun."""
+    from soarflow.train.safety import Interrupted
+
+    out = tmp_path / "out"
+    real_run_cell = runner_mod.run_cell
+
+    def interrupt_sft(spec, cell, *a, **k):
+        if cell.row == "sft":
+            raise Interrupted("stopped by SIGTERM after step 1", 1, None, "SIGTERM")
+        return real_run_cell(spec, cell, *a, **k)
+
+    monkeypatch.setattr(runner_mod, "run_cell", interrupt_sft)
+    spec = load_study(write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}}]))
+    with pytest.raises(Interrupted):
+        run_study(spec, out, estimate=False, log=quiet)
+    results = sorted(p.parent.name for p in (out / "cells").glob("*/result.json"))
+    assert len(results) == 1  # the base cell; nothing recorded for the interrupted cell
+    monkeypatch.setattr(runner_mod, "run_cell", real_run_cell)
+    records = run_study(spec, out, estimate=False, log=quiet)
+    assert [r["status"] for r in records] == ["ok", "ok"]

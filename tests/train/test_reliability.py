@@ -32,7 +32,7 @@ def tiny_shapes(out: Path, *extra: str):
     return load_config(SHAPES_CONFIG, [
         "--output_dir", str(out), "--learning_rate", "1e6", "--checkpointing_steps", "2", "--max_train_steps", "12",
         "--train_batch_size", "4", "--report_to", "none", "--show_progress", "false", "--validation_steps", "0",
-        "--model.pretrained", "null", "--model.hidden_size", "32", "--model.depth", "1", "--model.num_heads", "2",
+        "--model.pretrained", "null", "--model.architecture", "mmdit", "--model.hidden_size", "32", "--model.depth", "1", "--model.num_heads", "2",
         "--data.num_samples", "16", "--soar.rollout_steps", "4", "--soar.num_aux", "1",
         "--adam_weight_decay", "0", *extra])  # decay 1e-4 x lr 1e6 would flip the weights in step 1
 

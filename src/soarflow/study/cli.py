@@ -45,8 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --num_resamples must be >= 100, got {args.num_resamples}", file=sys.stderr)
         return 2
     out = Path(args.output_dir or f"runs/study_{spec.name}{'_quick' if args.quick else ''}")
-    records = run_study(spec, out, estimate=not args.no_estimate, estimate_only=args.estimate_only,
-                        keep_models=args.keep_models)
+    from ..train.safety import EXIT_INTERRUPTED, Interrupted
+
+    try:
+        records = run_study(spec, out, estimate=not args.no_estimate, estimate_only=args.estimate_only,
+                            keep_models=args.keep_models)
+    except Interrupted as err:  # finished cells stay cached; the interrupted one reruns from step 0
+        print(f"study stopped: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.estimate_only:
         return 0
     results = aggregate(spec, records, num_resamples=args.num_resamples)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..train.safety import Interrupted
 from .spec import BASE_ROW, Cell, StudySpec, expand_cells
 
 RESULT = "result.json"
@@ -295,6 +296,9 @@ def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_onl
         try:
             record.update(run_cell(spec, cell, out, evaluator, lambda msg: log(f"{prefix}: {msg}"), keep_models))
             record["status"] = "ok"
+        except Interrupted:  # SIGTERM / Ctrl-C stop the whole study, not just this cell; the cell reruns next time
+            log(f"[study {spec.name}] stopped by a signal in cell {cell.label}; rerun the same command to continue")
+            raise
         except Exception as err:  # a crashing cell is recorded and the study goes on
             record.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
             log(f"[study {spec.name}] cell {cell.label} FAILED: {type(err).__name__}: {err}")

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from ..train.config import TrainConfig, from_dict
+from ..train.config import TrainConfig, from_dict, set_dotted
 
 BASE_ROW = "base"
 # Execution settings every cell gets: the study owns output folders, logging and evaluation.
@@ -167,13 +167,7 @@ def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
         path = str(key).split(".")
         if any(not p for p in path):
             raise ValueError(f"malformed config key {key!r}")
-        node = out
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ValueError(f"config key '{key}': '{part}' is not a section")
-            node = nxt
-        node[path[-1]] = copy.deepcopy(value)
+        set_dotted(out, key, path, copy.deepcopy(value))
     return out
 
 

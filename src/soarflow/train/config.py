@@ -449,14 +449,19 @@ def apply_overrides(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, An
             if _field_type(path) is not bool:
                 raise ValueError(f"override --{key} needs a value")
             text = _Text("true")
-        node = out
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ValueError(f"config key '{key}': '{part}' is not a section")
-            node = nxt
-        node[path[-1]] = text
+        set_dotted(out, key, path, text)
     return out
+
+
+def set_dotted(mapping: dict[str, Any], key: str, path: Sequence[str], value: Any) -> None:
+    """Set ``mapping[path[0]]...[path[-1]] = value``, creating sections; `key` names the key in errors."""
+    node = mapping
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ValueError(f"config key '{key}': '{part}' is not a section")
+        node = nxt
+    node[path[-1]] = value
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
