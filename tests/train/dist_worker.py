@@ -46,7 +46,9 @@ def main() -> None:
             (out / f"stopped_{rank}.json").write_text(json.dumps({"step": err.step, "signal": err.signal_name}))
         return
     result = train(cfg, task=ToyTask())
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    # the launcher's RANK, not torch.distributed: the trainer may have torn the process group down by now, and
+    # two processes writing history.json at once leave a file that is not JSON
+    if os.environ.get("RANK", "0") != "0":
         return
     (out / "history.json").write_text(json.dumps({"history": result.history, "num_processes": result.num_processes}))
 
