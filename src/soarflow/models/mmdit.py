@@ -77,6 +77,18 @@ def timestep_embedding(sigma: torch.Tensor, dim: int, max_period: float = 10000.
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def caption_tokens(cond: Any, max_tokens: int, vocab_size: int, model_name: str) -> torch.Tensor:
+    """The caption token ids (B, L) of an embedded model's condition {"tokens": ...}, checked, as int64."""
+    tokens = cond["tokens"] if isinstance(cond, Mapping) else cond
+    if not torch.is_tensor(tokens) or tokens.dtype not in (torch.int64, torch.int32) or tokens.ndim != 2:
+        raise ValueError(f"{model_name} expects cond={{'tokens': LongTensor (B, L)}} of caption token ids")
+    if tokens.shape[1] > max_tokens:
+        raise ValueError(f"caption has {tokens.shape[1]} tokens, model max_tokens={max_tokens}")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got max {int(tokens.max())}")
+    return tokens.long()
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -164,16 +176,6 @@ class MMDiT(nn.Module):
         p, g, c = self.config.patch_size, self.grid, self.config.in_channels
         return x.view(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, g * p, g * p)
 
-    def _tokens(self, cond: Any) -> torch.Tensor:
-        tokens = cond["tokens"] if isinstance(cond, Mapping) else cond
-        if not torch.is_tensor(tokens) or tokens.dtype not in (torch.int64, torch.int32) or tokens.ndim != 2:
-            raise ValueError("MMDiT expects cond={'tokens': LongTensor (B, L)} of caption token ids")
-        if tokens.shape[1] > self.config.max_tokens:
-            raise ValueError(f"caption has {tokens.shape[1]} tokens, model max_tokens={self.config.max_tokens}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got max {int(tokens.max())}")
-        return tokens.long()
-
     def _checkpointed(self, blk, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False)
@@ -190,7 +192,7 @@ class MMDiT(nn.Module):
                 f"MMDiT expects x of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), got {tuple(x.shape)}"
             )
         b, length = x.shape[0], None
-        tokens = self._tokens(cond)
+        tokens = caption_tokens(cond, cfg.max_tokens, cfg.vocab_size, "MMDiT")
         length = tokens.shape[1]
         sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1).expand(b)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mmdit import timestep_embedding
+from .mmdit import caption_tokens, timestep_embedding
 
 CHECKPOINT_FORMAT = "soarflow.unet/1"
 
@@ -200,16 +200,6 @@ class UNet(nn.Module):
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _tokens(self, cond: Any) -> torch.Tensor:
-        tokens = cond["tokens"] if isinstance(cond, Mapping) else cond
-        if not torch.is_tensor(tokens) or tokens.dtype not in (torch.int64, torch.int32) or tokens.ndim != 2:
-            raise ValueError("UNet expects cond={'tokens': LongTensor (B, L)} of caption token ids")
-        if tokens.shape[1] > self.config.max_tokens:
-            raise ValueError(f"caption has {tokens.shape[1]} tokens, model max_tokens={self.config.max_tokens}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got max {int(tokens.max())}")
-        return tokens.long()
-
     def encode_text(self, tokens: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoded caption (B, L, text_dim), valid-key mask (B, L)); the null caption is the learned sequence."""
         length = tokens.shape[1]
@@ -230,7 +220,7 @@ class UNet(nn.Module):
             )
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1).expand(b)
-        txt, valid = self.encode_text(self._tokens(cond), x.dtype)
+        txt, valid = self.encode_text(caption_tokens(cond, cfg.max_tokens, cfg.vocab_size, "UNet"), x.dtype)
         pooled = (txt * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
         c = self.t_mlp(timestep_embedding(sigma, cfg.channels[0]).to(x.dtype)) + self.pool_proj(pooled)
         hw = (cfg.image_size // 2 ** torch.arange(len(cfg.channels))).tolist()
