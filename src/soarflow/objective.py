@@ -421,6 +421,8 @@ def sft_loss(
         extra, t_extra = _draw_noise_and_t(x0[batch:], config, generator, None, None)
         noise, t = torch.cat([noise, extra]), torch.cat([t, t_extra])
         cond = cond_repeat(cond, P)
+        if null_cond is not None and cond_batch_size(null_cond) == batch != 1:  # a per-row null_cond tiles too
+            null_cond = cond_repeat(null_cond, P)
     rows = P * batch
     train_cond, _ = _drop_cond(cond, null_cond, rows, config, generator, x0.device)
     sigma0 = shift_sigma(t, config.shift)

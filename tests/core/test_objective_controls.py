@@ -210,6 +210,18 @@ def test_points_per_sample_is_the_mean_over_fresh_draws(P):
             soar_loss(model, x0, cond, null_cond=None, config=cfg.replace(num_aux=2, rollout="none"))
 
 
+def test_points_per_sample_with_dropout_takes_a_per_row_null_cond():
+    # the shapes task passes null_cond at the batch size; P draws tile it like the caption (found by study_claim)
+    model = ToyVelocity(D, C)
+    x0, cond, *_ = make_batch()
+    null_one = torch.zeros(1, C)
+    cfg = SOARConfig(num_aux=0, points_per_sample=3, cond_dropout=0.5)
+    per_row = sft_loss(model, x0, cond, config=cfg, null_cond=null_one.expand(B, C).clone(),
+                       generator=torch.Generator().manual_seed(3))
+    single = sft_loss(model, x0, cond, config=cfg, null_cond=null_one, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(per_row.loss, single.loss)
+
+
 # ------------------------------------------------------------------ the sigma' density
 
 
