@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("base", "sft", "soar")
 
 
 @dataclass
@@ -47,13 +46,14 @@ class DemoSettings:
     images_per_prompt: int = 2
     exposure_images: int = 32
     base: str = "base"
+    methods: list[str] = field(default_factory=lambda: ["sft", "soar"])  # post-trained; the base is always shown
 
 
 QUICK = dict(max_train_steps=20, train_batch_size=16, eval_num_steps=[10], prompts_per_family=2, images_per_prompt=2, exposure_images=16)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train.config import LR_SCHEDULERS
+    from .train.config import LR_SCHEDULERS, METHOD_NAMES
 
     d = DemoSettings()
     p = argparse.ArgumentParser(prog="soarflow demo", description=__doc__.split("\n\n")[0])
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts_per_family", type=int, help=f"ShapesEval prompts per family (default {d.prompts_per_family})")
     p.add_argument("--images_per_prompt", type=int, help=f"default {d.images_per_prompt}")
     p.add_argument("--base", help='base checkpoint: "base" (shipped) or a .safetensors path')
+    p.add_argument("--methods", type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
+                   help=f"comma-separated methods to post-train and compare with the base, any of "
+                        f"{','.join(METHOD_NAMES)} (default {','.join(d.methods)}); each gets the same data, "
+                        f"optimizer, batch and steps, and its recipe from configs/shapes_<method>.yaml")
     return p
 
 
@@ -96,15 +100,28 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
             raise ValueError(f"--{name} must be >= 1, got {getattr(s, name)}")
     if not s.learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0, got {s.learning_rate}")
+    from .train.config import METHOD_NAMES
+
+    unknown = [m for m in s.methods if m not in METHOD_NAMES]
+    if unknown or not s.methods or len(set(s.methods)) != len(s.methods):
+        raise ValueError(f"--methods: {','.join(unknown) or ','.join(s.methods) or '(empty)'} is not a list of distinct "
+                         f"methods; choose from {','.join(METHOD_NAMES)}")
     if any(n < 1 for n in s.eval_num_steps):
         raise ValueError(f"--eval_num_steps must all be >= 1, got {s.eval_num_steps}")
     return s
 
 
 # -- post-training -------------------------------------------------------------------------------------
+def methods_of(s: DemoSettings) -> tuple[str, ...]:
+    return ("base", *s.methods)
+
+
 def post_train(method: str, s: DemoSettings, run_dir: Path):
-    """SFT or SOAR from the base with the shared settings, through the same trainer `soarflow train` uses."""
+    """One method from the base with the shared settings, through the same trainer `soarflow train` uses.
+    SOAR takes the demo's K / lambda / N / rollout guidance; the other baselines their shapes recipe
+    (soarflow.train.methods.SHAPES_RECIPES, the settings of configs/shapes_<method>.yaml)."""
     from .train import load_config, train
+    from .train.methods import SHAPES_RECIPES
 
     overrides = {
         "task": "shapes",
@@ -133,6 +150,8 @@ def post_train(method: str, s: DemoSettings, run_dir: Path):
         "model.pretrained": s.base,
         "data.split": "curated",
     }
+    if method not in ("sft", "soar"):
+        overrides.update(SHAPES_RECIPES[method])
     argv = [f"--{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()]
     return train(load_config(None, argv))
 
@@ -158,14 +177,15 @@ def evaluate(model: torch.nn.Module, s: DemoSettings, bench, real: torch.Tensor,
 def format_table(report: dict, s: DemoSettings) -> str:
     lines = []
     families = list(report["methods"]["base"]["metrics"][str(s.eval_num_steps[0])]["shapes_eval"]["per_family"])
-    diverged = {m: report["methods"][m]["train"] for m in METHODS if report["methods"][m].get("metrics") is None}
+    methods = methods_of(s)
+    diverged = {m: report["methods"][m]["train"] for m in methods if report["methods"][m].get("metrics") is None}
     for n in s.eval_num_steps:
         lines.append(f"\nShapesEval, {n} Euler steps, guidance {s.cfg_scale}  (higher is better, except FD / exposure gap)")
-        header = ["metric"] + list(METHODS)
+        header = ["metric"] + list(methods)
         rows = []
 
         def row(name, get, fmt="{:.3f}"):
-            vals = [None if m in diverged else get(report["methods"][m]["metrics"][str(n)]) for m in METHODS]
+            vals = [None if m in diverged else get(report["methods"][m]["metrics"][str(n)]) for m in methods]
             rows.append([name] + ["-" if v is None else fmt.format(v) for v in vals])
 
         row("overall", lambda r: r["shapes_eval"]["overall"])
@@ -183,7 +203,7 @@ def format_table(report: dict, s: DemoSettings) -> str:
     lines.append("post-training: " + ", ".join(
         f"{m} diverged at step {report['methods'][m]['train']['diverged_at_step']}" if m in diverged else
         f"{m} {report['methods'][m]['train']['steps']} steps in {report['methods'][m]['train']['wall_clock_s']:.0f}s"
-        for m in ("sft", "soar")
+        for m in s.methods
     ))
     for m, t in diverged.items():
         lines.append(f"  {m}: diverged at step {t['diverged_at_step']} (columns '-'): {t['message']}")
@@ -199,13 +219,14 @@ def save_plot(report: dict, s: DemoSettings, path: Path) -> None:
     n = str(max(s.eval_num_steps))
     fams = list(report["methods"]["base"]["metrics"][n]["shapes_eval"]["per_family"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.27
-    for i, m in enumerate(METHODS):
+    methods = methods_of(s)
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
         if report["methods"][m].get("metrics") is None:  # diverged
             continue
         se = report["methods"][m]["metrics"][n]["shapes_eval"]
         vals = [se["per_family"][f] for f in fams] + [se["overall"]]
-        axes[0].bar([j + (i - 1) * width for j in range(len(vals))], vals, width, label=m)
+        axes[0].bar([j + (i - (len(methods) - 1) / 2) * width for j in range(len(vals))], vals, width, label=m)
         eb = report["methods"][m]["metrics"][n]["exposure_bias"]
         axes[1].plot([(b["sigma_low"] + b["sigma_high"]) / 2 for b in eb["bins"]], [b["gap"] for b in eb["bins"]], marker="o", label=m)
     axes[0].set_xticks(range(len(fams) + 1), fams + ["overall"], rotation=30, ha="right")
@@ -324,7 +345,7 @@ def run_demo(s: DemoSettings, out: Path, overwrite: bool = False) -> int:
 
     report = {"settings": settings, "methods": {"base": {"train": {"steps": 0, "wall_clock_s": 0.0}}}}
     models = {"base": lambda: load_shapes_model(s.base)}
-    for method in ("sft", "soar"):
+    for method in s.methods:
         done = stages.get(f"train_{method}")
         if done is None:
             log(f"post-training {method.upper()} for {s.max_train_steps} steps (batch {s.train_batch_size}, lr {s.learning_rate})")
@@ -343,7 +364,7 @@ def run_demo(s: DemoSettings, out: Path, overwrite: bool = False) -> int:
             models[method] = lambda path=done["model"]: load_shapes_checkpoint(path).float().cpu().eval()
 
     grid_idx = [i * s.images_per_prompt for i in range(0, len(bench.prompts), max(1, s.prompts_per_family // 2))][:16]
-    for method in METHODS:
+    for method in methods_of(s):
         if method not in models:
             report["methods"][method]["metrics"] = None
             continue
@@ -361,7 +382,7 @@ def run_demo(s: DemoSettings, out: Path, overwrite: bool = False) -> int:
         report["methods"][method]["metrics"] = metrics
     save_image_grid(real[grid_idx], [prompts[i] for i in grid_idx], out / "samples_real.png")
     report = {k: report[k] for k in ("settings", "methods")}
-    report["methods"] = {m: report["methods"][m] for m in METHODS}
+    report["methods"] = {m: report["methods"][m] for m in methods_of(s)}
     report["total_wall_clock_s"] = round(time.time() - start, 1)
     save_plot(report, s, out / "comparison.png")
     tmp = report_path.with_suffix(".tmp")

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from soarflow.demo import METHODS, main
+from soarflow.demo import main
+
+METHODS = ("base", "sft", "soar")  # the default --methods, plus the base
 from soarflow.models.embedded import build_model, save_checkpoint
 from soarflow.models.shapes_task import ShapesModelSection, ShapesTask, ShapesDataSection
 
@@ -59,11 +61,34 @@ def test_demo_writes_a_complete_report_and_refuses_a_different_run(tiny_base, tm
     assert before == after
 
 
+def test_demo_methods_runs_any_subset_of_the_trainer_methods(tiny_base, tmp_path, capsys):
+    out = tmp_path / "demo"
+    methods = ["grpo", "scheduled_sampling", "input_perturbation"]
+    assert main(demo_args(tiny_base, out, methods=",".join(methods))) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["methods"]) == ["base", *methods]
+    fds = set()
+    for m in methods:
+        train = report["methods"][m]["train"]
+        assert train["steps"] == 2 and train["wall_clock_s"] > 0
+        metrics = report["methods"][m]["metrics"]["4"]
+        assert 0 <= metrics["shapes_eval"]["overall"] <= 1 and metrics["diversity"] >= 0
+        fds.add(metrics["frechet_distance"])
+    assert len(fds) == 3  # three trained models, three image sets
+    assert "reward_mean" in report["methods"]["grpo"]["train"]["history"][-1]  # the GRPO recipe really ran
+    table = capsys.readouterr().out
+    assert all(m in table for m in methods) and "grpo 2 steps" in table
+
+
 def test_demo_errors_name_the_bad_input(tmp_path, capsys):
     assert main(demo_args(tmp_path / "missing.safetensors", tmp_path / "o1")) == 2
     assert "missing.safetensors" in capsys.readouterr().err
     assert main(demo_args("base", tmp_path / "o2", max_train_steps=0)) == 2
     assert "--max_train_steps" in capsys.readouterr().err
+    assert main(demo_args("base", tmp_path / "o2", methods="sft,dpo")) == 2
+    err = capsys.readouterr().err
+    assert "--methods" in err and "dpo" in err and "grpo" in err
+    assert not (tmp_path / "o2").exists()
     (tmp_path / "o3").mkdir()
     (tmp_path / "o3" / "notes.txt").write_text("mine")
     assert main(demo_args("base", tmp_path / "o3")) == 2
