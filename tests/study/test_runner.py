@@ -169,3 +169,51 @@ def test_a_signal_stops_the_study_and_keeps_finished_cells(tmp_path, tiny_base, 
     monkeypatch.setattr(runner_mod, "run_cell", real_run_cell)
     records = run_study(spec, out, estimate=False, log=quiet)
     assert [r["status"] for r in records] == ["ok", "ok"]
+
+
+def test_a_chained_row_starts_from_its_source_cells_weights(tmp_path, tiny_base, monkeypatch):
+    """SOAR -> GRPO: `init_from_row` starts each cell from the same seed's source cell at its arm's evaluation."""
+    rows = [{"name": "sft", "set": {"method": "sft"}},
+            {"name": "sft_then_ip", "set": {"method": "input_perturbation"}, "init_from_row": "sft"}]
+    path = write_study(tmp_path, tiny_base, rows, seeds=[0, 1], include_base=False)
+    spec = load_study(path)
+    cells = expand_cells(spec)
+    chained = [c for c in cells if c.row == "sft_then_ip"]
+    assert [c.init_from.label for c in chained] == ["sft seed 0", "sft seed 1"]
+    assert all(c.init_arm == "steps" for c in chained)  # the only arm of this budget
+    # the source's hash is part of the chained cell's: same config without the chain hashes differently
+    unchained = [rows[0], {"name": "sft_then_ip", "set": rows[1]["set"]}]
+    (tmp_path / "plain").mkdir()
+    plain = expand_cells(load_study(write_study(tmp_path / "plain", tiny_base, unchained, seeds=[0, 1], include_base=False)))
+    assert {c.hash for c in chained}.isdisjoint({c.hash for c in plain})
+    assert [c.hash for c in cells if c.row == "sft"] == [c.hash for c in plain if c.row == "sft"]
+
+    loaded = []
+    from soarflow.train import trainer as trainer_mod
+
+    orig = trainer_mod.load_init_weights
+
+    def spy(task, model, p):
+        loaded.append(str(p))
+        return orig(task, model, p)
+
+    monkeypatch.setattr(trainer_mod, "load_init_weights", spy)
+    out = tmp_path / "out"
+    records = run_study(spec, out, estimate=False, log=quiet)
+    assert [r["status"] for r in records] == ["ok"] * 4
+    assert all(r["init_from"] == {"row": "sft", "arm": "steps"} for r in records if r["row"] == "sft_then_ip")
+    sources = [runner_mod.weights_path(out, c.init_from, "steps") for c in chained]
+    assert sorted(loaded) == sorted(str(p) for p in sources) and all(p.is_file() for p in sources)
+    # a chained row names an earlier, unchained row
+    (tmp_path / "bad").mkdir()
+    bad = write_study(tmp_path / "bad", tiny_base, [{"name": "a", "set": {"method": "sft"}, "init_from_row": "b"},
+                                            {"name": "b", "set": {"method": "sft"}}])
+    with pytest.raises(ValueError, match="study row 'a': init_from_row 'b' must name a row listed before it"):
+        load_study(bad)
+    bad = write_study(tmp_path / "bad", tiny_base, [{"name": "a", "set": {"method": "sft"}},
+                                            {"name": "b", "set": {"method": "sft"}, "init_from_row": "a",
+                                             "init_from_arm": "seconds"}])
+    with pytest.raises(ValueError, match=r"study row 'b': init_from_arm must be one of \['steps'\]"):
+        load_study(bad)
+    # --only keeps the source row of a chained row
+    assert [r.name for r in load_study(path, only=["sft_then_ip"]).rows] == ["sft", "sft_then_ip"]

@@ -107,10 +107,14 @@ def markdown(spec: StudySpec, results: dict, command: str, machine: str, wall_se
     lead = PER_IMAGE[kind][0]
     ref = spec.reference
     lines = [f"# Study `{spec.name}`", "",
-             f"- command: `{command}`", f"- machine: {machine}", f"- wall-clock of this invocation: {wall_seconds:.0f} s",
+             f"- command: `{command}`", f"- machine: {machine}", f"- wall-clock of this invocation: {wall_seconds:.0f} s; of all its cells (each measured when it ran): "
+             f"{sum(c.get('wall_seconds') or 0 for c in results.get('cells', [])) / 60:.0f} min",
              f"- seeds: {spec.seeds}; budget: steps {spec.budget.steps}, seconds {spec.budget.seconds} "
              f"(cap {spec.budget.max_steps} steps); evaluation: {kind}, settings "
-             + ", ".join(setting_key(n, w) for n, w in spec.evaluation.settings), "",
+             + ", ".join(setting_key(n, w) for n, w in spec.evaluation.settings),
+             *[f"- row `{r.name}` starts from row `{r.init_from_row}`'s weights at its {r.init_from_arm}-arm evaluation "
+               f"(same seed): that stage's budget comes on top of this row's" for r in spec.rows if r.init_from_row],
+             "",
              "Values are mean ± std over seeds. Δ columns: difference of the row to the reference / the base with a "
              "95% paired bootstrap CI (images paired by prompt and noise, seeds paired by seed); "
              "**within noise** marks a CI that contains 0.", ""]

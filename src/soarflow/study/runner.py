@@ -79,12 +79,19 @@ class ForwardCounter:
             self.rows += int(args[0].shape[0])
 
 
+def weights_path(out: Path, cell: Cell, arm: str) -> Path | None:
+    """The weights a chained cell starts from (saved by `cell` at its `arm` evaluation), or None if absent."""
+    stem = cell_dir(out, cell) / f"weights_{arm}"
+    return next((p for p in (stem, stem.with_suffix(".safetensors")) if p.exists()), None)
+
+
 class CellRun:
     """The step callback of one training run: curve points, budget evaluations, stop decision."""
 
     def __init__(self, spec: StudySpec, evaluator, counter: ForwardCounter, images_per_step: int,
-                 progress: Callable[[str], None]):
+                 progress: Callable[[str], None], save: Callable[[str, Any], None] | None = None):
         self.spec, self.evaluator, self.counter = spec, evaluator, counter
+        self.save = save  # save(arm, model): weights a chained row starts from
         self.images_per_step = images_per_step
         self.progress = progress
         self.eval_seconds = 0.0
@@ -119,6 +126,8 @@ class CellRun:
             "sample_forwards_per_image": rows / max(step * self.images_per_step, 1),
             "metrics": metrics,
         }
+        if self.save is not None:
+            self.save(arm, model)
 
     def __call__(self, step: int, model) -> bool:
         self.last_step = step
@@ -138,14 +147,22 @@ class CellRun:
 
 
 def run_cell(spec: StudySpec, cell: Cell, out: Path, evaluator, progress: Callable[[str], None],
-             keep_models: bool = False) -> dict:
-    """Train (unless base) and evaluate one cell; returns its result record (status ok)."""
+             keep_models: bool = False, save_arms: frozenset[str] = frozenset()) -> dict:
+    """Train (unless base) and evaluate one cell; returns its result record (status ok). ``save_arms``: arms
+    whose weights a chained row starts from (written to cells/<hash>/weights_<arm>)."""
     from accelerate.utils import set_seed
 
     from ..train import TrainConfig, build_task, train
 
     cdir = cell_dir(out, cell)
-    cfg = TrainConfig.from_dict({**cell.config, "output_dir": str(cdir / "run")})
+    extra = {}
+    if cell.init_from is not None:
+        source = weights_path(out, cell.init_from, cell.init_arm)
+        if source is None:
+            raise FileNotFoundError(f"cell {cell.init_from.label} saved no {cell.init_arm}-arm weights to start "
+                                    f"from (did it fail?)")
+        extra["init_from"] = str(source)
+    cfg = TrainConfig.from_dict({**cell.config, "output_dir": str(cdir / "run"), **extra})
     t0 = time.perf_counter()
     task = build_task(cfg)
     if cell.row == BASE_ROW:
@@ -165,7 +182,13 @@ def run_cell(spec: StudySpec, cell: Cell, out: Path, evaluator, progress: Callab
     set_seed(cfg.seed)  # as train() does before building the model
     model = task.build_model()
     counter = ForwardCounter(model)
-    run = CellRun(spec, evaluator, counter, cfg.train_batch_size * cfg.gradient_accumulation_steps, progress)
+
+    def save(arm: str, m) -> None:
+        if arm in save_arms:
+            task.save_model(getattr(m, "module", m), cdir / f"weights_{arm}")
+
+    run = CellRun(spec, evaluator, counter, cfg.train_batch_size * cfg.gradient_accumulation_steps, progress,
+                  save=save if save_arms else None)
     try:
         result = train(cfg, task, model, step_callback=run)
     finally:
@@ -259,6 +282,12 @@ def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_onl
     cells = expand_cells(spec)
     out.mkdir(parents=True, exist_ok=True)
     done = {c.hash: r for c in cells if (r := load_cached(out, c)) is not None}
+    save_arms: dict[str, set[str]] = {}
+    for c in cells:
+        if c.init_from is not None:
+            save_arms.setdefault(c.init_from.hash, set()).add(c.init_arm)
+            if c.hash not in done and weights_path(out, c.init_from, c.init_arm) is None:
+                done.pop(c.init_from.hash, None)  # a cached source without its weights reruns first
     pending = [c for c in cells if c.hash not in done]
     num_cached = len(done)
     log(f"[study {spec.name}] {len(cells)} cells ({len(done)} cached, {len(pending)} to run) -> {out}")
@@ -294,7 +323,10 @@ def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_onl
         log(prefix)
         record = {"row": cell.row, "seed": cell.seed, "hash": cell.hash, "config": cell.config}
         try:
-            record.update(run_cell(spec, cell, out, evaluator, lambda msg: log(f"{prefix}: {msg}"), keep_models))
+            record.update(run_cell(spec, cell, out, evaluator, lambda msg: log(f"{prefix}: {msg}"), keep_models,
+                                   frozenset(save_arms.get(cell.hash, ()))))
+            if cell.init_from is not None:
+                record["init_from"] = {"row": cell.init_from.row, "arm": cell.init_arm}
             record["status"] = "ok"
         except Interrupted:  # SIGTERM / Ctrl-C stop the whole study, not just this cell; the cell reruns next time
             log(f"[study {spec.name}] stopped by a signal in cell {cell.label}; rerun the same command to continue")

@@ -117,6 +117,10 @@ def setting_key(num_steps: int, cfg_scale: float) -> str:
 class Row:
     name: str
     overrides: dict[str, Any]  # dotted key -> value, applied over the base
+    # Chaining (e.g. SOAR -> GRPO): each cell starts from the weights the same seed's cell of `init_from_row`
+    # had at its `init_from_arm` evaluation ("steps" or "seconds"); that stage's budget comes on top of this one's.
+    init_from_row: str | None = None
+    init_from_arm: str | None = None
 
 
 @dataclass
@@ -125,6 +129,8 @@ class Cell:
     seed: int | None  # None for the base row (no training)
     config: dict[str, Any]  # the validated training config (TrainConfig.to_dict()), output_dir blanked
     hash: str = ""
+    init_from: "Cell | None" = None  # the cell whose `init_arm` weights this one starts from (Row.init_from_row)
+    init_arm: str | None = None
 
     @property
     def label(self) -> str:
@@ -215,6 +221,7 @@ def load_study(path: str | Path, quick: bool = False, only: list[str] | None = N
     budget = from_dict(Budget, raw.get("budget") or {}, prefix="budget")
     evaluation = from_dict(EvalSpec, raw.get("evaluation") or {}, prefix="evaluation")
     rows = _expand_rows(raw.get("rows") or [], path)
+    _check_chains(rows, budget, path)
     include_base = bool(raw.get("include_base", True))
     names = [r.name for r in rows] + ([BASE_ROW] if include_base else [])
     if only:
@@ -225,6 +232,9 @@ def load_study(path: str | Path, quick: bool = False, only: list[str] | None = N
         for pat in only:
             if not any(hit(n, pat) for n in names):
                 raise ValueError(f"--only {pat!r} matches no row of {path} (rows: {', '.join(names)})")
+        for r in rows:  # a chained row needs its source row
+            if r.name in keep and r.init_from_row:
+                keep.add(r.init_from_row)
         rows = [r for r in rows if r.name in keep]
         include_base = include_base and BASE_ROW in keep
     reference = raw.get("reference", "sft")
@@ -245,17 +255,18 @@ def _expand_rows(items: list, path: Path) -> list[Row]:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "name" not in item:
             raise ValueError(f"study file {path}: rows[{i}] must be a mapping with a 'name'")
-        bad = set(item) - {"name", "set", "sweep", "sweep_mode"}
+        bad = set(item) - {"name", "set", "sweep", "sweep_mode", "init_from_row", "init_from_arm"}
         if bad:
             raise ValueError(f"study row '{item['name']}': unknown key(s) {', '.join(sorted(bad))} "
-                             "(known: name, set, sweep, sweep_mode)")
+                             "(known: name, set, sweep, sweep_mode, init_from_row, init_from_arm)")
+        chain = {"init_from_row": item.get("init_from_row"), "init_from_arm": item.get("init_from_arm")}
         base_set = dict(item.get("set") or {})
         sweep = dict(item.get("sweep") or {})
         mode = item.get("sweep_mode", "product")
         if mode not in ("product", "one_at_a_time"):
             raise ValueError(f"study row '{item['name']}': sweep_mode must be 'product' or 'one_at_a_time'")
         if not sweep:
-            rows.append(Row(str(item["name"]), base_set))
+            rows.append(Row(str(item["name"]), base_set, **chain))
             continue
         for key, values in sweep.items():
             if not isinstance(values, list) or not values:
@@ -266,13 +277,35 @@ def _expand_rows(items: list, path: Path) -> list[Row]:
             points = [{k: v} for k, vals in sweep.items() for v in vals]
         for point in points:
             label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
-            rows.append(Row(f"{item['name']}[{label}]", {**base_set, **point}))
+            rows.append(Row(f"{item['name']}[{label}]", {**base_set, **point}, **chain))
     seen = set()
     for r in rows:
         if r.name in seen or r.name == BASE_ROW:
             raise ValueError(f"study file {path}: duplicate row name {r.name!r}")
         seen.add(r.name)
     return rows
+
+
+def _check_chains(rows: list[Row], budget: Budget, path: Path) -> None:
+    """init_from_row names an earlier, unchained row; init_from_arm (default: the wall-clock arm if any) is an arm."""
+    earlier: dict[str, Row] = {}
+    for r in rows:
+        if r.init_from_row is None:
+            if r.init_from_arm is not None:
+                raise ValueError(f"study row '{r.name}': init_from_arm needs init_from_row")
+        else:
+            src = earlier.get(r.init_from_row)
+            if src is None:
+                raise ValueError(f"study row '{r.name}': init_from_row {r.init_from_row!r} must name a row listed "
+                                 f"before it (rows: {', '.join(x.name for x in rows)})")
+            if src.init_from_row is not None:
+                raise ValueError(f"study row '{r.name}': init_from_row {src.name!r} is itself chained; "
+                                 "chain from an unchained row")
+            r.init_from_arm = r.init_from_arm or budget.arms[-1]
+            if r.init_from_arm not in budget.arms:
+                raise ValueError(f"study row '{r.name}': init_from_arm must be one of {budget.arms}, "
+                                 f"got {r.init_from_arm!r}")
+        earlier[r.name] = r
 
 
 def cell_config(spec: StudySpec, row: Row, seed: int) -> TrainConfig:
@@ -292,10 +325,15 @@ def expand_cells(spec: StudySpec) -> list[Cell]:
         # The base row is evaluated, never trained: its config is the base's (seed 0) for the model section only.
         cfg = cell_config(spec, Row(BASE_ROW, {}), 0)
         cells.append(Cell(BASE_ROW, None, _blank(cfg)))
+    by_key: dict[tuple[str, int], Cell] = {}
     for row in spec.rows:
         for seed in spec.seeds:
-            cells.append(Cell(row.name, seed, _blank(cell_config(spec, row, seed))))
-    for c in cells:
+            cell = Cell(row.name, seed, _blank(cell_config(spec, row, seed)))
+            if row.init_from_row is not None:
+                cell.init_from, cell.init_arm = by_key[(row.init_from_row, seed)], row.init_from_arm
+            by_key[(row.name, seed)] = cell
+            cells.append(cell)
+    for c in cells:  # sources come first, so a chained cell's hash covers its source's
         c.hash = cell_hash(spec, c)
     return cells
 
@@ -337,4 +375,6 @@ def cell_hash(spec: StudySpec, cell: Cell) -> str:
         _FINGERPRINTS[key] = _base_model_fingerprint(cfg)
     payload = {"config": cfg, "budget": budget, "evaluation": asdict(spec.evaluation),
                "base_model": _FINGERPRINTS[key], "format": 1}
+    if cell.init_from is not None:  # only chained cells carry the key, so other hashes stay as they were
+        payload["init_from"] = [cell.init_from.hash, cell.init_arm]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
