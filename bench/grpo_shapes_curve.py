@@ -1,8 +1,13 @@
 """Does Flow-GRPO raise the ShapesEval reward of the shipped base on the CPU? Trains `soarflow train` with
 configs/shapes_grpo.yaml in segments (resuming), and after every segment scores the model with the ODE sampler
-(evaluation convention of Flow-GRPO) on a fixed ShapesEval prompt set with fixed noise.
+(Flow-GRPO's evaluation convention) on a fixed ShapesEval prompt set with fixed noise, at the 10-step schedule
+GRPO trains on and, at the start and the end, at 40 steps.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/grpo_shapes_curve.py --steps 60 --every 15 --out /tmp/grpo_curve
+    # the machinery on a dense reward that any working policy gradient moves fast (mean brightness):
+    OMP_NUM_THREADS=1 PYTHONPATH=src:bench python bench/grpo_shapes_curve.py --reward grpo_rewards:brightness ...
+
+Prints one JSON line per segment and writes <out>/curve.json (the curve, the per-step training history).
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from pathlib import Path
 import torch
 
 from soarflow.models.shapes_task import generate_images, load_shapes_model
-from soarflow.shapes import ShapesEval, reward
+from soarflow.shapes import ShapesEval, reward as shapes_reward
 from soarflow.train import load_config, train
+from soarflow.train.methods import resolve_reward
 
 
-def ode_reward(model, prompts, num_steps: int, cfg_scale: float) -> float:
+def ode_reward(model, prompts, reward_fn, num_steps: int, cfg_scale: float) -> float:
     images = generate_images(model, prompts, num_steps=num_steps, cfg_scale=cfg_scale, seed=1234)
-    return float(reward(images, prompts).mean())
+    return float(reward_fn(images, prompts).float().mean())
 
 
 def main() -> None:
@@ -30,20 +36,29 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--every", type=int, default=15)
     p.add_argument("--out", default="/tmp/grpo_curve")
-    p.add_argument("--prompts_per_family", type=int, default=8)
-    p.add_argument("--eval_steps", type=int, default=40)
+    p.add_argument("--reward", default="auto", help="grpo.reward: auto (ShapesEval partial credit) or pkg.mod:fn")
+    p.add_argument("--prompts_per_family", type=int, default=16)
+    p.add_argument("--images_per_prompt", type=int, default=2)
+    p.add_argument("--eval_steps", type=int, default=10, help="ODE steps of the per-segment evaluation")
+    p.add_argument("--final_eval_steps", type=int, default=40, help="extra evaluation at the start and the end")
     p.add_argument("overrides", nargs="*", help="extra --key=value overrides of configs/shapes_grpo.yaml")
     args = p.parse_args()
-    torch.set_num_threads(1)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    bench = ShapesEval(prompts_per_family=args.prompts_per_family, images_per_prompt=1, seed=0)
-    prompts = [q.text for q in bench.prompts]
+    bench = ShapesEval(prompts_per_family=args.prompts_per_family, images_per_prompt=args.images_per_prompt, seed=0)
+    prompts = [q.text for q in bench.prompts for _ in range(args.images_per_prompt)]
     base_overrides = [f"--output_dir={out / 'run'}", "--report_to=none", "--validation_steps=0",
                       f"--checkpointing_steps={args.every}", "--show_progress=false", "--logging_steps=1",
-                      *args.overrides]
+                      f"--grpo.reward={args.reward}", *args.overrides]
     cfg = load_config("configs/shapes_grpo.yaml", base_overrides + ["--max_train_steps=1"])
-    curve = [{"step": 0, "ode_reward": ode_reward(load_shapes_model("base"), prompts, args.eval_steps, cfg.grpo.cfg_scale)}]
+    reward_fn = shapes_reward if args.reward == "auto" else resolve_reward(args.reward, {}, "shapes")[0]
+    guidance = cfg.grpo.cfg_scale
+    base = load_shapes_model("base")
+    curve = [{"step": 0, "ode_reward": ode_reward(base, prompts, reward_fn, args.eval_steps, guidance),
+              f"ode_reward_{args.final_eval_steps}": ode_reward(base, prompts, reward_fn, args.final_eval_steps, guidance)}]
+    print(json.dumps({"images": len(prompts), "config": {k: v for k, v in cfg.to_dict().items()
+                                                          if k in ("learning_rate", "train_batch_size")},
+                      "grpo": cfg.to_dict()["grpo"]}), flush=True)
     print(json.dumps(curve[-1]), flush=True)
     history: list[dict] = []
     start = time.perf_counter()
@@ -51,14 +66,20 @@ def main() -> None:
         resume = ["--resume_from_checkpoint=latest"] if step > args.every else []
         cfg = load_config("configs/shapes_grpo.yaml", base_overrides + [f"--max_train_steps={step}"] + resume)
         result = train(cfg)
-        history += result.history
         seg = result.history
-        curve.append({"step": step, "ode_reward": ode_reward(result.model, prompts, args.eval_steps, cfg.grpo.cfg_scale),
-                      "train_reward_mean_segment": sum(h["reward_mean"] for h in seg) / len(seg),
-                      "kl_last": seg[-1]["kl"], "s_per_step": sum(h["step_time_s"] for h in seg) / len(seg),
-                      "elapsed_s": round(time.perf_counter() - start, 1)})
+        history += seg
+        point = {"step": step, "ode_reward": ode_reward(result.model, prompts, reward_fn, args.eval_steps, guidance),
+                 "train_reward_mean_segment": sum(h["reward_mean"] for h in seg) / len(seg),
+                 "kl_last": seg[-1]["kl"], "clip_frac_mean": sum(h["clip_frac"] for h in seg) / len(seg),
+                 "s_per_step": sum(h["step_time_s"] for h in seg) / len(seg),
+                 "elapsed_s": round(time.perf_counter() - start, 1)}
+        if step + args.every > args.steps:
+            point[f"ode_reward_{args.final_eval_steps}"] = ode_reward(result.model, prompts, reward_fn,
+                                                                      args.final_eval_steps, guidance)
+        curve.append(point)
         print(json.dumps(curve[-1]), flush=True)
-    (out / "curve.json").write_text(json.dumps({"prompts": len(prompts), "curve": curve, "history": history}, indent=1))
+        (out / "curve.json").write_text(json.dumps({"images": len(prompts), "args": vars(args), "curve": curve,
+                                                    "history": history}, indent=1))
 
 
 if __name__ == "__main__":
