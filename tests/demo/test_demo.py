@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from soarflow.demo import METHODS, main
+from soarflow.commands.demo import METHODS, main
 from soarflow.models.embedded import build_model, save_checkpoint
 from soarflow.models.shapes_task import ShapesModelSection, ShapesTask, ShapesDataSection
 

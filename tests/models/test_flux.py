@@ -146,7 +146,7 @@ def test_full_sft_with_cfg_saves_a_transformer_the_pipeline_uses(tmp_path, plain
                  max_sequence_length=8, output_type="pt").images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
 
-    from soarflow.models.sample import main
+    from soarflow.commands.sample import main
 
     out = tmp_path / "samples"
     assert main(["--model", str(model_dir), "--prompt", "a cat", "--output_dir", str(out), "--guidance_scale", "2",

@@ -210,7 +210,7 @@ def test_lora_sft_saves_diffusers_lora_that_pipeline_loads(tmp_path, sd3_path, i
     torch.testing.assert_close(fresh(x, sigma, cond), ours, rtol=1e-4, atol=1e-5)
 
     # `soarflow sample` from the saved LoRA folder and from a checkpoint folder
-    from soarflow.models.sample import main
+    from soarflow.commands.sample import main
 
     out = tmp_path / "samples"
     assert main(["--model", str(result.output_dir), "--prompt", "a cat", "--output_dir", str(out),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from soarflow.shapes.cli import main
+from soarflow.commands.eval_shapes import main
 
 SMALL = ["--prompts-per-family", "4", "--images-per-prompt", "2"]
 

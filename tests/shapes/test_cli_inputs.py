@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from soarflow.shapes.cli import main
+from soarflow.commands.eval_shapes import main
 
 SMALL = ["--prompts-per-family", "2", "--images-per-prompt", "2"]
 
@@ -68,7 +68,7 @@ def test_fidelity_is_reported_with_alignment(real_dir, tmp_path, capsys):
 def test_unwritable_outputs_fail_before_any_work(real_dir, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    import soarflow.shapes.cli as cli
+    import soarflow.commands.eval_shapes as cli
 
     monkeypatch.setattr(cli, "load_image_folder", lambda *a, **k: pytest.fail("work started"))
     assert main(["--images", str(real_dir), *SMALL, "--json", str(blocker / "s.json")]) == 2

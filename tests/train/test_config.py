@@ -8,7 +8,7 @@ import pytest
 
 from soarflow.train import TrainConfig, from_dict, get_task_class, load_config
 from soarflow.train.config import NON_DEFINING_KEYS, config_differences, parse_overrides
-from soarflow.train.entry import main_train
+from soarflow.commands.train import main_train
 
 from .toy_task import ToyTask
 

@@ -3,7 +3,7 @@
 * `world`: prompt grammar, tokenizer, renderer, training splits and the evaluation prompt set;
 * `scorer`: object detection and GenEval-style judging (`score`, `reward`);
 * `metrics`: Frechet distance, per-prompt diversity, exposure bias of any velocity model;
-* `sheet`: PNG sample sheets; `cli`: ``soarflow eval-shapes``.
+* `sheet`: PNG sample sheets (the command ``soarflow eval-shapes`` is :mod:`soarflow.commands.eval_shapes`).
 """
 
 from .metrics import ExposureBiasReport, diversity, exposure_bias, features, frechet_distance

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .diffusers_common import MANIFEST
+from ..models.diffusers_common import MANIFEST
 
 PIPELINES = {"sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
              "flux": ("FluxPipeline", "FluxTransformer2DModel")}

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .metrics import diversity, frechet_distance
-from .scorer import score
-from .sheet import save_sample_sheet
-from .world import ShapesEval, render, to_tensor
+from ..shapes.metrics import diversity, frechet_distance
+from ..shapes.scorer import score
+from ..shapes.sheet import save_sample_sheet
+from ..shapes.world import ShapesEval, render, to_tensor
 
 MIN_SIZE = 24  # the renderer's and scorer's smallest classifiable image
 
@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _checkpoint_images(args, ev: ShapesEval) -> torch.Tensor:
     from tqdm.auto import tqdm
 
-    from soarflow.models.shapes_checkpoint import describe, load_shapes_checkpoint
-    from soarflow.models.shapes_task import generate_images
+    from ..models.shapes_checkpoint import describe, load_shapes_checkpoint
+    from ..models.shapes_task import generate_images
 
     kind, resolved = describe(args.checkpoint)
     model = load_shapes_checkpoint(args.checkpoint)
