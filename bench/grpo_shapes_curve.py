@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from soarflow.models.shapes_task import generate_images, load_shapes_model
+from soarflow.models.embedded import load_shapes_model
+from soarflow.shapes.generate import generate_images
 from soarflow.shapes import ShapesEval, reward
 from soarflow.train import load_config, train
 

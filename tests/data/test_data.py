@@ -105,7 +105,7 @@ def test_soar_jsonl_reader(tmp_path):
         read_soar_jsonl(jsonl, tmp_path / "none")
 
     pytest.importorskip("diffusers")
-    from soarflow.models.sd3 import SD3Task
+    from soarflow.tasks.sd3 import SD3Task
 
     with pytest.raises(ValueError, match="data.image_dir"):
         SD3Task.from_config({"pretrained": str(tmp_path)}, {"format": "soar_jsonl", "path": str(jsonl)})
@@ -196,7 +196,7 @@ def test_encoding_cache_round_trip_and_fingerprint(tmp_path):
 
 def test_task_batch_indices_group_buckets(tmp_path):
     pytest.importorskip("diffusers")
-    from soarflow.models.sd3 import SD3Task
+    from soarflow.tasks.sd3 import SD3Task
 
     root = tmp_path / "imgs"
     root.mkdir()
@@ -219,7 +219,7 @@ def test_task_batch_indices_group_buckets(tmp_path):
 
 def test_task_counts_bad_samples_in_its_summary(folder, tmp_path):
     pytest.importorskip("diffusers")
-    from soarflow.models.sd3 import SD3Task
+    from soarflow.tasks.sd3 import SD3Task
 
     task = SD3Task.from_config({"pretrained": str(tmp_path)}, {"path": str(folder), "resolution": 32})
     ds = task.train_dataset()

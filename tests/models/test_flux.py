@@ -13,9 +13,9 @@ pytest.importorskip("peft")
 
 from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: E402
 
-from soarflow.models.diffusers_common import MANIFEST  # noqa: E402
-from soarflow.models.diffusers_testing import build_tiny_flux_pipeline, make_imagefolder  # noqa: E402
-from soarflow.models.flux import FluxTask, FluxVelocity, image_ids, pack_latents, unpack_latents  # noqa: E402
+from soarflow.tasks.diffusers import MANIFEST  # noqa: E402
+from diffusers_testing import build_tiny_flux_pipeline, make_imagefolder  # noqa: E402
+from soarflow.tasks.flux import FluxTask, FluxVelocity, image_ids, pack_latents, unpack_latents  # noqa: E402
 from soarflow.objective import SOARConfig, soar_loss  # noqa: E402
 from soarflow.train import load_config, train  # noqa: E402
 

@@ -14,10 +14,10 @@ pytest.importorskip("peft")
 
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
 
-from soarflow.models.diffusers_common import MANIFEST  # noqa: E402
-from soarflow.models.diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from soarflow.tasks.diffusers import MANIFEST  # noqa: E402
+from diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
 from soarflow.models.lora import LORA_WEIGHTS  # noqa: E402
-from soarflow.models.sd3 import SD3Task, SD3Velocity  # noqa: E402
+from soarflow.tasks.sd3 import SD3Task, SD3Velocity  # noqa: E402
 from soarflow.objective import SOARConfig, sft_loss, soar_loss  # noqa: E402
 from soarflow.train import load_config, train  # noqa: E402
 
@@ -270,7 +270,7 @@ def test_config_errors_name_the_key(sd3_path, images):
 def test_shipped_recipes_are_valid_configs(name):
     from pathlib import Path
 
-    from soarflow.train.registry import get_task_class
+    from soarflow.tasks.registry import get_task_class
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "configs" / f"{name}.yaml")

@@ -50,7 +50,8 @@ def test_cli_checkpoint(tmp_path, capsys):
     try:
         from soarflow.models.embedded import save_checkpoint
         from soarflow.models.mmdit import MMDiT, MMDiTConfig
-        from soarflow.models.shapes_task import generate_images, load_shapes_model  # noqa: F401
+        from soarflow.models.embedded import load_shapes_model  # noqa: F401
+        from soarflow.shapes.generate import generate_images  # noqa: F401
     except ImportError as e:
         pytest.skip(f"shapes model not available: {e}")
     import torch

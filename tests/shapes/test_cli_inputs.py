@@ -122,7 +122,7 @@ def test_checkpoint_resolution_matches_the_saved_weights(tiny_run):
     import torch
     from safetensors.torch import load_file
 
-    from soarflow.models.shapes_checkpoint import describe, load_shapes_checkpoint
+    from soarflow.train.shapes_checkpoint import describe, load_shapes_checkpoint
 
     assert describe(tiny_run) == ("file", tiny_run / "model.safetensors")
     model = load_shapes_checkpoint(tiny_run / "checkpoint-1")

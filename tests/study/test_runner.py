@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from soarflow.models.shapes_task import ShapesDataSection, ShapesModelSection, ShapesTask
+from soarflow.tasks.shapes import ShapesDataSection, ShapesModelSection, ShapesTask
 from soarflow.study import expand_cells, load_study
 from soarflow.study import runner as runner_mod
 from soarflow.commands.study import main

@@ -42,7 +42,7 @@ class ToyDataset(torch.utils.data.Dataset):
 
 
 class ToyTask:
-    """Implements soarflow.train.task.Task. `fail_after` raises after that many encode_batch calls (to
+    """Implements soarflow.tasks.base.Task. `fail_after` raises after that many encode_batch calls (to
     simulate an interrupted run)."""
 
     def __init__(self, n: int = 32, seed: int = 0, hidden: int = 32, fail_after: int | None = None):

@@ -292,8 +292,8 @@ def check_output_dir(out: Path, settings: dict, overwrite: bool) -> None:
 
 
 def run_demo(s: DemoSettings, out: Path, overwrite: bool = False) -> int:
-    from ..models.shapes_checkpoint import load_shapes_checkpoint
-    from ..models.shapes_task import load_shapes_model, resolve_checkpoint
+    from ..train.shapes_checkpoint import load_shapes_checkpoint
+    from ..models.embedded import load_shapes_model, resolve_checkpoint
     from ..shapes import ShapesEval, render
     from ..train.safety import Diverged
     from ..utils.images import save_image_grid

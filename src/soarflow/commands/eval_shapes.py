@@ -6,7 +6,7 @@ palette images are converted to RGB and counted. The prompt set is
 ``ShapesEval(--prompts-per-family, --images-per-prompt, --seed)``; list it with ``--list-prompts``.
 
 ``--checkpoint`` takes ``base``, a model file, a run folder or a ``checkpoint-N`` folder
-(see :mod:`soarflow.models.shapes_checkpoint` for the rule).
+(see :mod:`soarflow.train.shapes_checkpoint` for the rule).
 
 Alignment is always reported with fidelity: the Frechet distance (``fd``) of the images to real renders of the
 same prompts (drawn with seed ``--seed + 1``, so ``--real`` shows the floor set by sampling noise) and the
@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _checkpoint_images(args, ev: ShapesEval) -> torch.Tensor:
     from tqdm.auto import tqdm
 
-    from ..models.shapes_checkpoint import describe, load_shapes_checkpoint
-    from ..models.shapes_task import generate_images
+    from ..train.shapes_checkpoint import describe, load_shapes_checkpoint
+    from ..shapes.generate import generate_images
 
     kind, resolved = describe(args.checkpoint)
     model = load_shapes_checkpoint(args.checkpoint)

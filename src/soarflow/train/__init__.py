@@ -6,8 +6,8 @@
 """
 
 from .config import SOARSection, TrainConfig, from_dict, load_config
-from .registry import TASKS, build_task, get_task_class
-from .task import Task
+from ..tasks.base import Task
+from ..tasks.registry import TASKS, build_task, get_task_class
 from .trainer import TrainResult, train
 
 __all__ = [

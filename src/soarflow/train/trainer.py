@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..tasks.registry import build_task
 from . import checkpoint as ckpt
 from . import safety
 from .config import TrainConfig
 from .ema import copy_ema_to, create_ema, ema_weights, trainable_parameters, update_ema
 from .methods import StepContext, TrainMethod, build_method, compute_loss, load_init_weights, resolve_init_from  # noqa: F401
-from .registry import build_task
 
 logger = logging.getLogger(__name__)
 

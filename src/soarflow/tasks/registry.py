@@ -6,9 +6,9 @@ import importlib
 from typing import Any
 
 TASKS: dict[str, str] = {
-    "shapes": "soarflow.models.shapes_task:ShapesTask",
-    "sd3": "soarflow.models.sd3:SD3Task",
-    "flux": "soarflow.models.flux:FluxTask",
+    "shapes": "soarflow.tasks.shapes:ShapesTask",
+    "sd3": "soarflow.tasks.sd3:SD3Task",
+    "flux": "soarflow.tasks.flux:FluxTask",
 }
 
 

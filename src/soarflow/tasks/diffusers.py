@@ -42,8 +42,9 @@ from ..data import (
     read_imagefolder,
     read_soar_jsonl,
 )
+from ..models.lora import LoraSection, add_lora, has_lora, load_lora, save_lora
 from ..sampling import sample_euler
-from .lora import LoraSection, add_lora, has_lora, load_lora, save_lora
+from ..utils.config_parsing import from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,6 @@ class DiffusersDataSection:
 
 
 def parse_sections(model: dict | None, data: dict | None, model_cls=DiffusersModelSection, data_cls=DiffusersDataSection):
-    from ..train.config import from_dict
-
     return from_dict(model_cls, model or {}, prefix="model"), from_dict(data_cls, data or {}, prefix="data")
 
 

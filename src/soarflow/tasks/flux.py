@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .diffusers_common import DiffusersTask, VelocityModule
+from .diffusers import DiffusersTask, VelocityModule
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .diffusers_common import DiffusersTask, VelocityModule
+from .diffusers import DiffusersTask, VelocityModule
 
 
 class SD3Velocity(VelocityModule):
