@@ -122,6 +122,8 @@ def test_registry():
         get_task_class("sdxl")
     with pytest.raises(ValueError, match="could not import"):
         get_task_class("soarflow.nope:Task")
+    with pytest.raises(ValueError, match="not a subclass of soarflow.tasks.Task"):
+        get_task_class("soarflow.train.config:TrainConfig")
     assert get_task_class(f"{ToyTask.__module__}:ToyTask") is ToyTask
 
 

@@ -45,6 +45,7 @@ from ..data import (
 from ..models.lora import LoraSection, add_lora, has_lora, load_lora, save_lora
 from ..sampling import sample_euler
 from ..utils.config_parsing import from_dict
+from .base import Task
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class VelocityModule(nn.Module):
         return torch.float32
 
 
-class DiffusersTask:
+class DiffusersTask(Task):
     """Shared `Task` implementation; subclasses set the classes and the family-specific encoding."""
 
     family = ""
@@ -259,9 +260,6 @@ class DiffusersTask:
         else:
             transformer.requires_grad_(True)
         return self.wrap(transformer)
-
-    def enable_gradient_checkpointing(self, model: nn.Module) -> None:
-        model.enable_gradient_checkpointing()
 
     # -- data --------------------------------------------------------------------------------------------
     def records(self):

@@ -18,6 +18,7 @@ from ..models.embedded import ARCHITECTURES, build_model, load_shapes_model, loa
 from ..shapes.generate import encode_captions, generate_images, null_caption
 from ..shapes.world import MAX_TOKENS, VOCAB, ShapesDataset
 from ..utils.config_parsing import from_dict
+from .base import Task
 
 
 @dataclass
@@ -67,7 +68,7 @@ class ShapesDataSection:
     validation_cfg: float = 4.0
 
 
-class ShapesTask:
+class ShapesTask(Task):
     """`Task` for the embedded model on ShapesEval (see `soarflow.tasks.base.Task`)."""
 
     def __init__(self, model: ShapesModelSection | None = None, data: ShapesDataSection | None = None):
