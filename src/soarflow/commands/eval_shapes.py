@@ -28,7 +28,8 @@ from PIL import Image
 from ..shapes.metrics import diversity, frechet_distance
 from ..shapes.scorer import score
 from ..shapes.sheet import save_sample_sheet
-from ..shapes.world import ShapesEval, render, to_tensor
+from ..shapes.datasets import ShapesEval
+from ..shapes.drawing import render, to_tensor
 
 MIN_SIZE = 24  # the renderer's and scorer's smallest classifiable image
 

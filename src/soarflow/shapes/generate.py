@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..sampling import sample_euler
-from .world import MAX_TOKENS, tokenize
+from .grammar import MAX_TOKENS, tokenize
 
 # Sampler settings shared by validation grids, the demo and `eval-shapes --checkpoint` unless overridden.
 DEFAULT_SHIFT = 1.0  # pixel-space 32x32: no resolution shift

@@ -22,7 +22,7 @@ Judging (an object "matches" a (shape, color) if both agree; an uncolored reques
 * counting: exactly n matching objects (extra objects of the requested kind fail);
 * colors: at least one matching object;
 * position: a matching pair (a, b) of distinct objects whose centroids satisfy the relation: the subject is beyond
-  the other by more than 0.1 S along the relation's axis (`soarflow.shapes.world.relation_holds`).
+  the other by more than 0.1 S along the relation's axis (`soarflow.shapes.scenes.relation_holds`).
 
 Reward (partial credit in [0, 1], equal to 1 exactly when the image is judged correct): single_object 1/0;
 two_objects the fraction of the two objects found; counting max(0, 1 - |k - n| / n) for k matches; colors
@@ -40,7 +40,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .world import COLORS, FAMILIES, EvalPrompt, ObjectSpec, PromptSpec, parse_prompt, relation_holds
+from .datasets import EvalPrompt
+from .grammar import COLORS, FAMILIES, ObjectSpec, PromptSpec, parse_prompt
+from .scenes import relation_holds
 
 COLOR_NAMES = tuple(COLORS)
 _PALETTE_CHROMA = torch.tensor([[c / max(rgb) for c in rgb] for rgb in COLORS.values()], dtype=torch.float32)

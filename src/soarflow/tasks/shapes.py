@@ -16,7 +16,8 @@ from torch import nn
 
 from ..models.embedded import ARCHITECTURES, build_model, load_shapes_model, load_state, read_checkpoint, save_checkpoint
 from ..shapes.generate import encode_captions, generate_images, null_caption
-from ..shapes.world import MAX_TOKENS, VOCAB, ShapesDataset
+from ..shapes.datasets import ShapesDataset
+from ..shapes.grammar import MAX_TOKENS, VOCAB
 from ..utils.config_parsing import from_dict
 from .base import Task
 
