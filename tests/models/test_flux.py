@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: E402
 
-from soarflow.tasks.diffusers import MANIFEST  # noqa: E402
+from soarflow.models.diffusers_weights import MANIFEST  # noqa: E402
 from diffusers_testing import build_tiny_flux_pipeline, make_imagefolder  # noqa: E402
 from soarflow.tasks.flux import FluxTask, FluxVelocity, image_ids, pack_latents, unpack_latents  # noqa: E402
 from soarflow.objective import SOARConfig, soar_loss  # noqa: E402

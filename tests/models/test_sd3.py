@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
 
-from soarflow.tasks.diffusers import MANIFEST  # noqa: E402
+from soarflow.models.diffusers_weights import MANIFEST  # noqa: E402
 from diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
 from soarflow.models.lora import LORA_WEIGHTS  # noqa: E402
 from soarflow.tasks.sd3 import SD3Task, SD3Velocity  # noqa: E402
@@ -88,7 +88,7 @@ def test_velocity_is_the_transformer_at_timestep_1000_sigma(sd3_path, images):
 def test_latents_use_vae_shift_and_scale(sd3_path, images):
     task = make_task(sd3_path, images)
     batch = task.collate([task.train_dataset()[0]])
-    vae = task.frozen(CPU).vae
+    vae = task.pipeline.get(CPU).vae
     mean = vae.encode(batch["pixel_values"]).latent_dist.mean
     torch.manual_seed(0)
     x0, _ = task.encode_batch(batch, CPU)
@@ -235,12 +235,12 @@ def test_encoding_cache_skips_the_encoders_and_is_keyed_by_resolution(tmp_path, 
     def no_encoders(*args, **kwargs):
         raise AssertionError("the encoders were loaded although the cache holds the batch")
 
-    again.frozen = no_encoders
+    again.pipeline.get = no_encoders
     x1, cond1 = again.encode_batch(batch, CPU)
     torch.testing.assert_close(cond1, cond)
     torch.testing.assert_close(again.null_cond(2, CPU), null)
     assert x1.shape == x0.shape and not torch.equal(x1, x0)  # a fresh draw from the cached VAE posterior
-    shift, scale = again.vae_factors()
+    shift, scale = again.pipeline.vae_factors()
     assert abs(float((x1 - x0).mean())) < 0.5 * scale
 
     other = make_task(sd3_path, images, data={"cache_dir": str(tmp_path / "cache"), "resolution": 16})

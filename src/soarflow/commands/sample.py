@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from ..tasks.diffusers import MANIFEST
+from ..models.diffusers_weights import MANIFEST
 
 PIPELINES = {"sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
              "flux": ("FluxPipeline", "FluxTransformer2DModel")}
@@ -145,8 +145,8 @@ def _pipeline_from_checkpoint(path: Path, base: str | None, dtype: torch.dtype):
         for n, p in params.items():
             p.copy_(state[n])
     transformer = model.transformer  # a LoRA checkpoint keeps its peft adapter; the pipeline just calls forward
-    pipe = task.pipeline_class.from_pretrained(task.model_cfg.pretrained, transformer=transformer.to(dtype),
-                                               torch_dtype=dtype, **task._load_kwargs())
+    pipe = task.pipeline.pipeline_class.from_pretrained(task.model_cfg.pretrained, transformer=transformer.to(dtype),
+                                                        torch_dtype=dtype, **task.pipeline.load_kwargs)
     return pipe, task.manifest(model)
 
 
