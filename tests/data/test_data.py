@@ -142,9 +142,9 @@ def test_resize_center_crop_and_flip(tmp_path):
     out = resize_center_crop(image, 32, 32)
     assert out.size == (32, 32)
     save_image(tmp_path / "x.png", 32, 32)
-    from soarflow.data import ImageRecord
+    from soarflow.data import ImageCaptionRecord
 
-    rec = ImageRecord("x.png", tmp_path / "x.png", "cap")
+    rec = ImageCaptionRecord("x.png", tmp_path / "x.png", "cap")
     plain = ImageCaptionDataset([rec], 32)[0]["pixel_values"]
     assert plain.min() == -1 and plain.max() == 1
     assert float(plain[:, :, :16].mean()) == 1.0  # left half white

@@ -28,13 +28,13 @@ from .grammar import (
     tokenize,
 )
 from .metrics import ExposureBiasReport, diversity, exposure_bias, features, frechet_distance
-from .scorer import DetectedObject, ImageRecord, ShapesReport, detect, reward, score
+from .scorer import DetectedObject, ImageScore, ShapesReport, detect, reward, score
 from .sheet import save_sample_sheet
 
 __all__ = [
     "DetectedObject",
     "ExposureBiasReport",
-    "ImageRecord",
+    "ImageScore",
     "ShapesReport",
     "detect",
     "diversity",

@@ -231,7 +231,9 @@ def judge(spec: PromptSpec, objects: Sequence[DetectedObject], image_size: int) 
 
 # ------------------------------------------------------------------------------------------------ reports
 @dataclass
-class ImageRecord:
+class ImageScore:
+    """One judged image: its prompt, whether it is correct, its reward, why, and the objects detected."""
+
     index: int  # row in the scored batch
     prompt: str
     family: str
@@ -254,7 +256,7 @@ class ShapesReport:
     held_out: float | None
     num_images: int
     mean_reward: float
-    records: list[ImageRecord] = field(default_factory=list, repr=False)
+    records: list[ImageScore] = field(default_factory=list, repr=False)
 
     def to_dict(self, with_records: bool = False) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "records"}
@@ -265,7 +267,7 @@ class ShapesReport:
         return d
 
     def write_jsonl(self, path: str | Path) -> Path:
-        """One JSON object per image (`ImageRecord` fields). Refuses to overwrite an existing file."""
+        """One JSON object per image (`ImageScore` fields). Refuses to overwrite an existing file."""
         path = Path(path)
         if path.exists():
             raise FileExistsError(f"{path} already exists; not overwriting it")
@@ -313,7 +315,7 @@ def score(images: torch.Tensor, prompts: Sequence[str | EvalPrompt]) -> ShapesRe
     for i, ((spec, pidx), objs) in enumerate(zip(specs, detect(images))):
         ok, reward, reason = judge(spec, objs, size)
         records.append(
-            ImageRecord(i, spec.text, spec.family, spec.held_out, ok, reward, reason, [asdict(o) for o in objs], pidx)
+            ImageScore(i, spec.text, spec.family, spec.held_out, ok, reward, reason, [asdict(o) for o in objs], pidx)
         )
     acc = lambda rs: float(np.mean([r.correct for r in rs])) if rs else None  # noqa: E731
     per_family = {f: acc([r for r in records if r.family == f]) for f in FAMILIES}
