@@ -12,13 +12,13 @@ from PIL import Image
 
 from soarflow.commands.eval_shapes import main
 
-SMALL = ["--prompts-per-family", "2", "--images-per-prompt", "2"]
+SMALL = ["--prompts_per_family", "2", "--images_per_prompt", "2"]
 
 
 @pytest.fixture()
 def real_dir(tmp_path):
     folder = tmp_path / "real"
-    assert main(["--write-real", str(folder), *SMALL]) == 0
+    assert main(["--write_real", str(folder), *SMALL]) == 0
     return folder
 
 
@@ -98,7 +98,7 @@ def tiny_run(tmp_path_factory):
 def test_run_and_checkpoint_folders_resolve_to_their_model(tiny_run, tmp_path, capsys, which):
     target = {"run": tiny_run, "checkpoint-1": tiny_run / "checkpoint-1",
               "file": tiny_run / "model.safetensors"}[which]
-    args = ["--checkpoint", str(target), "--prompts-per-family", "1", "--images-per-prompt", "2", "--num-steps", "2",
+    args = ["--checkpoint", str(target), "--prompts_per_family", "1", "--images_per_prompt", "2", "--num_steps", "2",
             "--json", str(tmp_path / "s.json")]
     assert main(args) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
