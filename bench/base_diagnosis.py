@@ -15,7 +15,8 @@ import argparse
 import torch
 
 from soarflow.flow import interpolate, x0_from_velocity
-from soarflow.models.shapes_task import encode_captions, load_shapes_model
+from soarflow.models.embedded import load_shapes_model
+from soarflow.shapes.generate import encode_captions
 from soarflow.shapes import ShapesEval
 
 

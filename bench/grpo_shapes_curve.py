@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from soarflow.models.shapes_task import generate_images, load_shapes_model
+from soarflow.models.embedded import load_shapes_model
+from soarflow.shapes.generate import generate_images
 from soarflow.shapes import ShapesEval, reward as shapes_reward
 from soarflow.train import load_config, train
 from soarflow.train.methods import resolve_reward

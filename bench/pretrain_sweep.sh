@@ -24,7 +24,7 @@ run mmdit_mix_3x --architecture mmdit $mix --max_train_steps $((3 * steps))
 wait
 for d in "$out"/*/; do  # one sample sheet per model: the first image of 2 prompts per family
   [ -f "$d/model.safetensors" ] && PYTHONPATH=src $py -m soarflow eval-shapes --checkpoint "$d/model.safetensors" \
-    --prompts-per-family 2 --images-per-prompt 2 --seed 5 --sheet "$d/sheet.png" > /dev/null 2>&1
+    --prompts_per_family 2 --images_per_prompt 2 --seed 5 --sheet "$d/sheet.png" > /dev/null 2>&1
 done
 for m in "$out"/*/manifest.json; do
   $py - "$m" <<'PY'

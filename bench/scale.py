@@ -85,9 +85,9 @@ def build(arch: str, scale: float, finetune: str, device: torch.device, lora_ran
     """The velocity model (soarflow's SD3/FLUX wrappers), built directly on ``device``."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    from soarflow.models.flux import FluxVelocity
+    from soarflow.tasks.flux import FluxVelocity
     from soarflow.models.lora import LoraSection, add_lora
-    from soarflow.models.sd3 import SD3Velocity
+    from soarflow.tasks.sd3 import SD3Velocity
 
     cls, wrap, cfg = ((SD3Transformer2DModel, SD3Velocity, SD35M) if arch == "sd3m"
                       else (FluxTransformer2DModel, FluxVelocity, FLUX1DEV))

@@ -1,4 +1,5 @@
-"""soarflow: post-train rectified-flow image generators with SOAR, SFT and RL baselines under one trainer.
+"""soarflow: post-train rectified-flow image generators with SOAR and its baselines (SFT, Flow-GRPO, scheduled
+sampling, input perturbation) under one trainer.
 
 The core is model-agnostic: a velocity model is any callable ``model(x, sigma, cond) -> v``.
 """

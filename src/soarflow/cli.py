@@ -6,12 +6,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("soarflow.demo:main", "pretrained base -> SFT vs SOAR post-training -> ShapesEval report (CPU, minutes)"),
+    "demo": ("soarflow.commands.demo:main", "pretrained base -> SFT vs SOAR post-training -> ShapesEval report (CPU, minutes)"),
     "pretrain": ("soarflow.train.pretrain:main_pretrain", "pretrain the embedded model on the ShapesEval corpus"),
-    "train": ("soarflow.train.entry:main_train", "post-train a model (SFT or SOAR) from a YAML config + overrides"),
-    "sample": ("soarflow.models.sample:main", "generate images from a trained checkpoint"),
-    "eval-shapes": ("soarflow.shapes.cli:main", "score images or a checkpoint on ShapesEval"),
-    "study": ("soarflow.study.cli:main", "run a grid of methods x settings x seeds with cached cells and statistics"),
+    "train": ("soarflow.commands.train:main_train", "post-train a model (SFT or SOAR) from a YAML config + overrides"),
+    "sample": ("soarflow.commands.sample:main", "generate images from a trained checkpoint"),
+    "eval-shapes": ("soarflow.commands.eval_shapes:main", "score images or a checkpoint on ShapesEval"),
+    "study": ("soarflow.commands.study:main", "run a grid of methods x settings x seeds with cached cells and statistics"),
 }
 
 

@@ -14,10 +14,13 @@ SD3 / SD3.5 / FLUX conventions:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 
+# A velocity model: ``model(x, sigma, cond) -> v`` with x (B, ...), sigma (B,) in [0, 1] and any condition
+# (tensor, dict of batch-first tensors, None). Every sampler, objective and method takes one.
+VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 TDensity = Literal["logit_normal", "uniform", "mode", "cosmap"]
 Weighting = Literal["none", "sigma_sqrt", "cosmap"]
 T_DENSITIES = ("logit_normal", "uniform", "mode", "cosmap")

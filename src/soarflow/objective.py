@@ -33,7 +33,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,7 @@ from .conditioning import cond_batch_size, cond_cat, cond_expand_null, cond_inde
 from .flow import (
     T_DENSITIES,
     WEIGHTINGS,
+    VelocityModel,
     append_dims,
     interpolate,
     loss_weight,
@@ -52,8 +53,6 @@ from .flow import (
     velocity_target,
 )
 from .sampling import STEP_KINDS, guided_velocity, step
-
-VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
 @dataclass

@@ -22,14 +22,13 @@ Steps from :math:`\sigma` to :math:`\sigma_n < \sigma` (with :math:`\hat x_0 = x
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
 from .conditioning import cond_batch_size, cond_cat, cond_expand_null
-from .flow import append_dims, sigma_schedule
+from .flow import VelocityModel, append_dims, sigma_schedule
 
-VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 StepKind = Literal["ode", "simple", "sde", "flow_sde", "cps"]
 STEP_KINDS = ("ode", "simple", "sde", "flow_sde", "cps")
 

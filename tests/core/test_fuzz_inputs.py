@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from soarflow.data.records import BadSampleLog, read_imagefolder
-from soarflow.models.shapes_checkpoint import load_shapes_checkpoint
-from soarflow.models.shapes_task import resolve_checkpoint
-from soarflow.shapes.cli import read_png
+from soarflow.train.shapes_checkpoint import load_shapes_checkpoint
+from soarflow.models.embedded import resolve_checkpoint
+from soarflow.commands.eval_shapes import read_png
 from soarflow.train.config import load_config
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -105,7 +105,7 @@ def test_soar_jsonl_reader(tmp_path):
         read_soar_jsonl(jsonl, tmp_path / "none")
 
     pytest.importorskip("diffusers")
-    from soarflow.models.sd3 import SD3Task
+    from soarflow.tasks.sd3 import SD3Task
 
     with pytest.raises(ValueError, match="data.image_dir"):
         SD3Task.from_config({"pretrained": str(tmp_path)}, {"format": "soar_jsonl", "path": str(jsonl)})
@@ -142,9 +142,9 @@ def test_resize_center_crop_and_flip(tmp_path):
     out = resize_center_crop(image, 32, 32)
     assert out.size == (32, 32)
     save_image(tmp_path / "x.png", 32, 32)
-    from soarflow.data import ImageRecord
+    from soarflow.data import ImageCaptionRecord
 
-    rec = ImageRecord("x.png", tmp_path / "x.png", "cap")
+    rec = ImageCaptionRecord("x.png", tmp_path / "x.png", "cap")
     plain = ImageCaptionDataset([rec], 32)[0]["pixel_values"]
     assert plain.min() == -1 and plain.max() == 1
     assert float(plain[:, :, :16].mean()) == 1.0  # left half white
@@ -196,7 +196,7 @@ def test_encoding_cache_round_trip_and_fingerprint(tmp_path):
 
 def test_task_batch_indices_group_buckets(tmp_path):
     pytest.importorskip("diffusers")
-    from soarflow.models.sd3 import SD3Task
+    from soarflow.tasks.sd3 import SD3Task
 
     root = tmp_path / "imgs"
     root.mkdir()
@@ -219,7 +219,7 @@ def test_task_batch_indices_group_buckets(tmp_path):
 
 def test_task_counts_bad_samples_in_its_summary(folder, tmp_path):
     pytest.importorskip("diffusers")
-    from soarflow.models.sd3 import SD3Task
+    from soarflow.tasks.sd3 import SD3Task
 
     task = SD3Task.from_config({"pretrained": str(tmp_path)}, {"path": str(folder), "resolution": 32})
     ds = task.train_dataset()

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from soarflow.demo import main
+from soarflow.commands.demo import main
 
 METHODS = ("base", "sft", "soar")  # the default --methods, plus the base
 from soarflow.models.embedded import build_model, save_checkpoint
-from soarflow.models.shapes_task import ShapesModelSection, ShapesTask, ShapesDataSection
+from soarflow.tasks.shapes import ShapesModelSection, ShapesTask, ShapesDataSection
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_quick_demo_runs_the_readme_command_on_the_shipped_base(tmp_path):
     import subprocess
     import sys
 
-    from soarflow.models.shapes_task import base_checkpoint_path
+    from soarflow.models.embedded import base_checkpoint_path
 
     assert base_checkpoint_path().is_file(), "the shipped base checkpoint is missing from the package"
     out = tmp_path / "quick"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import soarflow.demo as demo
-from soarflow.demo import main
+import soarflow.commands.demo as demo
+from soarflow.commands.demo import main
 
 from test_demo import demo_args, tiny_base  # noqa: F401  (fixture)
 

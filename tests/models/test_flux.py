@@ -13,9 +13,9 @@ pytest.importorskip("peft")
 
 from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: E402
 
-from soarflow.models.diffusers_common import MANIFEST  # noqa: E402
-from soarflow.models.diffusers_testing import build_tiny_flux_pipeline, make_imagefolder  # noqa: E402
-from soarflow.models.flux import FluxTask, FluxVelocity, image_ids, pack_latents, unpack_latents  # noqa: E402
+from soarflow.models.diffusers_weights import MANIFEST  # noqa: E402
+from diffusers_testing import build_tiny_flux_pipeline, make_imagefolder  # noqa: E402
+from soarflow.tasks.flux import FluxTask, FluxVelocity, image_ids, pack_latents, unpack_latents  # noqa: E402
 from soarflow.objective import SOARConfig, soar_loss  # noqa: E402
 from soarflow.train import load_config, train  # noqa: E402
 
@@ -146,7 +146,7 @@ def test_full_sft_with_cfg_saves_a_transformer_the_pipeline_uses(tmp_path, plain
                  max_sequence_length=8, output_type="pt").images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
 
-    from soarflow.models.sample import main
+    from soarflow.commands.sample import main
 
     out = tmp_path / "samples"
     assert main(["--model", str(model_dir), "--prompt", "a cat", "--output_dir", str(out), "--guidance_scale", "2",

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from soarflow.models.diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
 from soarflow.models.lora import LORA_WEIGHTS  # noqa: E402
 from soarflow.train import load_config, train  # noqa: E402
 

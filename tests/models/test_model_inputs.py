@@ -18,7 +18,7 @@ def test_architecture_key_with_a_pretrained_checkpoint_is_refused(tmp_path):
 
 
 def test_sample_without_diffusers_names_the_install_command(tmp_path, monkeypatch, capsys):
-    from soarflow.models.sample import main
+    from soarflow.commands.sample import main
 
     model = tmp_path / "model"
     model.mkdir()
@@ -29,7 +29,7 @@ def test_sample_without_diffusers_names_the_install_command(tmp_path, monkeypatc
 
 
 def test_sample_on_a_shapes_run_points_to_eval_shapes(tmp_path, capsys):
-    from soarflow.models.sample import main
+    from soarflow.commands.sample import main
 
     run = tmp_path / "run"
     (run / "checkpoint-2").mkdir(parents=True)

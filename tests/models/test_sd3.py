@@ -14,10 +14,10 @@ pytest.importorskip("peft")
 
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
 
-from soarflow.models.diffusers_common import MANIFEST  # noqa: E402
-from soarflow.models.diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from soarflow.models.diffusers_weights import MANIFEST  # noqa: E402
+from diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
 from soarflow.models.lora import LORA_WEIGHTS  # noqa: E402
-from soarflow.models.sd3 import SD3Task, SD3Velocity  # noqa: E402
+from soarflow.tasks.sd3 import SD3Task, SD3Velocity  # noqa: E402
 from soarflow.objective import SOARConfig, sft_loss, soar_loss  # noqa: E402
 from soarflow.train import load_config, train  # noqa: E402
 
@@ -88,7 +88,7 @@ def test_velocity_is_the_transformer_at_timestep_1000_sigma(sd3_path, images):
 def test_latents_use_vae_shift_and_scale(sd3_path, images):
     task = make_task(sd3_path, images)
     batch = task.collate([task.train_dataset()[0]])
-    vae = task.frozen(CPU).vae
+    vae = task.pipeline.get(CPU).vae
     mean = vae.encode(batch["pixel_values"]).latent_dist.mean
     torch.manual_seed(0)
     x0, _ = task.encode_batch(batch, CPU)
@@ -210,7 +210,7 @@ def test_lora_sft_saves_diffusers_lora_that_pipeline_loads(tmp_path, sd3_path, i
     torch.testing.assert_close(fresh(x, sigma, cond), ours, rtol=1e-4, atol=1e-5)
 
     # `soarflow sample` from the saved LoRA folder and from a checkpoint folder
-    from soarflow.models.sample import main
+    from soarflow.commands.sample import main
 
     out = tmp_path / "samples"
     assert main(["--model", str(result.output_dir), "--prompt", "a cat", "--output_dir", str(out),
@@ -235,12 +235,12 @@ def test_encoding_cache_skips_the_encoders_and_is_keyed_by_resolution(tmp_path, 
     def no_encoders(*args, **kwargs):
         raise AssertionError("the encoders were loaded although the cache holds the batch")
 
-    again.frozen = no_encoders
+    again.pipeline.get = no_encoders
     x1, cond1 = again.encode_batch(batch, CPU)
     torch.testing.assert_close(cond1, cond)
     torch.testing.assert_close(again.null_cond(2, CPU), null)
     assert x1.shape == x0.shape and not torch.equal(x1, x0)  # a fresh draw from the cached VAE posterior
-    shift, scale = again.vae_factors()
+    shift, scale = again.pipeline.vae_factors()
     assert abs(float((x1 - x0).mean())) < 0.5 * scale
 
     other = make_task(sd3_path, images, data={"cache_dir": str(tmp_path / "cache"), "resolution": 16})
@@ -270,7 +270,7 @@ def test_config_errors_name_the_key(sd3_path, images):
 def test_shipped_recipes_are_valid_configs(name):
     from pathlib import Path
 
-    from soarflow.train.registry import get_task_class
+    from soarflow.tasks.registry import get_task_class
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "configs" / f"{name}.yaml")

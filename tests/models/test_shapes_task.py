@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from soarflow.models.embedded import build_model, save_checkpoint
-from soarflow.models.shapes_task import ShapesDataSection, ShapesModelSection, ShapesTask, generate_images, load_shapes_model
+from soarflow.models.embedded import build_model, load_shapes_model, save_checkpoint
+from soarflow.shapes.generate import generate_images
+from soarflow.tasks.shapes import ShapesDataSection, ShapesModelSection, ShapesTask
 from soarflow.shapes import MAX_TOKENS, VOCAB
 
 
@@ -86,7 +87,7 @@ def test_shipped_base_manifest_is_reproducible_by_its_command():
     import shlex
 
     from soarflow.models.embedded import read_checkpoint
-    from soarflow.models.shapes_task import base_checkpoint_path
+    from soarflow.models.embedded import base_checkpoint_path
     from soarflow.train.pretrain import build_parser
 
     path = base_checkpoint_path()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from soarflow.models.diffusers_testing import build_tiny_clip  # noqa: E402
+from diffusers_testing import build_tiny_clip  # noqa: E402
 from soarflow.scorers import CLIPScorer, evaluate  # noqa: E402
 
 

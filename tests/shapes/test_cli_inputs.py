@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from soarflow.shapes.cli import main
+from soarflow.commands.eval_shapes import main
 
-SMALL = ["--prompts-per-family", "2", "--images-per-prompt", "2"]
+SMALL = ["--prompts_per_family", "2", "--images_per_prompt", "2"]
 
 
 @pytest.fixture()
 def real_dir(tmp_path):
     folder = tmp_path / "real"
-    assert main(["--write-real", str(folder), *SMALL]) == 0
+    assert main(["--write_real", str(folder), *SMALL]) == 0
     return folder
 
 
@@ -68,7 +68,7 @@ def test_fidelity_is_reported_with_alignment(real_dir, tmp_path, capsys):
 def test_unwritable_outputs_fail_before_any_work(real_dir, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    import soarflow.shapes.cli as cli
+    import soarflow.commands.eval_shapes as cli
 
     monkeypatch.setattr(cli, "load_image_folder", lambda *a, **k: pytest.fail("work started"))
     assert main(["--images", str(real_dir), *SMALL, "--json", str(blocker / "s.json")]) == 2
@@ -98,7 +98,7 @@ def tiny_run(tmp_path_factory):
 def test_run_and_checkpoint_folders_resolve_to_their_model(tiny_run, tmp_path, capsys, which):
     target = {"run": tiny_run, "checkpoint-1": tiny_run / "checkpoint-1",
               "file": tiny_run / "model.safetensors"}[which]
-    args = ["--checkpoint", str(target), "--prompts-per-family", "1", "--images-per-prompt", "2", "--num-steps", "2",
+    args = ["--checkpoint", str(target), "--prompts_per_family", "1", "--images_per_prompt", "2", "--num_steps", "2",
             "--json", str(tmp_path / "s.json")]
     assert main(args) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
@@ -122,7 +122,7 @@ def test_checkpoint_resolution_matches_the_saved_weights(tiny_run):
     import torch
     from safetensors.torch import load_file
 
-    from soarflow.models.shapes_checkpoint import describe, load_shapes_checkpoint
+    from soarflow.train.shapes_checkpoint import describe, load_shapes_checkpoint
 
     assert describe(tiny_run) == ("file", tiny_run / "model.safetensors")
     model = load_shapes_checkpoint(tiny_run / "checkpoint-1")

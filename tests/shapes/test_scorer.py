@@ -123,7 +123,9 @@ def _antialiased(prompts, seed):
 
     import numpy as np
 
-    from soarflow.shapes.world import draw_scene_antialiased, parse_prompt, scene_for_spec, to_tensor
+    from soarflow.shapes.drawing import draw_scene_antialiased, to_tensor
+    from soarflow.shapes.grammar import parse_prompt
+    from soarflow.shapes.scenes import scene_for_spec
 
     images = []
     for b, p in enumerate(prompts):
@@ -137,7 +139,7 @@ def test_soft_edges_do_not_cost_accuracy():
     2x2 corner blocks, 8-9 px squares at sub-pixel offsets were read as circles (counting 0.88, two_objects 0.90)."""
     import random
 
-    from soarflow.shapes.world import _mutate_word
+    from soarflow.shapes.corruption import mutate_word
 
     ev = ShapesEval(prompts_per_family=25, images_per_prompt=2, seed=11)
     prompts = ev.image_prompts()
@@ -147,14 +149,14 @@ def test_soft_edges_do_not_cost_accuracy():
         assert acc >= 0.98, (family, acc, [r.reason for r in report.records if not r.correct][:5])
     rng = random.Random(0)
     # one color / shape / number word swapped, or the relation reversed (another axis can hold by chance)
-    wrong = [_reverse_relation(p) or _mutate_word(rng, p) for p in prompts]
+    wrong = [_reverse_relation(p) or mutate_word(rng, p) for p in prompts]
     keep = [i for i, w in enumerate(wrong) if _parses(w)]  # "a triangle and a triangle" is not in the grammar
     assert len(keep) > 0.8 * len(prompts) and all(wrong[i] != prompts[i] for i in keep)
     assert score(images[keep], [wrong[i] for i in keep]).overall <= 0.03
 
 
 def _reverse_relation(text):
-    from soarflow.shapes.world import CONVERSE
+    from soarflow.shapes.grammar import CONVERSE
 
     for relation, converse in CONVERSE.items():
         if f" {relation} " in text:
@@ -163,7 +165,7 @@ def _reverse_relation(text):
 
 
 def _parses(text):
-    from soarflow.shapes.world import parse_prompt
+    from soarflow.shapes.grammar import parse_prompt
 
     try:
         parse_prompt(text)

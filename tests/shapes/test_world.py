@@ -18,7 +18,7 @@ from soarflow.shapes import (
     score,
     tokenize,
 )
-from soarflow.shapes.world import caption_held_out_combos
+from soarflow.shapes.grammar import caption_held_out_combos
 
 
 def test_vocab_and_tokenizer_round_trip():

@@ -9,8 +9,8 @@ import yaml
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from soarflow.models.diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
-from soarflow.study.cli import main  # noqa: E402
+from diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from soarflow.commands.study import main  # noqa: E402
 
 
 def test_sd3_study_with_loss_evaluation(tmp_path):

@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from soarflow.models.shapes_task import ShapesDataSection, ShapesModelSection, ShapesTask
+from soarflow.tasks.shapes import ShapesDataSection, ShapesModelSection, ShapesTask
 from soarflow.study import expand_cells, load_study
 from soarflow.study import runner as runner_mod
-from soarflow.study.cli import main
+from soarflow.commands.study import main
 from soarflow.study.report import aggregate
 from soarflow.study.runner import run_study
 

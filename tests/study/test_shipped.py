@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from soarflow.study import load_study
-from soarflow.study.cli import main
+from soarflow.commands.study import main
 from soarflow.train.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

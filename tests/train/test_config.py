@@ -8,7 +8,7 @@ import pytest
 
 from soarflow.train import TrainConfig, from_dict, get_task_class, load_config
 from soarflow.train.config import NON_DEFINING_KEYS, config_differences, parse_overrides
-from soarflow.train.entry import main_train
+from soarflow.commands.train import main_train
 
 from .toy_task import ToyTask
 
@@ -122,6 +122,8 @@ def test_registry():
         get_task_class("sdxl")
     with pytest.raises(ValueError, match="could not import"):
         get_task_class("soarflow.nope:Task")
+    with pytest.raises(ValueError, match="not a subclass of soarflow.tasks.Task"):
+        get_task_class("soarflow.train.config:TrainConfig")
     assert get_task_class(f"{ToyTask.__module__}:ToyTask") is ToyTask
 
 

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from soarflow.tasks import Task
+
 SHAPE = (2, 4, 4)
 COND_DIM = 4
 
@@ -41,8 +43,8 @@ class ToyDataset(torch.utils.data.Dataset):
         return {"x0": self.x0[i], "cond": self.cond[i], "index": i, "caption": f"toy {i}"}
 
 
-class ToyTask:
-    """Implements soarflow.train.task.Task. `fail_after` raises after that many encode_batch calls (to
+class ToyTask(Task):
+    """A soarflow Task. `fail_after` raises after that many encode_batch calls (to
     simulate an interrupted run)."""
 
     def __init__(self, n: int = 32, seed: int = 0, hidden: int = 32, fail_after: int | None = None):

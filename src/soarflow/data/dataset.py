@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .buckets import make_buckets, nearest_bucket
-from .records import BadSampleLog, ImageRecord
+from .records import BadSampleLog, ImageCaptionRecord
 
 
 def resize_center_crop(image, height: int, width: int):
@@ -43,7 +43,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        records: Sequence[ImageRecord],
+        records: Sequence[ImageCaptionRecord],
         resolution: int,
         *,
         bucketing: bool = False,

@@ -25,7 +25,7 @@ IMAGE_FORMATS = ("imagefolder", "soar_jsonl")
 
 
 @dataclass(frozen=True)
-class ImageRecord:
+class ImageCaptionRecord:
     """One training sample before decoding: the image file, its caption, and its size when the metadata has it."""
 
     key: str  # stable identifier (relative file name or md5), used by the encoding cache
@@ -92,7 +92,7 @@ def _int_or_none(value) -> int | None:
         return None
 
 
-def _check(record: ImageRecord, log: BadSampleLog) -> bool:
+def _check(record: ImageCaptionRecord, log: BadSampleLog) -> bool:
     if not record.caption.strip():
         log.report(str(record.image_path), "empty caption")
         return False
@@ -102,7 +102,7 @@ def _check(record: ImageRecord, log: BadSampleLog) -> bool:
     return True
 
 
-def read_imagefolder(root: str | Path, log: BadSampleLog | None = None, caption_column: str = "text") -> list[ImageRecord]:
+def read_imagefolder(root: str | Path, log: BadSampleLog | None = None, caption_column: str = "text") -> list[ImageCaptionRecord]:
     """Records of an imagefolder dataset (``root/metadata.jsonl`` with ``file_name`` and ``text``)."""
     log = log or BadSampleLog()
     root = Path(root)
@@ -115,14 +115,14 @@ def read_imagefolder(root: str | Path, log: BadSampleLog | None = None, caption_
             log.report(f"{root / 'metadata.jsonl'}:{lineno}", "no 'file_name'")
             continue
         caption = row.get(caption_column)
-        rec = ImageRecord(name, root / name, caption if isinstance(caption, str) else "",
+        rec = ImageCaptionRecord(name, root / name, caption if isinstance(caption, str) else "",
                           _int_or_none(row.get("width")), _int_or_none(row.get("height")))
         if _check(rec, log):
             records.append(rec)
     return records
 
 
-def read_soar_jsonl(jsonl: str | Path, image_dir: str | Path, log: BadSampleLog | None = None) -> list[ImageRecord]:
+def read_soar_jsonl(jsonl: str | Path, image_dir: str | Path, log: BadSampleLog | None = None) -> list[ImageCaptionRecord]:
     """Records of the official SOAR JSONL (``md5``, ``caption_en``, ``bw``, ``bh``; images ``{md5}.jpg``)."""
     log = log or BadSampleLog()
     jsonl, image_dir = Path(jsonl), Path(image_dir)
@@ -135,7 +135,7 @@ def read_soar_jsonl(jsonl: str | Path, image_dir: str | Path, log: BadSampleLog 
             log.report(f"{jsonl}:{lineno}", "no 'md5'")
             continue
         caption = row.get("caption_en")
-        rec = ImageRecord(md5, image_dir / f"{md5}.jpg", caption if isinstance(caption, str) else "",
+        rec = ImageCaptionRecord(md5, image_dir / f"{md5}.jpg", caption if isinstance(caption, str) else "",
                           _int_or_none(row.get("bw")), _int_or_none(row.get("bh")))
         if _check(rec, log):
             records.append(rec)

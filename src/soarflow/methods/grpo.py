@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
 from ..conditioning import cond_expand_null, cond_repeat
-from ..flow import sigma_schedule
+from ..flow import VelocityModel, sigma_schedule
 from ..sampling import guided_velocity, step_distribution
-
-VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
 def _f(default: Any = None, help: str = "", factory: Any = None) -> Any:

@@ -10,13 +10,11 @@ put them, and is asked for the velocity of the clean path. :math:`\gamma = 0` is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ..flow import interpolate, loss_weight, per_sample_mse, velocity_target
-
-VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+from ..flow import VelocityModel, interpolate, loss_weight, per_sample_mse, velocity_target
 
 
 @dataclass

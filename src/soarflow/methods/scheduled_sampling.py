@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
 from ..conditioning import cond_index
-from ..flow import append_dims, interpolate, loss_weight, per_sample_mse, shift_sigma, velocity_target
+from ..flow import VelocityModel, append_dims, interpolate, loss_weight, per_sample_mse, shift_sigma, velocity_target
 from ..sampling import guided_velocity
 
-VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 STRATEGIES = ("uniform", "biased_early", "biased_late")
 
 

@@ -1,13 +1,15 @@
 """Checkpoints of the embedded models (U-Net, MMDiT): one safetensors file, the architecture in its metadata.
 
 A file holds the weights plus ``{"format": "soarflow.<architecture>/1", "config": <json of the config>}``, so a
-checkpoint alone rebuilds its model (`load_checkpoint`). Errors always name the file.
+checkpoint alone rebuilds its model (`load_checkpoint`). Errors always name the file. `load_shapes_model("base")`
+loads the shipped base (produced by `soarflow pretrain`).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +24,7 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], type, str]] = {
     "mmdit": (mmdit.MMDiT, mmdit.MMDiTConfig, mmdit.CHECKPOINT_FORMAT),
 }
 _BY_FORMAT = {fmt: name for name, (_, _, fmt) in ARCHITECTURES.items()}
+BASE_CHECKPOINT = "base_shapes.safetensors"  # the shipped base, in soarflow/assets
 
 
 def architecture_of(model: nn.Module) -> str:
@@ -96,3 +99,19 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     model = ARCHITECTURES[architecture][0](config)
     load_state(model, state, path)
     return model
+
+
+def base_checkpoint_path() -> Path:
+    """The shipped, pretrained base model (produced by `soarflow pretrain`, see its JSON manifest)."""
+    return Path(str(resources.files("soarflow") / "assets" / BASE_CHECKPOINT))
+
+
+def resolve_checkpoint(path_or_name: str | Path) -> Path:
+    if str(path_or_name) == "base":
+        return base_checkpoint_path()
+    return Path(path_or_name)
+
+
+def load_shapes_model(path_or_name: str | Path = "base") -> nn.Module:
+    """An embedded model (U-Net or MMDiT) from a safetensors checkpoint path, or "base" for the shipped base."""
+    return load_checkpoint(resolve_checkpoint(path_or_name))

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from .generate import DEFAULT_SHIFT, encode_captions, generate_images, null_caption
 from .metrics import diversity, exposure_bias, frechet_distance
 from .scorer import ShapesReport, score
 
@@ -30,8 +31,6 @@ def evaluate_setting(
 ) -> tuple[dict, torch.Tensor, ShapesReport]:
     """(metrics, images, report): metrics holds ``shapes_eval`` (summary), ``frechet_distance``, ``diversity`` and
     ``exposure_bias``; `report` keeps the per-image records. `real` are renders of `prompts` (same order)."""
-    from ..models.shapes_task import DEFAULT_SHIFT, encode_captions, generate_images, null_caption
-
     shift = DEFAULT_SHIFT if shift is None else shift
     images = generate_images(model, list(prompts), num_steps=num_steps, cfg_scale=cfg_scale, shift=shift, seed=seed)
     report = score(images, list(prompts))

@@ -31,7 +31,7 @@ import torch
 from ..flow import sigma_schedule
 from ..sampling import guided_velocity, integrate
 from .scorer import COLOR_NAMES, detect, pixel_classes, validate_images
-from .world import SHAPES
+from .grammar import SHAPES
 
 FEATURE_POOL = 8
 

@@ -22,7 +22,7 @@ Judging (an object "matches" a (shape, color) if both agree; an uncolored reques
 * counting: exactly n matching objects (extra objects of the requested kind fail);
 * colors: at least one matching object;
 * position: a matching pair (a, b) of distinct objects whose centroids satisfy the relation: the subject is beyond
-  the other by more than 0.1 S along the relation's axis (`soarflow.shapes.world.relation_holds`).
+  the other by more than 0.1 S along the relation's axis (`soarflow.shapes.scenes.relation_holds`).
 
 Reward (partial credit in [0, 1], equal to 1 exactly when the image is judged correct): single_object 1/0;
 two_objects the fraction of the two objects found; counting max(0, 1 - |k - n| / n) for k matches; colors
@@ -40,7 +40,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .world import COLORS, FAMILIES, EvalPrompt, ObjectSpec, PromptSpec, parse_prompt, relation_holds
+from .datasets import EvalPrompt
+from .grammar import COLORS, FAMILIES, ObjectSpec, PromptSpec, parse_prompt
+from .scenes import relation_holds
 
 COLOR_NAMES = tuple(COLORS)
 _PALETTE_CHROMA = torch.tensor([[c / max(rgb) for c in rgb] for rgb in COLORS.values()], dtype=torch.float32)
@@ -229,7 +231,9 @@ def judge(spec: PromptSpec, objects: Sequence[DetectedObject], image_size: int) 
 
 # ------------------------------------------------------------------------------------------------ reports
 @dataclass
-class ImageRecord:
+class ImageScore:
+    """One judged image: its prompt, whether it is correct, its reward, why, and the objects detected."""
+
     index: int  # row in the scored batch
     prompt: str
     family: str
@@ -252,7 +256,7 @@ class ShapesReport:
     held_out: float | None
     num_images: int
     mean_reward: float
-    records: list[ImageRecord] = field(default_factory=list, repr=False)
+    records: list[ImageScore] = field(default_factory=list, repr=False)
 
     def to_dict(self, with_records: bool = False) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "records"}
@@ -263,7 +267,7 @@ class ShapesReport:
         return d
 
     def write_jsonl(self, path: str | Path) -> Path:
-        """One JSON object per image (`ImageRecord` fields). Refuses to overwrite an existing file."""
+        """One JSON object per image (`ImageScore` fields). Refuses to overwrite an existing file."""
         path = Path(path)
         if path.exists():
             raise FileExistsError(f"{path} already exists; not overwriting it")
@@ -311,7 +315,7 @@ def score(images: torch.Tensor, prompts: Sequence[str | EvalPrompt]) -> ShapesRe
     for i, ((spec, pidx), objs) in enumerate(zip(specs, detect(images))):
         ok, reward, reason = judge(spec, objs, size)
         records.append(
-            ImageRecord(i, spec.text, spec.family, spec.held_out, ok, reward, reason, [asdict(o) for o in objs], pidx)
+            ImageScore(i, spec.text, spec.family, spec.held_out, ok, reward, reason, [asdict(o) for o in objs], pidx)
         )
     acc = lambda rs: float(np.mean([r.correct for r in rs])) if rs else None  # noqa: E731
     per_family = {f: acc([r for r in records if r.family == f]) for f in FAMILIES}

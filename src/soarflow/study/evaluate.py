@@ -68,7 +68,7 @@ class ShapesStudyEval:
 
     def curve(self, model: torch.nn.Module) -> float:
         """ShapesEval overall on the small curve set at (curve_num_steps, curve_cfg_scale)."""
-        from ..models.shapes_task import generate_images
+        from ..shapes.generate import generate_images
         from ..shapes import score
 
         images = generate_images(model, self.curve_prompts, num_steps=self.spec.curve_num_steps,

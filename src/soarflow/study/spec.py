@@ -348,7 +348,7 @@ def _base_model_fingerprint(config: dict) -> str:
     """Content hash of the shapes task's starting checkpoint (so replacing the shipped base invalidates the cache);
     for other tasks the model section itself is the fingerprint."""
     if config.get("task") == "shapes":
-        from ..models.shapes_task import resolve_checkpoint
+        from ..models.embedded import resolve_checkpoint
 
         pretrained = (config.get("model") or {}).get("pretrained", "base")
         if pretrained is not None:

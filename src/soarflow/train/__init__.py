@@ -1,4 +1,5 @@
-"""Training: config (YAML + CLI overrides), the accelerate training loop, checkpoints, EMA, task registry.
+"""Training: config (YAML + CLI overrides), the accelerate training loop, checkpoints, EMA (`Task` and the task
+registry live in `soarflow.tasks`, re-exported here).
 
     from soarflow.train import TrainConfig, load_config, train, TrainResult
     cfg = load_config("configs/shapes_soar.yaml", ["--soar.num_aux", "4"])
@@ -6,8 +7,8 @@
 """
 
 from .config import SOARSection, TrainConfig, from_dict, load_config
-from .registry import TASKS, build_task, get_task_class
-from .task import Task
+from ..tasks.base import Task
+from ..tasks.registry import TASKS, build_task, get_task_class
 from .trainer import TrainResult, train
 
 __all__ = [

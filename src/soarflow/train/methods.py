@@ -244,12 +244,8 @@ def _lora_transformer(model: nn.Module) -> nn.Module | None:
 
 def decode_images(task: Any, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Images in [-1, 1] from the model's space: the task's VAE decoder, or the samples themselves (pixels)."""
-    if hasattr(task, "decode"):
-        if hasattr(task, "frozen_on"):
-            with task.frozen_on(device):
-                return task.decode(x)
+    with task.frozen_on(device):
         return task.decode(x)
-    return x.float().clamp(-1, 1)
 
 
 class GRPOMethod(TrainMethod):

@@ -106,7 +106,7 @@ def main_pretrain(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
 
     from ..models.embedded import save_checkpoint
-    from ..models.shapes_task import ShapesDataSection, ShapesModelSection, ShapesTask
+    from ..tasks.shapes import ShapesDataSection, ShapesModelSection, ShapesTask
 
     args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
@@ -198,7 +198,7 @@ def main_pretrain(argv: list[str] | None = None) -> int:
 
 def _score_for_manifest(model: torch.nn.Module, args: argparse.Namespace) -> dict:
     """ShapesEval, FD and diversity of the base at the demo's default sampler settings (40 Euler steps, guidance 4)."""
-    from ..models.shapes_task import generate_images
+    from ..shapes.generate import generate_images
     from ..shapes import ShapesEval, score
     from ..shapes.metrics import diversity, frechet_distance
 

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..tasks.registry import build_task
 from . import checkpoint as ckpt
 from . import safety
 from .config import TrainConfig
 from .ema import copy_ema_to, create_ema, ema_weights, trainable_parameters, update_ema
 from .methods import StepContext, TrainMethod, build_method, compute_loss, load_init_weights, resolve_init_from  # noqa: F401
-from .registry import build_task
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _local_batches(num_samples: int, global_batch: int, batch: int, rank: int, e
 def _epoch_loader(dataset, task, cfg: TrainConfig, epoch: int, start: int, rank: int, world: int):
     batch, global_batch = cfg.train_batch_size, cfg.train_batch_size * world
     # A task may choose the epoch's global batches itself (e.g. one aspect-ratio bucket per batch).
-    chosen = task.batch_indices(dataset, global_batch, cfg.seed, epoch) if hasattr(task, "batch_indices") else None
+    chosen = task.batch_indices(dataset, global_batch, cfg.seed, epoch)
     if chosen is not None:
         batches = [g[rank * batch : (rank + 1) * batch] for g in chosen if len(g) == global_batch]
     else:
@@ -132,16 +132,6 @@ def _make_scheduler(cfg: TrainConfig, optimizer, num_processes: int):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps * num_processes, cfg.max_train_steps * num_processes)
     )
-
-
-def _enable_gradient_checkpointing(task: Any, model: nn.Module) -> None:
-    if hasattr(task, "enable_gradient_checkpointing"):
-        task.enable_gradient_checkpointing(model)
-    elif hasattr(model, "enable_gradient_checkpointing"):
-        model.enable_gradient_checkpointing()
-    else:
-        raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no enable_gradient_checkpointing(); "
-                         "set gradient_checkpointing: false")
 
 
 def _make_accelerator(cfg: TrainConfig, output_dir: Path):
@@ -257,7 +247,7 @@ def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, r
     if cfg.init_from:
         logger.info("init_from: loaded %s", load_init_weights(task, model, cfg.init_from))
     if cfg.gradient_checkpointing:
-        _enable_gradient_checkpointing(task, model)
+        task.enable_gradient_checkpointing(model)
     model.to(device)
     model.train()
     params = trainable_parameters(model)
@@ -422,7 +412,7 @@ def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, r
         resumed_from=resume_from,
         num_processes=world,
         validation_images=grids,
-        data_summary=task.data_summary() if hasattr(task, "data_summary") else None,
+        data_summary=task.data_summary(),
     )
 
 

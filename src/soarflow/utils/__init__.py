@@ -1,1 +1,1 @@
-"""Small shared helpers (image grids)."""
+"""Small shared helpers: image grids (`images`), typed config sections from mappings and overrides (`config_parsing`)."""

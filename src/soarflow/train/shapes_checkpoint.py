@@ -19,11 +19,14 @@ from pathlib import Path
 
 from torch import nn
 
+from ..models.embedded import load_shapes_model
+from ..tasks.registry import build_task
+from .checkpoint import CONFIG_FILE, TRAINABLE_FILE, find_final_model, list_checkpoints
+from .config import load_config
+
 
 def describe(path: str | Path) -> tuple[str, Path]:
     """('base' | 'file' | 'checkpoint', resolved path) by the rule above; FileNotFoundError/ValueError otherwise."""
-    from ..train.checkpoint import CONFIG_FILE, TRAINABLE_FILE, find_final_model, list_checkpoints
-
     if str(path) == "base":
         return "base", Path("base")
     p = Path(path)
@@ -51,8 +54,6 @@ def describe(path: str | Path) -> tuple[str, Path]:
 
 def load_shapes_checkpoint(path: str | Path) -> nn.Module:
     """The model `path` means (module docstring). Errors are ValueError / FileNotFoundError naming the path."""
-    from .shapes_task import load_shapes_model
-
     kind, resolved = describe(path)
     if kind == "base":
         return load_shapes_model("base")
@@ -72,10 +73,6 @@ def load_shapes_checkpoint(path: str | Path) -> nn.Module:
 
 def _load_training_checkpoint(folder: Path) -> nn.Module:
     from safetensors.torch import load_file
-
-    from ..train.checkpoint import CONFIG_FILE, TRAINABLE_FILE
-    from ..train.config import load_config
-    from ..train.registry import build_task
 
     cfg = load_config(folder.parent / CONFIG_FILE)
     if cfg.task != "shapes":

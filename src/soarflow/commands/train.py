@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from .config import describe_fields
+from ..train.config import describe_fields
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,9 +40,9 @@ def main_train(argv: list[str]) -> int:
     if args.help:
         print(train_help())
         return 0
-    from .config import load_config
-    from .safety import EXIT_DIVERGED, EXIT_INTERRUPTED, Interrupted
-    from .trainer import train
+    from ..train.config import load_config
+    from ..train.safety import EXIT_DIVERGED, EXIT_INTERRUPTED, Interrupted
+    from ..train.trainer import train
 
     try:
         cfg = load_config(args.config, overrides)

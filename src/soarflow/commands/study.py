@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from .report import aggregate, markdown, plots
-    from .runner import run_study, spec_record
-    from .spec import load_study
+    from ..study.report import aggregate, markdown, plots
+    from ..study.runner import run_study, spec_record
+    from ..study.spec import load_study
 
     args = build_parser().parse_args(argv)
     start = time.perf_counter()

@@ -53,7 +53,7 @@ QUICK = dict(max_train_steps=20, train_batch_size=16, eval_num_steps=[10], promp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train.config import LR_SCHEDULERS, METHOD_NAMES
+    from ..train.config import LR_SCHEDULERS, METHOD_NAMES
 
     d = DemoSettings()
     p = argparse.ArgumentParser(prog="soarflow demo", description=__doc__.split("\n\n")[0])
@@ -100,7 +100,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
             raise ValueError(f"--{name} must be >= 1, got {getattr(s, name)}")
     if not s.learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0, got {s.learning_rate}")
-    from .train.config import METHOD_NAMES
+    from ..train.config import METHOD_NAMES
 
     unknown = [m for m in s.methods if m not in METHOD_NAMES]
     if unknown or not s.methods or len(set(s.methods)) != len(s.methods):
@@ -120,8 +120,8 @@ def post_train(method: str, s: DemoSettings, run_dir: Path):
     """One method from the base with the shared settings, through the same trainer `soarflow train` uses.
     SOAR takes the demo's K / lambda / N / rollout guidance; the other baselines their shapes recipe
     (soarflow.train.methods.SHAPES_RECIPES, the settings of configs/shapes_<method>.yaml)."""
-    from .train import load_config, train
-    from .train.methods import SHAPES_RECIPES
+    from ..train import load_config, train
+    from ..train.methods import SHAPES_RECIPES
 
     overrides = {
         "task": "shapes",
@@ -158,7 +158,7 @@ def post_train(method: str, s: DemoSettings, run_dir: Path):
 
 # -- evaluation ----------------------------------------------------------------------------------------
 def evaluate(model: torch.nn.Module, s: DemoSettings, bench, real: torch.Tensor, log) -> dict:
-    from .shapes.evaluate import evaluate_setting
+    from ..shapes.evaluate import evaluate_setting
 
     prompts = [p.text for p in bench.prompts for _ in range(s.images_per_prompt)]
     groups = [p.index for p in bench.prompts for _ in range(s.images_per_prompt)]
@@ -244,7 +244,7 @@ def save_plot(report: dict, s: DemoSettings, path: Path) -> None:
 
 # -- main ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from .train.safety import EXIT_INTERRUPTED, Interrupted
+    from ..train.safety import EXIT_INTERRUPTED, Interrupted
 
     args = build_parser().parse_args(argv)
     try:
@@ -313,11 +313,11 @@ def check_output_dir(out: Path, settings: dict, overwrite: bool) -> None:
 
 
 def run_demo(s: DemoSettings, out: Path, overwrite: bool = False) -> int:
-    from .models.shapes_checkpoint import load_shapes_checkpoint
-    from .models.shapes_task import load_shapes_model, resolve_checkpoint
-    from .shapes import ShapesEval, render
-    from .train.safety import Diverged
-    from .utils.images import save_image_grid
+    from ..train.shapes_checkpoint import load_shapes_checkpoint
+    from ..models.embedded import load_shapes_model, resolve_checkpoint
+    from ..shapes import ShapesEval, render
+    from ..train.safety import Diverged
+    from ..utils.images import save_image_grid
 
     settings = asdict(s)
     report_path = out / "report.json"

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from .diffusers_common import DiffusersTask, VelocityModule
+from ..models.diffusers_velocity import VelocityModule
+from .diffusers import DiffusersTask
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +98,7 @@ class FluxTask(DiffusersTask):
 
     def _has_guidance_embeds(self) -> bool:
         cfg = self.transformer_class.load_config(self.model_cfg.pretrained, subfolder="transformer",
-                                                 **self._load_kwargs())
+                                                 **self.pipeline.load_kwargs)
         return bool(cfg.get("guidance_embeds", False))
 
     def wrap(self, transformer: torch.nn.Module) -> FluxVelocity:
@@ -123,7 +124,7 @@ class FluxTask(DiffusersTask):
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        pipe = self.frozen(device)
+        pipe = self.pipeline.get(device)
         embeds, pooled, _ = pipe.encode_prompt(
             prompt=prompts,
             prompt_2=None,

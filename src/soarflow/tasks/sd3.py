@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .diffusers_common import DiffusersTask, VelocityModule
+from ..models.diffusers_velocity import VelocityModule
+from .diffusers import DiffusersTask
 
 
 class SD3Velocity(VelocityModule):
@@ -52,7 +53,7 @@ class SD3Task(DiffusersTask):
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        pipe = self.frozen(device)
+        pipe = self.pipeline.get(device)
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=prompts,
             prompt_2=None,

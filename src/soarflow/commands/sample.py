@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .diffusers_common import MANIFEST
+from ..models.diffusers_weights import MANIFEST
 
 PIPELINES = {"sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
              "flux": ("FluxPipeline", "FluxTransformer2DModel")}
@@ -128,7 +128,7 @@ def load_pipeline(model_path: str | Path, base: str | None = None, dtype: torch.
 def _pipeline_from_checkpoint(path: Path, base: str | None, dtype: torch.dtype):
     from ..train.checkpoint import CONFIG_FILE, TRAINABLE_FILE
     from ..train.config import load_config
-    from ..train.registry import build_task
+    from ..tasks.registry import build_task
     from safetensors.torch import load_file
 
     cfg = load_config(path.parent / CONFIG_FILE)
@@ -145,8 +145,8 @@ def _pipeline_from_checkpoint(path: Path, base: str | None, dtype: torch.dtype):
         for n, p in params.items():
             p.copy_(state[n])
     transformer = model.transformer  # a LoRA checkpoint keeps its peft adapter; the pipeline just calls forward
-    pipe = task.pipeline_class.from_pretrained(task.model_cfg.pretrained, transformer=transformer.to(dtype),
-                                               torch_dtype=dtype, **task._load_kwargs())
+    pipe = task.pipeline.pipeline_class.from_pretrained(task.model_cfg.pretrained, transformer=transformer.to(dtype),
+                                                        torch_dtype=dtype, **task.pipeline.load_kwargs)
     return pipe, task.manifest(model)
 
 

@@ -1,16 +1,16 @@
 """`soarflow eval-shapes`: score a folder of PNGs, a model checkpoint or the world's own renders on ShapesEval.
 
-Image layout (used by ``--images`` and written by ``--write-real``): image k (0-based) of evaluation prompt p is
+Image layout (used by ``--images`` and written by ``--write_real``): image k (0-based) of evaluation prompt p is
 ``{p.index:04d}_{k}.png`` (RGB, all the same square size, at least 24 x 24), e.g. ``0012_3.png``. Grayscale or
 palette images are converted to RGB and counted. The prompt set is
-``ShapesEval(--prompts-per-family, --images-per-prompt, --seed)``; list it with ``--list-prompts``.
+``ShapesEval(--prompts_per_family, --images_per_prompt, --seed)``; list it with ``--list_prompts``.
 
 ``--checkpoint`` takes ``base``, a model file, a run folder or a ``checkpoint-N`` folder
-(see :mod:`soarflow.models.shapes_checkpoint` for the rule).
+(see :mod:`soarflow.train.shapes_checkpoint` for the rule).
 
 Alignment is always reported with fidelity: the Frechet distance (``fd``) of the images to real renders of the
 same prompts (drawn with seed ``--seed + 1``, so ``--real`` shows the floor set by sampling noise) and the
-per-prompt diversity (``diversity``, needs ``--images-per-prompt`` >= 2).
+per-prompt diversity (``diversity``, needs ``--images_per_prompt`` >= 2).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .metrics import diversity, frechet_distance
-from .scorer import score
-from .sheet import save_sample_sheet
-from .world import ShapesEval, render, to_tensor
+from ..shapes.metrics import diversity, frechet_distance
+from ..shapes.scorer import score
+from ..shapes.sheet import save_sample_sheet
+from ..shapes.datasets import ShapesEval
+from ..shapes.drawing import render, to_tensor
 
 MIN_SIZE = 24  # the renderer's and scorer's smallest classifiable image
 
@@ -99,6 +100,17 @@ def write_image_folder(images: torch.Tensor, folder: str | Path, ev: ShapesEval)
     return paths
 
 
+# The spellings before the flags took the underscore style of every other command; still accepted, not listed.
+OLD_FLAGS = {"--write-real": "--write_real", "--list-prompts": "--list_prompts",
+             "--prompts-per-family": "--prompts_per_family", "--images-per-prompt": "--images_per_prompt",
+             "--num-steps": "--num_steps", "--cfg-scale": "--guidance_scale", "--batch-size": "--batch_size"}
+
+
+def _new_spelling(arg: str) -> str:
+    flag, eq, value = arg.partition("=")
+    return OLD_FLAGS[flag] + eq + value if flag in OLD_FLAGS else arg
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="soarflow eval-shapes", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -106,15 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", metavar="PATH",
                      help='score a shapes model: "base" (shipped), a model file, a run folder or a checkpoint-N folder')
     src.add_argument("--real", action="store_true", help="score the world's own renders (scorer sanity check)")
-    src.add_argument("--write-real", metavar="DIR", help="write the world's renders to DIR in the --images layout")
-    src.add_argument("--list-prompts", action="store_true", help="print the evaluation prompts as JSON lines")
-    ap.add_argument("--prompts-per-family", type=int, default=10)
-    ap.add_argument("--images-per-prompt", type=int, default=4)
+    src.add_argument("--write_real", metavar="DIR", help="write the world's renders to DIR in the --images layout")
+    src.add_argument("--list_prompts", action="store_true", help="print the evaluation prompts as JSON lines")
+    ap.add_argument("--prompts_per_family", type=int, default=10)
+    ap.add_argument("--images_per_prompt", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="prompt-set seed; also the render / sampling seed")
-    ap.add_argument("--size", type=int, default=32, help="image size for --real / --write-real")
-    ap.add_argument("--num-steps", type=int, default=40, help="sampler steps for --checkpoint")
-    ap.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale for --checkpoint")
-    ap.add_argument("--batch-size", type=int, default=64, help="sampling batch size for --checkpoint")
+    ap.add_argument("--size", type=int, default=32, help="image size for --real / --write_real")
+    ap.add_argument("--num_steps", type=int, default=40, help="sampler steps for --checkpoint")
+    ap.add_argument("--guidance_scale", type=float, default=4.0, help="guidance scale for --checkpoint")
+    ap.add_argument("--batch_size", type=int, default=64, help="sampling batch size for --checkpoint")
     ap.add_argument("--jsonl", metavar="PATH", help="write per-image records (JSON lines)")
     ap.add_argument("--json", metavar="PATH", help="write the summary (JSON)")
     ap.add_argument("--sheet", metavar="PATH", help="write a PNG sample sheet of the first image of each prompt")
@@ -124,20 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _checkpoint_images(args, ev: ShapesEval) -> torch.Tensor:
     from tqdm.auto import tqdm
 
-    from soarflow.models.shapes_checkpoint import describe, load_shapes_checkpoint
-    from soarflow.models.shapes_task import generate_images
+    from ..train.shapes_checkpoint import describe, load_shapes_checkpoint
+    from ..shapes.generate import generate_images
 
     kind, resolved = describe(args.checkpoint)
     model = load_shapes_checkpoint(args.checkpoint)
     prompts = ev.image_prompts()
     print(f"checkpoint {resolved if kind != 'base' else 'base (shipped)'}: sampling {len(prompts)} images with "
-          f"{args.num_steps} Euler steps, guidance {args.cfg_scale}, seed {args.seed}", file=sys.stderr)
+          f"{args.num_steps} Euler steps, guidance {args.guidance_scale}, seed {args.seed}", file=sys.stderr)
     batches = -(-len(prompts) // args.batch_size)
     # one model forward per sampler step (guidance runs both halves in one call): the bar counts them
     with tqdm(total=batches * args.num_steps, desc="sampling", unit="step", disable=None, file=sys.stderr) as bar:
         hook = model.register_forward_hook(lambda *_: bar.update(1))
         try:
-            return generate_images(model, prompts, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+            return generate_images(model, prompts, num_steps=args.num_steps, cfg_scale=args.guidance_scale,
                                    seed=args.seed, batch_size=args.batch_size)
         finally:
             hook.remove()
@@ -165,7 +177,7 @@ def fidelity(images: torch.Tensor, ev: ShapesEval) -> dict:
 
 
 def fidelity_table(fid: dict) -> str:
-    div = "  -  (needs --images-per-prompt >= 2)" if fid["diversity"] is None else f"{fid['diversity']:.3f}"
+    div = "  -  (needs --images_per_prompt >= 2)" if fid["diversity"] is None else f"{fid['diversity']:.3f}"
     return f"{'Frechet dist.':<15}{fid['fd']:>7.2f}   (to real renders; lower is better)\n{'diversity':<15}{div:>7}"
 
 
@@ -210,7 +222,7 @@ def _run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args([_new_spelling(a) for a in (sys.argv[1:] if argv is None else argv)])
     try:
         return _run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

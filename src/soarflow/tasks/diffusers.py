@@ -1,20 +1,15 @@
-r"""What the SD3 and FLUX adapters share: config sections, frozen encoders, data, caching, validation, saving.
+r"""What the SD3 and FLUX tasks share: building the model, data, encoding (with its cache), validation, saving.
 
 A :class:`DiffusersTask` implements the trainer's `Task` protocol for one diffusers pipeline family. The
 trainable model is a small `nn.Module` holding the family's transformer and exposing the velocity interface
 ``model(x, sigma, cond)`` (x: VAE latents (B, C, h, w); sigma (B,) in [0, 1]; cond: a dict of batch-first
-tensors). The frozen parts — VAE and text encoders, loaded from the same folder with the pipeline class's
-``from_pretrained(path, transformer=None)`` — stay in the task, so only the transformer is prepared by
-accelerate, checkpointed and saved.
+tensors). The frozen parts — VAE and text encoders (:class:`soarflow.models.diffusers_pipeline.FrozenPipeline`)
+— stay in the task, so only the transformer is prepared by accelerate, checkpointed and saved.
 
 Latents follow the pipelines: :math:`x_0 = (\mathrm{VAE}(img) - \text{shift}) \cdot \text{scale}` with the
 VAE's ``shift_factor``/``scaling_factor``; decoding inverts it. The null condition is the encoding of the
-empty prompt, as the pipelines' classifier-free guidance uses for an empty negative prompt.
-
-Saved model folder (``task.save_model``): ``transformer/`` (``save_pretrained``) for full fine-tuning, or
-``pytorch_lora_weights.safetensors`` for LoRA, plus ``soarflow_model.json`` naming the base model, so that
-``soarflow sample`` (or ``Pipeline.from_pretrained(base, transformer=...)`` / ``pipe.load_lora_weights``)
-rebuilds a pipeline.
+empty prompt, as the pipelines' classifier-free guidance uses for an empty negative prompt. The config sections
+are in :mod:`.diffusers_sections`, the saved model folder in :mod:`soarflow.models.diffusers_weights`.
 """
 
 from __future__ import annotations
@@ -22,12 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -42,112 +33,20 @@ from ..data import (
     read_imagefolder,
     read_soar_jsonl,
 )
+from ..models.diffusers_pipeline import DTYPES, FrozenPipeline, check_pretrained
+from ..models.diffusers_velocity import VelocityModule
+from ..models.diffusers_weights import load_model_folder, save_model_folder
+from ..models.lora import add_lora, has_lora
 from ..sampling import sample_euler
-from .lora import LoraSection, add_lora, has_lora, load_lora, save_lora
+from .base import Task
+from .diffusers_sections import DiffusersDataSection, DiffusersModelSection, parse_sections
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "soarflow_model.json"
 NULL_ENTRY = "__empty_prompt__"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
-class DiffusersModelSection:
-    """``model:`` for tasks sd3 and flux."""
-
-    pretrained: str = ""  # local diffusers pipeline folder or hub id (from_pretrained)
-    revision: str | None = None
-    variant: str | None = None  # e.g. "fp16" weight files
-    finetune: Literal["full", "lora"] = "full"
-    lora: LoraSection = field(default_factory=LoraSection)
-    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # VAE, text encoders; LoRA base weights
-    max_sequence_length: int = 256  # T5 tokens
-    offload_frozen: bool = False  # keep VAE/text encoders on the CPU between uses (saves ~11 GB with T5-XXL)
-    # FLUX only (ignored by sd3): how guidance works in rollouts and validation
-    guidance: Literal["cfg", "embedded"] = "cfg"
-    embedded_guidance_scale: float = 3.5
-
-    def __post_init__(self) -> None:
-        if not self.pretrained:
-            raise ValueError("config key 'pretrained': required — a diffusers pipeline folder or hub id")
-        if self.finetune not in ("full", "lora"):
-            raise ValueError(f"config key 'finetune': must be full or lora (got {self.finetune!r})")
-        if self.frozen_dtype not in DTYPES:
-            raise ValueError(f"config key 'frozen_dtype': must be one of {', '.join(DTYPES)}")
-        if self.max_sequence_length < 1:
-            raise ValueError(f"config key 'max_sequence_length': must be >= 1 (got {self.max_sequence_length})")
-        if self.guidance not in ("cfg", "embedded"):
-            raise ValueError(f"config key 'guidance': must be cfg or embedded (got {self.guidance!r})")
-
-
-@dataclass
-class DiffusersDataSection:
-    """``data:`` for tasks sd3 and flux."""
-
-    format: Literal["imagefolder", "soar_jsonl"] = "imagefolder"
-    path: str = ""  # imagefolder: the folder with metadata.jsonl; soar_jsonl: the JSONL file
-    image_dir: str | None = None  # soar_jsonl: folder of {md5}.jpg
-    caption_column: str = "text"  # imagefolder caption field
-    resolution: int = 512
-    bucketing: bool = False  # aspect-ratio buckets of ~resolution^2 pixels
-    bucket_divisor: int = 64
-    max_aspect_ratio: float = 2.0
-    random_flip: bool = False
-    on_bad_sample: Literal["skip", "fail"] = "skip"
-    max_samples: int | None = None  # use only the first N records
-    cache_dir: str | None = None  # cache VAE latents + text embeddings here (safetensors shards)
-    cache_shard_size: int = 256
-    validation_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red apple on a table"])
-    validation_num_steps: int = 28
-    validation_cfg: float = 4.5
-    validation_seed: int = 0
-    validation_resolution: int | None = None  # None: resolution
-
-    def __post_init__(self) -> None:
-        if self.format not in ("imagefolder", "soar_jsonl"):
-            raise ValueError(f"config key 'format': must be imagefolder or soar_jsonl (got {self.format!r})")
-        if not self.path:
-            raise ValueError("config key 'path': required — the image folder (imagefolder) or JSONL file (soar_jsonl)")
-        if self.format == "soar_jsonl" and not self.image_dir:
-            raise ValueError("config key 'image_dir': required for format soar_jsonl (folder of {md5}.jpg)")
-        if self.resolution < 8:
-            raise ValueError(f"config key 'resolution': must be >= 8 (got {self.resolution})")
-        if self.on_bad_sample not in ("skip", "fail"):
-            raise ValueError(f"config key 'on_bad_sample': must be skip or fail (got {self.on_bad_sample!r})")
-        if self.cache_dir and self.random_flip:
-            raise ValueError("config key 'cache_dir': the cache stores one latent per image, so it cannot be combined "
-                             "with random_flip; disable one of them")
-        if self.validation_num_steps < 1:
-            raise ValueError(f"config key 'validation_num_steps': must be >= 1 (got {self.validation_num_steps})")
-
-
-def parse_sections(model: dict | None, data: dict | None, model_cls=DiffusersModelSection, data_cls=DiffusersDataSection):
-    from ..train.config import from_dict
-
-    return from_dict(model_cls, model or {}, prefix="model"), from_dict(data_cls, data or {}, prefix="data")
-
-
-class VelocityModule(nn.Module):
-    """Base of the velocity wrappers: holds ``self.transformer``; forwards gradient checkpointing to it."""
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.transformer = transformer
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """dtype the transformer's (frozen or trainable) base weights are stored in; inputs are cast to it."""
-        for name, p in self.transformer.named_parameters():
-            if "lora_" not in name:
-                return p.dtype
-        return torch.float32
-
-
-class DiffusersTask:
+class DiffusersTask(Task):
     """Shared `Task` implementation; subclasses set the classes and the family-specific encoding."""
 
     family = ""
@@ -160,7 +59,9 @@ class DiffusersTask:
         self.data_cfg = data
         self.train_config = train_config
         self.bad_samples = BadSampleLog(data.on_bad_sample)
-        self._frozen = None  # the pipeline without transformer (VAE + text encoders), loaded lazily
+        self.pipeline = FrozenPipeline(self.pipeline_class_name, model.pretrained, revision=model.revision,
+                                       variant=model.variant, dtype=DTYPES[model.frozen_dtype],
+                                       offload=model.offload_frozen)  # loaded on first use
         self._null: dict[torch.device, Any] = {}
         self._cache: EncodingCache | None = None
 
@@ -176,74 +77,17 @@ class DiffusersTask:
     def check_config(self) -> None:
         """Family-specific checks of the combined config (override)."""
 
-    # -- diffusers classes -------------------------------------------------------------------------------
-    @property
-    def pipeline_class(self) -> type:
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_class_name)
-
+    # -- model -------------------------------------------------------------------------------------------
     @property
     def transformer_class(self) -> type:
         import diffusers
 
         return getattr(diffusers, self.transformer_class_name)
 
-    def _load_kwargs(self) -> dict:
-        kw = {}
-        if self.model_cfg.revision:
-            kw["revision"] = self.model_cfg.revision
-        if self.model_cfg.variant:
-            kw["variant"] = self.model_cfg.variant
-        return kw
-
-    def _check_pretrained(self) -> None:
-        p = Path(self.model_cfg.pretrained)
-        looks_local = p.is_absolute() or self.model_cfg.pretrained.startswith(".") or p.exists()
-        if looks_local and not (p / "model_index.json").is_file():
-            raise FileNotFoundError(f"model.pretrained: {p} is not a diffusers pipeline folder (no model_index.json)")
-
-    # -- frozen parts ------------------------------------------------------------------------------------
-    @property
-    def frozen_dtype(self) -> torch.dtype:
-        return DTYPES[self.model_cfg.frozen_dtype]
-
-    def frozen(self, device: torch.device | str | None = None):
-        """The pipeline without its transformer (VAE + tokenizers + text encoders), frozen, on `device`."""
-        if self._frozen is None:
-            self._check_pretrained()
-            with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; keep both working
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                pipe = self.pipeline_class.from_pretrained(
-                    self.model_cfg.pretrained, transformer=None, torch_dtype=self.frozen_dtype, **self._load_kwargs()
-                )
-            for name, component in pipe.components.items():
-                if isinstance(component, nn.Module):
-                    component.requires_grad_(False)
-                    component.eval()
-            pipe.set_progress_bar_config(disable=True)
-            self._frozen = pipe
-        if device is not None and self._frozen.device != torch.device(device):
-            self._frozen.to(device)
-        return self._frozen
-
-    def vae_factors(self) -> tuple[float, float]:
-        """(shift_factor, scaling_factor) of the VAE, read from its config (no weights are loaded)."""
-        if not hasattr(self, "_vae_factors"):
-            if self._frozen is not None:
-                cfg = dict(self._frozen.vae.config)
-            else:
-                from diffusers import AutoencoderKL
-
-                cfg = AutoencoderKL.load_config(self.model_cfg.pretrained, subfolder="vae", **self._load_kwargs())
-            self._vae_factors = (float(cfg.get("shift_factor") or 0.0), float(cfg["scaling_factor"]))
-        return self._vae_factors
-
-    # -- model -------------------------------------------------------------------------------------------
     def load_transformer(self) -> nn.Module:
-        self._check_pretrained()
+        check_pretrained(self.model_cfg.pretrained)
         return self.transformer_class.from_pretrained(self.model_cfg.pretrained, subfolder="transformer",
-                                                      **self._load_kwargs())
+                                                      **self.pipeline.load_kwargs)
 
     def wrap(self, transformer: nn.Module) -> VelocityModule:
         raise NotImplementedError
@@ -251,8 +95,8 @@ class DiffusersTask:
     def build_model(self) -> nn.Module:
         transformer = self.load_transformer()
         if self.model_cfg.finetune == "lora":
-            if self.frozen_dtype != torch.float32:
-                transformer.to(self.frozen_dtype)
+            if self.pipeline.dtype != torch.float32:
+                transformer.to(self.pipeline.dtype)
             add_lora(transformer, self.model_cfg.lora)
             for name, p in transformer.named_parameters():  # adapters train in float32 (mixed precision autocasts)
                 if p.requires_grad:
@@ -260,9 +104,6 @@ class DiffusersTask:
         else:
             transformer.requires_grad_(True)
         return self.wrap(transformer)
-
-    def enable_gradient_checkpointing(self, model: nn.Module) -> None:
-        model.enable_gradient_checkpointing()
 
     # -- data --------------------------------------------------------------------------------------------
     def records(self):
@@ -335,15 +176,9 @@ class DiffusersTask:
             self._cache = EncodingCache(self.data_cfg.cache_dir, self.cache_spec(), self.data_cfg.cache_shard_size, rank)
         return self._cache
 
-    @contextlib.contextmanager
-    def frozen_on(self, device: torch.device):
+    def frozen_on(self, device: torch.device) -> contextlib.AbstractContextManager:
         """The frozen pipeline on `device`; with ``model.offload_frozen`` it goes back to the CPU afterwards."""
-        pipe = self.frozen(device)
-        try:
-            yield pipe
-        finally:
-            if self.model_cfg.offload_frozen and torch.device(device).type != "cpu":
-                pipe.to("cpu")
+        return self.pipeline.on(device)
 
     @torch.no_grad()
     def _encode_fresh(self, pixels: torch.Tensor, captions: list[str], device: torch.device) -> list[dict]:
@@ -378,7 +213,7 @@ class DiffusersTask:
                     cache.put(names[i], e)
         mean = torch.stack([e["latent_mean"].to(device) for e in entries])
         std = torch.stack([e["latent_std"].to(device) for e in entries])
-        shift, scale = self.vae_factors()
+        shift, scale = self.pipeline.vae_factors()
         x0 = (mean + std * torch.randn_like(mean) - shift) * scale
         keys = [k for k in entries[0] if k.startswith("cond.")]
         cond = {k[5:]: torch.stack([e[k].to(device) for e in entries]) for k in keys}
@@ -412,17 +247,8 @@ class DiffusersTask:
     def validation_cfg(self) -> float:
         return self.data_cfg.validation_cfg
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        pipe = self.frozen()
-        f = pipe.vae_scale_factor
-        return (pipe.vae.config.latent_channels, height // f, width // f)
-
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.frozen(latents.device).vae
-        shift, scale = self.vae_factors()
-        images = vae.decode((latents / scale + shift).to(vae.dtype)).sample
-        return images.float().clamp(-1, 1)
+        return self.pipeline.decode(latents)
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: Sequence[str], device: torch.device, *, num_steps: int,
@@ -430,7 +256,7 @@ class DiffusersTask:
         """Images in [-1, 1] from `model` with soarflow's Euler sampler (same schedule/shift as the objective's
         rollout). Image i's noise depends only on (seed, i)."""
         res = self.data_cfg.validation_resolution or self.data_cfg.resolution
-        shape = self.latent_shape(height or res, width or res)
+        shape = self.pipeline.latent_shape(height or res, width or res)
         prompts = list(prompts)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
                              for i in range(len(prompts))]).to(device)
@@ -464,58 +290,15 @@ class DiffusersTask:
         }
 
     def save_model(self, model: nn.Module, path: Path) -> Path:
-        """Full: ``path/transformer`` (save_pretrained); LoRA: ``path/pytorch_lora_weights.safetensors``.
-        Replaces an earlier soarflow model in `path` (resumed run); refuses any other non-empty folder.
-        Also flushes the encoding cache."""
-        path = Path(path)
-        if path.exists() and any(path.iterdir()) and not (path / MANIFEST).is_file():
-            raise ValueError(f"save_model: {path} is not empty and holds no soarflow model; refusing to overwrite it")
+        """The folder of :mod:`soarflow.models.diffusers_weights`; also flushes the encoding cache."""
         if self._cache is not None:
             self._cache.flush()
-        # Write next to the target and swap at the end, so a crash never leaves a half-written model and an
-        # earlier model of this run (resumed training) is replaced only by a complete one.
-        tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        transformer = model.transformer
-        if has_lora(transformer):
-            save_lora(self.pipeline_class, transformer, tmp)
-        else:
-            transformer.save_pretrained(tmp / "transformer")
-        (tmp / MANIFEST).write_text(json.dumps(self.manifest(model), indent=1))
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        path = save_model_folder(Path(path), model.transformer, self.pipeline.pipeline_class, self.manifest(model))
         logger.info("saved %s model to %s (%s)", self.family, path, self.bad_samples.summary())
         return path
 
     def load_model_weights(self, model: nn.Module, path: Path) -> None:
-        path = Path(path)
-        transformer = model.transformer
-        if has_lora(transformer):
-            load_lora(self.pipeline_class, transformer, path)
-            return
-        folder = path / "transformer"
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"no full transformer weights in {path} (expected {folder}/config.json)")
-        loaded = self.transformer_class.from_pretrained(str(folder))
-        missing, unexpected = transformer.load_state_dict(loaded.state_dict(), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        load_model_folder(Path(path), model.transformer, self.pipeline.pipeline_class, self.transformer_class)
 
 
-__all__ = [
-    "DiffusersDataSection",
-    "DiffusersModelSection",
-    "DiffusersTask",
-    "MANIFEST",
-    "VelocityModule",
-    "parse_sections",
-]
+__all__ = ["DiffusersTask"]

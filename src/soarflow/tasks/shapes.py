@@ -1,99 +1,25 @@
 """The embedded default task: the small U-Net (or MMDiT) on the ShapesEval world (no download, no GPU).
 
-Also the helpers everything else uses to run that model: `load_shapes_model` (a path or "base", the shipped
-base checkpoint), `generate_images` (captions -> images with the Euler sampler and guidance) and
-`base_checkpoint_path`.
+The helpers everything else uses to run that model live below the tasks: `load_shapes_model` and
+`base_checkpoint_path` in :mod:`soarflow.models.embedded`, `generate_images` (captions -> images with the Euler
+sampler and guidance) in :mod:`soarflow.shapes.generate`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from ..sampling import sample_euler
-from .embedded import ARCHITECTURES, build_model, load_checkpoint, load_state, read_checkpoint, save_checkpoint
-
-BASE_CHECKPOINT = "base_shapes.safetensors"
-
-# Sampler settings shared by validation grids, the demo and `eval-shapes --checkpoint` unless overridden.
-DEFAULT_SHIFT = 1.0  # pixel-space 32x32: no resolution shift
-
-
-def base_checkpoint_path() -> Path:
-    """The shipped, pretrained base model (produced by `soarflow pretrain`, see its JSON manifest)."""
-    return Path(str(resources.files("soarflow") / "assets" / BASE_CHECKPOINT))
-
-
-def resolve_checkpoint(path_or_name: str | Path) -> Path:
-    if str(path_or_name) == "base":
-        return base_checkpoint_path()
-    return Path(path_or_name)
-
-
-def load_shapes_model(path_or_name: str | Path = "base") -> nn.Module:
-    """An embedded model (U-Net or MMDiT) from a safetensors checkpoint path, or "base" for the shipped base."""
-    return load_checkpoint(resolve_checkpoint(path_or_name))
-
-
-def encode_captions(captions: Sequence[str], device: torch.device | str = "cpu", max_tokens: int | None = None) -> dict:
-    from ..shapes.world import MAX_TOKENS, tokenize
-
-    return {"tokens": tokenize(list(captions), max_len=max_tokens or MAX_TOKENS).to(device)}
-
-
-def null_caption(batch_size: int, device: torch.device | str = "cpu", max_tokens: int | None = None) -> dict:
-    from ..shapes.world import MAX_TOKENS
-
-    return {"tokens": torch.zeros(batch_size, max_tokens or MAX_TOKENS, dtype=torch.long, device=device)}
-
-
-@torch.no_grad()
-def generate_images(
-    model: nn.Module,
-    prompts: Sequence[str],
-    *,
-    num_steps: int = 40,
-    cfg_scale: float = 4.0,
-    shift: float = DEFAULT_SHIFT,
-    seed: int = 0,
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Sample one image per prompt, (B, 3, H, W) in [-1, 1]. Image i's noise depends only on (seed, i), so
-    results do not change with batch_size and two models given the same seed start from the same noise."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    cfg = model.config  # UNetConfig or MMDiTConfig: image_size, in_channels, max_tokens
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            noise = torch.stack(
-                [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + j)) for j in range(len(chunk))]
-            ).to(device)
-            cond = encode_captions(chunk, device, cfg.max_tokens)
-            x = sample_euler(
-                model,
-                noise,
-                cond,
-                null_cond=null_caption(len(chunk), device, cfg.max_tokens),
-                num_steps=num_steps,
-                cfg_scale=cfg_scale,
-                shift=shift,
-            )
-            out.append(x.clamp(-1, 1).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, *shape)
+from ..models.embedded import ARCHITECTURES, build_model, load_shapes_model, load_state, read_checkpoint, save_checkpoint
+from ..shapes.generate import encode_captions, generate_images, null_caption
+from ..shapes.datasets import ShapesDataset
+from ..shapes.grammar import MAX_TOKENS, VOCAB
+from ..utils.config_parsing import from_dict
+from .base import Task
 
 
 @dataclass
@@ -143,8 +69,8 @@ class ShapesDataSection:
     validation_cfg: float = 4.0
 
 
-class ShapesTask:
-    """`Task` for the embedded model on ShapesEval (see `soarflow.train.task.Task`)."""
+class ShapesTask(Task):
+    """`Task` for the embedded model on ShapesEval (see `soarflow.tasks.base.Task`)."""
 
     def __init__(self, model: ShapesModelSection | None = None, data: ShapesDataSection | None = None):
         self.model_cfg = model or ShapesModelSection()
@@ -154,8 +80,6 @@ class ShapesTask:
 
     @classmethod
     def from_config(cls, model: dict | None = None, data: dict | None = None, train_config: Any = None) -> "ShapesTask":
-        from ..train.config import from_dict
-
         arch = sorted(k for k in (model or {}) if k != "pretrained")
         if arch and (model or {}).get("pretrained", "base") is not None:  # a checkpoint fixes its architecture
             raise ValueError(f"config key 'model.{arch[0]}': architecture keys apply only to a model trained from "
@@ -166,8 +90,6 @@ class ShapesTask:
     # -- model -------------------------------------------------------------------------------------
     def model_config(self) -> dict:
         """The architecture config (as a dict for `embedded.build_model`) of a model trained from scratch."""
-        from ..shapes.world import MAX_TOKENS, VOCAB
-
         m = self.model_cfg
         common = dict(image_size=self.data_cfg.image_size, num_heads=m.num_heads, vocab_size=len(VOCAB), max_tokens=MAX_TOKENS)
         if m.architecture == "unet":
@@ -190,8 +112,6 @@ class ShapesTask:
 
     # -- data --------------------------------------------------------------------------------------
     def train_dataset(self) -> torch.utils.data.Dataset:
-        from ..shapes.world import ShapesDataset
-
         d = self.data_cfg
         return ShapesDataset(split=d.split, num_samples=d.num_samples, seed=d.seed, image_size=d.image_size)
 
