@@ -84,8 +84,10 @@ def step_distribution(
         return xf + ds * vf, noise_scale * (-ds).clamp_min(0).sqrt()
     if kind in ("sde", "flow_sde"):
         if kind == "flow_sde":
-            sc = s.clamp(max=0.99)
-            g = noise_scale * (sc / (1 - sc)).sqrt()
+            # Flow-GRPO's convention: at sigma = 1 (the first step) the denominator uses the next sigma, where
+            # 1 - sigma = 0 would make g infinite; the 0.99 cap guards random sigmas just below 1 (SOAR's paths).
+            s_den = torch.where(s >= 1, sn, s).clamp(max=0.99)
+            g = noise_scale * (s / (1 - s_den)).sqrt()
         else:
             g = torch.full_like(s, noise_scale)
         drift = vf + g**2 / (2 * s.clamp_min(1e-3)) * (xf + (1 - s) * vf)

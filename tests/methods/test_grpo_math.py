@@ -39,6 +39,18 @@ def test_flow_sde_step_mean_and_std_match_the_flow_grpo_form():
         assert float(std[b].flatten()[0]) == pytest.approx(g * math.sqrt(-dt), rel=1e-6)
 
 
+def test_flow_sde_first_step_from_pure_noise_uses_the_next_sigma_like_flow_grpo():
+    # at sigma = 1, g = a sqrt(sigma / (1 - sigma_max)) with sigma_max = the schedule's second sigma (the next one);
+    # a cap at sigma 0.99 instead made the first step of a 10-step schedule 3x too noisy and flipped its mean
+    x, v = _rand(1, 2, 4, seed=1), _rand(1, 2, 4, seed=2)
+    s, sn, a = torch.tensor([1.0]), torch.tensor([0.9]), 0.7
+    mean, std = step_distribution("flow_sde", x, s, sn, v, noise_scale=a)
+    g, dt = a * math.sqrt(1.0 / (1 - 0.9)), -0.1
+    ref = x[0] * (1 + g**2 / 2 * dt) + v[0] * dt
+    torch.testing.assert_close(mean[0], ref, rtol=1e-5, atol=1e-6)
+    assert float(std[0].flatten()[0]) == pytest.approx(g * math.sqrt(-dt), rel=1e-6)
+
+
 def test_cps_step_mean_and_std():
     x, v = _rand(2, 5, seed=3), _rand(2, 5, seed=4)
     s, sn, a = torch.tensor([0.8, 0.3]), torch.tensor([0.6, 0.1]), 0.7
