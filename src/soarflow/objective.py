@@ -56,51 +56,66 @@ from .sampling import STEP_KINDS, guided_velocity, step
 VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
+def _key(default: Any, help: str, set_by: str | None = None) -> Any:
+    """A SOARConfig field with its help (``soarflow train --help``). ``set_by`` names the top-level trainer key
+    that fills the field (the ``soar:`` section does not accept it)."""
+    metadata = {"help": help, **({"set_by": set_by} if set_by else {})}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclass
 class SOARConfig:
-    """Hyper-parameters of the SOAR objective (paper defaults). ``lambda_aux = 0`` or ``num_aux = 0`` is SFT.
+    """Hyper-parameters of the SOAR objective (paper defaults), and the trainer's ``soar:`` section.
+    ``lambda_aux = 0`` or ``num_aux = 0`` is SFT.
 
     The controls of docs/objective.md ("Controls") are fields here: ``points_per_sample`` (compute-matched SFT),
     ``rollout="none"`` (no deviation: isolates the correction), ``rollout="none"`` with ``aux_noise="fresh"``
     (noise-level-matched SFT), ``aux_sigma_density`` (the sigma' distribution) and the condition-dropout order
-    (``cond_dropout_mode``, ``rollout_uses_dropped_cond``)."""
+    (``cond_dropout_mode``, ``rollout_uses_dropped_cond``). The fields with ``set_by`` (the t density, loss
+    weighting and condition dropout) come from the trainer's top-level keys, which every method shares."""
 
-    num_aux: int = 6  # K: auxiliary points per rollout path
-    lambda_aux: float = 1.0  # lambda: weight of the auxiliary term
-    rollout_steps: int = 40  # N: the rollout takes one step of the N-step schedule (1/N in t)
-    rollout_cfg: float = 4.5  # w: guidance scale of the rollout (1 = conditional velocity only)
-    num_rollout_paths: int = 1  # M: path 0 is the ODE step, paths 1..M-1 are stochastic
-    rollout_kind: Literal["simple", "sde", "flow_sde", "cps"] = "flow_sde"  # kind of the extra paths
-    rollout_noise_scale: float = 0.5
-    sigma_upper: Literal["one", "ratio"] = "one"  # upper bound of sigma': 1 or min(ratio * sigma0, 1)
-    sigma_upper_ratio: float = 1.5
-    sigma_floor: float = 1e-3  # sigma' >= floor, so v_corr = (z_aux - x0) / sigma' stays finite
-    shift: float = 3.0  # SD3.5 time shift
-    t_density: Literal["logit_normal", "uniform", "mode", "cosmap"] = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
-    cond_dropout: float = 0.0  # probability of training a sample on null_cond (enables guidance)
-    aux_chunk_size: int | None = None  # max rows per forward; larger batches run checkpointed in chunks (memory)
-    fuse_forward: bool = True  # False: one forward per term, as in the reference code (for benchmarks/tests)
+    num_aux: int = _key(6, "K: auxiliary re-noised points per rollout path (0 = SFT)")
+    lambda_aux: float = _key(1.0, "weight of the auxiliary term (0 = SFT)")
+    rollout_steps: int = _key(40, "N: the rollout takes one step of the N-step inference schedule (1/N in t)")
+    rollout_cfg: float = _key(4.5, "guidance scale of the rollout step (1 = conditional velocity only)")
+    num_rollout_paths: int = _key(1, "M: path 0 is the ODE step, paths 1..M-1 are stochastic")
+    rollout_kind: Literal["simple", "sde", "flow_sde", "cps"] = _key("flow_sde", "kind of the stochastic paths")
+    rollout_noise_scale: float = _key(0.5, "noise scale of the stochastic paths")
+    sigma_upper: Literal["one", "ratio"] = _key("one", "upper bound of sigma': 1 or min(ratio * sigma0, 1)")
+    sigma_upper_ratio: float = _key(1.5, "ratio for sigma_upper='ratio'")
+    sigma_floor: float = _key(1e-3, "sigma' >= floor, so v_corr = (z_aux - x0) / sigma' stays finite")
+    shift: float = _key(3.0, "time shift s: sigma(t) = s t / (1 + (s - 1) t) (SD3.5: 3); every method's")
+    t_density: Literal["logit_normal", "uniform", "mode", "cosmap"] = _key(
+        "logit_normal", "density of the training time t", set_by="weighting_scheme")
+    logit_mean: float = _key(0.0, "mean of the logit-normal t density", set_by="logit_mean")
+    logit_std: float = _key(1.0, "std of the logit-normal t density", set_by="logit_std")
+    mode_scale: float = _key(1.29, "scale of the 'mode' t density", set_by="mode_scale")
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = _key("none", "SD3 loss weighting", set_by="weighting_scheme")
+    cond_dropout: float = _key(0.0, "probability of training a sample on null_cond (enables guidance)",
+                               set_by="cond_dropout")
+    aux_chunk_size: int | None = _key(None, "max rows per forward; larger fused batches run checkpointed in chunks")
+    fuse_forward: bool = _key(True, "one fused forward for the main and auxiliary terms (false: one per term, "
+                                    "as in the reference code)")
     # --- speed: layout of the gradient forwards (identical loss; see docs/objective.md "Cost")
-    reuse_main_output: bool = True  # the main term's detached output is the rollout's conditional velocity
-    forward_batch_size: int | Literal["auto", "probe"] | None = "auto"  # rows per (uncheckpointed) forward call
+    reuse_main_output: bool = _key(True, "the main term's output is the rollout's conditional velocity (saves B rows)")
+    forward_batch_size: int | Literal["auto", "probe"] | None = _key(
+        "auto", "rows per forward call of the gradient terms: auto (one call), probe (timed once), N, null")
     # --- controls (issue 12): what SOAR's gain is made of
-    points_per_sample: int = 1  # SFT only: P standard draws (fresh noise and t) per image
-    rollout: Literal["guided", "none"] = "guided"  # none: z' = x_sigma1 exactly (no deviation, v_corr = z1 - x0)
-    aux_noise: Literal["shared", "fresh"] = "shared"  # fresh (rollout none): aux points on new noise, standard target
-    aux_sigma_density: Literal["uniform", "t_density"] = "uniform"  # sigma' ~ U[sigma1, up] or t-density on it
-    cond_dropout_mode: Literal["per_sample", "per_batch"] = "per_sample"  # per_batch: one draw drops the batch
-    rollout_uses_dropped_cond: bool = False  # True (official order): a dropped sample rolls out unconditionally
+    points_per_sample: int = _key(1, "method sft: P standard draws (fresh noise and t) per image (compute-matched SFT)")
+    rollout: Literal["guided", "none"] = _key("guided", "none: z' = x_sigma1 exactly, no deviation (control)")
+    aux_noise: Literal["shared", "fresh"] = _key("shared", "fresh (with rollout none): noise-level-matched SFT")
+    aux_sigma_density: Literal["uniform", "t_density"] = _key(
+        "uniform", "sigma' ~ U[sigma1, upper] (paper) or the training t density restricted to it")
+    cond_dropout_mode: Literal["per_sample", "per_batch"] = _key(
+        "per_sample", "condition dropout per sample, or one draw for the whole batch")
+    rollout_uses_dropped_cond: bool = _key(False, "a dropped sample rolls out unconditionally (official order)")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         def bad(field: str, why: str) -> ValueError:
-            return ValueError(f"SOARConfig.{field}: {why} (got {getattr(self, field)!r})")
+            return ValueError(f"config key 'soar.{field}': {why} (got {getattr(self, field)!r})")
 
         if not isinstance(self.num_aux, int) or self.num_aux < 0:
             raise bad("num_aux", "must be an integer >= 0")

@@ -280,5 +280,5 @@ def test_t_density_in_the_loss_and_the_trainer_draw():
     (dict(aux_noise="fresh"), "aux_noise"),
 ])
 def test_bad_combinations_name_the_field(changes, field):
-    with pytest.raises(ValueError, match=f"SOARConfig.{field}"):
+    with pytest.raises(ValueError, match=f"soar.{field}"):
         SOARConfig(**changes)

@@ -56,6 +56,8 @@ def test_round_trip_through_yaml(tmp_path):
     (["--checkpoints_total_limit", "0"], "config key 'checkpoints_total_limit'"),
     (["--task", "sdxl"], "config key 'task'"),
     (["--soar", "3"], "config key 'soar': expected a section"),
+    (["--soar.cond_dropout", "0.1"], "config key 'soar.cond_dropout' is set by the top-level key 'cond_dropout'"),
+    (["--soar.t_density", "uniform"], "config key 'soar.t_density' is set by the top-level key 'weighting_scheme'"),
     (["--max_train_steps"], "needs a value"),
     (["oops"], "expected a --key"),
 ])
@@ -100,10 +102,10 @@ def test_from_dict_for_task_sections():
     ("logit_normal", "logit_normal", "none"), ("mode", "mode", "none"),
     ("sigma_sqrt", "uniform", "sigma_sqrt"), ("cosmap", "uniform", "cosmap"), ("none", "uniform", "none"),
 ])
-def test_objective_config_maps_weighting_scheme(scheme, density, weighting):
+def test_soar_section_takes_weighting_scheme_and_shared_keys(scheme, density, weighting):
     cfg = load_config(None, ["--weighting_scheme", scheme, "--logit_std", "0.5", "--cond_dropout", "0.1",
                              "--soar.num_aux", "2", "--soar.shift", "1"])
-    obj = cfg.objective_config()
+    obj = cfg.soar
     assert (obj.t_density, obj.weighting) == (density, weighting)
     assert obj.logit_std == 0.5 and obj.cond_dropout == 0.1 and obj.num_aux == 2 and obj.shift == 1.0
 
@@ -160,4 +162,4 @@ def test_shipped_shapes_recipes_load_and_differ_only_in_method():
     soar, sft = load_config(root / "shapes_soar.yaml"), load_config(root / "shapes_sft.yaml")
     assert (soar.task, soar.method, sft.method) == ("shapes", "soar", "sft")
     assert sorted(d.split(":")[0] for d in config_differences(soar.to_dict(), sft.to_dict())) == ["method", "output_dir"]
-    assert soar.objective_config().num_rollout_paths == 1 and soar.soar.num_aux > 0
+    assert soar.soar.num_rollout_paths == 1 and soar.soar.num_aux > 0

@@ -130,7 +130,7 @@ def test_method_config_builds_each_shapes_recipe():
     for method in METHODS:
         cfg = method_config(method, {"output_dir": "/tmp/x", "train_batch_size": 8, "max_train_steps": 5})
         assert cfg.method == method and cfg.task == "shapes" and cfg.train_batch_size == 8
-        assert cfg.objective_config().shift == 1.0
+        assert cfg.soar.shift == 1.0
 
 
 @pytest.mark.parametrize("method", ["scheduled_sampling", "grpo"])

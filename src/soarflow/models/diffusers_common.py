@@ -42,6 +42,7 @@ from ..data import (
     read_imagefolder,
     read_soar_jsonl,
 )
+from ..objective import SOARConfig
 from ..sampling import sample_euler
 from .lora import LoraSection, add_lora, has_lora, load_lora, save_lora
 
@@ -405,8 +406,8 @@ class DiffusersTask:
     # -- validation --------------------------------------------------------------------------------------
     @property
     def sample_shift(self) -> float:
-        soar = getattr(self.train_config, "soar", None)
-        return float(getattr(soar, "shift", 3.0))
+        """The objective's time shift ``soar.shift`` (SOARConfig's default without a trainer config)."""
+        return float((self.train_config.soar if self.train_config is not None else SOARConfig()).shift)
 
     @property
     def validation_cfg(self) -> float:

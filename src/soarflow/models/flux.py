@@ -86,9 +86,10 @@ class FluxTask(DiffusersTask):
     default_max_sequence_length = 512
 
     def check_config(self) -> None:
-        soar = getattr(self.train_config, "soar", None)
-        method = getattr(self.train_config, "method", "soar")
-        if self.model_cfg.guidance == "embedded" and soar is not None and method == "soar" and soar.rollout_cfg != 1:
+        if self.train_config is None or self.train_config.method != "soar":
+            return
+        soar = self.train_config.soar
+        if self.model_cfg.guidance == "embedded" and soar.rollout_cfg != 1:
             raise ValueError(
                 f"config key 'soar.rollout_cfg': model.guidance is 'embedded' (guidance-distilled FLUX), so the "
                 f"rollout uses the embedded guidance model.embedded_guidance_scale="

@@ -5,14 +5,13 @@
     result = train(cfg)             # task from the registry, model = task.build_model()
 """
 
-from .config import SOARSection, TrainConfig, from_dict, load_config
+from .config import TrainConfig, from_dict, load_config
 from .registry import TASKS, build_task, get_task_class
 from .task import Task
 from .trainer import TrainResult, train
 
 __all__ = [
     "TrainConfig",
-    "SOARSection",
     "TrainResult",
     "Task",
     "TASKS",

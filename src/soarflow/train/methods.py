@@ -118,7 +118,7 @@ class TrainMethod:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
-        self.objective = cfg.objective_config()
+        self.objective = cfg.soar
 
     def setup(self, model: nn.Module, task: Any, device: torch.device) -> None:
         """Called once, after the model is built and before a checkpoint is restored."""
