@@ -220,35 +220,105 @@ def _check_inputs(x0: torch.Tensor, cond: Any, noise, t) -> int:
     return batch
 
 
-def _draw_noise_and_t(x0, config: SOARConfig, generator, noise, t):
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32).to(x0.dtype)
-    if t is None:
-        t = sample_t(
-            x0.shape[0],
-            density=config.t_density,
-            logit_mean=config.logit_mean,
-            logit_std=config.logit_std,
-            mode_scale=config.mode_scale,
-            generator=generator,
-            device=x0.device,
-        )
-    return noise, t.to(device=x0.device, dtype=torch.float32)
+# ---------------------------------------------------------------------------------------------- random draws
 
 
-def _drop_cond(cond, null_cond, batch, config: SOARConfig, generator, device):
+@dataclass
+class Draws:
+    r"""Every random number of one loss evaluation, each with its batch axis at a known place, so that the
+    draws of a global batch can be sliced per process (:meth:`rows`). P = ``points_per_sample`` (1 for SOAR),
+    M = ``num_rollout_paths``, K = ``num_aux``; a field is None where the config does not use it.
+
+    * ``noise`` :math:`z_1` (P, B, ...) and ``t`` (P, B): the training points of the main (SFT) term;
+    * ``drop_u`` (P, B): row b trains on ``null_cond`` where ``drop_u < cond_dropout`` (``per_batch``: one
+      uniform, repeated over the batch);
+    * ``path_noise`` (M-1, B, ...): the :math:`\epsilon` of the stochastic rollout paths 1..M-1;
+    * ``aux_u`` (M, K, B): uniforms mapped to :math:`\sigma'` by :func:`aux_sigmas_from_uniform`;
+    * ``aux_noise`` (M, K, B, ...): the endpoints of the aux points with ``aux_noise="fresh"``."""
+
+    noise: torch.Tensor
+    t: torch.Tensor
+    drop_u: torch.Tensor | None = None
+    path_noise: torch.Tensor | None = None
+    aux_u: torch.Tensor | None = None
+    aux_noise: torch.Tensor | None = None
+
+    # the batch axis of each field
+    _BATCH_AXIS = {"noise": 1, "t": 1, "drop_u": 1, "path_noise": 1, "aux_u": 2, "aux_noise": 2}
+
+    def rows(self, index: slice) -> "Draws":
+        """The draws of rows ``index`` of the batch (a process's share of a global batch)."""
+        def take(name: str) -> torch.Tensor | None:
+            value = getattr(self, name)
+            if value is None:
+                return None
+            return value[(slice(None),) * self._BATCH_AXIS[name] + (index,)]
+
+        return Draws(**{name: take(name) for name in self._BATCH_AXIS})
+
+
+def draw_randomness(
+    config: "SOARConfig",
+    shape: tuple[int, ...] | torch.Size,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    noise: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    sft: bool | None = None,
+) -> Draws:
+    """The :class:`Draws` of :func:`sft_loss` (``sft``, default ``config.is_sft``) or :func:`soar_loss` for a
+    batch of ``shape`` (B, ...), from one generator.
+
+    Given ``noise`` / ``t`` are the first draw (not drawn). The order is fixed — noise, t (the first draw, then the
+    other P - 1), dropout, stochastic-path noise, sigma' uniforms, fresh aux noise — so a draw that a config does
+    not use leaves the others alone. The trainer calls this for the global batch and slices it per process, so
+    the loss does not depend on the number of processes."""
+    shape = tuple(shape)
+    batch = shape[0]
+    sft = config.is_sft if sft is None else sft
+
+    def normal(*lead: int) -> torch.Tensor:
+        return torch.randn(lead + shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+    def times(n: int) -> torch.Tensor:
+        return sample_t(n, density=config.t_density, logit_mean=config.logit_mean, logit_std=config.logit_std,
+                        mode_scale=config.mode_scale, generator=generator, device=device)
+
+    noise = normal() if noise is None else noise.to(device=device, dtype=dtype)
+    t = times(batch) if t is None else t.to(device=device, dtype=torch.float32)
+    P = config.points_per_sample if sft else 1
+    noise, t = noise[None], t[None]
+    if P > 1:
+        noise = torch.cat([noise, normal(P - 1)])
+        t = torch.cat([t, times((P - 1) * batch).reshape(P - 1, batch)])
+    drop_u = None
+    if config.cond_dropout > 0:
+        drop_u = torch.rand(P * batch, generator=generator, device=device)
+        if config.cond_dropout_mode == "per_batch":
+            drop_u = drop_u[:1].expand(P * batch)
+        drop_u = drop_u.reshape(P, batch)
+    if sft:
+        return Draws(noise, t, drop_u)
+    M, K = config.num_rollout_paths, config.num_aux
+    path_noise = normal(M - 1).float() if M > 1 else None  # the step computes in float32
+    aux_u = torch.rand((M, K, batch), generator=generator, device=device)
+    aux_noise = normal(M, K) if config.aux_noise == "fresh" else None
+    return Draws(noise, t, drop_u, path_noise, aux_u, aux_noise)
+
+
+def apply_cond_dropout(cond, null_cond, drop_u: torch.Tensor | None, config: SOARConfig, batch: int, device):
     """``(train_cond, dropped)``: the condition each row trains on and the (B,) mask of rows put on null_cond.
 
-    ``per_sample`` draws one Bernoulli(p) per row; ``per_batch`` one draw for the whole micro-batch (the official
-    SOAR code's order). Both consume B uniforms from ``generator``, so switching mode leaves later draws alone."""
-    if config.cond_dropout <= 0:
+    ``per_sample`` draws one Bernoulli(p) per row; ``per_batch`` one draw for the whole batch (the official
+    SOAR code's order). Both consume B uniforms (:func:`draw_randomness`), so switching mode leaves later draws
+    alone."""
+    if drop_u is None:
         return cond, torch.zeros(batch, dtype=torch.bool, device=device)
     if null_cond is None:
         raise ValueError("null_cond is required when cond_dropout > 0")
-    u = torch.rand(batch, generator=generator, device=device)
-    if config.cond_dropout_mode == "per_batch":
-        u = u[:1].expand(batch)
-    drop = u < config.cond_dropout
+    drop = drop_u.reshape(batch) < config.cond_dropout
     return cond_where(drop, cond_expand_null(null_cond, batch), cond), drop
 
 
@@ -411,6 +481,19 @@ def aux_sigmas_from_uniform(t: torch.Tensor, config: SOARConfig, u: torch.Tensor
 # ---------------------------------------------------------------------------------------------- losses
 
 
+def _resolve_draws(draws, config, x0, generator, noise, t, sft: bool) -> Draws:
+    if draws is None:
+        return draw_randomness(config, x0.shape, generator=generator, device=x0.device, dtype=x0.dtype, noise=noise,
+                               t=t, sft=sft)
+    if noise is not None or t is not None:
+        raise ValueError("draws: given together with noise / t; pass one or the other")
+    P = config.points_per_sample if sft else 1
+    if tuple(draws.noise.shape) != (P, *x0.shape) or tuple(draws.t.shape) != (P, x0.shape[0]):
+        raise ValueError(f"draws: noise {tuple(draws.noise.shape)} / t {tuple(draws.t.shape)} do not match "
+                         f"(P={P}, x0 shape {tuple(x0.shape)})")
+    return draws
+
+
 def sft_loss(
     model: VelocityModel,
     x0: torch.Tensor,
@@ -421,25 +504,25 @@ def sft_loss(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     t: torch.Tensor | None = None,
+    draws: Draws | None = None,
 ) -> ObjectiveOutput:
     r"""Plain flow matching: :math:`\sum_r w(\sigma_r)\lVert v_\theta(x_{\sigma_r},\sigma_r,c_r) - (z_r - x_0)\rVert^2 / (PB)`
     over P = ``points_per_sample`` draws per image (compute-matched SFT when P > 1).
 
-    ``noise``/``t`` fix the first draw; the other P - 1 draws (noise, then t) come from ``generator``, and
-    condition dropout is drawn per row (per draw) after them."""
+    The random numbers are ``draws`` (:func:`draw_randomness`), or drawn from ``generator``: ``noise``/``t``
+    fix the first draw, the other P - 1 draws (noise, then t) follow, then condition dropout per row (per draw)."""
     config = config or SOARConfig(num_aux=0)
     batch = _check_inputs(x0, cond, noise, t)
-    noise, t = _draw_noise_and_t(x0, config, generator, noise, t)
+    draws = _resolve_draws(draws, config, x0, generator, noise, t, sft=True)
     P = config.points_per_sample
     if P > 1:
         x0 = x0.repeat((P,) + (1,) * (x0.ndim - 1))
-        extra, t_extra = _draw_noise_and_t(x0[batch:], config, generator, None, None)
-        noise, t = torch.cat([noise, extra]), torch.cat([t, t_extra])
         cond = cond_repeat(cond, P)
         if null_cond is not None and cond_batch_size(null_cond) == batch != 1:  # a per-row null_cond tiles too
             null_cond = cond_repeat(null_cond, P)
     rows = P * batch
-    train_cond, _ = _drop_cond(cond, null_cond, rows, config, generator, x0.device)
+    noise, t = draws.noise.reshape(x0.shape), draws.t.reshape(rows)
+    train_cond, _ = apply_cond_dropout(cond, null_cond, draws.drop_u, config, rows, x0.device)
     sigma0 = shift_sigma(t, config.shift)
     x_t = interpolate(x0, noise, sigma0)
     err = per_sample_mse(model(x_t, sigma0, train_cond), velocity_target(x0, noise))
@@ -494,15 +577,17 @@ def soar_loss(
     noise: torch.Tensor | None = None,
     t: torch.Tensor | None = None,
     aux_sigmas: torch.Tensor | None = None,
+    draws: Draws | None = None,
 ) -> ObjectiveOutput:
-    """The SOAR loss (module docstring). ``noise`` (shape of x0), ``t`` (B,) and ``aux_sigmas`` (K, B), the
-    sigma' of the ODE path, override the random draws: with an ODE-only rollout the loss is then a pure
-    function of its inputs."""
+    """The SOAR loss (module docstring). The random numbers are ``draws`` (:func:`draw_randomness`), or drawn
+    from ``generator``. ``noise`` (shape of x0), ``t`` (B,) and ``aux_sigmas`` (K, B), the sigma' of the ODE
+    path, override the random draws: with an ODE-only rollout the loss is then a pure function of its inputs."""
     config = config or SOARConfig()
     if config.is_sft:
         if aux_sigmas is not None and aux_sigmas.numel() > 0:
             raise ValueError("aux_sigmas: given, but the config has no auxiliary term (num_aux or lambda_aux is 0)")
-        return sft_loss(model, x0, cond, config=config, null_cond=null_cond, generator=generator, noise=noise, t=t)
+        return sft_loss(model, x0, cond, config=config, null_cond=null_cond, generator=generator, noise=noise, t=t,
+                        draws=draws)
     if config.points_per_sample != 1:
         raise ValueError(f"points_per_sample: {config.points_per_sample} draws per image is an SFT control; "
                          "SOAR uses 1 (set num_aux=0 or method sft)")
@@ -512,8 +597,9 @@ def soar_loss(
     guided = config.rollout == "guided"
     if guided and config.rollout_cfg != 1.0 and null_cond is None:
         raise ValueError(f"null_cond is required for the guided rollout (rollout_cfg={config.rollout_cfg})")
-    noise, t = _draw_noise_and_t(x0, config, generator, noise, t)
-    train_cond, dropped = _drop_cond(cond, null_cond, batch, config, generator, x0.device)
+    draws = _resolve_draws(draws, config, x0, generator, noise, t, sft=False)
+    noise, t = draws.noise[0], draws.t[0]
+    train_cond, dropped = apply_cond_dropout(cond, null_cond, draws.drop_u, config, batch, x0.device)
     rollout_cond = train_cond if config.rollout_uses_dropped_cond else cond
     device = x0.device
 
@@ -537,19 +623,16 @@ def soar_loss(
             else:
                 v_cfg = guided_velocity(model, x_t, sigma0, rollout_cond, null_cond, config.rollout_cfg)
             z_paths = [step("ode", x_t, sigma0, sigma1, v_cfg)]
-            for _ in range(M - 1):
-                z_paths.append(
-                    step(config.rollout_kind, x_t, sigma0, sigma1, v_cfg,
-                         noise_scale=config.rollout_noise_scale, generator=generator)
-                )
+            for eps in draws.path_noise if M > 1 else ():
+                z_paths.append(step(config.rollout_kind, x_t, sigma0, sigma1, v_cfg,
+                                    noise_scale=config.rollout_noise_scale, eps=eps))
         else:
             z_paths = [x_sigma1]
         deviation = per_sample_mse(z_paths[0], x_sigma1).sqrt().mean()
 
     # 4. Auxiliary noise levels sigma' in [sigma1, upper], per path and point: shape (M, K, B).
     upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
-    u = torch.rand((M, K, batch), generator=generator, device=device)
-    sig_aux = aux_sigmas_from_uniform(t, config, u)
+    sig_aux = aux_sigmas_from_uniform(t, config, draws.aux_u)
     if aux_sigmas is not None:
         aux_sigmas = aux_sigmas.to(device=device, dtype=torch.float32)
         if tuple(aux_sigmas.shape) != (K, batch):
@@ -566,8 +649,7 @@ def soar_loss(
 
     # 4-5. Re-noise toward the same z1 (or, aux_noise="fresh", onto new noise) and build the correction targets.
     if config.aux_noise == "fresh":
-        z_end = torch.randn((M, K) + tuple(x0.shape), generator=generator, device=device,
-                            dtype=torch.float32).to(x0.dtype)
+        z_end = draws.aux_noise
         z_aux = renoise(x0.expand_as(z_end), z_end, torch.zeros_like(sigma1), sig_aux)  # (1-s') x0 + s' z
     else:
         z_prime = torch.stack(z_paths)  # (M, B, ...)

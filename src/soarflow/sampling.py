@@ -108,13 +108,16 @@ def step(
     *,
     noise_scale: float = 0.0,
     generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""One step of the given kind from per-sample `sigma` to `sigma_next` (both shape (B,)); see module doc.
-    Draws :math:`\mu + s\,\epsilon` from :func:`step_distribution`."""
+    Draws :math:`\mu + s\,\epsilon` from :func:`step_distribution` (:math:`\epsilon` = ``eps`` if given,
+    else drawn from ``generator``)."""
     mean, std = step_distribution(kind, x, sigma, sigma_next, v, noise_scale=noise_scale)
     if kind == "ode":
         return mean.to(x.dtype)
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    if eps is None:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
     return (mean + std * eps).to(x.dtype)
 
 

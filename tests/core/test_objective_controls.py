@@ -260,7 +260,7 @@ def test_logit_normal_t_density_matches_the_closed_form_and_ratio_bound():
 
 
 def test_t_density_in_the_loss_and_the_trainer_draw():
-    from soarflow.train.methods import _aux_sigmas
+    from soarflow.objective import draw_randomness
 
     model = RecordingModel(ToyVelocity(D, C))
     x0, cond, null, noise, t = make_batch()
@@ -269,7 +269,11 @@ def test_t_density_in_the_loss_and_the_trainer_draw():
     soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, generator=torch.Generator().manual_seed(5))
     u = torch.rand((1, 4, B), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(model.calls[0]["sigma"][B:], aux_sigmas_from_uniform(t, cfg, u)[0].flatten())
-    torch.testing.assert_close(_aux_sigmas(t, cfg, u[0]), aux_sigmas_from_uniform(t, cfg, u[0]))
+    # the trainer's path: the objective's draws for the batch, passed in (the same sigma')
+    model.calls.clear()
+    draws = draw_randomness(cfg, x0.shape, generator=torch.Generator().manual_seed(5), noise=noise, t=t)
+    soar_loss(model, x0, cond, null_cond=null, config=cfg, draws=draws)
+    torch.testing.assert_close(model.calls[0]["sigma"][B:], aux_sigmas_from_uniform(t, cfg, u)[0].flatten())
 
 
 # ------------------------------------------------------------------ bad combinations

@@ -1,9 +1,9 @@
 r"""The method registry: ``TrainConfig.method`` -> a :class:`TrainMethod` the trainer calls once per micro-batch.
 
 The math lives in :mod:`soarflow.objective` (sft, soar) and :mod:`soarflow.methods` (grpo, scheduled_sampling,
-input_perturbation); a TrainMethod only draws the randomness the trainer's way (global-batch noise and t from the
-``shared`` generator, sliced per process; everything else from the per-process ``local`` generator), counts model
-forwards, and reports metrics. Every method reports ``loss``, its loss parts, ``forwards_per_sample`` (rows the model
+input_perturbation); a TrainMethod only draws the randomness the trainer's way (the objective's draws for the
+global batch from the ``shared`` generator, sliced per process; only grpo's rollouts use the per-process ``local``
+generator), counts model forwards, and reports metrics. Every method reports ``loss``, its loss parts, ``forwards_per_sample`` (rows the model
 evaluated per training sample, with and without gradient) and ``grad_forwards_per_sample`` (rows with gradient);
 the trainer adds ``step_time_s``.
 
@@ -24,12 +24,12 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..conditioning import cond_expand_null, cond_index, cond_where
-from ..flow import sample_t, shift_sigma
+from ..conditioning import cond_index
+from ..flow import shift_sigma
 from ..methods import grpo as grpo_math
 from ..methods.input_perturbation import input_perturbation_loss
 from ..methods.scheduled_sampling import draw_offsets, max_offsets, scheduled_sampling_loss
-from ..objective import SOARConfig, aux_sigmas_from_uniform, sft_loss, soar_loss
+from ..objective import Draws, SOARConfig, apply_cond_dropout, draw_randomness, sft_loss, soar_loss
 
 @dataclass
 class StepContext:
@@ -66,42 +66,22 @@ class ForwardCounter:
         return {"forwards_per_sample": self.rows / batch, "grad_forwards_per_sample": self.grad_rows / batch}
 
 
-def _global_noise_and_t(x0: torch.Tensor, objective: SOARConfig, ctx: StepContext):
-    """z1 and t drawn for the whole global batch from the shared generator, this process's rows."""
+def process_draws(config: SOARConfig, x0: torch.Tensor, ctx: StepContext, sft: bool) -> Draws:
+    """The objective's random draws (:func:`soarflow.objective.draw_randomness`) for the whole global batch from
+    the shared generator; this process's rows. The loss then does not depend on the number of processes."""
     b = x0.shape[0]
-    rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
-    noise = torch.randn((ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device,
-                        dtype=torch.float32)[rows]
-    t = sample_t(ctx.world * b, density=objective.t_density, logit_mean=objective.logit_mean,
-                 logit_std=objective.logit_std, mode_scale=objective.mode_scale, generator=ctx.shared,
-                 device=ctx.device)[rows]
-    return noise.to(x0.dtype), t, rows
+    draws = draw_randomness(config, (ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device,
+                            dtype=x0.dtype, sft=sft)
+    return draws.rows(slice(ctx.rank * b, (ctx.rank + 1) * b))
 
 
-def _drop_cond(cond, null, batch: int, p: float, generator, device):
-    if p <= 0:
-        return cond
-    drop = torch.rand(batch, generator=generator, device=device) < p
-    return cond_where(drop, cond_expand_null(null, batch), cond)
-
-
-def _aux_sigmas(t: torch.Tensor, config: SOARConfig, u: torch.Tensor) -> torch.Tensor:
-    r""":math:`\sigma'` of the ODE path from uniforms u, as the objective draws it."""
-    return aux_sigmas_from_uniform(t, config, u)
-
-
-def compute_loss(model, task, batch, *, method: str, config: SOARConfig, device, shared, local, rank: int, world: int):
-    """SFT / SOAR on one micro-batch with global-batch noise (the trainer's module docstring); returns the
-    objective's :class:`~soarflow.objective.ObjectiveOutput`."""
-    x0, cond = task.encode_batch(batch, device)
-    ctx = StepContext(torch.device(device), shared, local, rank, world, 0, 0)
-    noise, t, rows = _global_noise_and_t(x0, config, ctx)
-    null = task.null_cond(x0.shape[0], device)
-    if method == "sft" or config.is_sft:
-        return sft_loss(model, x0, cond, config=config, null_cond=null, generator=local, noise=noise, t=t)
-    u = torch.rand((config.num_aux, world * x0.shape[0]), generator=shared, device=device)[:, rows]
-    return soar_loss(model, x0, cond, null_cond=null, config=config, generator=local, noise=noise, t=t,
-                     aux_sigmas=_aux_sigmas(t, config, u))
+def compute_loss(model, task, batch, config: SOARConfig, ctx: StepContext):
+    """SFT (``config.is_sft``) / SOAR on one micro-batch with global-batch draws (the trainer's module docstring);
+    returns the objective's :class:`~soarflow.objective.ObjectiveOutput`."""
+    x0, cond = task.encode_batch(batch, ctx.device)
+    draws = process_draws(config, x0, ctx, sft=config.is_sft)
+    loss = sft_loss if config.is_sft else soar_loss
+    return loss(model, x0, cond, config=config, null_cond=task.null_cond(x0.shape[0], ctx.device), draws=draws)
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -118,7 +98,8 @@ class TrainMethod:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
-        self.objective = cfg.soar
+        # sft trains on the soar: section's shared keys (shift, t density, dropout, points_per_sample) only
+        self.objective = cfg.soar.replace(num_aux=0) if cfg.method == "sft" else cfg.soar
 
     def setup(self, model: nn.Module, task: Any, device: torch.device) -> None:
         """Called once, after the model is built and before a checkpoint is restored."""
@@ -128,6 +109,14 @@ class TrainMethod:
 
 
 COMMON_KEYS = ("forwards_per_sample", "grad_forwards_per_sample")
+
+
+class MainTermMethod(TrainMethod):
+    """A method whose flow-matching term draws its noise, t and dropout as SFT does (one point per image)."""
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.main_term = cfg.soar.replace(num_aux=0, points_per_sample=1)
 
 
 class FlowMatchingMethod(TrainMethod):
@@ -140,8 +129,7 @@ class FlowMatchingMethod(TrainMethod):
 
     def compute_loss(self, model, task, batch, ctx):
         counter = ForwardCounter(model)
-        out = compute_loss(counter, task, batch, method=self.name, config=self.objective, device=ctx.device,
-                           shared=ctx.shared, local=ctx.local, rank=ctx.rank, world=ctx.world)
+        out = compute_loss(counter, task, batch, self.objective, ctx)
         return MethodOutput(out.loss, {**out.metrics(), **counter.metrics(self.cfg.train_batch_size)})
 
 
@@ -153,18 +141,20 @@ class SOARMethod(FlowMatchingMethod):
     name = "soar"
 
 
-class InputPerturbationMethod(TrainMethod):
+class InputPerturbationMethod(MainTermMethod):
     name = "input_perturbation"
     metric_keys = ("loss", "flow_loss", "mean_sigma") + COMMON_KEYS
     progress_keys = ("loss",)
 
     def compute_loss(self, model, task, batch, ctx):
         x0, cond = task.encode_batch(batch, ctx.device)
-        noise, t, rows = _global_noise_and_t(x0, self.objective, ctx)
+        draws = process_draws(self.main_term, x0, ctx, sft=True)
+        noise, t = draws.noise[0], draws.t[0]
         b = x0.shape[0]
+        rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
         xi = torch.randn((ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device,
                          dtype=torch.float32)[rows].to(x0.dtype)
-        cond = _drop_cond(cond, task.null_cond(b, ctx.device), b, self.objective.cond_dropout, ctx.local, ctx.device)
+        cond, _ = apply_cond_dropout(cond, task.null_cond(b, ctx.device), draws.drop_u, self.main_term, b, ctx.device)
         counter = ForwardCounter(model)
         out = input_perturbation_loss(counter, x0, cond, noise=noise, perturbation=xi,
                                       sigma=shift_sigma(t, self.objective.shift), gamma=self.cfg.input_perturbation.gamma,
@@ -173,7 +163,7 @@ class InputPerturbationMethod(TrainMethod):
                                        "mean_sigma": float(out.mean_sigma), **counter.metrics(b)})
 
 
-class ScheduledSamplingMethod(TrainMethod):
+class ScheduledSamplingMethod(MainTermMethod):
     name = "scheduled_sampling"
     metric_keys = ("loss", "flow_loss", "mean_offset", "rollout_deviation", "rollout_probability", "mean_sigma") + COMMON_KEYS
     progress_keys = ("loss", "mean_offset")
@@ -181,15 +171,17 @@ class ScheduledSamplingMethod(TrainMethod):
     def compute_loss(self, model, task, batch, ctx):
         ss = self.cfg.scheduled_sampling
         x0, cond = task.encode_batch(batch, ctx.device)
-        noise, t, rows = _global_noise_and_t(x0, self.objective, ctx)
+        draws = process_draws(self.main_term, x0, ctx, sft=True)
+        noise, t = draws.noise[0], draws.t[0]
         b = x0.shape[0]
+        rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
         p = ss.probability_at(ctx.step)
         # offsets for the global batch from the shared generator, so they do not depend on the process count
         # k for the whole global batch from the shared generator (independent of the process count), then capped
         offsets = draw_offsets(torch.zeros(ctx.world * b, device=ctx.device), ss, p, ctx.shared)[rows]
         offsets = torch.minimum(offsets, max_offsets(t, ss.num_steps))
         null = task.null_cond(b, ctx.device)
-        cond = _drop_cond(cond, null, b, self.objective.cond_dropout, ctx.local, ctx.device)
+        cond, _ = apply_cond_dropout(cond, null, draws.drop_u, self.main_term, b, ctx.device)
         counter = ForwardCounter(model)
         out = scheduled_sampling_loss(counter, x0, cond, noise=noise, t=t, offsets=offsets, null_cond=null, config=ss,
                                       shift=self.objective.shift, weighting=self.objective.weighting)

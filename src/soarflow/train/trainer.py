@@ -8,10 +8,10 @@ Randomness is chosen so that a run does not depend on how it is executed:
 
 * the data order is a permutation seeded by (seed, epoch); the global batch of step k is the same samples for
   any number of processes (process p takes rows ``[p B, (p+1) B)`` of it);
-* the objective's noise :math:`z_1`, times :math:`t` and ODE-path :math:`\sigma'` are drawn for the whole
-  global batch from a generator seeded by (seed, micro-step) and sliced per process, so with an ODE-only
-  rollout and no condition dropout the loss and gradient equal those of one process on the global batch;
-  stochastic rollout paths and condition dropout use a per-process generator seeded by (seed, micro-step, rank);
+* the objective's random numbers (noise :math:`z_1`, times :math:`t`, condition dropout, stochastic-path noise,
+  :math:`\sigma'`: :func:`soarflow.objective.draw_randomness`) are drawn for the whole global batch from a
+  generator seeded by (seed, micro-step) and sliced per process, so the loss and gradient equal those of one
+  process on the global batch; only grpo's rollouts use a per-process generator seeded by (seed, micro-step, rank);
 * nothing else needs saving to resume exactly: the step counter fixes every seed; accelerate restores the
   optimizer, scheduler, EMA and the global RNGs (model dropout, augmentation with ``dataloader_num_workers=0``).
 """
