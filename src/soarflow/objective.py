@@ -455,27 +455,52 @@ def _unshift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return sigma / (shift - (shift - 1.0) * sigma)
 
 
-def aux_sigmas_from_uniform(t: torch.Tensor, config: SOARConfig, u: torch.Tensor) -> torch.Tensor:
-    r"""Map uniforms ``u`` (shape (..., B)) to the auxiliary levels :math:`\sigma'` of samples drawn at ``t`` (B,).
+def rollout_sigmas(t: torch.Tensor, config: SOARConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""``(sigma0, sigma1, upper)`` of samples drawn at ``t`` (B,): :math:`\sigma_0 = \sigma(t)`, the rollout
+    target :math:`\sigma_1 = \sigma(\max(t - 1/N, 0))` (one step of the N-step schedule) and the upper bound of
+    :math:`\sigma'`: :math:`\sigma_{up} = 1` (``sigma_upper="one"``) or :math:`\min(r\sigma_0, 1)` (``"ratio"``)."""
+    sigma0 = shift_sigma(t, config.shift)
+    sigma1 = shift_sigma((t - 1.0 / config.rollout_steps).clamp_min(0.0), config.shift)
+    upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
+    return sigma0, sigma1, upper
 
-    With :math:`\sigma_1 = \sigma(\max(t - 1/N, 0))` and :math:`\sigma_{up} = 1` (or :math:`\min(r\sigma_0, 1)`):
+
+def aux_sigmas_from_uniform(t: torch.Tensor, config: SOARConfig, u: torch.Tensor) -> torch.Tensor:
+    r"""Map uniforms ``u`` (shape (..., B)) to the auxiliary levels :math:`\sigma' \in [\sigma_1, \sigma_{up}]`
+    of samples drawn at ``t`` (B,) (bounds: :func:`rollout_sigmas`):
 
     * ``aux_sigma_density="uniform"`` (paper): :math:`\sigma' = \sigma_1 + u(\sigma_{up} - \sigma_1)`;
     * ``"t_density"``: the training density of t restricted to :math:`[t_1, t_{up}]`,
       :math:`t_{up} = \sigma^{-1}(\sigma_{up})`, by inverse CDF:
       :math:`t' = F^{-1}(F(t_1) + u(F(t_{up}) - F(t_1)))`, :math:`\sigma' = \sigma(t')`.
 
-    Not floored at ``sigma_floor`` (the objective floors after any override)."""
-    sigma0 = shift_sigma(t, config.shift)
-    t1 = (t - 1.0 / config.rollout_steps).clamp_min(0.0)
-    sigma1 = shift_sigma(t1, config.shift)
-    upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
+    Not floored at ``sigma_floor`` (:func:`aux_sigma_levels` floors after any override)."""
+    _, sigma1, upper = rollout_sigmas(t, config)
     if config.aux_sigma_density == "uniform":
         return sigma1 + u * (upper - sigma1)
+    t1 = (t - 1.0 / config.rollout_steps).clamp_min(0.0)
     t_up = _unshift_sigma(upper.double(), config.shift)
     lo, hi = _u_of_t(t1.double(), config), _u_of_t(t_up, config)
     t_aux = _t_of_u(lo + u.double() * (hi - lo), config).clamp(t1.double(), t_up)
     return shift_sigma(t_aux, config.shift).float().clamp(sigma1, upper)
+
+
+def aux_sigma_levels(t: torch.Tensor, u: torch.Tensor, config: SOARConfig, ode_override: torch.Tensor | None = None):
+    r"""The auxiliary levels :math:`\sigma'` (M, K, B), floored at ``sigma_floor``, from the uniforms ``u``
+    (M, K, B); ``ode_override`` (K, B) replaces those of path 0 (checked to lie in :math:`[\sigma_1, \sigma_{up}]`).
+    The floor comes *before* :math:`z_{aux}` is built, so :math:`z_{aux} - \sigma' v_{corr} = x_0` stays exact."""
+    sig_aux = aux_sigmas_from_uniform(t, config, u)
+    if ode_override is not None:
+        K, batch = u.shape[1:]
+        ode_override = ode_override.to(device=u.device, dtype=torch.float32)
+        if tuple(ode_override.shape) != (K, batch):
+            raise ValueError(f"aux_sigmas: expected shape ({K}, {batch}) = (num_aux, B), got {tuple(ode_override.shape)}")
+        _, sigma1, upper = rollout_sigmas(t, config)
+        tol = 1e-5
+        if bool((ode_override < sigma1 - tol).any()) or bool((ode_override > upper + tol).any()):
+            raise ValueError("aux_sigmas: every sigma' must lie in [sigma1, sigma_upper] of its sample")
+        sig_aux = torch.cat([ode_override[None], sig_aux[1:]])
+    return sig_aux.clamp_min(config.sigma_floor)
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -593,105 +618,113 @@ def soar_loss(
                          "SOAR uses 1 (set num_aux=0 or method sft)")
 
     batch = _check_inputs(x0, cond, noise, t)
-    K, M, lam = config.num_aux, config.num_rollout_paths, float(config.lambda_aux)
     guided = config.rollout == "guided"
     if guided and config.rollout_cfg != 1.0 and null_cond is None:
         raise ValueError(f"null_cond is required for the guided rollout (rollout_cfg={config.rollout_cfg})")
+    # 1. z1, t0 (and every other random number), condition dropout, sigma0 and the rollout's target sigma1.
     draws = _resolve_draws(draws, config, x0, generator, noise, t, sft=False)
     noise, t = draws.noise[0], draws.t[0]
     train_cond, dropped = apply_cond_dropout(cond, null_cond, draws.drop_u, config, batch, x0.device)
-    rollout_cond = train_cond if config.rollout_uses_dropped_cond else cond
-    device = x0.device
-
-    sigma0 = shift_sigma(t, config.shift)
-    t1 = (t - 1.0 / config.rollout_steps).clamp_min(0.0)
-    sigma1 = shift_sigma(t1, config.shift)
+    sigma0, sigma1, _ = rollout_sigmas(t, config)
     x_t = interpolate(x0, noise, sigma0)
-    # Main term first when its output feeds the rollout (it is the conditional half of the guided step).
-    main_first = guided and config.reuse_main_output
-    v_main = model(x_t, sigma0, train_cond) if main_first else None
 
-    # 3. Rollout: one guided, gradient-free step of the inference schedule (ODE path + optional stochastic paths),
-    #    or (rollout="none") the exact forward state x_sigma1.
+    # 2. Main term first when its output feeds the rollout (it is the conditional half of the guided step).
+    v_main = model(x_t, sigma0, train_cond) if guided and config.reuse_main_output else None
+    # 3. Rollout: z' of each path, and how far the ODE path lands from the training trajectory.
     with torch.no_grad():
         x_sigma1 = interpolate(x0, noise, sigma1)
         if guided:
-            if main_first:
-                need_cond = dropped & (not config.rollout_uses_dropped_cond)
-                v_cfg = _guided_from_main(model, v_main, x_t, sigma0, rollout_cond, null_cond, need_cond,
-                                          config.rollout_cfg)
-            else:
-                v_cfg = guided_velocity(model, x_t, sigma0, rollout_cond, null_cond, config.rollout_cfg)
-            z_paths = [step("ode", x_t, sigma0, sigma1, v_cfg)]
-            for eps in draws.path_noise if M > 1 else ():
-                z_paths.append(step(config.rollout_kind, x_t, sigma0, sigma1, v_cfg,
-                                    noise_scale=config.rollout_noise_scale, eps=eps))
+            rollout_cond = train_cond if config.rollout_uses_dropped_cond else cond
+            # rows whose main term saw the null condition but whose rollout uses the caption need their own v_c
+            need_cond = dropped & (not config.rollout_uses_dropped_cond)
+            z_paths = rollout(model, x_t, sigma0, sigma1, rollout_cond, null_cond, config, draws.path_noise,
+                              v_main=v_main, need_cond=need_cond)
         else:
-            z_paths = [x_sigma1]
+            z_paths = x_sigma1[None]
         deviation = per_sample_mse(z_paths[0], x_sigma1).sqrt().mean()
-
-    # 4. Auxiliary noise levels sigma' in [sigma1, upper], per path and point: shape (M, K, B).
-    upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
-    sig_aux = aux_sigmas_from_uniform(t, config, draws.aux_u)
-    if aux_sigmas is not None:
-        aux_sigmas = aux_sigmas.to(device=device, dtype=torch.float32)
-        if tuple(aux_sigmas.shape) != (K, batch):
-            raise ValueError(f"aux_sigmas: expected shape ({K}, {batch}) = (num_aux, B), got {tuple(aux_sigmas.shape)}")
-        tol = 1e-5
-        if bool((aux_sigmas < sigma1 - tol).any()) or bool((aux_sigmas > upper + tol).any()):
-            raise ValueError("aux_sigmas: every sigma' must lie in [sigma1, sigma_upper] of its sample")
-        sig_aux = torch.cat([aux_sigmas[None], sig_aux[1:]])
-    sig_aux = sig_aux.clamp_min(config.sigma_floor)
-    # Stochastic paths of samples whose rollout reached sigma = 0 are dropped (their step is undefined).
-    valid = torch.ones((M, K, batch), dtype=torch.bool, device=device)
-    if M > 1:
-        valid[1:] &= (t1 > 0)[None, None, :]
-
-    # 4-5. Re-noise toward the same z1 (or, aux_noise="fresh", onto new noise) and build the correction targets.
-    if config.aux_noise == "fresh":
-        z_end = draws.aux_noise
-        z_aux = renoise(x0.expand_as(z_end), z_end, torch.zeros_like(sigma1), sig_aux)  # (1-s') x0 + s' z
-    else:
-        z_prime = torch.stack(z_paths)  # (M, B, ...)
-        z_aux = renoise(z_prime[:, None], noise[None, None], sigma1, sig_aux)  # (M, K, B, ...)
-    z_aux = z_aux[valid].reshape(-1, *x0.shape[1:])  # (P, ...) in (path, point, sample) order
-    s_aux = sig_aux[valid]
-    sample_of = torch.arange(batch, device=device).expand(M, K, batch)[valid]
+    # 4-5. Auxiliary points z_aux at sigma' and their correction targets.
+    sig_aux = aux_sigma_levels(t, draws.aux_u, config, aux_sigmas)
+    z_aux, s_aux, sample_of, valid = aux_points(z_paths, x0, noise, sigma1, sig_aux, draws.aux_noise)
     v_corr = correction_target(z_aux, x0[sample_of], s_aux)
-    num_points = z_aux.shape[0]
-
-    # 2 + 6. Main and auxiliary terms: main already done (main_first), fused into one forward/backward, or one
-    # forward per term.
-    aux_cond = _index_cond(train_cond, sample_of, batch, M * K, valid)
-    if main_first:
-        micro = _resolve_forward_batch(model, z_aux, s_aux, aux_cond, batch, config)
-        v_aux = _forward_rows(model, z_aux, s_aux, aux_cond, config.aux_chunk_size, micro)
-    elif config.fuse_forward:
-        x_all, s_all, c_all = torch.cat([x_t, z_aux]), torch.cat([sigma0, s_aux]), cond_cat([train_cond, aux_cond])
-        micro = _resolve_forward_batch(model, x_all, s_all, c_all, batch, config)
-        v_all = _forward_rows(model, x_all, s_all, c_all, config.aux_chunk_size, micro)
-        v_main, v_aux = v_all[:batch], v_all[batch:]
-    else:
-        v_main = model(x_t, sigma0, train_cond)
-        v_aux = torch.cat([
-            model(z_aux[i : i + batch], s_aux[i : i + batch], cond_index(aux_cond, slice(i, i + batch)))
-            for i in range(0, num_points, batch)
-        ])
-
+    # 2 + 6. The gradient forwards of the main and auxiliary terms.
+    aux_cond = _index_cond(train_cond, sample_of, batch, valid.shape[0] * valid.shape[1], valid)
+    v_main, v_aux = _main_and_aux_velocities(model, v_main, x_t, sigma0, train_cond, z_aux, s_aux, aux_cond, config)
+    # 7. L = (sum_b w(sigma0) l_b + lambda sum_p w(sigma'_p) a_p) / (B + lambda P)
     main_err = per_sample_mse(v_main, velocity_target(x0, noise))
     aux_err = per_sample_mse(v_aux, v_corr)
     main_sum = (loss_weight(sigma0, config.weighting) * main_err).sum()
     aux_sum = (loss_weight(s_aux, config.weighting) * aux_err).sum()
-    loss = _normalise(main_sum, aux_sum, batch, num_points, lam, device)
+    loss = _normalise(main_sum, aux_sum, batch, z_aux.shape[0], float(config.lambda_aux), x0.device)
     return ObjectiveOutput(
         loss=loss,
         main_loss=main_err.detach().mean(),
         aux_loss=aux_err.detach().mean(),
-        num_aux_points=num_points,
+        num_aux_points=z_aux.shape[0],
         mean_sigma=sigma0.mean(),
         mean_aux_sigma=s_aux.mean(),
         rollout_deviation=deviation,
     )
+
+
+@torch.no_grad()
+def rollout(model: VelocityModel, x_t, sigma0, sigma1, cond, null_cond, config: SOARConfig,
+            path_noise: torch.Tensor | None = None, *, v_main: torch.Tensor | None = None,
+            need_cond: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The rolled-out states :math:`z'` (M, B, ...): one gradient-free step of the inference schedule from
+    :math:`x_{\sigma_0}` to :math:`\sigma_1` with the guided velocity :math:`v = v_u + w(v_c - v_u)`.
+
+    Path 0 is the Euler (ODE) step :math:`z' = x_{\sigma_0} + (\sigma_1 - \sigma_0) v`; paths 1..M-1 take the
+    stochastic step ``rollout_kind`` (:mod:`soarflow.sampling`) with the noise ``path_noise`` (M-1, B, ...).
+    With ``v_main`` (the main term's output) :math:`v_c` is its detached value, except on rows ``need_cond``."""
+    if v_main is not None:
+        v = _guided_from_main(model, v_main, x_t, sigma0, cond, null_cond, need_cond, config.rollout_cfg)
+    else:
+        v = guided_velocity(model, x_t, sigma0, cond, null_cond, config.rollout_cfg)
+    paths = [step("ode", x_t, sigma0, sigma1, v)]
+    for eps in path_noise if path_noise is not None else ():
+        paths.append(step(config.rollout_kind, x_t, sigma0, sigma1, v, noise_scale=config.rollout_noise_scale, eps=eps))
+    return torch.stack(paths)
+
+
+def aux_points(z_paths: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigma1: torch.Tensor,
+               sig_aux: torch.Tensor, fresh_noise: torch.Tensor | None = None):
+    r"""Re-noise each path's :math:`z'` toward the same endpoint :math:`z_1`:
+    :math:`z_{aux} = (1-\alpha) z' + \alpha z_1`, :math:`\alpha = (\sigma' - \sigma_1)/(1 - \sigma_1)`
+    (:func:`renoise`), for the K levels ``sig_aux`` (M, K, B) of each path. With ``fresh_noise`` (M, K, B, ...)
+    (``aux_noise="fresh"``) every point lies on its own noise instead: :math:`(1-\sigma') x_0 + \sigma' z_{pk}`.
+
+    A stochastic path (1..M-1) of a sample whose rollout reached :math:`\sigma_1 = 0` is dropped (its step is
+    undefined). Returns ``(z_aux, s_aux, sample_of, valid)``: the P kept points (P, ...) in (path, point, sample)
+    order, their :math:`\sigma'` (P,), the sample each belongs to (P,), and the (M, K, B) mask of kept points."""
+    M, K, batch = sig_aux.shape
+    valid = torch.ones((M, K, batch), dtype=torch.bool, device=x0.device)
+    valid[1:] &= (sigma1 > 0)[None, None, :]
+    if fresh_noise is not None:
+        z_aux = renoise(x0.expand_as(fresh_noise), fresh_noise, torch.zeros_like(sigma1), sig_aux)
+    else:
+        z_aux = renoise(z_paths[:, None], noise[None, None], sigma1, sig_aux)  # (M, K, B, ...)
+    sample_of = torch.arange(batch, device=x0.device).expand(M, K, batch)[valid]
+    return z_aux[valid].reshape(-1, *x0.shape[1:]), sig_aux[valid], sample_of, valid
+
+
+def _main_and_aux_velocities(model, v_main, x_t, sigma0, train_cond, z_aux, s_aux, aux_cond, config: SOARConfig):
+    """The gradient forwards: the aux rows alone when the main term already ran (``v_main``), else main and aux
+    fused into one forward/backward (``fuse_forward``), else one forward per term (the reference code's layout)."""
+    batch = x_t.shape[0]
+    if v_main is not None:
+        micro = _resolve_forward_batch(model, z_aux, s_aux, aux_cond, batch, config)
+        return v_main, _forward_rows(model, z_aux, s_aux, aux_cond, config.aux_chunk_size, micro)
+    if config.fuse_forward:
+        x_all, s_all, c_all = torch.cat([x_t, z_aux]), torch.cat([sigma0, s_aux]), cond_cat([train_cond, aux_cond])
+        micro = _resolve_forward_batch(model, x_all, s_all, c_all, batch, config)
+        v_all = _forward_rows(model, x_all, s_all, c_all, config.aux_chunk_size, micro)
+        return v_all[:batch], v_all[batch:]
+    v_main = model(x_t, sigma0, train_cond)
+    v_aux = torch.cat([
+        model(z_aux[i : i + batch], s_aux[i : i + batch], cond_index(aux_cond, slice(i, i + batch)))
+        for i in range(0, z_aux.shape[0], batch)
+    ])
+    return v_main, v_aux
 
 
 def _index_cond(cond: Any, sample_of: torch.Tensor, batch: int, groups: int, valid: torch.Tensor) -> Any:
