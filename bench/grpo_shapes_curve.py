@@ -20,8 +20,8 @@ from soarflow.shapes import ShapesEval, reward
 from soarflow.train import load_config, train
 
 
-def ode_reward(model, prompts, num_steps: int, cfg_scale: float) -> float:
-    images = generate_images(model, prompts, num_steps=num_steps, cfg_scale=cfg_scale, seed=1234)
+def ode_reward(model, prompts, num_steps: int, guidance_scale: float) -> float:
+    images = generate_images(model, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=1234)
     return float(reward(images, prompts).mean())
 
 
@@ -43,7 +43,7 @@ def main() -> None:
                       f"--checkpointing_steps={args.every}", "--show_progress=false", "--logging_steps=1",
                       *args.overrides]
     cfg = load_config("configs/shapes_grpo.yaml", base_overrides + ["--max_train_steps=1"])
-    curve = [{"step": 0, "ode_reward": ode_reward(load_shapes_model("base"), prompts, args.eval_steps, cfg.grpo.cfg_scale)}]
+    curve = [{"step": 0, "ode_reward": ode_reward(load_shapes_model("base"), prompts, args.eval_steps, cfg.grpo.guidance_scale)}]
     print(json.dumps(curve[-1]), flush=True)
     history: list[dict] = []
     start = time.perf_counter()
@@ -53,7 +53,7 @@ def main() -> None:
         result = train(cfg)
         history += result.history
         seg = result.history
-        curve.append({"step": step, "ode_reward": ode_reward(result.model, prompts, args.eval_steps, cfg.grpo.cfg_scale),
+        curve.append({"step": step, "ode_reward": ode_reward(result.model, prompts, args.eval_steps, cfg.grpo.guidance_scale),
                       "train_reward_mean_segment": sum(h["reward_mean"] for h in seg) / len(seg),
                       "kl_last": seg[-1]["kl"], "s_per_step": sum(h["step_time_s"] for h in seg) / len(seg),
                       "elapsed_s": round(time.perf_counter() - start, 1)})

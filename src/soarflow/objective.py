@@ -33,7 +33,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,7 @@ from .flow import (
     shift_sigma,
     velocity_target,
 )
-from .sampling import STEP_KINDS, guided_velocity, step
+from .sampling import RENAMED_STEP_KINDS, STEP_KINDS, guided_velocity, renamed_kind_hint, step
 
 VelocityModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -77,9 +77,10 @@ class SOARConfig:
     num_aux: int = _key(6, "K: auxiliary re-noised points per rollout path (0 = SFT)")
     lambda_aux: float = _key(1.0, "weight of the auxiliary term (0 = SFT)")
     rollout_steps: int = _key(40, "N: the rollout takes one step of the N-step inference schedule (1/N in t)")
-    rollout_cfg: float = _key(4.5, "guidance scale of the rollout step (1 = conditional velocity only)")
+    guidance_scale: float = _key(4.5, "guidance scale of the rollout step (1 = conditional velocity only)")
     num_rollout_paths: int = _key(1, "M: path 0 is the ODE step, paths 1..M-1 are stochastic")
-    rollout_kind: Literal["simple", "sde", "flow_sde", "cps"] = _key("flow_sde", "kind of the stochastic paths")
+    rollout_kind: Literal["euler_noise", "constant_sde", "flow_sde", "cps"] = _key(
+        "flow_sde", "step of the stochastic paths (soarflow.sampling; official 'sde' = cps, noise scale 1)")
     rollout_noise_scale: float = _key(0.5, "noise scale of the stochastic paths")
     sigma_upper: Literal["one", "ratio"] = _key("one", "upper bound of sigma': 1 or min(ratio * sigma0, 1)")
     sigma_upper_ratio: float = _key(1.5, "ratio for sigma_upper='ratio'")
@@ -110,6 +111,10 @@ class SOARConfig:
         "per_sample", "condition dropout per sample, or one draw for the whole batch")
     rollout_uses_dropped_cond: bool = _key(False, "a dropped sample rolls out unconditionally (official order)")
 
+    # Former names, still read from config files with a warning (soarflow.train.config.rename_former_keys).
+    FORMER_KEYS: ClassVar[dict[str, str]] = {"rollout_cfg": "guidance_scale"}
+    FORMER_VALUES: ClassVar[dict[str, dict[str, str]]] = {"rollout_kind": RENAMED_STEP_KINDS}
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -123,12 +128,13 @@ class SOARConfig:
             raise bad("lambda_aux", "must be a finite number >= 0")
         if not isinstance(self.rollout_steps, int) or self.rollout_steps < 1:
             raise bad("rollout_steps", "must be an integer >= 1")
-        if not (isinstance(self.rollout_cfg, (int, float)) and math.isfinite(self.rollout_cfg)):
-            raise bad("rollout_cfg", "must be a finite number")
+        if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)):
+            raise bad("guidance_scale", "must be a finite number")
         if not isinstance(self.num_rollout_paths, int) or self.num_rollout_paths < 1:
             raise bad("num_rollout_paths", "must be an integer >= 1")
         if self.rollout_kind not in STEP_KINDS or self.rollout_kind == "ode":
-            raise bad("rollout_kind", "must be one of simple, sde, flow_sde, cps")
+            raise bad("rollout_kind", "must be one of euler_noise, constant_sde, flow_sde, cps"
+                      + renamed_kind_hint(self.rollout_kind))
         if not self.rollout_noise_scale >= 0:
             raise bad("rollout_noise_scale", "must be >= 0")
         if self.sigma_upper not in ("one", "ratio"):
@@ -565,14 +571,14 @@ def sft_loss(
     )
 
 
-def _guided_from_main(model, v_main, x_t, sigma0, rollout_cond, null_cond, need_cond, cfg_scale) -> torch.Tensor:
+def _guided_from_main(model, v_main, x_t, sigma0, rollout_cond, null_cond, need_cond, guidance_scale) -> torch.Tensor:
     r"""The rollout's guided velocity :math:`v_u + w(v_c - v_u)` with :math:`v_c` taken from the main term's
     detached output ``v_main`` wherever the main term saw the rollout's condition; rows in ``need_cond`` (main
     caption dropped, rollout undropped) get their :math:`v_c` from the same no-grad forward as :math:`v_u`."""
     batch = x_t.shape[0]
     idx = need_cond.nonzero().flatten()
     xs, ss, cs = [], [], []
-    if cfg_scale != 1.0:
+    if guidance_scale != 1.0:
         xs, ss, cs = [x_t], [sigma0], [cond_expand_null(null_cond, batch)]
     if idx.numel():
         xs.append(x_t[idx])
@@ -585,10 +591,10 @@ def _guided_from_main(model, v_main, x_t, sigma0, rollout_cond, null_cond, need_
     if idx.numel():
         v_cond = v_cond.clone()
         v_cond[idx] = v[v.shape[0] - idx.numel():]
-    if cfg_scale == 1.0:
+    if guidance_scale == 1.0:
         return v_cond
     v_uncond = v[:batch]
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
 def soar_loss(
@@ -619,8 +625,8 @@ def soar_loss(
 
     batch = _check_inputs(x0, cond, noise, t)
     guided = config.rollout == "guided"
-    if guided and config.rollout_cfg != 1.0 and null_cond is None:
-        raise ValueError(f"null_cond is required for the guided rollout (rollout_cfg={config.rollout_cfg})")
+    if guided and config.guidance_scale != 1.0 and null_cond is None:
+        raise ValueError(f"null_cond is required for the guided rollout (guidance_scale={config.guidance_scale})")
     # 1. z1, t0 (and every other random number), condition dropout, sigma0 and the rollout's target sigma1.
     draws = _resolve_draws(draws, config, x0, generator, noise, t, sft=False)
     noise, t = draws.noise[0], draws.t[0]
@@ -677,9 +683,9 @@ def rollout(model: VelocityModel, x_t, sigma0, sigma1, cond, null_cond, config: 
     stochastic step ``rollout_kind`` (:mod:`soarflow.sampling`) with the noise ``path_noise`` (M-1, B, ...).
     With ``v_main`` (the main term's output) :math:`v_c` is its detached value, except on rows ``need_cond``."""
     if v_main is not None:
-        v = _guided_from_main(model, v_main, x_t, sigma0, cond, null_cond, need_cond, config.rollout_cfg)
+        v = _guided_from_main(model, v_main, x_t, sigma0, cond, null_cond, need_cond, config.guidance_scale)
     else:
-        v = guided_velocity(model, x_t, sigma0, cond, null_cond, config.rollout_cfg)
+        v = guided_velocity(model, x_t, sigma0, cond, null_cond, config.guidance_scale)
     paths = [step("ode", x_t, sigma0, sigma1, v)]
     for eps in path_noise if path_noise is not None else ():
         paths.append(step(config.rollout_kind, x_t, sigma0, sigma1, v, noise_scale=config.rollout_noise_scale, eps=eps))

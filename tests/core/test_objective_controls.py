@@ -44,7 +44,7 @@ def reference(model, x0, cond, null, cfg, noise, t, aux, drop=None, fresh=None):
                 zp = (1 - s1) * xb + s1 * zb
             else:
                 vc, vu = model(xs, s0, rc), model(xs, s0, null)
-                zp = xs + (s1 - s0) * (vu + cfg.rollout_cfg * (vc - vu))
+                zp = xs + (s1 - s0) * (vu + cfg.guidance_scale * (vc - vu))
         for k in range(cfg.num_aux):
             sp = aux[k, b : b + 1].clamp_min(cfg.sigma_floor)
             if fresh is not None:
@@ -85,7 +85,7 @@ def test_reuse_and_dropout_order_match_reference(rollout_dropped, mode, w):
     torch.manual_seed(0)
     model = ToyVelocity(D, C)
     x0, cond, null, noise, t = make_batch()
-    cfg = SOARConfig(num_aux=3, rollout_steps=8, rollout_cfg=w, cond_dropout=0.5, cond_dropout_mode=mode,
+    cfg = SOARConfig(num_aux=3, rollout_steps=8, guidance_scale=w, cond_dropout=0.5, cond_dropout_mode=mode,
                      rollout_uses_dropped_cond=rollout_dropped)
     aux = fixed_aux(t, cfg)
     seed = 11 if mode == "per_sample" else 3  # seed 3 drops the whole batch, seed 11 some rows only

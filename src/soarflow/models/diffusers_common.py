@@ -27,7 +27,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from torch import nn
@@ -86,6 +86,8 @@ class DiffusersModelSection:
 class DiffusersDataSection:
     """``data:`` for tasks sd3 and flux."""
 
+    FORMER_KEYS: ClassVar[dict[str, str]] = {"validation_cfg": "validation_guidance_scale"}
+
     format: Literal["imagefolder", "soar_jsonl"] = "imagefolder"
     path: str = ""  # imagefolder: the folder with metadata.jsonl; soar_jsonl: the JSONL file
     image_dir: str | None = None  # soar_jsonl: folder of {md5}.jpg
@@ -101,7 +103,7 @@ class DiffusersDataSection:
     cache_shard_size: int = 256
     validation_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red apple on a table"])
     validation_num_steps: int = 28
-    validation_cfg: float = 4.5
+    validation_guidance_scale: float | None = None  # None: the task's guidance_scale
     validation_seed: int = 0
     validation_resolution: int | None = None  # None: resolution
 
@@ -121,6 +123,10 @@ class DiffusersDataSection:
                              "with random_flip; disable one of them")
         if self.validation_num_steps < 1:
             raise ValueError(f"config key 'validation_num_steps': must be >= 1 (got {self.validation_num_steps})")
+
+
+# The default classifier-free guidance scale of the diffusers tasks (SD3.5's; FLUX with model.guidance: cfg).
+GUIDANCE_SCALE = 4.5
 
 
 def parse_sections(model: dict | None, data: dict | None, model_cls=DiffusersModelSection, data_cls=DiffusersDataSection):
@@ -410,8 +416,14 @@ class DiffusersTask:
         return float((self.train_config.soar if self.train_config is not None else SOARConfig()).shift)
 
     @property
-    def validation_cfg(self) -> float:
-        return self.data_cfg.validation_cfg
+    def guidance_scale(self) -> float:
+        """This task's default classifier-free guidance scale (validation, `generate`, `soarflow sample`)."""
+        return GUIDANCE_SCALE
+
+    @property
+    def validation_guidance_scale(self) -> float:
+        value = self.data_cfg.validation_guidance_scale
+        return self.guidance_scale if value is None else value
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         pipe = self.frozen()
@@ -427,9 +439,11 @@ class DiffusersTask:
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: Sequence[str], device: torch.device, *, num_steps: int,
-                 cfg_scale: float, seed: int = 0, height: int | None = None, width: int | None = None) -> torch.Tensor:
+                 guidance_scale: float | None = None, seed: int = 0, height: int | None = None,
+                 width: int | None = None) -> torch.Tensor:
         """Images in [-1, 1] from `model` with soarflow's Euler sampler (same schedule/shift as the objective's
-        rollout). Image i's noise depends only on (seed, i)."""
+        rollout) at ``guidance_scale`` (default: the task's). Image i's noise depends only on (seed, i)."""
+        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         res = self.data_cfg.validation_resolution or self.data_cfg.resolution
         shape = self.latent_shape(height or res, width or res)
         prompts = list(prompts)
@@ -439,7 +453,7 @@ class DiffusersTask:
             cond = cond_to(self.encode_text(prompts, device), device, torch.float32)
         cond = self.finish_cond({k: v.float() for k, v in cond.items()})
         latents = sample_euler(model, noise, cond, null_cond=self.null_cond(len(prompts), device),
-                               num_steps=num_steps, cfg_scale=cfg_scale, shift=self.sample_shift)
+                               num_steps=num_steps, guidance_scale=guidance_scale, shift=self.sample_shift)
         with self.frozen_on(device):
             return self.decode(latents).cpu()
 
@@ -448,7 +462,7 @@ class DiffusersTask:
         if not prompts:
             raise ValueError("data.validation_prompts is empty; add prompts or set validation_steps: 0")
         images = self.generate(model, prompts, device, num_steps=self.data_cfg.validation_num_steps,
-                               cfg_scale=self.validation_cfg, seed=self.data_cfg.validation_seed)
+                               guidance_scale=self.validation_guidance_scale, seed=self.data_cfg.validation_seed)
         return images, prompts
 
     # -- weights -----------------------------------------------------------------------------------------

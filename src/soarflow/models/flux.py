@@ -10,9 +10,9 @@ Guidance, chosen explicitly with ``model.guidance``:
 
 * ``embedded`` — guidance-distilled checkpoints (FLUX.1-dev): the transformer takes a guidance scale as an
   input (``model.embedded_guidance_scale``, carried in the condition as ``cond["guidance"]``); every forward —
-  training, the SOAR rollout and validation — uses it, and there is no two-pass CFG, so ``soar.rollout_cfg``
-  must be 1 (and ``data.validation_cfg`` is ignored).
-* ``cfg`` — classifier-free guidance with two passes against the empty prompt (``soar.rollout_cfg``), for
+  training, the SOAR rollout and validation — uses it, and there is no two-pass CFG, so ``soar.guidance_scale``
+  must be 1, and so is the validation guidance (``data.validation_guidance_scale`` unset or 1; both checked).
+* ``cfg`` — classifier-free guidance with two passes against the empty prompt (``soar.guidance_scale``), for
   checkpoints trained with condition dropout. A checkpoint with a guidance embedding still gets
   ``embedded_guidance_scale`` as that input.
 """
@@ -86,15 +86,22 @@ class FluxTask(DiffusersTask):
     default_max_sequence_length = 512
 
     def check_config(self) -> None:
+        value = self.data_cfg.validation_guidance_scale
+        if self.model_cfg.guidance == "embedded" and value not in (None, 1.0):
+            raise ValueError(
+                f"config key 'data.validation_guidance_scale': model.guidance is 'embedded' (guidance-distilled FLUX), "
+                f"so validation uses the embedded guidance model.embedded_guidance_scale="
+                f"{self.model_cfg.embedded_guidance_scale} and two-pass CFG is off; leave it unset or set 1 "
+                f"(got {value}), or model.guidance: cfg")
         if self.train_config is None or self.train_config.method != "soar":
             return
         soar = self.train_config.soar
-        if self.model_cfg.guidance == "embedded" and soar.rollout_cfg != 1:
+        if self.model_cfg.guidance == "embedded" and soar.guidance_scale != 1:
             raise ValueError(
-                f"config key 'soar.rollout_cfg': model.guidance is 'embedded' (guidance-distilled FLUX), so the "
+                f"config key 'soar.guidance_scale': model.guidance is 'embedded' (guidance-distilled FLUX), so the "
                 f"rollout uses the embedded guidance model.embedded_guidance_scale="
-                f"{self.model_cfg.embedded_guidance_scale} and two-pass CFG is off; set soar.rollout_cfg: 1 "
-                f"(got {soar.rollout_cfg}), or model.guidance: cfg for a checkpoint trained with condition dropout")
+                f"{self.model_cfg.embedded_guidance_scale} and two-pass CFG is off; set soar.guidance_scale: 1 "
+                f"(got {soar.guidance_scale}), or model.guidance: cfg for a checkpoint trained with condition dropout")
 
     def _has_guidance_embeds(self) -> bool:
         cfg = self.transformer_class.load_config(self.model_cfg.pretrained, subfolder="transformer",
@@ -109,8 +116,10 @@ class FluxTask(DiffusersTask):
         return FluxVelocity(transformer)
 
     @property
-    def validation_cfg(self) -> float:
-        return 1.0 if self.model_cfg.guidance == "embedded" else self.data_cfg.validation_cfg
+    def guidance_scale(self) -> float:
+        """1 with embedded guidance (the transformer's guidance input guides; there is no two-pass CFG), else the
+        diffusers tasks' default."""
+        return 1.0 if self.model_cfg.guidance == "embedded" else super().guidance_scale
 
     def finish_cond(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not getattr(self, "_guidance_embeds", None):

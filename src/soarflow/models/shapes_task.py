@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ BASE_CHECKPOINT = "base_shapes.safetensors"
 
 # Sampler settings shared by validation grids, the demo and `eval-shapes --checkpoint` unless overridden.
 DEFAULT_SHIFT = 1.0  # pixel-space 32x32: no resolution shift
+GUIDANCE_SCALE = 4.0  # the shapes models' default guidance scale (the base's evaluation, the demo, validation)
 
 
 def base_checkpoint_path() -> Path:
@@ -58,7 +59,7 @@ def generate_images(
     prompts: Sequence[str],
     *,
     num_steps: int = 40,
-    cfg_scale: float = 4.0,
+    guidance_scale: float = GUIDANCE_SCALE,
     shift: float = DEFAULT_SHIFT,
     seed: int = 0,
     batch_size: int = 64,
@@ -87,7 +88,7 @@ def generate_images(
                 cond,
                 null_cond=null_caption(len(chunk), device, cfg.max_tokens),
                 num_steps=num_steps,
-                cfg_scale=cfg_scale,
+                guidance_scale=guidance_scale,
                 shift=shift,
             )
             out.append(x.clamp(-1, 1).float().cpu())
@@ -123,6 +124,8 @@ class ShapesModelSection:
 class ShapesDataSection:
     """`data:` section of a config for task "shapes"."""
 
+    FORMER_KEYS: ClassVar[dict[str, str]] = {"validation_cfg": "validation_guidance_scale"}
+
     split: str = "curated"  # "curated" (post-training) or "pretrain" (the noisy web-like corpus)
     num_samples: int | None = None  # None: the split's default size
     seed: int = 0
@@ -140,11 +143,13 @@ class ShapesDataSection:
         ]
     )
     validation_steps: int = 20
-    validation_cfg: float = 4.0
+    validation_guidance_scale: float = GUIDANCE_SCALE
 
 
 class ShapesTask:
     """`Task` for the embedded model on ShapesEval (see `soarflow.train.task.Task`)."""
+
+    guidance_scale = GUIDANCE_SCALE  # default classifier-free guidance scale (validation, generate_images)
 
     def __init__(self, model: ShapesModelSection | None = None, data: ShapesDataSection | None = None):
         self.model_cfg = model or ShapesModelSection()
@@ -207,7 +212,8 @@ class ShapesTask:
     def validation_images(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, list[str]]:
         prompts = list(self.data_cfg.validation_prompts)
         images = generate_images(
-            model, prompts, num_steps=self.data_cfg.validation_steps, cfg_scale=self.data_cfg.validation_cfg, device=device
+            model, prompts, num_steps=self.data_cfg.validation_steps,
+            guidance_scale=self.data_cfg.validation_guidance_scale, device=device
         )
         return images, prompts
 

@@ -21,6 +21,7 @@ import difflib
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar, Union
@@ -340,6 +341,7 @@ def from_dict(cls: type[T], d: dict[str, Any] | None, prefix: str = "") -> T:
     if not isinstance(d, dict):
         where = f"section '{prefix}'" if prefix else "the config"
         raise ValueError(f"{where}: expected a mapping of keys to values, got {type(d).__name__}")
+    d = rename_former_keys(cls, d, prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in _config_fields(cls)]
     set_by = {f.name: f.metadata["set_by"] for f in dataclasses.fields(cls) if "set_by" in f.metadata}
@@ -360,6 +362,46 @@ def from_dict(cls: type[T], d: dict[str, Any] | None, prefix: str = "") -> T:
         if prefix and "config key '" in msg and f"config key '{prefix}." not in msg:
             msg = msg.replace("config key '", f"config key '{prefix}.")
         raise ValueError(msg) from None
+
+
+def rename_former_keys(cls: type, d: dict[str, Any], prefix: str = "", warn: bool = True) -> dict[str, Any]:
+    """`d` with the former key names (``cls.FORMER_KEYS``: old -> new) and former values (``cls.FORMER_VALUES``:
+    key -> {old: new}) of section `cls` replaced by the current ones, with a FutureWarning naming the new key
+    (so configs and run folders written before a rename still load). Old and new key together is an error."""
+    former_keys: dict[str, str] = getattr(cls, "FORMER_KEYS", {})
+    former_values: dict[str, dict[str, Any]] = getattr(cls, "FORMER_VALUES", {})
+    if not (former_keys or former_values) or not any(k in former_keys or k in former_values for k in d):
+        return d
+    dot = f"{prefix}." if prefix else ""
+    out = {}
+    for key, value in d.items():
+        if key in former_keys:
+            new = former_keys[key]
+            if new in d:
+                raise ValueError(f"config key '{dot}{key}' is the former name of '{dot}{new}'; set only '{dot}{new}'")
+            if warn:
+                warnings.warn(f"config key '{dot}{key}' is now '{dot}{new}'; the old name will stop working",
+                              FutureWarning, stacklevel=3)
+            key = new
+        renamed = former_values.get(key, {})
+        if isinstance(value, str) and value in renamed:
+            if warn:
+                warnings.warn(f"config key '{dot}{key}': {value!r} is now {renamed[value]!r}", FutureWarning,
+                              stacklevel=3)
+            value = renamed[value]
+        out[key] = value
+    return out
+
+
+def upgrade_former_names(cls: type, d: Any, prefix: str = "") -> Any:
+    """:func:`rename_former_keys` through every dataclass section of `cls`, without warnings (e.g. to compare a
+    run folder's config.yaml written before a rename with today's config)."""
+    if not isinstance(d, dict) or not dataclasses.is_dataclass(cls):
+        return d
+    d = rename_former_keys(cls, d, prefix, warn=False)
+    hints = typing.get_type_hints(cls)
+    return {k: upgrade_former_names(hints[k], v, f"{prefix}.{k}" if prefix else k) if k in hints else v
+            for k, v in d.items()}
 
 
 def _config_fields(cls: type) -> list[dataclasses.Field]:
@@ -432,7 +474,13 @@ def apply_overrides(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, An
 
 
 def set_dotted(mapping: dict[str, Any], key: str, path: Sequence[str], value: Any) -> None:
-    """Set ``mapping[path[0]]...[path[-1]] = value``, creating sections; `key` names the key in errors."""
+    """Set ``mapping[path[0]]...[path[-1]] = value``, creating sections; `key` names the key in errors. A former
+    key name (``FORMER_KEYS`` of its TrainConfig section) sets the current key, with a FutureWarning."""
+    section = _field_type(list(path[:-1]))
+    if path[-1] in getattr(section, "FORMER_KEYS", {}):  # overrides the current key wherever it was set
+        path = [*path[:-1], section.FORMER_KEYS[path[-1]]]
+        warnings.warn(f"config key '{key}' is now '{'.'.join(path)}'; the old name will stop working", FutureWarning,
+                      stacklevel=2)
     node = mapping
     for part in path[:-1]:
         nxt = node.setdefault(part, {})

@@ -382,11 +382,11 @@ def load_init_weights(task: Any, model: nn.Module, path: str | Path) -> Path:
 # build configs programmatically (e.g. a demo comparing methods on the same base and data budget).
 SHAPES_RECIPES: dict[str, dict[str, Any]] = {
     "sft": {},
-    "soar": {"soar.num_aux": 4, "soar.rollout_steps": 40, "soar.rollout_cfg": 4.0, "soar.num_rollout_paths": 1},
-    "grpo": {"grpo.group_size": 4, "grpo.num_steps": 10, "grpo.train_timesteps": 3, "grpo.cfg_scale": 4.0,
+    "soar": {"soar.num_aux": 4, "soar.rollout_steps": 40, "soar.guidance_scale": 4.0, "soar.num_rollout_paths": 1},
+    "grpo": {"grpo.group_size": 4, "grpo.num_steps": 10, "grpo.train_timesteps": 3, "grpo.guidance_scale": 4.0,
              "grpo.beta": 0.04, "grpo.sample_reuse": 1, "cond_dropout": 0.0},
     "scheduled_sampling": {"scheduled_sampling.max_step_offset": 3, "scheduled_sampling.num_steps": 40,
-                           "scheduled_sampling.rollout_cfg": 4.0},
+                           "scheduled_sampling.guidance_scale": 4.0},
     "input_perturbation": {"input_perturbation.gamma": 0.1},
 }
 

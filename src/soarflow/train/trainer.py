@@ -450,13 +450,13 @@ def _reduce_metrics(accelerator, per_micro: list[dict[str, float]], keys=METRIC_
 def _write_config(cfg: TrainConfig, output_dir: Path) -> None:
     """Write the resolved config; on resume a changed setting keeps the old file as config.N.yaml. Where the run
     lives and how it was started (output_dir spelling, resume_from_checkpoint) is not a change."""
-    from .config import LOCATION_KEYS, config_differences
+    from .config import LOCATION_KEYS, config_differences, upgrade_former_names
 
     path = output_dir / ckpt.CONFIG_FILE
     text = cfg.to_yaml()
     if path.exists():
         try:
-            previous = ckpt._read_yaml(path)
+            previous = upgrade_former_names(TrainConfig, ckpt._read_yaml(path))
         except ValueError:
             previous = {}
         if not [d for d in config_differences(previous, cfg.to_dict()) if d.split(":")[0] not in LOCATION_KEYS]:
