@@ -62,10 +62,10 @@ def test_save_and_load_weights(tmp_path):
 
 
 def test_validation_guidance_scale_defaults_to_the_task_and_reads_its_former_name():
-    assert ShapesTask.from_config(data={}).data_cfg.validation_guidance_scale == ShapesTask.guidance_scale == 4.0
+    assert ShapesTask.from_config(data={}).data_config.validation_guidance_scale == ShapesTask.guidance_scale == 4.0
     with pytest.warns(FutureWarning, match="'data.validation_guidance_scale'"):
         task = ShapesTask.from_config(data={"validation_cfg": 2.5})
-    assert task.data_cfg.validation_guidance_scale == 2.5
+    assert task.data_config.validation_guidance_scale == 2.5
 
 
 def test_pretrained_path_and_errors(tmp_path):
@@ -83,7 +83,7 @@ def test_from_config_names_bad_keys():
     with pytest.raises(ValueError, match="model.hiden_size"):
         ShapesTask.from_config(model={"hiden_size": 3}, data={})
     task = ShapesTask.from_config(model={"pretrained": None, "architecture": "mmdit", "depth": 1}, data={"split": "pretrain", "num_samples": 10})
-    assert task.model_cfg.depth == 1 and len(task.train_dataset()) == 10
+    assert task.model_config.depth == 1 and len(task.train_dataset()) == 10
 
 
 def test_shipped_base_manifest_is_reproducible_by_its_command():

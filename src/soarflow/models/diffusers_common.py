@@ -163,8 +163,8 @@ class DiffusersTask:
     default_max_sequence_length = 256
 
     def __init__(self, model: DiffusersModelSection, data: DiffusersDataSection, train_config: Any = None):
-        self.model_cfg = model
-        self.data_cfg = data
+        self.model_config = model
+        self.data_config = data
         self.train_config = train_config
         self.bad_samples = BadSampleLog(data.on_bad_sample)
         self._frozen = None  # the pipeline without transformer (VAE + text encoders), loaded lazily
@@ -198,22 +198,22 @@ class DiffusersTask:
 
     def _load_kwargs(self) -> dict:
         kw = {}
-        if self.model_cfg.revision:
-            kw["revision"] = self.model_cfg.revision
-        if self.model_cfg.variant:
-            kw["variant"] = self.model_cfg.variant
+        if self.model_config.revision:
+            kw["revision"] = self.model_config.revision
+        if self.model_config.variant:
+            kw["variant"] = self.model_config.variant
         return kw
 
     def _check_pretrained(self) -> None:
-        p = Path(self.model_cfg.pretrained)
-        looks_local = p.is_absolute() or self.model_cfg.pretrained.startswith(".") or p.exists()
+        p = Path(self.model_config.pretrained)
+        looks_local = p.is_absolute() or self.model_config.pretrained.startswith(".") or p.exists()
         if looks_local and not (p / "model_index.json").is_file():
             raise FileNotFoundError(f"model.pretrained: {p} is not a diffusers pipeline folder (no model_index.json)")
 
     # -- frozen parts ------------------------------------------------------------------------------------
     @property
     def frozen_dtype(self) -> torch.dtype:
-        return DTYPES[self.model_cfg.frozen_dtype]
+        return DTYPES[self.model_config.frozen_dtype]
 
     def frozen(self, device: torch.device | str | None = None):
         """The pipeline without its transformer (VAE + tokenizers + text encoders), frozen, on `device`."""
@@ -222,7 +222,7 @@ class DiffusersTask:
             with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; keep both working
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
                 pipe = self.pipeline_class.from_pretrained(
-                    self.model_cfg.pretrained, transformer=None, torch_dtype=self.frozen_dtype, **self._load_kwargs()
+                    self.model_config.pretrained, transformer=None, torch_dtype=self.frozen_dtype, **self._load_kwargs()
                 )
             for name, component in pipe.components.items():
                 if isinstance(component, nn.Module):
@@ -238,18 +238,18 @@ class DiffusersTask:
         """(shift_factor, scaling_factor) of the VAE, read from its config (no weights are loaded)."""
         if not hasattr(self, "_vae_factors"):
             if self._frozen is not None:
-                cfg = dict(self._frozen.vae.config)
+                vae_config = dict(self._frozen.vae.config)
             else:
                 from diffusers import AutoencoderKL
 
-                cfg = AutoencoderKL.load_config(self.model_cfg.pretrained, subfolder="vae", **self._load_kwargs())
-            self._vae_factors = (float(cfg.get("shift_factor") or 0.0), float(cfg["scaling_factor"]))
+                vae_config = AutoencoderKL.load_config(self.model_config.pretrained, subfolder="vae", **self._load_kwargs())
+            self._vae_factors = (float(vae_config.get("shift_factor") or 0.0), float(vae_config["scaling_factor"]))
         return self._vae_factors
 
     # -- model -------------------------------------------------------------------------------------------
     def load_transformer(self) -> nn.Module:
         self._check_pretrained()
-        return self.transformer_class.from_pretrained(self.model_cfg.pretrained, subfolder="transformer",
+        return self.transformer_class.from_pretrained(self.model_config.pretrained, subfolder="transformer",
                                                       **self._load_kwargs())
 
     def wrap(self, transformer: nn.Module) -> VelocityModule:
@@ -257,10 +257,10 @@ class DiffusersTask:
 
     def build_model(self) -> nn.Module:
         transformer = self.load_transformer()
-        if self.model_cfg.finetune == "lora":
+        if self.model_config.finetune == "lora":
             if self.frozen_dtype != torch.float32:
                 transformer.to(self.frozen_dtype)
-            add_lora(transformer, self.model_cfg.lora)
+            add_lora(transformer, self.model_config.lora)
             for name, p in transformer.named_parameters():  # adapters train in float32 (mixed precision autocasts)
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -273,7 +273,7 @@ class DiffusersTask:
 
     # -- data --------------------------------------------------------------------------------------------
     def records(self):
-        d = self.data_cfg
+        d = self.data_config
         if d.format == "imagefolder":
             recs = read_imagefolder(d.path, self.bad_samples, caption_column=d.caption_column)
         else:
@@ -284,7 +284,7 @@ class DiffusersTask:
         return recs
 
     def train_dataset(self) -> ImageCaptionDataset:
-        d = self.data_cfg
+        d = self.data_config
         return ImageCaptionDataset(
             self.records(), d.resolution, bucketing=d.bucketing, bucket_divisor=d.bucket_divisor,
             max_aspect_ratio=d.max_aspect_ratio, random_flip=d.random_flip, bad_samples=self.bad_samples,
@@ -294,7 +294,7 @@ class DiffusersTask:
         """With ``data.bucketing``: the epoch's global batches, each drawn from one aspect bucket (seeded by
         seed and epoch); None without bucketing (plain random batches). For a trainer that supports it; otherwise
         `collate` brings mixed batches to their most common bucket."""
-        if not self.data_cfg.bucketing:
+        if not self.data_config.bucketing:
             return None
         return bucketed_batches([dataset.bucket_of(i) for i in range(len(dataset))], global_batch, seed, epoch)
 
@@ -315,17 +315,17 @@ class DiffusersTask:
         read from the files, so checking the cache loads no encoder weights."""
         spec = {
             "family": self.family,
-            "pretrained": str(Path(self.model_cfg.pretrained).resolve()) if Path(self.model_cfg.pretrained).exists()
-            else self.model_cfg.pretrained,
-            "revision": self.model_cfg.revision,
-            "variant": self.model_cfg.variant,
-            "frozen_dtype": self.model_cfg.frozen_dtype,
-            "max_sequence_length": self.model_cfg.max_sequence_length,
-            "resolution": self.data_cfg.resolution,
-            "bucketing": [self.data_cfg.bucketing, self.data_cfg.bucket_divisor, self.data_cfg.max_aspect_ratio],
-            "data": [self.data_cfg.format, self.data_cfg.path, self.data_cfg.caption_column],
+            "pretrained": str(Path(self.model_config.pretrained).resolve()) if Path(self.model_config.pretrained).exists()
+            else self.model_config.pretrained,
+            "revision": self.model_config.revision,
+            "variant": self.model_config.variant,
+            "frozen_dtype": self.model_config.frozen_dtype,
+            "max_sequence_length": self.model_config.max_sequence_length,
+            "resolution": self.data_config.resolution,
+            "bucketing": [self.data_config.bucketing, self.data_config.bucket_divisor, self.data_config.max_aspect_ratio],
+            "data": [self.data_config.format, self.data_config.path, self.data_config.caption_column],
         }
-        root = Path(self.model_cfg.pretrained)
+        root = Path(self.model_config.pretrained)
         for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
             for file in ("config.json", "tokenizer_config.json"):
                 if (root / name / file).is_file():
@@ -333,13 +333,13 @@ class DiffusersTask:
         return spec
 
     def cache(self) -> EncodingCache | None:
-        if self.data_cfg.cache_dir is None:
+        if self.data_config.cache_dir is None:
             return None
         if self._cache is None:
             rank = 0
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 rank = torch.distributed.get_rank()
-            self._cache = EncodingCache(self.data_cfg.cache_dir, self.cache_spec(), self.data_cfg.cache_shard_size, rank)
+            self._cache = EncodingCache(self.data_config.cache_dir, self.cache_spec(), self.data_config.cache_shard_size, rank)
         return self._cache
 
     @contextlib.contextmanager
@@ -349,7 +349,7 @@ class DiffusersTask:
         try:
             yield pipe
         finally:
-            if self.model_cfg.offload_frozen and torch.device(device).type != "cpu":
+            if self.model_config.offload_frozen and torch.device(device).type != "cpu":
                 pipe.to("cpu")
 
     @torch.no_grad()
@@ -422,7 +422,7 @@ class DiffusersTask:
 
     @property
     def validation_guidance_scale(self) -> float:
-        value = self.data_cfg.validation_guidance_scale
+        value = self.data_config.validation_guidance_scale
         return self.guidance_scale if value is None else value
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -444,7 +444,7 @@ class DiffusersTask:
         """Images in [-1, 1] from `model` with soarflow's Euler sampler (same schedule/shift as the objective's
         rollout) at ``guidance_scale`` (default: the task's). Image i's noise depends only on (seed, i)."""
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        res = self.data_cfg.validation_resolution or self.data_cfg.resolution
+        res = self.data_config.validation_resolution or self.data_config.resolution
         shape = self.latent_shape(height or res, width or res)
         prompts = list(prompts)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
@@ -458,11 +458,11 @@ class DiffusersTask:
             return self.decode(latents).cpu()
 
     def validation_images(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, list[str]]:
-        prompts = list(self.data_cfg.validation_prompts)
+        prompts = list(self.data_config.validation_prompts)
         if not prompts:
             raise ValueError("data.validation_prompts is empty; add prompts or set validation_steps: 0")
-        images = self.generate(model, prompts, device, num_steps=self.data_cfg.validation_num_steps,
-                               guidance_scale=self.validation_guidance_scale, seed=self.data_cfg.validation_seed)
+        images = self.generate(model, prompts, device, num_steps=self.data_config.validation_num_steps,
+                               guidance_scale=self.validation_guidance_scale, seed=self.data_config.validation_seed)
         return images, prompts
 
     # -- weights -----------------------------------------------------------------------------------------
@@ -470,12 +470,12 @@ class DiffusersTask:
         return {
             "family": self.family,
             "finetune": "lora" if has_lora(model.transformer) else "full",
-            "pretrained": self.model_cfg.pretrained,
-            "revision": self.model_cfg.revision,
-            "variant": self.model_cfg.variant,
+            "pretrained": self.model_config.pretrained,
+            "revision": self.model_config.revision,
+            "variant": self.model_config.variant,
             "sample_shift": self.sample_shift,
-            "guidance": self.model_cfg.guidance,
-            "embedded_guidance_scale": self.model_cfg.embedded_guidance_scale,
+            "guidance": self.model_config.guidance,
+            "embedded_guidance_scale": self.model_config.embedded_guidance_scale,
         }
 
     def save_model(self, model: nn.Module, path: Path) -> Path:

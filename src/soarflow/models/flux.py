@@ -86,32 +86,32 @@ class FluxTask(DiffusersTask):
     default_max_sequence_length = 512
 
     def check_config(self) -> None:
-        value = self.data_cfg.validation_guidance_scale
-        if self.model_cfg.guidance == "embedded" and value not in (None, 1.0):
+        value = self.data_config.validation_guidance_scale
+        if self.model_config.guidance == "embedded" and value not in (None, 1.0):
             raise ValueError(
                 f"config key 'data.validation_guidance_scale': model.guidance is 'embedded' (guidance-distilled FLUX), "
                 f"so validation uses the embedded guidance model.embedded_guidance_scale="
-                f"{self.model_cfg.embedded_guidance_scale} and two-pass CFG is off; leave it unset or set 1 "
+                f"{self.model_config.embedded_guidance_scale} and two-pass CFG is off; leave it unset or set 1 "
                 f"(got {value}), or model.guidance: cfg")
         if self.train_config is None or self.train_config.method != "soar":
             return
         soar = self.train_config.soar
-        if self.model_cfg.guidance == "embedded" and soar.guidance_scale != 1:
+        if self.model_config.guidance == "embedded" and soar.guidance_scale != 1:
             raise ValueError(
                 f"config key 'soar.guidance_scale': model.guidance is 'embedded' (guidance-distilled FLUX), so the "
                 f"rollout uses the embedded guidance model.embedded_guidance_scale="
-                f"{self.model_cfg.embedded_guidance_scale} and two-pass CFG is off; set soar.guidance_scale: 1 "
+                f"{self.model_config.embedded_guidance_scale} and two-pass CFG is off; set soar.guidance_scale: 1 "
                 f"(got {soar.guidance_scale}), or model.guidance: cfg for a checkpoint trained with condition dropout")
 
     def _has_guidance_embeds(self) -> bool:
-        cfg = self.transformer_class.load_config(self.model_cfg.pretrained, subfolder="transformer",
+        transformer_config = self.transformer_class.load_config(self.model_config.pretrained, subfolder="transformer",
                                                  **self._load_kwargs())
-        return bool(cfg.get("guidance_embeds", False))
+        return bool(transformer_config.get("guidance_embeds", False))
 
     def wrap(self, transformer: torch.nn.Module) -> FluxVelocity:
-        if self.model_cfg.guidance == "embedded" and not transformer.config.guidance_embeds:
+        if self.model_config.guidance == "embedded" and not transformer.config.guidance_embeds:
             raise ValueError(f"config key 'model.guidance': 'embedded' needs a guidance-distilled checkpoint, but "
-                             f"{self.model_cfg.pretrained} has no guidance embedding; use cfg")
+                             f"{self.model_config.pretrained} has no guidance embedding; use cfg")
         self._guidance_embeds = bool(transformer.config.guidance_embeds)
         return FluxVelocity(transformer)
 
@@ -119,7 +119,7 @@ class FluxTask(DiffusersTask):
     def guidance_scale(self) -> float:
         """1 with embedded guidance (the transformer's guidance input guides; there is no two-pass CFG), else the
         diffusers tasks' default."""
-        return 1.0 if self.model_cfg.guidance == "embedded" else super().guidance_scale
+        return 1.0 if self.model_config.guidance == "embedded" else super().guidance_scale
 
     def finish_cond(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not getattr(self, "_guidance_embeds", None):
@@ -129,7 +129,7 @@ class FluxTask(DiffusersTask):
                 return cond
         b = cond["encoder_hidden_states"].shape[0]
         device = cond["encoder_hidden_states"].device
-        return {**cond, "guidance": torch.full((b,), float(self.model_cfg.embedded_guidance_scale), device=device)}
+        return {**cond, "guidance": torch.full((b,), float(self.model_config.embedded_guidance_scale), device=device)}
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -139,6 +139,6 @@ class FluxTask(DiffusersTask):
             prompt_2=None,
             device=torch.device(device),
             num_images_per_prompt=1,
-            max_sequence_length=self.model_cfg.max_sequence_length,
+            max_sequence_length=self.model_config.max_sequence_length,
         )
         return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}

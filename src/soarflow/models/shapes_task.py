@@ -70,8 +70,8 @@ def generate_images(
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    cfg = model.config  # UNetConfig or MMDiTConfig: image_size, in_channels, max_tokens
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    arch = model.config  # UNetConfig or MMDiTConfig: image_size, in_channels, max_tokens
+    shape = (arch.in_channels, arch.image_size, arch.image_size)
     was_training = model.training
     model.eval()
     out = []
@@ -81,12 +81,12 @@ def generate_images(
             noise = torch.stack(
                 [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + j)) for j in range(len(chunk))]
             ).to(device)
-            cond = encode_captions(chunk, device, cfg.max_tokens)
+            cond = encode_captions(chunk, device, arch.max_tokens)
             x = sample_euler(
                 model,
                 noise,
                 cond,
-                null_cond=null_caption(len(chunk), device, cfg.max_tokens),
+                null_cond=null_caption(len(chunk), device, arch.max_tokens),
                 num_steps=num_steps,
                 guidance_scale=guidance_scale,
                 shift=shift,
@@ -152,10 +152,10 @@ class ShapesTask:
     guidance_scale = GUIDANCE_SCALE  # default classifier-free guidance scale (validation, generate_images)
 
     def __init__(self, model: ShapesModelSection | None = None, data: ShapesDataSection | None = None):
-        self.model_cfg = model or ShapesModelSection()
-        self.data_cfg = data or ShapesDataSection()
-        if self.data_cfg.split not in ("curated", "pretrain"):
-            raise ValueError(f"data.split must be 'curated' or 'pretrain', got {self.data_cfg.split!r}")
+        self.model_config = model or ShapesModelSection()
+        self.data_config = data or ShapesDataSection()
+        if self.data_config.split not in ("curated", "pretrain"):
+            raise ValueError(f"data.split must be 'curated' or 'pretrain', got {self.data_config.split!r}")
 
     @classmethod
     def from_config(cls, model: dict | None = None, data: dict | None = None, train_config: Any = None) -> "ShapesTask":
@@ -169,12 +169,12 @@ class ShapesTask:
         return cls(from_dict(ShapesModelSection, model or {}, prefix="model"), from_dict(ShapesDataSection, data or {}, prefix="data"))
 
     # -- model -------------------------------------------------------------------------------------
-    def model_config(self) -> dict:
+    def architecture_config(self) -> dict:
         """The architecture config (as a dict for `embedded.build_model`) of a model trained from scratch."""
         from ..shapes.world import MAX_TOKENS, VOCAB
 
-        m = self.model_cfg
-        common = dict(image_size=self.data_cfg.image_size, num_heads=m.num_heads, vocab_size=len(VOCAB), max_tokens=MAX_TOKENS)
+        m = self.model_config
+        common = dict(image_size=self.data_config.image_size, num_heads=m.num_heads, vocab_size=len(VOCAB), max_tokens=MAX_TOKENS)
         if m.architecture == "unet":
             return dict(common, channels=list(m.channels), num_res_blocks=m.num_res_blocks,
                         attention_levels=list(m.attention_levels), text_dim=m.text_dim, text_layers=m.text_layers)
@@ -183,13 +183,13 @@ class ShapesTask:
         raise ValueError(f"config key 'model.architecture': unknown {m.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
 
     def build_model(self) -> nn.Module:
-        if self.model_cfg.pretrained is None:
-            return build_model(self.model_cfg.architecture, self.model_config())
-        model = load_shapes_model(self.model_cfg.pretrained)
-        if model.config.image_size != self.data_cfg.image_size:
+        if self.model_config.pretrained is None:
+            return build_model(self.model_config.architecture, self.architecture_config())
+        model = load_shapes_model(self.model_config.pretrained)
+        if model.config.image_size != self.data_config.image_size:
             raise ValueError(
-                f"model.pretrained={self.model_cfg.pretrained!r} was trained at {model.config.image_size}px "
-                f"but data.image_size={self.data_cfg.image_size}"
+                f"model.pretrained={self.model_config.pretrained!r} was trained at {model.config.image_size}px "
+                f"but data.image_size={self.data_config.image_size}"
             )
         return model
 
@@ -197,7 +197,7 @@ class ShapesTask:
     def train_dataset(self) -> torch.utils.data.Dataset:
         from ..shapes.world import ShapesDataset
 
-        d = self.data_cfg
+        d = self.data_config
         return ShapesDataset(split=d.split, num_samples=d.num_samples, seed=d.seed, image_size=d.image_size)
 
     def collate(self, samples: Sequence[dict]) -> dict:
@@ -210,10 +210,10 @@ class ShapesTask:
         return null_caption(batch_size, device)
 
     def validation_images(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, list[str]]:
-        prompts = list(self.data_cfg.validation_prompts)
+        prompts = list(self.data_config.validation_prompts)
         images = generate_images(
-            model, prompts, num_steps=self.data_cfg.validation_steps,
-            guidance_scale=self.data_cfg.validation_guidance_scale, device=device
+            model, prompts, num_steps=self.data_config.validation_steps,
+            guidance_scale=self.data_config.validation_guidance_scale, device=device
         )
         return images, prompts
 

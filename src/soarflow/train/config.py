@@ -5,13 +5,13 @@ Flag names follow diffusers' SD3 training examples (``learning_rate``, ``train_b
 ``data:`` are free-form dicts that the task validates itself (with :func:`from_dict`). The ``soar:`` section is
 :class:`soarflow.objective.SOARConfig` itself; its t density, loss weighting and condition dropout are filled
 from the top-level keys that every method shares (``weighting_scheme``, ``logit_*``, ``mode_scale``,
-``cond_dropout``), so ``cfg.soar`` is the objective's whole config.
+``cond_dropout``), so ``config.soar`` is the objective's whole config.
 
 ``weighting_scheme`` follows diffusers: ``logit_normal`` and ``mode`` choose the density of the training time t
 (loss weight 1); ``sigma_sqrt`` and ``cosmap`` choose the loss weighting with uniform t; ``none`` is uniform t
 and weight 1.
 
-    cfg = load_config("configs/shapes_soar.yaml", ["--soar.num_aux", "4", "--learning_rate=1e-4"])
+    config = load_config("configs/shapes_soar.yaml", ["--soar.num_aux", "4", "--learning_rate=1e-4"])
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ generator), counts model forwards, and reports metrics. Every method reports ``l
 evaluated per training sample, with and without gradient) and ``grad_forwards_per_sample`` (rows with gradient);
 the trainer adds ``step_time_s``.
 
-    method = build_method(cfg)                      # fails on a bad method / reward before anything runs
+    method = build_method(config)                      # fails on a bad method / reward before anything runs
     method.setup(model, task, device)               # e.g. the frozen KL reference of grpo
     out = method.compute_loss(model, task, batch, ctx)
 """
@@ -96,10 +96,10 @@ class TrainMethod:
     # keys summed (not averaged) over processes after the per-step mean
     summed_keys: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
+    def __init__(self, config: Any):
+        self.config = config
         # sft trains on the soar: section's shared keys (shift, t density, dropout, points_per_sample) only
-        self.objective = cfg.soar.replace(num_aux=0) if cfg.method == "sft" else cfg.soar
+        self.objective = config.soar.replace(num_aux=0) if config.method == "sft" else config.soar
 
     def setup(self, model: nn.Module, task: Any, device: torch.device) -> None:
         """Called once, after the model is built and before a checkpoint is restored."""
@@ -114,9 +114,9 @@ COMMON_KEYS = ("forwards_per_sample", "grad_forwards_per_sample")
 class MainTermMethod(TrainMethod):
     """A method whose flow-matching term draws its noise, t and dropout as SFT does (one point per image)."""
 
-    def __init__(self, cfg: Any):
-        super().__init__(cfg)
-        self.main_term = cfg.soar.replace(num_aux=0, points_per_sample=1)
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.main_term = config.soar.replace(num_aux=0, points_per_sample=1)
 
 
 class FlowMatchingMethod(TrainMethod):
@@ -130,7 +130,7 @@ class FlowMatchingMethod(TrainMethod):
     def compute_loss(self, model, task, batch, ctx):
         counter = ForwardCounter(model)
         out = compute_loss(counter, task, batch, self.objective, ctx)
-        return MethodOutput(out.loss, {**out.metrics(), **counter.metrics(self.cfg.train_batch_size)})
+        return MethodOutput(out.loss, {**out.metrics(), **counter.metrics(self.config.train_batch_size)})
 
 
 class SFTMethod(FlowMatchingMethod):
@@ -157,7 +157,7 @@ class InputPerturbationMethod(MainTermMethod):
         cond, _ = apply_cond_dropout(cond, task.null_cond(b, ctx.device), draws.drop_u, self.main_term, b, ctx.device)
         counter = ForwardCounter(model)
         out = input_perturbation_loss(counter, x0, cond, noise=noise, perturbation=xi,
-                                      sigma=shift_sigma(t, self.objective.shift), gamma=self.cfg.input_perturbation.gamma,
+                                      sigma=shift_sigma(t, self.objective.shift), gamma=self.config.input_perturbation.gamma,
                                       weighting=self.objective.weighting)
         return MethodOutput(out.loss, {"loss": float(out.loss.detach()), "flow_loss": float(out.flow_loss),
                                        "mean_sigma": float(out.mean_sigma), **counter.metrics(b)})
@@ -169,7 +169,7 @@ class ScheduledSamplingMethod(MainTermMethod):
     progress_keys = ("loss", "mean_offset")
 
     def compute_loss(self, model, task, batch, ctx):
-        ss = self.cfg.scheduled_sampling
+        ss = self.config.scheduled_sampling
         x0, cond = task.encode_batch(batch, ctx.device)
         draws = process_draws(self.main_term, x0, ctx, sft=True)
         noise, t = draws.noise[0], draws.t[0]
@@ -255,21 +255,21 @@ class GRPOMethod(TrainMethod):
                    "advantage_abs") + COMMON_KEYS
     progress_keys = ("loss", "reward_mean", "kl")
 
-    def __init__(self, cfg: Any, reward: Callable | None = None):
-        super().__init__(cfg)
-        self.config = cfg.grpo
+    def __init__(self, config: Any, reward: Callable | None = None):
+        super().__init__(config)
+        self.grpo = config.grpo
         if reward is not None:
             self.reward, self.reward_name = reward, getattr(reward, "__name__", type(reward).__name__)
         else:
-            self.reward, self.reward_name = resolve_reward(cfg.grpo.reward, dict(cfg.grpo.reward_kwargs), cfg.task)
+            self.reward, self.reward_name = resolve_reward(config.grpo.reward, dict(config.grpo.reward_kwargs), config.task)
         self.reference: Callable | None = None
         self._cache: dict[int, tuple] = {}
 
     def setup(self, model, task, device):
-        if self.config.beta == 0:
+        if self.grpo.beta == 0:
             return
         transformer = _lora_transformer(model)
-        if transformer is not None and not self.cfg.init_from:
+        if transformer is not None and not self.config.init_from:
             def reference(x, sigma, cond):
                 with _adapters_disabled(transformer):
                     return model(x, sigma, cond)
@@ -282,11 +282,11 @@ class GRPOMethod(TrainMethod):
         captions = batch.get("caption") if isinstance(batch, dict) else None
         if captions is None:
             raise ValueError("grpo: the task's batches carry no 'caption' list, which the reward needs")
-        return [str(c) for c in list(captions)[: b // self.config.group_size]]
+        return [str(c) for c in list(captions)[: b // self.grpo.group_size]]
 
     @torch.no_grad()
     def _rollout(self, model, task, batch, ctx: StepContext):
-        g = self.config.group_size
+        g = self.grpo.group_size
         x0, cond = task.encode_batch(batch, ctx.device)
         b = x0.shape[0]
         if b % g:
@@ -296,25 +296,25 @@ class GRPOMethod(TrainMethod):
         cond = cond_index(cond, pick)
         null = task.null_cond(b, ctx.device)
         noise = torch.randn(x0.shape, generator=ctx.local, device=ctx.device, dtype=torch.float32).to(x0.dtype)
-        rollout = grpo_math.sample_with_log_probs(model, noise, cond, null_cond=null, config=self.config,
+        rollout = grpo_math.sample_with_log_probs(model, noise, cond, null_cond=null, config=self.grpo,
                                                   shift=self.objective.shift, generator=ctx.local)
         images = decode_images(task, rollout.images, ctx.device)
         rewards = grpo_math.check_rewards(self.reward(images, prompts), b, self.reward_name, ctx.step)
         rewards = rewards.to(ctx.device)
-        adv = grpo_math.group_advantages(rewards, g, self.config.adv_clip_max)
+        adv = grpo_math.group_advantages(rewards, g, self.grpo.adv_clip_max)
         return rollout, cond, null, rewards, adv
 
     def compute_loss(self, model, task, batch, ctx):
         counter = ForwardCounter(model)
-        slot = ctx.micro % self.cfg.gradient_accumulation_steps
-        fresh = ctx.step % self.config.sample_reuse == 0 or slot not in self._cache
+        slot = ctx.micro % self.config.gradient_accumulation_steps
+        fresh = ctx.step % self.grpo.sample_reuse == 0 or slot not in self._cache
         if fresh:
             self._cache[slot] = self._rollout(counter, task, batch, ctx)
         rollout, cond, null, rewards, adv = self._cache[slot]
         b = rewards.shape[0]
-        steps = grpo_math.choose_timesteps(b, self.config, ctx.local, ctx.device)
+        steps = grpo_math.choose_timesteps(b, self.grpo, ctx.local, ctx.device)
         reference = ForwardCounter(self.reference) if self.reference is not None else None
-        out = grpo_math.grpo_loss(counter, rollout, adv, steps, cond, null_cond=null, config=self.config,
+        out = grpo_math.grpo_loss(counter, rollout, adv, steps, cond, null_cond=null, config=self.grpo,
                                   reference=reference)
         metrics = counter.metrics(b)
         if reference is not None:
@@ -338,14 +338,14 @@ METHODS: dict[str, type[TrainMethod]] = {
 METHOD_NAMES = tuple(METHODS)
 
 
-def build_method(cfg: Any, reward: Callable | None = None) -> TrainMethod:
-    """The TrainMethod of ``cfg.method`` (``reward`` overrides ``grpo.reward`` in the Python API)."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"config key 'method': unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    if reward is not None and cfg.method != "grpo":
-        raise ValueError(f"reward: given, but method {cfg.method!r} uses no reward (only grpo does)")
-    cls = METHODS[cfg.method]
-    return cls(cfg, reward=reward) if cls is GRPOMethod else cls(cfg)
+def build_method(config: Any, reward: Callable | None = None) -> TrainMethod:
+    """The TrainMethod of ``config.method`` (``reward`` overrides ``grpo.reward`` in the Python API)."""
+    if config.method not in METHODS:
+        raise ValueError(f"config key 'method': unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if reward is not None and config.method != "grpo":
+        raise ValueError(f"reward: given, but method {config.method!r} uses no reward (only grpo does)")
+    cls = METHODS[config.method]
+    return cls(config, reward=reward) if cls is GRPOMethod else cls(config)
 
 
 # ---------------------------------------------------------------------------------------------- init_from
