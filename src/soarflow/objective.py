@@ -285,7 +285,7 @@ def draw_randomness(
     batch = shape[0]
     sft = config.is_sft if sft is None else sft
 
-    def normal(*lead: int) -> torch.Tensor:
+    def normal(*lead: int, dtype: torch.dtype = dtype) -> torch.Tensor:
         return torch.randn(lead + shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
 
     def times(n: int) -> torch.Tensor:
@@ -308,7 +308,7 @@ def draw_randomness(
     if sft:
         return Draws(noise, t, drop_u)
     M, K = config.num_rollout_paths, config.num_aux
-    path_noise = normal(M - 1).float() if M > 1 else None  # the step computes in float32
+    path_noise = normal(M - 1, dtype=torch.float32) if M > 1 else None  # the step computes in float32
     aux_u = torch.rand((M, K, batch), generator=generator, device=device)
     aux_noise = normal(M, K) if config.aux_noise == "fresh" else None
     return Draws(noise, t, drop_u, path_noise, aux_u, aux_noise)

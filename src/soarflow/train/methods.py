@@ -3,11 +3,11 @@ r"""The method registry: ``TrainConfig.method`` -> a :class:`TrainMethod` the tr
 The math lives in :mod:`soarflow.objective` (sft, soar) and :mod:`soarflow.methods` (grpo, scheduled_sampling,
 input_perturbation); a TrainMethod only draws the randomness the trainer's way (the objective's draws for the
 global batch from the ``shared`` generator, sliced per process; only grpo's rollouts use the per-process ``local``
-generator), counts model forwards, and reports metrics. Every method reports ``loss``, its loss parts, ``forwards_per_sample`` (rows the model
-evaluated per training sample, with and without gradient) and ``grad_forwards_per_sample`` (rows with gradient);
-the trainer adds ``step_time_s``.
+generator), counts model forwards, and reports metrics. Every method reports ``loss``, its loss parts,
+``forwards_per_sample`` (rows the model evaluated per training sample, with and without gradient) and
+``grad_forwards_per_sample`` (rows with gradient); the trainer adds ``step_time_s``.
 
-    method = build_method(config)                      # fails on a bad method / reward before anything runs
+    method = build_method(config)                   # fails on a bad method / reward before anything runs
     method.setup(model, task, device)               # e.g. the frozen KL reference of grpo
     out = method.compute_loss(model, task, batch, ctx)
 """
@@ -66,12 +66,12 @@ class ForwardCounter:
         return {"forwards_per_sample": self.rows / batch, "grad_forwards_per_sample": self.grad_rows / batch}
 
 
-def process_draws(config: SOARConfig, x0: torch.Tensor, ctx: StepContext, sft: bool) -> Draws:
+def process_draws(config: SOARConfig, x0: torch.Tensor, ctx: StepContext) -> Draws:
     """The objective's random draws (:func:`soarflow.objective.draw_randomness`) for the whole global batch from
     the shared generator; this process's rows. The loss then does not depend on the number of processes."""
     b = x0.shape[0]
     draws = draw_randomness(config, (ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device,
-                            dtype=x0.dtype, sft=sft)
+                            dtype=x0.dtype)
     return draws.rows(slice(ctx.rank * b, (ctx.rank + 1) * b))
 
 
@@ -79,7 +79,7 @@ def compute_loss(model, task, batch, config: SOARConfig, ctx: StepContext):
     """SFT (``config.is_sft``) / SOAR on one micro-batch with global-batch draws (the trainer's module docstring);
     returns the objective's :class:`~soarflow.objective.ObjectiveOutput`."""
     x0, cond = task.encode_batch(batch, ctx.device)
-    draws = process_draws(config, x0, ctx, sft=config.is_sft)
+    draws = process_draws(config, x0, ctx)
     loss = sft_loss if config.is_sft else soar_loss
     return loss(model, x0, cond, config=config, null_cond=task.null_cond(x0.shape[0], ctx.device), draws=draws)
 
@@ -148,7 +148,7 @@ class InputPerturbationMethod(MainTermMethod):
 
     def compute_loss(self, model, task, batch, ctx):
         x0, cond = task.encode_batch(batch, ctx.device)
-        draws = process_draws(self.main_term, x0, ctx, sft=True)
+        draws = process_draws(self.main_term, x0, ctx)
         noise, t = draws.noise[0], draws.t[0]
         b = x0.shape[0]
         rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
@@ -171,7 +171,7 @@ class ScheduledSamplingMethod(MainTermMethod):
     def compute_loss(self, model, task, batch, ctx):
         ss = self.config.scheduled_sampling
         x0, cond = task.encode_batch(batch, ctx.device)
-        draws = process_draws(self.main_term, x0, ctx, sft=True)
+        draws = process_draws(self.main_term, x0, ctx)
         noise, t = draws.noise[0], draws.t[0]
         b = x0.shape[0]
         rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
