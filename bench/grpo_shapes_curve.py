@@ -27,8 +27,8 @@ from soarflow.train import load_config, train
 from soarflow.train.methods import resolve_reward
 
 
-def ode_reward(model, prompts, reward_fn, num_steps: int, cfg_scale: float) -> float:
-    images = generate_images(model, prompts, num_steps=num_steps, cfg_scale=cfg_scale, seed=1234)
+def ode_reward(model, prompts, reward_fn, num_steps: int, guidance_scale: float) -> float:
+    images = generate_images(model, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=1234)
     return float(reward_fn(images, prompts).float().mean())
 
 
@@ -53,7 +53,7 @@ def main() -> None:
                       f"--grpo.reward={args.reward}", *args.overrides]
     cfg = load_config("configs/shapes_grpo.yaml", base_overrides + ["--max_train_steps=1"])
     reward_fn = shapes_reward if args.reward == "auto" else resolve_reward(args.reward, {}, "shapes")[0]
-    guidance = cfg.grpo.cfg_scale
+    guidance = cfg.grpo.guidance_scale
     base = load_shapes_model("base")
     curve = [{"step": 0, "ode_reward": ode_reward(base, prompts, reward_fn, args.eval_steps, guidance),
               f"ode_reward_{args.final_eval_steps}": ode_reward(base, prompts, reward_fn, args.final_eval_steps, guidance)}]

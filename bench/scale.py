@@ -142,9 +142,9 @@ def run_case(case: Case, model, cfg: dict, args, device: torch.device) -> dict:
     elif getattr(tr, "gradient_checkpointing", False):
         tr.disable_gradient_checkpointing()
     x0, cond, null = batch_for(case.arch, cfg, case.resolution, args.batch, args.text_len or TEXT_LEN[case.arch], device)
-    # FLUX-dev is guidance-distilled: its rollout uses the embedded guidance (rollout_cfg 1), as the trainer does.
+    # FLUX-dev is guidance-distilled: its rollout uses the embedded guidance (guidance_scale 1), as the trainer does.
     w = 1.0 if case.arch == "flux" else 4.5
-    objective = SOARConfig(num_aux=case.k, rollout_cfg=w, aux_chunk_size=case.aux_chunk)
+    objective = SOARConfig(num_aux=case.k, guidance_scale=w, aux_chunk_size=case.aux_chunk)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(case.optimizer, params)
     gen = torch.Generator(device=device).manual_seed(0)

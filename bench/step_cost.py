@@ -137,7 +137,7 @@ def main() -> None:
         for key in ("aux_chunk_size", "forward_batch_size"):
             if kw.get(key) == -1:
                 kw[key] = B
-        return SOARConfig(num_aux=k, rollout_cfg=4.5, **kw)
+        return SOARConfig(num_aux=k, guidance_scale=4.5, **kw)
 
     def train_step(loss_fn):
         def run():

@@ -33,7 +33,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -52,54 +52,74 @@ from .flow import (
     shift_sigma,
     velocity_target,
 )
-from .sampling import STEP_KINDS, guided_velocity, step
+from .sampling import RENAMED_STEP_KINDS, STEP_KINDS, guided_velocity, renamed_kind_hint, step
+
+
+def _key(default: Any, help: str, set_by: str | None = None) -> Any:
+    """A SOARConfig field with its help (``soarflow train --help``). ``set_by`` names the top-level trainer key
+    that fills the field (the ``soar:`` section does not accept it)."""
+    metadata = {"help": help, **({"set_by": set_by} if set_by else {})}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass
 class SOARConfig:
-    """Hyper-parameters of the SOAR objective (paper defaults). ``lambda_aux = 0`` or ``num_aux = 0`` is SFT.
+    """Hyper-parameters of the SOAR objective (paper defaults), and the trainer's ``soar:`` section.
+    ``lambda_aux = 0`` or ``num_aux = 0`` is SFT.
 
     The controls of docs/objective.md ("Controls") are fields here: ``points_per_sample`` (compute-matched SFT),
     ``rollout="none"`` (no deviation: isolates the correction), ``rollout="none"`` with ``aux_noise="fresh"``
     (noise-level-matched SFT), ``aux_sigma_density`` (the sigma' distribution) and the condition-dropout order
-    (``cond_dropout_mode``, ``rollout_uses_dropped_cond``)."""
+    (``cond_dropout_mode``, ``rollout_uses_dropped_cond``). The fields with ``set_by`` (the t density, loss
+    weighting and condition dropout) come from the trainer's top-level keys, which every method shares."""
 
-    num_aux: int = 6  # K: auxiliary points per rollout path
-    lambda_aux: float = 1.0  # lambda: weight of the auxiliary term
-    rollout_steps: int = 40  # N: the rollout takes one step of the N-step schedule (1/N in t)
-    rollout_cfg: float = 4.5  # w: guidance scale of the rollout (1 = conditional velocity only)
-    num_rollout_paths: int = 1  # M: path 0 is the ODE step, paths 1..M-1 are stochastic
-    rollout_kind: Literal["simple", "sde", "flow_sde", "cps"] = "flow_sde"  # kind of the extra paths
-    rollout_noise_scale: float = 0.5
-    sigma_upper: Literal["one", "ratio"] = "one"  # upper bound of sigma': 1 or min(ratio * sigma0, 1)
-    sigma_upper_ratio: float = 1.5
-    sigma_floor: float = 1e-3  # sigma' >= floor, so v_corr = (z_aux - x0) / sigma' stays finite
-    shift: float = 3.0  # SD3.5 time shift
-    t_density: Literal["logit_normal", "uniform", "mode", "cosmap"] = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
-    cond_dropout: float = 0.0  # probability of training a sample on null_cond (enables guidance)
-    aux_chunk_size: int | None = None  # max rows per forward; larger batches run checkpointed in chunks (memory)
-    fuse_forward: bool = True  # False: one forward per term, as in the reference code (for benchmarks/tests)
+    num_aux: int = _key(6, "K: auxiliary re-noised points per rollout path (0 = SFT)")
+    lambda_aux: float = _key(1.0, "weight of the auxiliary term (0 = SFT)")
+    rollout_steps: int = _key(40, "N: the rollout takes one step of the N-step inference schedule (1/N in t)")
+    guidance_scale: float = _key(4.5, "guidance scale of the rollout step (1 = conditional velocity only)")
+    num_rollout_paths: int = _key(1, "M: path 0 is the ODE step, paths 1..M-1 are stochastic")
+    rollout_kind: Literal["euler_noise", "constant_sde", "flow_sde", "cps"] = _key(
+        "flow_sde", "step of the stochastic paths (soarflow.sampling; official 'sde' = cps, noise scale 1)")
+    rollout_noise_scale: float = _key(0.5, "noise scale of the stochastic paths")
+    sigma_upper: Literal["one", "ratio"] = _key("one", "upper bound of sigma': 1 or min(ratio * sigma0, 1)")
+    sigma_upper_ratio: float = _key(1.5, "ratio for sigma_upper='ratio'")
+    sigma_floor: float = _key(1e-3, "sigma' >= floor, so v_corr = (z_aux - x0) / sigma' stays finite")
+    shift: float = _key(3.0, "time shift s: sigma(t) = s t / (1 + (s - 1) t) (SD3.5: 3); every method's")
+    t_density: Literal["logit_normal", "uniform", "mode", "cosmap"] = _key(
+        "logit_normal", "density of the training time t", set_by="weighting_scheme")
+    logit_mean: float = _key(0.0, "mean of the logit-normal t density", set_by="logit_mean")
+    logit_std: float = _key(1.0, "std of the logit-normal t density", set_by="logit_std")
+    mode_scale: float = _key(1.29, "scale of the 'mode' t density", set_by="mode_scale")
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = _key("none", "SD3 loss weighting", set_by="weighting_scheme")
+    cond_dropout: float = _key(0.0, "probability of training a sample on null_cond (enables guidance)",
+                               set_by="cond_dropout")
+    aux_chunk_size: int | None = _key(None, "max rows per forward; larger fused batches run checkpointed in chunks")
+    fuse_forward: bool = _key(True, "one fused forward for the main and auxiliary terms (false: one per term, "
+                                    "as in the reference code)")
     # --- speed: layout of the gradient forwards (identical loss; see docs/objective.md "Cost")
-    reuse_main_output: bool = True  # the main term's detached output is the rollout's conditional velocity
-    forward_batch_size: int | Literal["auto", "probe"] | None = "auto"  # rows per (uncheckpointed) forward call
+    reuse_main_output: bool = _key(True, "the main term's output is the rollout's conditional velocity (saves B rows)")
+    forward_batch_size: int | Literal["auto", "probe"] | None = _key(
+        "auto", "rows per forward call of the gradient terms: auto (one call), probe (timed once), N, null")
     # --- controls (issue 12): what SOAR's gain is made of
-    points_per_sample: int = 1  # SFT only: P standard draws (fresh noise and t) per image
-    rollout: Literal["guided", "none"] = "guided"  # none: z' = x_sigma1 exactly (no deviation, v_corr = z1 - x0)
-    aux_noise: Literal["shared", "fresh"] = "shared"  # fresh (rollout none): aux points on new noise, standard target
-    aux_sigma_density: Literal["uniform", "t_density"] = "uniform"  # sigma' ~ U[sigma1, up] or t-density on it
-    cond_dropout_mode: Literal["per_sample", "per_batch"] = "per_sample"  # per_batch: one draw drops the batch
-    rollout_uses_dropped_cond: bool = False  # True (official order): a dropped sample rolls out unconditionally
+    points_per_sample: int = _key(1, "method sft: P standard draws (fresh noise and t) per image (compute-matched SFT)")
+    rollout: Literal["guided", "none"] = _key("guided", "none: z' = x_sigma1 exactly, no deviation (control)")
+    aux_noise: Literal["shared", "fresh"] = _key("shared", "fresh (with rollout none): noise-level-matched SFT")
+    aux_sigma_density: Literal["uniform", "t_density"] = _key(
+        "uniform", "sigma' ~ U[sigma1, upper] (paper) or the training t density restricted to it")
+    cond_dropout_mode: Literal["per_sample", "per_batch"] = _key(
+        "per_sample", "condition dropout per sample, or one draw for the whole batch")
+    rollout_uses_dropped_cond: bool = _key(False, "a dropped sample rolls out unconditionally (official order)")
+
+    # Former names, still read from config files with a warning (soarflow.train.config.rename_former_keys).
+    FORMER_KEYS: ClassVar[dict[str, str]] = {"rollout_cfg": "guidance_scale"}
+    FORMER_VALUES: ClassVar[dict[str, dict[str, str]]] = {"rollout_kind": RENAMED_STEP_KINDS}
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         def bad(field: str, why: str) -> ValueError:
-            return ValueError(f"SOARConfig.{field}: {why} (got {getattr(self, field)!r})")
+            return ValueError(f"config key 'soar.{field}': {why} (got {getattr(self, field)!r})")
 
         if not isinstance(self.num_aux, int) or self.num_aux < 0:
             raise bad("num_aux", "must be an integer >= 0")
@@ -107,12 +127,13 @@ class SOARConfig:
             raise bad("lambda_aux", "must be a finite number >= 0")
         if not isinstance(self.rollout_steps, int) or self.rollout_steps < 1:
             raise bad("rollout_steps", "must be an integer >= 1")
-        if not (isinstance(self.rollout_cfg, (int, float)) and math.isfinite(self.rollout_cfg)):
-            raise bad("rollout_cfg", "must be a finite number")
+        if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)):
+            raise bad("guidance_scale", "must be a finite number")
         if not isinstance(self.num_rollout_paths, int) or self.num_rollout_paths < 1:
             raise bad("num_rollout_paths", "must be an integer >= 1")
         if self.rollout_kind not in STEP_KINDS or self.rollout_kind == "ode":
-            raise bad("rollout_kind", "must be one of simple, sde, flow_sde, cps")
+            raise bad("rollout_kind", "must be one of euler_noise, constant_sde, flow_sde, cps"
+                      + renamed_kind_hint(self.rollout_kind))
         if not self.rollout_noise_scale >= 0:
             raise bad("rollout_noise_scale", "must be >= 0")
         if self.sigma_upper not in ("one", "ratio"):
@@ -204,35 +225,105 @@ def _check_inputs(x0: torch.Tensor, cond: Any, noise, t) -> int:
     return batch
 
 
-def _draw_noise_and_t(x0, config: SOARConfig, generator, noise, t):
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32).to(x0.dtype)
-    if t is None:
-        t = sample_t(
-            x0.shape[0],
-            density=config.t_density,
-            logit_mean=config.logit_mean,
-            logit_std=config.logit_std,
-            mode_scale=config.mode_scale,
-            generator=generator,
-            device=x0.device,
-        )
-    return noise, t.to(device=x0.device, dtype=torch.float32)
+# ---------------------------------------------------------------------------------------------- random draws
 
 
-def _drop_cond(cond, null_cond, batch, config: SOARConfig, generator, device):
+@dataclass
+class Draws:
+    r"""Every random number of one loss evaluation, each with its batch axis at a known place, so that the
+    draws of a global batch can be sliced per process (:meth:`rows`). P = ``points_per_sample`` (1 for SOAR),
+    M = ``num_rollout_paths``, K = ``num_aux``; a field is None where the config does not use it.
+
+    * ``noise`` :math:`z_1` (P, B, ...) and ``t`` (P, B): the training points of the main (SFT) term;
+    * ``drop_u`` (P, B): row b trains on ``null_cond`` where ``drop_u < cond_dropout`` (``per_batch``: one
+      uniform, repeated over the batch);
+    * ``path_noise`` (M-1, B, ...): the :math:`\epsilon` of the stochastic rollout paths 1..M-1;
+    * ``aux_u`` (M, K, B): uniforms mapped to :math:`\sigma'` by :func:`aux_sigmas_from_uniform`;
+    * ``aux_noise`` (M, K, B, ...): the endpoints of the aux points with ``aux_noise="fresh"``."""
+
+    noise: torch.Tensor
+    t: torch.Tensor
+    drop_u: torch.Tensor | None = None
+    path_noise: torch.Tensor | None = None
+    aux_u: torch.Tensor | None = None
+    aux_noise: torch.Tensor | None = None
+
+    # the batch axis of each field
+    _BATCH_AXIS = {"noise": 1, "t": 1, "drop_u": 1, "path_noise": 1, "aux_u": 2, "aux_noise": 2}
+
+    def rows(self, index: slice) -> "Draws":
+        """The draws of rows ``index`` of the batch (a process's share of a global batch)."""
+        def take(name: str) -> torch.Tensor | None:
+            value = getattr(self, name)
+            if value is None:
+                return None
+            return value[(slice(None),) * self._BATCH_AXIS[name] + (index,)]
+
+        return Draws(**{name: take(name) for name in self._BATCH_AXIS})
+
+
+def draw_randomness(
+    config: "SOARConfig",
+    shape: tuple[int, ...] | torch.Size,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    noise: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    sft: bool | None = None,
+) -> Draws:
+    """The :class:`Draws` of :func:`sft_loss` (``sft``, default ``config.is_sft``) or :func:`soar_loss` for a
+    batch of ``shape`` (B, ...), from one generator.
+
+    Given ``noise`` / ``t`` are the first draw (not drawn). The order is fixed — noise, t (the first draw, then the
+    other P - 1), dropout, stochastic-path noise, sigma' uniforms, fresh aux noise — so a draw that a config does
+    not use leaves the others alone. The trainer calls this for the global batch and slices it per process, so
+    the loss does not depend on the number of processes."""
+    shape = tuple(shape)
+    batch = shape[0]
+    sft = config.is_sft if sft is None else sft
+
+    def normal(*lead: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+        return torch.randn(lead + shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+    def times(n: int) -> torch.Tensor:
+        return sample_t(n, density=config.t_density, logit_mean=config.logit_mean, logit_std=config.logit_std,
+                        mode_scale=config.mode_scale, generator=generator, device=device)
+
+    noise = normal() if noise is None else noise.to(device=device, dtype=dtype)
+    t = times(batch) if t is None else t.to(device=device, dtype=torch.float32)
+    P = config.points_per_sample if sft else 1
+    noise, t = noise[None], t[None]
+    if P > 1:
+        noise = torch.cat([noise, normal(P - 1)])
+        t = torch.cat([t, times((P - 1) * batch).reshape(P - 1, batch)])
+    drop_u = None
+    if config.cond_dropout > 0:
+        drop_u = torch.rand(P * batch, generator=generator, device=device)
+        if config.cond_dropout_mode == "per_batch":
+            drop_u = drop_u[:1].expand(P * batch)
+        drop_u = drop_u.reshape(P, batch)
+    if sft:
+        return Draws(noise, t, drop_u)
+    M, K = config.num_rollout_paths, config.num_aux
+    path_noise = normal(M - 1, dtype=torch.float32) if M > 1 else None  # the step computes in float32
+    aux_u = torch.rand((M, K, batch), generator=generator, device=device)
+    aux_noise = normal(M, K) if config.aux_noise == "fresh" else None
+    return Draws(noise, t, drop_u, path_noise, aux_u, aux_noise)
+
+
+def apply_cond_dropout(cond, null_cond, drop_u: torch.Tensor | None, config: SOARConfig, batch: int, device):
     """``(train_cond, dropped)``: the condition each row trains on and the (B,) mask of rows put on null_cond.
 
-    ``per_sample`` draws one Bernoulli(p) per row; ``per_batch`` one draw for the whole micro-batch (the official
-    SOAR code's order). Both consume B uniforms from ``generator``, so switching mode leaves later draws alone."""
-    if config.cond_dropout <= 0:
+    ``per_sample`` draws one Bernoulli(p) per row; ``per_batch`` one draw for the whole batch (the official
+    SOAR code's order). Both consume B uniforms (:func:`draw_randomness`), so switching mode leaves later draws
+    alone."""
+    if drop_u is None:
         return cond, torch.zeros(batch, dtype=torch.bool, device=device)
     if null_cond is None:
         raise ValueError("null_cond is required when cond_dropout > 0")
-    u = torch.rand(batch, generator=generator, device=device)
-    if config.cond_dropout_mode == "per_batch":
-        u = u[:1].expand(batch)
-    drop = u < config.cond_dropout
+    drop = drop_u.reshape(batch) < config.cond_dropout
     return cond_where(drop, cond_expand_null(null_cond, batch), cond), drop
 
 
@@ -369,30 +460,68 @@ def _unshift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return sigma / (shift - (shift - 1.0) * sigma)
 
 
-def aux_sigmas_from_uniform(t: torch.Tensor, config: SOARConfig, u: torch.Tensor) -> torch.Tensor:
-    r"""Map uniforms ``u`` (shape (..., B)) to the auxiliary levels :math:`\sigma'` of samples drawn at ``t`` (B,).
+def rollout_sigmas(t: torch.Tensor, config: SOARConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""``(sigma0, sigma1, upper)`` of samples drawn at ``t`` (B,): :math:`\sigma_0 = \sigma(t)`, the rollout
+    target :math:`\sigma_1 = \sigma(\max(t - 1/N, 0))` (one step of the N-step schedule) and the upper bound of
+    :math:`\sigma'`: :math:`\sigma_{up} = 1` (``sigma_upper="one"``) or :math:`\min(r\sigma_0, 1)` (``"ratio"``)."""
+    sigma0 = shift_sigma(t, config.shift)
+    sigma1 = shift_sigma((t - 1.0 / config.rollout_steps).clamp_min(0.0), config.shift)
+    upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
+    return sigma0, sigma1, upper
 
-    With :math:`\sigma_1 = \sigma(\max(t - 1/N, 0))` and :math:`\sigma_{up} = 1` (or :math:`\min(r\sigma_0, 1)`):
+
+def aux_sigmas_from_uniform(t: torch.Tensor, config: SOARConfig, u: torch.Tensor) -> torch.Tensor:
+    r"""Map uniforms ``u`` (shape (..., B)) to the auxiliary levels :math:`\sigma' \in [\sigma_1, \sigma_{up}]`
+    of samples drawn at ``t`` (B,) (bounds: :func:`rollout_sigmas`):
 
     * ``aux_sigma_density="uniform"`` (paper): :math:`\sigma' = \sigma_1 + u(\sigma_{up} - \sigma_1)`;
     * ``"t_density"``: the training density of t restricted to :math:`[t_1, t_{up}]`,
       :math:`t_{up} = \sigma^{-1}(\sigma_{up})`, by inverse CDF:
       :math:`t' = F^{-1}(F(t_1) + u(F(t_{up}) - F(t_1)))`, :math:`\sigma' = \sigma(t')`.
 
-    Not floored at ``sigma_floor`` (the objective floors after any override)."""
-    sigma0 = shift_sigma(t, config.shift)
-    t1 = (t - 1.0 / config.rollout_steps).clamp_min(0.0)
-    sigma1 = shift_sigma(t1, config.shift)
-    upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
+    Not floored at ``sigma_floor`` (:func:`aux_sigma_levels` floors after any override)."""
+    _, sigma1, upper = rollout_sigmas(t, config)
     if config.aux_sigma_density == "uniform":
         return sigma1 + u * (upper - sigma1)
+    t1 = (t - 1.0 / config.rollout_steps).clamp_min(0.0)
     t_up = _unshift_sigma(upper.double(), config.shift)
     lo, hi = _u_of_t(t1.double(), config), _u_of_t(t_up, config)
     t_aux = _t_of_u(lo + u.double() * (hi - lo), config).clamp(t1.double(), t_up)
     return shift_sigma(t_aux, config.shift).float().clamp(sigma1, upper)
 
 
+def aux_sigma_levels(t: torch.Tensor, u: torch.Tensor, config: SOARConfig, ode_override: torch.Tensor | None = None):
+    r"""The auxiliary levels :math:`\sigma'` (M, K, B), floored at ``sigma_floor``, from the uniforms ``u``
+    (M, K, B); ``ode_override`` (K, B) replaces those of path 0 (checked to lie in :math:`[\sigma_1, \sigma_{up}]`).
+    The floor comes *before* :math:`z_{aux}` is built, so :math:`z_{aux} - \sigma' v_{corr} = x_0` stays exact."""
+    sig_aux = aux_sigmas_from_uniform(t, config, u)
+    if ode_override is not None:
+        K, batch = u.shape[1:]
+        ode_override = ode_override.to(device=u.device, dtype=torch.float32)
+        if tuple(ode_override.shape) != (K, batch):
+            raise ValueError(f"aux_sigmas: expected shape ({K}, {batch}) = (num_aux, B), got {tuple(ode_override.shape)}")
+        _, sigma1, upper = rollout_sigmas(t, config)
+        tol = 1e-5
+        if bool((ode_override < sigma1 - tol).any()) or bool((ode_override > upper + tol).any()):
+            raise ValueError("aux_sigmas: every sigma' must lie in [sigma1, sigma_upper] of its sample")
+        sig_aux = torch.cat([ode_override[None], sig_aux[1:]])
+    return sig_aux.clamp_min(config.sigma_floor)
+
+
 # ---------------------------------------------------------------------------------------------- losses
+
+
+def _resolve_draws(draws, config, x0, generator, noise, t, sft: bool) -> Draws:
+    if draws is None:
+        return draw_randomness(config, x0.shape, generator=generator, device=x0.device, dtype=x0.dtype, noise=noise,
+                               t=t, sft=sft)
+    if noise is not None or t is not None:
+        raise ValueError("draws: given together with noise / t; pass one or the other")
+    P = config.points_per_sample if sft else 1
+    if tuple(draws.noise.shape) != (P, *x0.shape) or tuple(draws.t.shape) != (P, x0.shape[0]):
+        raise ValueError(f"draws: noise {tuple(draws.noise.shape)} / t {tuple(draws.t.shape)} do not match "
+                         f"(P={P}, x0 shape {tuple(x0.shape)})")
+    return draws
 
 
 def sft_loss(
@@ -405,25 +534,25 @@ def sft_loss(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     t: torch.Tensor | None = None,
+    draws: Draws | None = None,
 ) -> ObjectiveOutput:
     r"""Plain flow matching: :math:`\sum_r w(\sigma_r)\lVert v_\theta(x_{\sigma_r},\sigma_r,c_r) - (z_r - x_0)\rVert^2 / (PB)`
     over P = ``points_per_sample`` draws per image (compute-matched SFT when P > 1).
 
-    ``noise``/``t`` fix the first draw; the other P - 1 draws (noise, then t) come from ``generator``, and
-    condition dropout is drawn per row (per draw) after them."""
+    The random numbers are ``draws`` (:func:`draw_randomness`), or drawn from ``generator``: ``noise``/``t``
+    fix the first draw, the other P - 1 draws (noise, then t) follow, then condition dropout per row (per draw)."""
     config = config or SOARConfig(num_aux=0)
     batch = _check_inputs(x0, cond, noise, t)
-    noise, t = _draw_noise_and_t(x0, config, generator, noise, t)
+    draws = _resolve_draws(draws, config, x0, generator, noise, t, sft=True)
     P = config.points_per_sample
     if P > 1:
         x0 = x0.repeat((P,) + (1,) * (x0.ndim - 1))
-        extra, t_extra = _draw_noise_and_t(x0[batch:], config, generator, None, None)
-        noise, t = torch.cat([noise, extra]), torch.cat([t, t_extra])
         cond = cond_repeat(cond, P)
         if null_cond is not None and cond_batch_size(null_cond) == batch != 1:  # a per-row null_cond tiles too
             null_cond = cond_repeat(null_cond, P)
     rows = P * batch
-    train_cond, _ = _drop_cond(cond, null_cond, rows, config, generator, x0.device)
+    noise, t = draws.noise.reshape(x0.shape), draws.t.reshape(rows)
+    train_cond, _ = apply_cond_dropout(cond, null_cond, draws.drop_u, config, rows, x0.device)
     sigma0 = shift_sigma(t, config.shift)
     x_t = interpolate(x0, noise, sigma0)
     err = per_sample_mse(model(x_t, sigma0, train_cond), velocity_target(x0, noise))
@@ -441,14 +570,14 @@ def sft_loss(
     )
 
 
-def _guided_from_main(model, v_main, x_t, sigma0, rollout_cond, null_cond, need_cond, cfg_scale) -> torch.Tensor:
+def _guided_from_main(model, v_main, x_t, sigma0, rollout_cond, null_cond, need_cond, guidance_scale) -> torch.Tensor:
     r"""The rollout's guided velocity :math:`v_u + w(v_c - v_u)` with :math:`v_c` taken from the main term's
     detached output ``v_main`` wherever the main term saw the rollout's condition; rows in ``need_cond`` (main
     caption dropped, rollout undropped) get their :math:`v_c` from the same no-grad forward as :math:`v_u`."""
     batch = x_t.shape[0]
     idx = need_cond.nonzero().flatten()
     xs, ss, cs = [], [], []
-    if cfg_scale != 1.0:
+    if guidance_scale != 1.0:
         xs, ss, cs = [x_t], [sigma0], [cond_expand_null(null_cond, batch)]
     if idx.numel():
         xs.append(x_t[idx])
@@ -461,10 +590,10 @@ def _guided_from_main(model, v_main, x_t, sigma0, rollout_cond, null_cond, need_
     if idx.numel():
         v_cond = v_cond.clone()
         v_cond[idx] = v[v.shape[0] - idx.numel():]
-    if cfg_scale == 1.0:
+    if guidance_scale == 1.0:
         return v_cond
     v_uncond = v[:batch]
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
 def soar_loss(
@@ -478,122 +607,129 @@ def soar_loss(
     noise: torch.Tensor | None = None,
     t: torch.Tensor | None = None,
     aux_sigmas: torch.Tensor | None = None,
+    draws: Draws | None = None,
 ) -> ObjectiveOutput:
-    """The SOAR loss (module docstring). ``noise`` (shape of x0), ``t`` (B,) and ``aux_sigmas`` (K, B), the
-    sigma' of the ODE path, override the random draws: with an ODE-only rollout the loss is then a pure
-    function of its inputs."""
+    """The SOAR loss (module docstring). The random numbers are ``draws`` (:func:`draw_randomness`), or drawn
+    from ``generator``. ``noise`` (shape of x0), ``t`` (B,) and ``aux_sigmas`` (K, B), the sigma' of the ODE
+    path, override the random draws: with an ODE-only rollout the loss is then a pure function of its inputs."""
     config = config or SOARConfig()
     if config.is_sft:
         if aux_sigmas is not None and aux_sigmas.numel() > 0:
             raise ValueError("aux_sigmas: given, but the config has no auxiliary term (num_aux or lambda_aux is 0)")
-        return sft_loss(model, x0, cond, config=config, null_cond=null_cond, generator=generator, noise=noise, t=t)
+        return sft_loss(model, x0, cond, config=config, null_cond=null_cond, generator=generator, noise=noise, t=t,
+                        draws=draws)
     if config.points_per_sample != 1:
         raise ValueError(f"points_per_sample: {config.points_per_sample} draws per image is an SFT control; "
                          "SOAR uses 1 (set num_aux=0 or method sft)")
 
     batch = _check_inputs(x0, cond, noise, t)
-    K, M, lam = config.num_aux, config.num_rollout_paths, float(config.lambda_aux)
     guided = config.rollout == "guided"
-    if guided and config.rollout_cfg != 1.0 and null_cond is None:
-        raise ValueError(f"null_cond is required for the guided rollout (rollout_cfg={config.rollout_cfg})")
-    noise, t = _draw_noise_and_t(x0, config, generator, noise, t)
-    train_cond, dropped = _drop_cond(cond, null_cond, batch, config, generator, x0.device)
-    rollout_cond = train_cond if config.rollout_uses_dropped_cond else cond
-    device = x0.device
-
-    sigma0 = shift_sigma(t, config.shift)
-    t1 = (t - 1.0 / config.rollout_steps).clamp_min(0.0)
-    sigma1 = shift_sigma(t1, config.shift)
+    if guided and config.guidance_scale != 1.0 and null_cond is None:
+        raise ValueError(f"null_cond is required for the guided rollout (guidance_scale={config.guidance_scale})")
+    # 1. z1, t0 (and every other random number), condition dropout, sigma0 and the rollout's target sigma1.
+    draws = _resolve_draws(draws, config, x0, generator, noise, t, sft=False)
+    noise, t = draws.noise[0], draws.t[0]
+    train_cond, dropped = apply_cond_dropout(cond, null_cond, draws.drop_u, config, batch, x0.device)
+    sigma0, sigma1, _ = rollout_sigmas(t, config)
     x_t = interpolate(x0, noise, sigma0)
-    # Main term first when its output feeds the rollout (it is the conditional half of the guided step).
-    main_first = guided and config.reuse_main_output
-    v_main = model(x_t, sigma0, train_cond) if main_first else None
 
-    # 3. Rollout: one guided, gradient-free step of the inference schedule (ODE path + optional stochastic paths),
-    #    or (rollout="none") the exact forward state x_sigma1.
+    # 2. Main term first when its output feeds the rollout (it is the conditional half of the guided step).
+    v_main = model(x_t, sigma0, train_cond) if guided and config.reuse_main_output else None
+    # 3. Rollout: z' of each path, and how far the ODE path lands from the training trajectory.
     with torch.no_grad():
         x_sigma1 = interpolate(x0, noise, sigma1)
         if guided:
-            if main_first:
-                need_cond = dropped & (not config.rollout_uses_dropped_cond)
-                v_cfg = _guided_from_main(model, v_main, x_t, sigma0, rollout_cond, null_cond, need_cond,
-                                          config.rollout_cfg)
-            else:
-                v_cfg = guided_velocity(model, x_t, sigma0, rollout_cond, null_cond, config.rollout_cfg)
-            z_paths = [step("ode", x_t, sigma0, sigma1, v_cfg)]
-            for _ in range(M - 1):
-                z_paths.append(
-                    step(config.rollout_kind, x_t, sigma0, sigma1, v_cfg,
-                         noise_scale=config.rollout_noise_scale, generator=generator)
-                )
+            rollout_cond = train_cond if config.rollout_uses_dropped_cond else cond
+            # rows whose main term saw the null condition but whose rollout uses the caption need their own v_c
+            need_cond = dropped & (not config.rollout_uses_dropped_cond)
+            z_paths = rollout(model, x_t, sigma0, sigma1, rollout_cond, null_cond, config, draws.path_noise,
+                              v_main=v_main, need_cond=need_cond)
         else:
-            z_paths = [x_sigma1]
+            z_paths = x_sigma1[None]
         deviation = per_sample_mse(z_paths[0], x_sigma1).sqrt().mean()
-
-    # 4. Auxiliary noise levels sigma' in [sigma1, upper], per path and point: shape (M, K, B).
-    upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
-    u = torch.rand((M, K, batch), generator=generator, device=device)
-    sig_aux = aux_sigmas_from_uniform(t, config, u)
-    if aux_sigmas is not None:
-        aux_sigmas = aux_sigmas.to(device=device, dtype=torch.float32)
-        if tuple(aux_sigmas.shape) != (K, batch):
-            raise ValueError(f"aux_sigmas: expected shape ({K}, {batch}) = (num_aux, B), got {tuple(aux_sigmas.shape)}")
-        tol = 1e-5
-        if bool((aux_sigmas < sigma1 - tol).any()) or bool((aux_sigmas > upper + tol).any()):
-            raise ValueError("aux_sigmas: every sigma' must lie in [sigma1, sigma_upper] of its sample")
-        sig_aux = torch.cat([aux_sigmas[None], sig_aux[1:]])
-    sig_aux = sig_aux.clamp_min(config.sigma_floor)
-    # Stochastic paths of samples whose rollout reached sigma = 0 are dropped (their step is undefined).
-    valid = torch.ones((M, K, batch), dtype=torch.bool, device=device)
-    if M > 1:
-        valid[1:] &= (t1 > 0)[None, None, :]
-
-    # 4-5. Re-noise toward the same z1 (or, aux_noise="fresh", onto new noise) and build the correction targets.
-    if config.aux_noise == "fresh":
-        z_end = torch.randn((M, K) + tuple(x0.shape), generator=generator, device=device,
-                            dtype=torch.float32).to(x0.dtype)
-        z_aux = renoise(x0.expand_as(z_end), z_end, torch.zeros_like(sigma1), sig_aux)  # (1-s') x0 + s' z
-    else:
-        z_prime = torch.stack(z_paths)  # (M, B, ...)
-        z_aux = renoise(z_prime[:, None], noise[None, None], sigma1, sig_aux)  # (M, K, B, ...)
-    z_aux = z_aux[valid].reshape(-1, *x0.shape[1:])  # (P, ...) in (path, point, sample) order
-    s_aux = sig_aux[valid]
-    sample_of = torch.arange(batch, device=device).expand(M, K, batch)[valid]
+    # 4-5. Auxiliary points z_aux at sigma' and their correction targets.
+    sig_aux = aux_sigma_levels(t, draws.aux_u, config, aux_sigmas)
+    z_aux, s_aux, sample_of, valid = aux_points(z_paths, x0, noise, sigma1, sig_aux, draws.aux_noise)
     v_corr = correction_target(z_aux, x0[sample_of], s_aux)
-    num_points = z_aux.shape[0]
-
-    # 2 + 6. Main and auxiliary terms: main already done (main_first), fused into one forward/backward, or one
-    # forward per term.
-    aux_cond = _index_cond(train_cond, sample_of, batch, M * K, valid)
-    if main_first:
-        micro = _resolve_forward_batch(model, z_aux, s_aux, aux_cond, batch, config)
-        v_aux = _forward_rows(model, z_aux, s_aux, aux_cond, config.aux_chunk_size, micro)
-    elif config.fuse_forward:
-        x_all, s_all, c_all = torch.cat([x_t, z_aux]), torch.cat([sigma0, s_aux]), cond_cat([train_cond, aux_cond])
-        micro = _resolve_forward_batch(model, x_all, s_all, c_all, batch, config)
-        v_all = _forward_rows(model, x_all, s_all, c_all, config.aux_chunk_size, micro)
-        v_main, v_aux = v_all[:batch], v_all[batch:]
-    else:
-        v_main = model(x_t, sigma0, train_cond)
-        v_aux = torch.cat([
-            model(z_aux[i : i + batch], s_aux[i : i + batch], cond_index(aux_cond, slice(i, i + batch)))
-            for i in range(0, num_points, batch)
-        ])
-
+    # 2 + 6. The gradient forwards of the main and auxiliary terms.
+    aux_cond = _index_cond(train_cond, sample_of, batch, valid.shape[0] * valid.shape[1], valid)
+    v_main, v_aux = _main_and_aux_velocities(model, v_main, x_t, sigma0, train_cond, z_aux, s_aux, aux_cond, config)
+    # 7. L = (sum_b w(sigma0) l_b + lambda sum_p w(sigma'_p) a_p) / (B + lambda P)
     main_err = per_sample_mse(v_main, velocity_target(x0, noise))
     aux_err = per_sample_mse(v_aux, v_corr)
     main_sum = (loss_weight(sigma0, config.weighting) * main_err).sum()
     aux_sum = (loss_weight(s_aux, config.weighting) * aux_err).sum()
-    loss = _normalise(main_sum, aux_sum, batch, num_points, lam, device)
+    loss = _normalise(main_sum, aux_sum, batch, z_aux.shape[0], float(config.lambda_aux), x0.device)
     return ObjectiveOutput(
         loss=loss,
         main_loss=main_err.detach().mean(),
         aux_loss=aux_err.detach().mean(),
-        num_aux_points=num_points,
+        num_aux_points=z_aux.shape[0],
         mean_sigma=sigma0.mean(),
         mean_aux_sigma=s_aux.mean(),
         rollout_deviation=deviation,
     )
+
+
+@torch.no_grad()
+def rollout(model: VelocityModel, x_t, sigma0, sigma1, cond, null_cond, config: SOARConfig,
+            path_noise: torch.Tensor | None = None, *, v_main: torch.Tensor | None = None,
+            need_cond: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The rolled-out states :math:`z'` (M, B, ...): one gradient-free step of the inference schedule from
+    :math:`x_{\sigma_0}` to :math:`\sigma_1` with the guided velocity :math:`v = v_u + w(v_c - v_u)`.
+
+    Path 0 is the Euler (ODE) step :math:`z' = x_{\sigma_0} + (\sigma_1 - \sigma_0) v`; paths 1..M-1 take the
+    stochastic step ``rollout_kind`` (:mod:`soarflow.sampling`) with the noise ``path_noise`` (M-1, B, ...).
+    With ``v_main`` (the main term's output) :math:`v_c` is its detached value, except on rows ``need_cond``."""
+    if v_main is not None:
+        v = _guided_from_main(model, v_main, x_t, sigma0, cond, null_cond, need_cond, config.guidance_scale)
+    else:
+        v = guided_velocity(model, x_t, sigma0, cond, null_cond, config.guidance_scale)
+    paths = [step("ode", x_t, sigma0, sigma1, v)]
+    for eps in path_noise if path_noise is not None else ():
+        paths.append(step(config.rollout_kind, x_t, sigma0, sigma1, v, noise_scale=config.rollout_noise_scale, eps=eps))
+    return torch.stack(paths)
+
+
+def aux_points(z_paths: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigma1: torch.Tensor,
+               sig_aux: torch.Tensor, fresh_noise: torch.Tensor | None = None):
+    r"""Re-noise each path's :math:`z'` toward the same endpoint :math:`z_1`:
+    :math:`z_{aux} = (1-\alpha) z' + \alpha z_1`, :math:`\alpha = (\sigma' - \sigma_1)/(1 - \sigma_1)`
+    (:func:`renoise`), for the K levels ``sig_aux`` (M, K, B) of each path. With ``fresh_noise`` (M, K, B, ...)
+    (``aux_noise="fresh"``) every point lies on its own noise instead: :math:`(1-\sigma') x_0 + \sigma' z_{pk}`.
+
+    A stochastic path (1..M-1) of a sample whose rollout reached :math:`\sigma_1 = 0` is dropped (its step is
+    undefined). Returns ``(z_aux, s_aux, sample_of, valid)``: the P kept points (P, ...) in (path, point, sample)
+    order, their :math:`\sigma'` (P,), the sample each belongs to (P,), and the (M, K, B) mask of kept points."""
+    M, K, batch = sig_aux.shape
+    valid = torch.ones((M, K, batch), dtype=torch.bool, device=x0.device)
+    valid[1:] &= (sigma1 > 0)[None, None, :]
+    if fresh_noise is not None:
+        z_aux = renoise(x0.expand_as(fresh_noise), fresh_noise, torch.zeros_like(sigma1), sig_aux)
+    else:
+        z_aux = renoise(z_paths[:, None], noise[None, None], sigma1, sig_aux)  # (M, K, B, ...)
+    sample_of = torch.arange(batch, device=x0.device).expand(M, K, batch)[valid]
+    return z_aux[valid].reshape(-1, *x0.shape[1:]), sig_aux[valid], sample_of, valid
+
+
+def _main_and_aux_velocities(model, v_main, x_t, sigma0, train_cond, z_aux, s_aux, aux_cond, config: SOARConfig):
+    """The gradient forwards: the aux rows alone when the main term already ran (``v_main``), else main and aux
+    fused into one forward/backward (``fuse_forward``), else one forward per term (the reference code's layout)."""
+    batch = x_t.shape[0]
+    if v_main is not None:
+        micro = _resolve_forward_batch(model, z_aux, s_aux, aux_cond, batch, config)
+        return v_main, _forward_rows(model, z_aux, s_aux, aux_cond, config.aux_chunk_size, micro)
+    if config.fuse_forward:
+        x_all, s_all, c_all = torch.cat([x_t, z_aux]), torch.cat([sigma0, s_aux]), cond_cat([train_cond, aux_cond])
+        micro = _resolve_forward_batch(model, x_all, s_all, c_all, batch, config)
+        v_all = _forward_rows(model, x_all, s_all, c_all, config.aux_chunk_size, micro)
+        return v_all[:batch], v_all[batch:]
+    v_main = model(x_t, sigma0, train_cond)
+    v_aux = torch.cat([
+        model(z_aux[i : i + batch], s_aux[i : i + batch], cond_index(aux_cond, slice(i, i + batch)))
+        for i in range(0, z_aux.shape[0], batch)
+    ])
+    return v_main, v_aux
 
 
 def _index_cond(cond: Any, sample_of: torch.Tensor, batch: int, groups: int, valid: torch.Tensor) -> Any:

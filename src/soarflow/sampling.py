@@ -8,12 +8,14 @@ Steps from :math:`\sigma` to :math:`\sigma_n < \sigma` (with :math:`\hat x_0 = x
 :math:`\hat z_1 = x + (1-\sigma) v`, :math:`\epsilon \sim \mathcal N(0, I)`, noise scale :math:`a`):
 
 * ``ode``: Euler, :math:`x_n = x + (\sigma_n - \sigma) v`;
-* ``simple``: Euler plus isotropic noise, :math:`x_n = x + (\sigma_n - \sigma) v + a\sqrt{\sigma - \sigma_n}\,\epsilon`;
+* ``euler_noise``: Euler plus isotropic noise, :math:`x_n = x + (\sigma_n - \sigma) v + a\sqrt{\sigma - \sigma_n}\,\epsilon`;
 * ``flow_sde``: Euler-Maruyama of the marginal-preserving reverse SDE used by Flow-GRPO, with diffusion
   :math:`g = a\sqrt{\sigma/(1-\sigma)}`:
   :math:`x_n = x + [v + \tfrac{g^2}{2\sigma}(x + (1-\sigma) v)](\sigma_n - \sigma) + g\sqrt{\sigma - \sigma_n}\,\epsilon`
   (:math:`\sigma` is capped at 0.99 inside :math:`g` so the first step from pure noise stays finite);
-* ``sde``: the same SDE with a constant diffusion :math:`g = a` (:math:`\sigma` floored at 1e-3 in the drift);
+* ``constant_sde``: the same SDE with a constant diffusion :math:`g = a` (:math:`\sigma` floored at 1e-3 in the
+  drift). It is *not* the official SOAR code's ``sde`` (which re-noises :math:`\hat x_0`: that is ``cps`` with
+  :math:`a = 1`, docs/objective.md);
 * ``cps``: coefficient-preserving sampling,
   :math:`x_n = (1-\sigma_n)\hat x_0 + \sigma_n\cos(\tfrac{\pi a}{2})\hat z_1 + \sigma_n\sin(\tfrac{\pi a}{2})\epsilon`,
   which keeps the state on the straight-path family of noise levels.
@@ -29,8 +31,10 @@ import torch
 from .conditioning import cond_batch_size, cond_cat, cond_expand_null
 from .flow import VelocityModel, append_dims, sigma_schedule
 
-StepKind = Literal["ode", "simple", "sde", "flow_sde", "cps"]
-STEP_KINDS = ("ode", "simple", "sde", "flow_sde", "cps")
+StepKind = Literal["ode", "euler_noise", "constant_sde", "flow_sde", "cps"]
+STEP_KINDS = ("ode", "euler_noise", "constant_sde", "flow_sde", "cps")
+# Former names of step kinds (a config naming one fails with the new name).
+RENAMED_STEP_KINDS = {"simple": "euler_noise", "sde": "constant_sde"}
 
 
 def _as_batch_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -44,21 +48,21 @@ def guided_velocity(
     sigma: torch.Tensor | float,
     cond: Any,
     null_cond: Any = None,
-    cfg_scale: float = 1.0,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     r""":math:`v_u + w (v_c - v_u)` from one forward over ``[x, x]`` with ``[cond, null_cond]``.
 
-    With ``cfg_scale == 1`` only the conditional half is evaluated. ``null_cond`` may have batch size 1."""
+    With ``guidance_scale == 1`` only the conditional half is evaluated. ``null_cond`` may have batch size 1."""
     sigma = _as_batch_sigma(sigma, x)
-    if cfg_scale == 1.0:
+    if guidance_scale == 1.0:
         return model(x, sigma, cond)
     if null_cond is None:
-        raise ValueError(f"null_cond is required for classifier-free guidance (cfg_scale={cfg_scale})")
+        raise ValueError(f"null_cond is required for classifier-free guidance (guidance_scale={guidance_scale})")
     batch = x.shape[0]
     null_cond = cond_expand_null(null_cond, batch)
     v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cond_cat([cond, null_cond]))
     v_cond, v_uncond = v[:batch], v[batch:]
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
 def step_distribution(
@@ -80,9 +84,9 @@ def step_distribution(
     ds = sn - s
     if kind == "ode":
         return xf + ds * vf, torch.zeros_like(s)
-    if kind == "simple":
+    if kind == "euler_noise":
         return xf + ds * vf, noise_scale * (-ds).clamp_min(0).sqrt()
-    if kind in ("sde", "flow_sde"):
+    if kind in ("constant_sde", "flow_sde"):
         if kind == "flow_sde":
             # Flow-GRPO's convention: at sigma = 1 (the first step) the denominator uses the next sigma, where
             # 1 - sigma = 0 would make g infinite; the 0.99 cap guards random sigmas just below 1 (SOAR's paths).
@@ -97,7 +101,17 @@ def step_distribution(
         z1_hat = xf + (1 - s) * vf
         angle = math.pi * noise_scale / 2
         return (1 - sn) * x0_hat + sn * math.cos(angle) * z1_hat, sn * math.sin(angle)
-    raise ValueError(f"step kind must be one of {STEP_KINDS}, got {kind!r}")
+    raise ValueError(f"step kind must be one of {STEP_KINDS}, got {kind!r}{renamed_kind_hint(kind)}")
+
+
+def renamed_kind_hint(kind: Any) -> str:
+    """`` ('sde' is now 'constant_sde' ...)`` for a former step-kind name, else ``""``."""
+    if kind not in RENAMED_STEP_KINDS:
+        return ""
+    hint = f" ({kind!r} is now {RENAMED_STEP_KINDS[kind]!r}"
+    if kind == "sde":
+        hint += "; the official SOAR code's 'sde' re-noises x0_hat, which is 'cps' with noise scale 1"
+    return hint + ")"
 
 
 def step(
@@ -109,13 +123,16 @@ def step(
     *,
     noise_scale: float = 0.0,
     generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""One step of the given kind from per-sample `sigma` to `sigma_next` (both shape (B,)); see module doc.
-    Draws :math:`\mu + s\,\epsilon` from :func:`step_distribution`."""
+    Draws :math:`\mu + s\,\epsilon` from :func:`step_distribution` (:math:`\epsilon` = ``eps`` if given,
+    else drawn from ``generator``)."""
     mean, std = step_distribution(kind, x, sigma, sigma_next, v, noise_scale=noise_scale)
     if kind == "ode":
         return mean.to(x.dtype)
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    if eps is None:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
     return (mean + std * eps).to(x.dtype)
 
 
@@ -127,9 +144,9 @@ def integrate(
     cond: Any,
     *,
     null_cond: Any = None,
-    cfg_scale: float = 1.0,
+    guidance_scale: float = 1.0,
     kind: StepKind = "ode",
-    noise_level: float = 0.0,
+    noise_scale: float = 0.0,
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
 ):
@@ -144,9 +161,9 @@ def integrate(
     for i in range(n):
         s = _as_batch_sigma(sigmas[i], x)
         sn = _as_batch_sigma(sigmas[i + 1], x)
-        v = guided_velocity(model, x, s, cond, null_cond, cfg_scale)
+        v = guided_velocity(model, x, s, cond, null_cond, guidance_scale)
         step_kind = "ode" if i == n - 1 else kind
-        x = step(step_kind, x, s, sn, v, noise_scale=noise_level, generator=generator)
+        x = step(step_kind, x, s, sn, v, noise_scale=noise_scale, generator=generator)
         if traj is not None:
             traj.append(x)
     return (x, traj) if return_trajectory else x
@@ -159,14 +176,14 @@ def sample_euler(
     *,
     null_cond: Any = None,
     num_steps: int = 40,
-    cfg_scale: float = 1.0,
+    guidance_scale: float = 1.0,
     shift: float = 1.0,
     return_trajectory: bool = False,
 ):
     """Deterministic N-step Euler sampler from ``noise`` (sigma = 1) on the shifted grid ``sigma_schedule(N, shift)``."""
     sigmas = sigma_schedule(num_steps, shift, device=noise.device)
     return integrate(
-        model, noise, sigmas, cond, null_cond=null_cond, cfg_scale=cfg_scale, return_trajectory=return_trajectory
+        model, noise, sigmas, cond, null_cond=null_cond, guidance_scale=guidance_scale, return_trajectory=return_trajectory
     )
 
 
@@ -177,9 +194,9 @@ def sample_sde(
     *,
     null_cond: Any = None,
     num_steps: int = 40,
-    cfg_scale: float = 1.0,
+    guidance_scale: float = 1.0,
     shift: float = 1.0,
-    noise_level: float = 0.7,
+    noise_scale: float = 0.7,
     kind: StepKind = "flow_sde",
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
@@ -192,9 +209,9 @@ def sample_sde(
         sigmas,
         cond,
         null_cond=null_cond,
-        cfg_scale=cfg_scale,
+        guidance_scale=guidance_scale,
         kind=kind,
-        noise_level=noise_level,
+        noise_scale=noise_scale,
         generator=generator,
         return_trajectory=return_trajectory,
     )

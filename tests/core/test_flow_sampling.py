@@ -94,13 +94,13 @@ def test_euler_sampler_is_exact_for_straight_flows():
         torch.testing.assert_close(traj[1], interpolate(x0, z1, s[1].expand(3)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["simple", "sde", "flow_sde", "cps"])
+@pytest.mark.parametrize("kind", ["euler_noise", "constant_sde", "flow_sde", "cps"])
 def test_stochastic_steps_zero_noise_limits_and_finiteness(kind):
     x0, z1 = torch.randn(64, 8), torch.randn(64, 8)
     s, sn = torch.full((64,), 0.6), torch.full((64,), 0.5)
     x = interpolate(x0, z1, s)
     out = step(kind, x, s, sn, z1 - x0, noise_scale=0.0, generator=torch.Generator().manual_seed(0))
-    if kind in ("simple", "cps"):  # zero noise: exactly the deterministic straight path
+    if kind in ("euler_noise", "cps"):  # zero noise: exactly the deterministic straight path
         torch.testing.assert_close(out, interpolate(x0, z1, sn), rtol=1e-5, atol=1e-5)
     noisy = step(kind, x, s, sn, z1 - x0, noise_scale=0.7, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(noisy).all() and not torch.allclose(noisy, out)
@@ -111,7 +111,7 @@ def test_stochastic_steps_zero_noise_limits_and_finiteness(kind):
 def test_sde_sampler_runs_and_ends_deterministically():
     model = ToyVelocity(6, 3)
     c, null = torch.randn(4, 3), torch.zeros(1, 3)
-    a = sample_sde(model, torch.randn(4, 6), c, null_cond=null, num_steps=5, cfg_scale=2.0,
+    a = sample_sde(model, torch.randn(4, 6), c, null_cond=null, num_steps=5, guidance_scale=2.0,
                    generator=torch.Generator().manual_seed(0))
     assert a.shape == (4, 6) and torch.isfinite(a).all()
     with pytest.raises(ValueError, match="cond"):

@@ -41,7 +41,7 @@ def reference_soar(model, x0, cond, null, cfg, noise, t, aux_sigmas):
         main_sum = main_sum + loss_weight(s0, cfg.weighting)[0] * main
         with torch.no_grad():
             vc, vu = model(xs, s0, cb), model(xs, s0, null)
-            zp = xs + (s1 - s0) * (vu + cfg.rollout_cfg * (vc - vu))
+            zp = xs + (s1 - s0) * (vu + cfg.guidance_scale * (vc - vu))
         for k in range(cfg.num_aux):
             sp = aux_sigmas[k, b : b + 1].clamp_min(cfg.sigma_floor)
             alpha = (sp - s1) / (1 - s1)
@@ -66,7 +66,7 @@ def test_matches_reference_formula_loss_and_gradient(weighting, lam, K, w):
     torch.manual_seed(0)
     model = ToyVelocity(D, C)
     x0, cond, null, noise, t = make_batch()
-    cfg = SOARConfig(num_aux=K, lambda_aux=lam, rollout_cfg=w, rollout_steps=10, weighting=weighting)
+    cfg = SOARConfig(num_aux=K, lambda_aux=lam, guidance_scale=w, rollout_steps=10, weighting=weighting)
     aux = aux_sigmas_for(t, cfg)
     out = soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, aux_sigmas=aux)
     ref = reference_soar(model, x0, cond, null, cfg, noise, t, aux)
@@ -131,14 +131,14 @@ def test_forward_structure_rollout_has_no_grad():
     soar_loss(model, x0, cond, null_cond=null, config=fused)
     assert [(c["rows"], c["grad"]) for c in model.calls] == [(2 * B, False), (B + 3 * B, True)]
     model.calls.clear()
-    soar_loss(model, x0, cond, null_cond=None, config=fused.replace(rollout_cfg=1.0))
+    soar_loss(model, x0, cond, null_cond=None, config=fused.replace(guidance_scale=1.0))
     assert [(c["rows"], c["grad"]) for c in model.calls] == [(B, False), (B + 3 * B, True)]
     # the default: main (with grad) first, its output is the conditional half; the rollout adds B no-grad rows
     model.calls.clear()
     soar_loss(model, x0, cond, null_cond=null, config=SOARConfig(num_aux=3, forward_batch_size=None))
     assert [(c["rows"], c["grad"]) for c in model.calls] == [(B, True), (B, False), (3 * B, True)]
     model.calls.clear()
-    soar_loss(model, x0, cond, null_cond=None, config=SOARConfig(num_aux=3, rollout_cfg=1.0, forward_batch_size=B))
+    soar_loss(model, x0, cond, null_cond=None, config=SOARConfig(num_aux=3, guidance_scale=1.0, forward_batch_size=B))
     assert [(c["rows"], c["grad"]) for c in model.calls] == [(B, True)] * 4  # no rollout forward at all
 
 
@@ -165,7 +165,7 @@ def test_cfg_one_is_conditional_velocity_in_rollout():
     model = RecordingModel(ToyVelocity(D, C))
     x0, cond, null, noise, t = make_batch()
     t = t * 0.6 + 0.35  # keep sigma1 above sigma_floor, so sigma' = sigma1 exactly
-    cfg = SOARConfig(num_aux=1, rollout_cfg=1.0, rollout_steps=4, reuse_main_output=False, forward_batch_size=None)
+    cfg = SOARConfig(num_aux=1, guidance_scale=1.0, rollout_steps=4, reuse_main_output=False, forward_batch_size=None)
     s1 = shift_sigma((t - 0.25).clamp_min(0), cfg.shift)
     soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, aux_sigmas=s1[None])
     s0 = shift_sigma(t, cfg.shift)
@@ -195,7 +195,7 @@ def test_oracle_on_trajectory_has_zero_loss():
         reps = x.shape[0] // B
         return v_true.repeat(reps, 1)
 
-    cfg = SOARConfig(num_aux=3, rollout_cfg=1.0)
+    cfg = SOARConfig(num_aux=3, guidance_scale=1.0)
     out = soar_loss(oracle, x0, cond, null_cond=null, config=cfg, noise=noise, t=t)
     assert float(out.loss) < 1e-10 and float(out.rollout_deviation) < 1e-6
 
@@ -205,7 +205,7 @@ def test_t0_below_one_step_reaches_sigma_zero_and_drops_stochastic_paths():
     model = RecordingModel(ToyVelocity(D, C))
     x0, cond, null, noise, _ = make_batch()
     t = torch.tensor([0.01, 0.02, 0.5, 0.6, 0.7])  # first two below 1/N = 0.05
-    cfg = SOARConfig(num_aux=2, rollout_steps=20, num_rollout_paths=3, rollout_kind="sde", reuse_main_output=False,
+    cfg = SOARConfig(num_aux=2, rollout_steps=20, num_rollout_paths=3, rollout_kind="constant_sde", reuse_main_output=False,
                      forward_batch_size=None)
     out = soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, generator=torch.Generator().manual_seed(0))
     # ODE path: 2 points x 5 samples; stochastic paths: 2 paths x 2 points x 3 samples
@@ -322,3 +322,26 @@ def test_bad_inputs_name_the_argument():
         soar_loss(model, x0, cond, null_cond=None, config=cfg)
     with pytest.raises(ValueError, match="x0"):
         soar_loss(model, torch.randn(5), cond, null_cond=null, config=cfg)
+
+
+@pytest.mark.parametrize("cfg", [
+    SOARConfig(num_aux=2, num_rollout_paths=3, rollout_kind="cps", cond_dropout=0.4, rollout_steps=4),
+    SOARConfig(num_aux=0, points_per_sample=3, cond_dropout=0.4),
+    SOARConfig(num_aux=2, rollout="none", aux_noise="fresh", cond_dropout=0.4, cond_dropout_mode="per_batch"),
+])
+def test_global_draws_sliced_per_process_give_the_global_loss(cfg):
+    """The trainer's scheme: one draw for the global batch, each process takes its rows. Every random number
+    (noise, t, dropout, stochastic paths, sigma', fresh aux noise) is then the same as on one process, so the
+    summed per-process terms equal the global ones."""
+    from soarflow.objective import draw_randomness
+
+    model = ToyVelocity(D, C)
+    x0, cond, null, _, _ = make_batch()
+    draws = draw_randomness(cfg, x0.shape, generator=torch.Generator().manual_seed(3))
+    whole = soar_loss(model, x0, cond, null_cond=null, config=cfg, draws=draws)
+    total, terms = 0.0, 0.0
+    for rows in (slice(0, 2), slice(2, B)):
+        part = soar_loss(model, x0[rows], cond[rows], null_cond=null, config=cfg, draws=draws.rows(rows))
+        n = (rows.stop - rows.start) * cfg.points_per_sample + cfg.lambda_aux * part.num_aux_points * (not cfg.is_sft)
+        total, terms = total + part.loss * n, terms + n
+    torch.testing.assert_close(total / terms, whole.loss)

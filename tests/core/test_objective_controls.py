@@ -44,7 +44,7 @@ def reference(model, x0, cond, null, cfg, noise, t, aux, drop=None, fresh=None):
                 zp = (1 - s1) * xb + s1 * zb
             else:
                 vc, vu = model(xs, s0, rc), model(xs, s0, null)
-                zp = xs + (s1 - s0) * (vu + cfg.rollout_cfg * (vc - vu))
+                zp = xs + (s1 - s0) * (vu + cfg.guidance_scale * (vc - vu))
         for k in range(cfg.num_aux):
             sp = aux[k, b : b + 1].clamp_min(cfg.sigma_floor)
             if fresh is not None:
@@ -85,7 +85,7 @@ def test_reuse_and_dropout_order_match_reference(rollout_dropped, mode, w):
     torch.manual_seed(0)
     model = ToyVelocity(D, C)
     x0, cond, null, noise, t = make_batch()
-    cfg = SOARConfig(num_aux=3, rollout_steps=8, rollout_cfg=w, cond_dropout=0.5, cond_dropout_mode=mode,
+    cfg = SOARConfig(num_aux=3, rollout_steps=8, guidance_scale=w, cond_dropout=0.5, cond_dropout_mode=mode,
                      rollout_uses_dropped_cond=rollout_dropped)
     aux = fixed_aux(t, cfg)
     seed = 11 if mode == "per_sample" else 3  # seed 3 drops the whole batch, seed 11 some rows only
@@ -260,7 +260,7 @@ def test_logit_normal_t_density_matches_the_closed_form_and_ratio_bound():
 
 
 def test_t_density_in_the_loss_and_the_trainer_draw():
-    from soarflow.train.methods import _aux_sigmas
+    from soarflow.objective import draw_randomness
 
     model = RecordingModel(ToyVelocity(D, C))
     x0, cond, null, noise, t = make_batch()
@@ -269,7 +269,11 @@ def test_t_density_in_the_loss_and_the_trainer_draw():
     soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, generator=torch.Generator().manual_seed(5))
     u = torch.rand((1, 4, B), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(model.calls[0]["sigma"][B:], aux_sigmas_from_uniform(t, cfg, u)[0].flatten())
-    torch.testing.assert_close(_aux_sigmas(t, cfg, u[0]), aux_sigmas_from_uniform(t, cfg, u[0]))
+    # the trainer's path: the objective's draws for the batch, passed in (the same sigma')
+    model.calls.clear()
+    draws = draw_randomness(cfg, x0.shape, generator=torch.Generator().manual_seed(5), noise=noise, t=t)
+    soar_loss(model, x0, cond, null_cond=null, config=cfg, draws=draws)
+    torch.testing.assert_close(model.calls[0]["sigma"][B:], aux_sigmas_from_uniform(t, cfg, u)[0].flatten())
 
 
 # ------------------------------------------------------------------ bad combinations
@@ -280,5 +284,5 @@ def test_t_density_in_the_loss_and_the_trainer_draw():
     (dict(aux_noise="fresh"), "aux_noise"),
 ])
 def test_bad_combinations_name_the_field(changes, field):
-    with pytest.raises(ValueError, match=f"SOARConfig.{field}"):
+    with pytest.raises(ValueError, match=f"soar.{field}"):
         SOARConfig(**changes)

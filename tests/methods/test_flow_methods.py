@@ -35,7 +35,7 @@ def _data(b=6, dim=5, seed=0):
 
 
 def test_rollout_reaches_sigma_t_by_k_explicit_euler_steps():
-    model, cfg, shift = Affine(), ScheduledSamplingConfig(max_step_offset=3, num_steps=10, rollout_cfg=1.0), 3.0
+    model, cfg, shift = Affine(), ScheduledSamplingConfig(max_step_offset=3, num_steps=10, guidance_scale=1.0), 3.0
     x0, z1, cond, t = _data()
     k = torch.tensor([0, 1, 2, 3, 1, 0])
     got = rollout_to(model, x0, z1, t, k, cond, null_cond=None, config=cfg, shift=shift)

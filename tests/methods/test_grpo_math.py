@@ -62,7 +62,7 @@ def test_cps_step_mean_and_std():
         assert float(std[b, 0]) == pytest.approx(float(sn[b]) * math.sin(math.pi * a / 2), rel=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["simple", "sde", "flow_sde", "cps"])
+@pytest.mark.parametrize("kind", ["euler_noise", "constant_sde", "flow_sde", "cps"])
 def test_step_draws_mean_plus_std_times_the_generators_noise(kind):
     x, v = _rand(2, 3, 4, seed=5), _rand(2, 3, 4, seed=6)
     s, sn = torch.tensor([0.9, 0.4]), torch.tensor([0.8, 0.2])
@@ -136,7 +136,7 @@ class Linear(torch.nn.Module):
 @pytest.mark.parametrize("kind", ["flow_sde", "cps"])
 def test_rollout_log_probs_are_those_of_the_recorded_transitions(kind):
     model = Linear()
-    cfg = GRPOConfig(group_size=2, num_steps=5, sde_kind=kind, cfg_scale=2.0)
+    cfg = GRPOConfig(group_size=2, num_steps=5, sde_kind=kind, guidance_scale=2.0)
     cond, null = _rand(4, 6, seed=11), torch.zeros(1, 6)
     roll = sample_with_log_probs(model, _rand(4, 6, seed=12), cond, null_cond=null, config=cfg, shift=3.0,
                                  generator=torch.Generator().manual_seed(0))
@@ -155,7 +155,7 @@ def test_rollout_log_probs_are_those_of_the_recorded_transitions(kind):
 
 def test_grpo_loss_on_policy_ratio_one_kl_zero_for_identical_reference_and_gradient_sign():
     model = Linear(seed=1)
-    cfg = GRPOConfig(group_size=2, num_steps=6, train_timesteps=3, cfg_scale=1.0, beta=0.5)
+    cfg = GRPOConfig(group_size=2, num_steps=6, train_timesteps=3, guidance_scale=1.0, beta=0.5)
     cond = _rand(4, 6, seed=13)
     roll = sample_with_log_probs(model, _rand(4, 6, seed=14), cond, null_cond=None, config=cfg, shift=1.0,
                                  generator=torch.Generator().manual_seed(1))
@@ -182,7 +182,7 @@ def test_grpo_loss_on_policy_ratio_one_kl_zero_for_identical_reference_and_gradi
     # zero advantages and beta 0: zero gradient
     model.zero_grad()
     out = grpo_loss(model, roll, torch.zeros(4), steps, cond, null_cond=None, config=cfg.__class__(
-        group_size=2, num_steps=6, train_timesteps=3, cfg_scale=1.0, beta=0.0))
+        group_size=2, num_steps=6, train_timesteps=3, guidance_scale=1.0, beta=0.0))
     out.loss.backward()
     assert model.w.grad.abs().max() == 0
 

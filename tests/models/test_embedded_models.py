@@ -86,7 +86,7 @@ def test_trains_with_soar_objective(arch):
     m = tiny(arch)
     x, s, c = batch(4)
     null = {"tokens": torch.zeros(4, 5, dtype=torch.long)}
-    cfg = SOARConfig(num_aux=2, rollout_steps=10, rollout_cfg=2.0, shift=1.0)
+    cfg = SOARConfig(num_aux=2, rollout_steps=10, guidance_scale=2.0, shift=1.0)
     out = soar_loss(m, x.clamp(-1, 1), c, null_cond=null, config=cfg, generator=torch.Generator().manual_seed(0))
     out.loss.backward()
     assert torch.isfinite(out.loss)

@@ -89,9 +89,14 @@ def test_velocity_and_embedded_guidance(dev_path, images):
 
 
 def test_guidance_mode_is_checked(dev_path, plain_path, images):
-    soar = load_config(None, ["--task", "flux", "--soar.rollout_cfg", "4.5"])
-    with pytest.raises(ValueError, match="soar.rollout_cfg"):
+    soar = load_config(None, ["--task", "flux", "--soar.guidance_scale", "4.5"])
+    with pytest.raises(ValueError, match="soar.guidance_scale"):
         make_task(dev_path, images, train_config=soar, guidance="embedded")
+    # embedded guidance: validation guides with the embedded scale, stated, not silently replaced
+    assert make_task(dev_path, images, guidance="embedded").validation_guidance_scale == 1.0
+    with pytest.raises(ValueError, match="data.validation_guidance_scale"):
+        FluxTask.from_config({"pretrained": str(dev_path), "guidance": "embedded"},
+                             {"path": str(images), "validation_guidance_scale": 4.5})
     with pytest.raises(ValueError, match="model.guidance"):
         make_task(plain_path, images, guidance="embedded").build_model()
     plain = make_task(plain_path, images, guidance="cfg")
@@ -100,13 +105,13 @@ def test_guidance_mode_is_checked(dev_path, plain_path, images):
     x0, cond = plain.encode_batch(batch, CPU)
     assert "guidance" not in cond
     out = soar_loss(model, x0, cond, null_cond=plain.null_cond(1, CPU),
-                    config=SOARConfig(num_aux=1, rollout_steps=4, rollout_cfg=3.0))
+                    config=SOARConfig(num_aux=1, rollout_steps=4, guidance_scale=3.0))
     assert torch.isfinite(out.loss)
 
 
 def test_lora_soar_with_embedded_guidance_trains_resumes_and_loads(tmp_path, dev_path, images):
     args = ("--model.finetune=lora", "--model.guidance=embedded", "--model.lora={rank: 4, alpha: 4}",
-            "--soar.rollout_cfg", "1", "--validation_steps", "2")
+            "--soar.guidance_scale", "1", "--validation_steps", "2")
     result = train(run_config(tmp_path, "lora", dev_path, images, *args))
     assert result.global_step == 2 and result.history[-1]["num_aux_points"] == 4
     resumed = train(run_config(tmp_path, "resumed", dev_path, images, *args,

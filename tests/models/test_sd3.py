@@ -51,7 +51,7 @@ def run_config(tmp_path, name, sd3_path, images, *extra, finetune="full", method
         "--task", "sd3", "--method", method, "--output_dir", str(tmp_path / name),
         "--train_batch_size", "2", "--max_train_steps", "2", "--checkpointing_steps", "1",
         "--report_to", "none", "--show_progress", "false", "--learning_rate", "1e-3",
-        "--soar.num_aux", "2", "--soar.rollout_steps", "4", "--soar.rollout_cfg", "2.0",
+        "--soar.num_aux", "2", "--soar.rollout_steps", "4", "--soar.guidance_scale", "2.0",
         f"--model.pretrained={sd3_path}", "--model.max_sequence_length=8", f"--model.finetune={finetune}",
         "--model.lora={rank: 4, alpha: 8}",
         f"--data.path={images}", "--data.resolution=32", "--data.validation_num_steps=2",
@@ -115,7 +115,7 @@ def test_soar_and_sft_losses_give_gradients_only_to_trainable_weights(sd3_path, 
     for loss_fn in (soar_loss, sft_loss):
         model.zero_grad()
         kw = {"null_cond": task.null_cond(2, CPU)}
-        out = loss_fn(model, x0, cond, config=SOARConfig(num_aux=2, rollout_steps=4, rollout_cfg=2.0), **kw)
+        out = loss_fn(model, x0, cond, config=SOARConfig(num_aux=2, rollout_steps=4, guidance_scale=2.0), **kw)
         out.loss.backward()
         assert torch.isfinite(out.loss)
         grads = [p.grad for n, p in model.named_parameters() if n in trainable]
@@ -275,11 +275,11 @@ def test_shipped_recipes_are_valid_configs(name):
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "configs" / f"{name}.yaml")
     task = get_task_class(cfg.task).from_config(cfg.model, cfg.data, cfg)
-    assert task.data_cfg.resolution == 512 and cfg.mixed_precision == "bf16"
-    objective = cfg.objective_config()
+    assert task.data_config.resolution == 512 and cfg.mixed_precision == "bf16"
+    objective = cfg.soar
     assert objective.num_aux == 6 and objective.num_rollout_paths == 1 and objective.t_density == "logit_normal"
     if name.startswith("sd35_medium_so"):
-        assert objective.rollout_cfg == 4.5 and objective.rollout_steps == 40 and objective.shift == 3.0
+        assert objective.guidance_scale == 4.5 and objective.rollout_steps == 40 and objective.shift == 3.0
     if name in ("sd35_medium_soar", "sd35_medium_sft"):
         assert cfg.learning_rate == 2e-5 and cfg.lr_scheduler == "constant" and cfg.train_batch_size * 8 == 32
 

@@ -43,9 +43,9 @@ def test_encode_batch_and_null_cond():
 def test_generate_images_is_deterministic_and_batch_independent():
     model = perturbed(small_task().build_model())
     prompts = ["a red circle", "two blue squares", "a green triangle above a red circle"]
-    a = generate_images(model, prompts, num_steps=3, cfg_scale=2.0, seed=5, batch_size=3)
-    b = generate_images(model, prompts, num_steps=3, cfg_scale=2.0, seed=5, batch_size=1)
-    c = generate_images(model, prompts, num_steps=3, cfg_scale=2.0, seed=6, batch_size=3)
+    a = generate_images(model, prompts, num_steps=3, guidance_scale=2.0, seed=5, batch_size=3)
+    b = generate_images(model, prompts, num_steps=3, guidance_scale=2.0, seed=5, batch_size=1)
+    c = generate_images(model, prompts, num_steps=3, guidance_scale=2.0, seed=6, batch_size=3)
     assert a.shape == (3, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, c)
@@ -60,6 +60,13 @@ def test_save_and_load_weights(tmp_path):
     task.load_model_weights(fresh, tmp_path / "model")
     for (k, p), q in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(p, q), k
+
+
+def test_validation_guidance_scale_defaults_to_the_task_and_reads_its_former_name():
+    assert ShapesTask.from_config(data={}).data_config.validation_guidance_scale == ShapesTask.guidance_scale == 4.0
+    with pytest.warns(FutureWarning, match="'data.validation_guidance_scale'"):
+        task = ShapesTask.from_config(data={"validation_cfg": 2.5})
+    assert task.data_config.validation_guidance_scale == 2.5
 
 
 def test_pretrained_path_and_errors(tmp_path):
@@ -77,7 +84,7 @@ def test_from_config_names_bad_keys():
     with pytest.raises(ValueError, match="model.hiden_size"):
         ShapesTask.from_config(model={"hiden_size": 3}, data={})
     task = ShapesTask.from_config(model={"pretrained": None, "architecture": "mmdit", "depth": 1}, data={"split": "pretrain", "num_samples": 10})
-    assert task.model_cfg.depth == 1 and len(task.train_dataset()) == 10
+    assert task.model_config.depth == 1 and len(task.train_dataset()) == 10
 
 
 def test_shipped_base_manifest_is_reproducible_by_its_command():
@@ -115,7 +122,7 @@ def test_shipped_base_draws_shapes():
     torch.manual_seed(0)
     model = load_shapes_model("base")
     ev = ShapesEval(prompts_per_family=4, images_per_prompt=2, seed=3)
-    images = generate_images(model, ev.image_prompts(), num_steps=20, cfg_scale=4.0, seed=3)
+    images = generate_images(model, ev.image_prompts(), num_steps=20, guidance_scale=4.0, seed=3)
     report = score(images, ev.image_prompts())
     assert report.overall >= 0.4, report.table()
     easy = (report.per_family["single_object"] + report.per_family["two_objects"] + report.per_family["colors"]) / 3

@@ -19,7 +19,7 @@ def test_sd3_study_with_loss_evaluation(tmp_path):
     study = {
         "name": "sd3",
         "base": {"task": "sd3", "train_batch_size": 2, "learning_rate": 1e-3, "soar.num_aux": 1,
-                 "soar.rollout_steps": 4, "soar.rollout_cfg": 2.0,
+                 "soar.rollout_steps": 4, "soar.guidance_scale": 2.0,
                  "model": {"pretrained": str(pipe), "max_sequence_length": 8},
                  "data": {"path": str(images), "resolution": 32, "validation_prompts": ["a red circle"]}},
         "seeds": [0],

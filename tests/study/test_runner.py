@@ -29,7 +29,7 @@ def write_study(tmp_path, base, rows, **extra):
     study = {
         "name": "t",
         "base": {"task": "shapes", "train_batch_size": 4, "learning_rate": 1e-3, "model.pretrained": str(base),
-                 "soar.num_aux": 2, "soar.rollout_steps": 5, "soar.rollout_cfg": 2.0, "soar.shift": 1.0},
+                 "soar.num_aux": 2, "soar.rollout_steps": 5, "soar.guidance_scale": 2.0, "soar.shift": 1.0},
         "seeds": [0],
         "budget": {"steps": 2},
         "evaluation": {"num_steps": [3], "cfg_scales": [2.0], "prompts_per_family": 1, "images_per_prompt": 2,

@@ -24,13 +24,13 @@ def test_yaml_and_overrides(tmp_path):
 method: sft
 learning_rate: 1e-4          # PyYAML reads this as a string; the float field converts it
 train_batch_size: 4
-soar: {num_aux: 3, rollout_cfg: 2}
+soar: {num_aux: 3, guidance_scale: 2}
 model: {rank: 8}
 """)
     cfg = load_config(path, ["--soar.num_aux", "4", "--learning_rate=2e-5", "--use_ema", "--max_grad_norm", "null",
                              "--model.alpha", "16", "--data.prompts", "[a, b]", "--method", "soar"])
     assert cfg.method == "soar" and cfg.learning_rate == 2e-5 and cfg.train_batch_size == 4
-    assert cfg.soar.num_aux == 4 and cfg.soar.rollout_cfg == 2.0 and isinstance(cfg.soar.rollout_cfg, float)
+    assert cfg.soar.num_aux == 4 and cfg.soar.guidance_scale == 2.0 and isinstance(cfg.soar.guidance_scale, float)
     assert cfg.use_ema is True and cfg.max_grad_norm is None
     assert cfg.model == {"rank": 8, "alpha": 16} and cfg.data == {"prompts": ["a", "b"]}
     # the defaults without a file
@@ -56,6 +56,8 @@ def test_round_trip_through_yaml(tmp_path):
     (["--checkpoints_total_limit", "0"], "config key 'checkpoints_total_limit'"),
     (["--task", "sdxl"], "config key 'task'"),
     (["--soar", "3"], "config key 'soar': expected a section"),
+    (["--soar.cond_dropout", "0.1"], "config key 'soar.cond_dropout' is set by the top-level key 'cond_dropout'"),
+    (["--soar.t_density", "uniform"], "config key 'soar.t_density' is set by the top-level key 'weighting_scheme'"),
     (["--max_train_steps"], "needs a value"),
     (["oops"], "expected a --key"),
 ])
@@ -63,6 +65,46 @@ def test_errors_name_the_key(overrides, key):
     with pytest.raises(ValueError) as err:
         load_config(None, overrides)
     assert key in str(err.value)
+
+
+def test_former_key_names_still_load_with_a_warning_naming_the_new_key(tmp_path):
+    path = write(tmp_path, """
+method: grpo
+train_batch_size: 4
+soar: {rollout_cfg: 2, rollout_kind: sde}
+grpo: {cfg_scale: 3, noise_level: 0.5}
+""")
+    with pytest.warns(FutureWarning) as caught:
+        cfg = load_config(path)
+    assert (cfg.soar.guidance_scale, cfg.soar.rollout_kind) == (2.0, "constant_sde")
+    assert (cfg.grpo.guidance_scale, cfg.grpo.noise_scale) == (3.0, 0.5)
+    said = " ".join(str(w.message) for w in caught)
+    for new in ("'soar.guidance_scale'", "'constant_sde'", "'grpo.guidance_scale'", "'grpo.noise_scale'"):
+        assert new in said
+    # a command-line override with the former name overrides the file's current key
+    with pytest.warns(FutureWarning, match="now .soar.guidance_scale."):
+        assert load_config(write(tmp_path, "soar: {guidance_scale: 2}\n"), ["--soar.rollout_cfg", "5"]).soar.guidance_scale == 5
+    with pytest.warns(FutureWarning, match="scheduled_sampling.guidance_scale"):
+        assert load_config(None, ["--method", "scheduled_sampling", "--scheduled_sampling.rollout_cfg", "3"]
+                           ).scheduled_sampling.guidance_scale == 3
+    # both names at once: an error naming the new key
+    with pytest.raises(ValueError, match="former name of 'soar.guidance_scale'; set only 'soar.guidance_scale'"):
+        load_config(write(tmp_path, "soar: {guidance_scale: 2, rollout_cfg: 3}\n"))
+    # the Python API names the new step kind (and the official code's 'sde')
+    from soarflow.objective import SOARConfig
+
+    with pytest.raises(ValueError, match="'sde' is now 'constant_sde'.*'cps' with noise scale 1"):
+        SOARConfig(rollout_kind="sde")
+
+
+def test_a_run_folder_written_before_a_rename_compares_equal(tmp_path):
+    from soarflow.train.checkpoint import check_output_dir
+
+    old = TrainConfig().to_dict()
+    old["soar"]["rollout_cfg"] = old["soar"].pop("guidance_scale")
+    (tmp_path / "config.yaml").write_text(__import__("yaml").safe_dump(old))
+    cfg = load_config(None, ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    check_output_dir(cfg, None)  # the same run: no differences, nothing raised
 
 
 def test_yaml_type_errors(tmp_path):
@@ -100,10 +142,10 @@ def test_from_dict_for_task_sections():
     ("logit_normal", "logit_normal", "none"), ("mode", "mode", "none"),
     ("sigma_sqrt", "uniform", "sigma_sqrt"), ("cosmap", "uniform", "cosmap"), ("none", "uniform", "none"),
 ])
-def test_objective_config_maps_weighting_scheme(scheme, density, weighting):
+def test_soar_section_takes_weighting_scheme_and_shared_keys(scheme, density, weighting):
     cfg = load_config(None, ["--weighting_scheme", scheme, "--logit_std", "0.5", "--cond_dropout", "0.1",
                              "--soar.num_aux", "2", "--soar.shift", "1"])
-    obj = cfg.objective_config()
+    obj = cfg.soar
     assert (obj.t_density, obj.weighting) == (density, weighting)
     assert obj.logit_std == 0.5 and obj.cond_dropout == 0.1 and obj.num_aux == 2 and obj.shift == 1.0
 
@@ -162,4 +204,4 @@ def test_shipped_shapes_recipes_load_and_differ_only_in_method():
     soar, sft = load_config(root / "shapes_soar.yaml"), load_config(root / "shapes_sft.yaml")
     assert (soar.task, soar.method, sft.method) == ("shapes", "soar", "sft")
     assert sorted(d.split(":")[0] for d in config_differences(soar.to_dict(), sft.to_dict())) == ["method", "output_dir"]
-    assert soar.objective_config().num_rollout_paths == 1 and soar.soar.num_aux > 0
+    assert soar.soar.num_rollout_paths == 1 and soar.soar.num_aux > 0

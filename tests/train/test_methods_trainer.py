@@ -23,7 +23,7 @@ COMMON = ["--report_to", "none", "--show_progress", "false", "--checkpointing_st
 METHOD_ARGS = {
     "sft": [],
     "soar": ["--soar.num_aux", "2", "--soar.rollout_steps", "4"],
-    "grpo": ["--grpo.group_size", "2", "--grpo.num_steps", "4", "--grpo.train_timesteps", "2", "--grpo.cfg_scale", "1",
+    "grpo": ["--grpo.group_size", "2", "--grpo.num_steps", "4", "--grpo.train_timesteps", "2", "--grpo.guidance_scale", "1",
              "--grpo.reward", "train.toy_task:toy_reward"],
     "scheduled_sampling": ["--scheduled_sampling.max_step_offset", "2", "--scheduled_sampling.num_steps", "4"],
     "input_perturbation": ["--input_perturbation.gamma", "0.2"],
@@ -130,7 +130,7 @@ def test_method_config_builds_each_shapes_recipe():
     for method in METHODS:
         cfg = method_config(method, {"output_dir": "/tmp/x", "train_batch_size": 8, "max_train_steps": 5})
         assert cfg.method == method and cfg.task == "shapes" and cfg.train_batch_size == 8
-        assert cfg.objective_config().shift == 1.0
+        assert cfg.soar.shift == 1.0
 
 
 @pytest.mark.parametrize("method", ["scheduled_sampling", "grpo"])

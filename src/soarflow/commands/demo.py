@@ -145,7 +145,7 @@ def post_train(method: str, s: DemoSettings, run_dir: Path):
         "soar.num_aux": s.num_aux,
         "soar.lambda_aux": s.lambda_aux,
         "soar.rollout_steps": s.rollout_steps,
-        "soar.rollout_cfg": s.rollout_cfg,
+        "soar.guidance_scale": s.rollout_cfg,
         "soar.num_rollout_paths": 1,
         "model.pretrained": s.base,
         "data.split": "curated",
@@ -165,7 +165,7 @@ def evaluate(model: torch.nn.Module, s: DemoSettings, bench, real: torch.Tensor,
     results, samples, records = {}, {}, {}
     for n in s.eval_num_steps:
         t0 = time.time()
-        metrics, images, report = evaluate_setting(model, prompts, groups, real, num_steps=n, cfg_scale=s.cfg_scale,
+        metrics, images, report = evaluate_setting(model, prompts, groups, real, num_steps=n, guidance_scale=s.cfg_scale,
                                                    seed=s.seed, exposure_images=s.exposure_images, shift=1.0)
         results[str(n)] = {**metrics, "eval_seconds": round(time.time() - t0, 1)}
         samples[n] = images

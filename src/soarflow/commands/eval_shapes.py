@@ -149,7 +149,7 @@ def _checkpoint_images(args, ev: ShapesEval) -> torch.Tensor:
     with tqdm(total=batches * args.num_steps, desc="sampling", unit="step", disable=None, file=sys.stderr) as bar:
         hook = model.register_forward_hook(lambda *_: bar.update(1))
         try:
-            return generate_images(model, prompts, num_steps=args.num_steps, cfg_scale=args.guidance_scale,
+            return generate_images(model, prompts, num_steps=args.num_steps, guidance_scale=args.guidance_scale,
                                    seed=args.seed, batch_size=args.batch_size)
         finally:
             hook.remove()

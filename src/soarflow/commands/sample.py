@@ -145,7 +145,7 @@ def _pipeline_from_checkpoint(path: Path, base: str | None, dtype: torch.dtype):
         for n, p in params.items():
             p.copy_(state[n])
     transformer = model.transformer  # a LoRA checkpoint keeps its peft adapter; the pipeline just calls forward
-    pipe = task.pipeline.pipeline_class.from_pretrained(task.model_cfg.pretrained, transformer=transformer.to(dtype),
+    pipe = task.pipeline.pipeline_class.from_pretrained(task.model_config.pretrained, transformer=transformer.to(dtype),
                                                         torch_dtype=dtype, **task.pipeline.load_kwargs)
     return pipe, task.manifest(model)
 

@@ -6,7 +6,7 @@ Conventions follow the public Flow-GRPO release (docs/methods.md has the derivat
   (:func:`soarflow.flow.sigma_schedule`). Steps :math:`i = 0..S-2` are stochastic, each a Gaussian
   :math:`x_{i+1} \sim \mathcal N(\mu_\theta(x_i), s_i^2 I)` from :func:`soarflow.sampling.step_distribution`:
 
-  - ``flow_sde``: :math:`g_i = a\sqrt{\sigma_i/(1-\sigma_i)}` (a = ``noise_level`` = 0.7),
+  - ``flow_sde``: :math:`g_i = a\sqrt{\sigma_i/(1-\sigma_i)}` (a = ``noise_scale`` = 0.7),
     :math:`\mu = x_i + [v + \tfrac{g_i^2}{2\sigma_i}(x_i + (1-\sigma_i) v)](\sigma_{i+1} - \sigma_i)`,
     :math:`s_i = g_i\sqrt{\sigma_i - \sigma_{i+1}}`;
   - ``cps``: :math:`\mu = (1-\sigma_{i+1})\hat x_0 + \sigma_{i+1}\cos(\tfrac{\pi a}{2})\hat z_1`,
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
@@ -46,12 +46,14 @@ def _f(default: Any = None, help: str = "", factory: Any = None) -> Any:
 class GRPOConfig:
     """``grpo:`` — Flow-GRPO settings (release defaults; docs/methods.md)."""
 
+    FORMER_KEYS: ClassVar[dict[str, str]] = {"cfg_scale": "guidance_scale", "noise_level": "noise_scale"}
+
     group_size: int = _f(4, "G: images per prompt; advantages are normalised within each group")
     num_steps: int = _f(10, "S: sampling steps of the training rollouts (evaluation uses the ODE sampler)")
     train_timesteps: int | None = _f(None, "T: stochastic steps trained per image, drawn at random (null: all S-1)")
     sde_kind: Literal["flow_sde", "cps"] = _f("flow_sde", "stochastic step: flow_sde (Flow-GRPO) or cps")
-    noise_level: float = _f(0.7, "a: flow_sde g = a sqrt(sigma/(1-sigma)); cps angle pi a / 2")
-    cfg_scale: float = _f(4.5, "guidance scale in the rollouts and the trained log-probabilities")
+    noise_scale: float = _f(0.7, "a: flow_sde g = a sqrt(sigma/(1-sigma)); cps angle pi a / 2")
+    guidance_scale: float = _f(4.5, "guidance scale in the rollouts and the trained log-probabilities")
     clip_range: float = _f(1e-4, "PPO clip epsilon of the probability ratio")
     adv_clip_max: float = _f(5.0, "advantages are clipped to +-this")
     beta: float = _f(0.04, "weight of the KL to the frozen reference model (0: no reference forward)")
@@ -70,9 +72,9 @@ class GRPOConfig:
         need(self.train_timesteps is None or 1 <= self.train_timesteps <= self.num_steps - 1, "train_timesteps",
              f"must be null or in [1, num_steps - 1 = {self.num_steps - 1}]")
         need(self.sde_kind in ("flow_sde", "cps"), "sde_kind", "must be flow_sde or cps")
-        need(0 < self.noise_level and (self.sde_kind != "cps" or self.noise_level <= 1), "noise_level",
+        need(0 < self.noise_scale and (self.sde_kind != "cps" or self.noise_scale <= 1), "noise_scale",
              "must be > 0 (and <= 1 for cps)")
-        need(math.isfinite(self.cfg_scale), "cfg_scale", "must be finite")
+        need(math.isfinite(self.guidance_scale), "guidance_scale", "must be finite")
         need(0 < self.clip_range < 1, "clip_range", "must be in (0, 1)")
         need(self.adv_clip_max > 0, "adv_clip_max", "must be > 0")
         need(self.beta >= 0 and math.isfinite(self.beta), "beta", "must be >= 0")
@@ -151,9 +153,9 @@ def sample_with_log_probs(model: VelocityModel, noise: torch.Tensor, cond: Any, 
     batch = x.shape[0]
     for i in range(config.num_steps):
         s, sn = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
-        v = guided_velocity(model, x, s, cond, null_cond, config.cfg_scale)
+        v = guided_velocity(model, x, s, cond, null_cond, config.guidance_scale)
         last = i == config.num_steps - 1
-        mean, std = step_distribution("ode" if last else config.sde_kind, x, s, sn, v, noise_scale=config.noise_level)
+        mean, std = step_distribution("ode" if last else config.sde_kind, x, s, sn, v, noise_scale=config.noise_scale)
         if last:
             x = mean.to(x.dtype)
         else:
@@ -195,16 +197,16 @@ def grpo_loss(model: VelocityModel, rollout: Rollout, advantages: torch.Tensor, 
     sig_next = rollout.sigmas[timesteps + 1].reshape(-1)
     cond_t = cond_repeat(cond, T)
     null_t = cond_repeat(cond_expand_null(null_cond, B), T) if null_cond is not None else None
-    kind, a = config.sde_kind, config.noise_level
+    kind, a = config.sde_kind, config.noise_scale
 
-    v = guided_velocity(model, x, sig, cond_t, null_t, config.cfg_scale)
+    v = guided_velocity(model, x, sig, cond_t, null_t, config.guidance_scale)
     mean, std = step_distribution(kind, x, sig, sig_next, v, noise_scale=a)
     log_prob = gaussian_log_prob(x_next, mean, std)
     per_row, clipped = ppo_clip_loss(log_prob, old, advantages.float().repeat(T), config.clip_range)
     policy_loss = per_row.mean()
     if config.beta > 0 and reference is not None:
         with torch.no_grad():
-            v_ref = guided_velocity(reference, x, sig, cond_t, null_t, config.cfg_scale)
+            v_ref = guided_velocity(reference, x, sig, cond_t, null_t, config.guidance_scale)
             mean_ref, _ = step_distribution(kind, x, sig, sig_next, v_ref, noise_scale=a)
         kl = gaussian_kl(mean, mean_ref, std).mean()
     else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
@@ -39,12 +39,14 @@ def _f(default: Any, help: str) -> Any:
 class ScheduledSamplingConfig:
     """``scheduled_sampling:`` — rollout-state training (SimpleTuner-style keys)."""
 
+    FORMER_KEYS: ClassVar[dict[str, str]] = {"rollout_cfg": "guidance_scale"}
+
     max_step_offset: int = _f(3, "K: the rollout takes k ~ {1..K} steps of the training schedule")
     probability: float = _f(1.0, "p: chance that a sample is rolled out (else it is a plain SFT sample)")
     ramp_steps: int = _f(0, "the probability ramps linearly from 0 to p over this many optimizer steps")
     strategy: Literal["uniform", "biased_early", "biased_late"] = _f("uniform", "distribution of the offset k")
     num_steps: int = _f(40, "N: the training schedule has N steps (one step is 1/N in t)")
-    rollout_cfg: float = _f(1.0, "guidance scale of the rollout steps (1 = conditional velocity only)")
+    guidance_scale: float = _f(1.0, "guidance scale of the rollout steps (1 = conditional velocity only)")
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, why: str) -> None:
@@ -58,7 +60,7 @@ class ScheduledSamplingConfig:
         need(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
         need(isinstance(self.num_steps, int) and self.num_steps >= self.max_step_offset, "num_steps",
              "must be an integer >= max_step_offset")
-        need(math.isfinite(self.rollout_cfg), "rollout_cfg", "must be finite")
+        need(math.isfinite(self.guidance_scale), "guidance_scale", "must be finite")
 
     def probability_at(self, step: int) -> float:
         """p after `step` optimizer steps (linear ramp from 0)."""
@@ -98,7 +100,7 @@ def rollout_to(model: VelocityModel, x0: torch.Tensor, noise: torch.Tensor, t: t
         s = shift_sigma((t[rows] + j / n).clamp(max=1.0), shift)
         sn = shift_sigma((t[rows] + (j - 1) / n).clamp(max=1.0), shift)
         null = cond_index(null_cond, rows) if null_cond is not None else None
-        v = guided_velocity(model, x[rows], s, cond_index(cond, rows), null, config.rollout_cfg)
+        v = guided_velocity(model, x[rows], s, cond_index(cond, rows), null, config.guidance_scale)
         x = x.index_copy(0, rows, (x[rows].float() + append_dims(sn - s, x.ndim) * v.float()).to(x.dtype))
     return x
 

@@ -5,7 +5,7 @@ A *scorer* is any callable ``scorer(images, prompts) -> Tensor (B,)`` with image
 CLIPScore example in :mod:`soarflow.scorers.clip_score`. A *generator* is any callable
 ``generate(prompts) -> images``; for a trained task use :func:`task_generator`.
 
-    scores = evaluate(task_generator(task, model, device, num_steps=40, cfg_scale=4.5),
+    scores = evaluate(task_generator(task, model, device, num_steps=40, guidance_scale=4.5),
                       prompts, {"clip": CLIPScorer.from_pretrained("/models/clip-vit-large")})
     scores["clip"]["mean"], scores["clip"]["per_prompt"]
 """
@@ -67,12 +67,13 @@ def evaluate(
 
 
 def task_generator(task: Any, model: torch.nn.Module, device: torch.device | str, *, num_steps: int = 28,
-                   cfg_scale: float = 4.5, seed: int = 0) -> Generator:
-    """A generator over a diffusers task's sampler (``task.generate``): image i of each call gets noise seed
-    (seed, i), so two models evaluated with the same seed start from the same noise."""
+                   guidance_scale: float | None = None, seed: int = 0) -> Generator:
+    """A generator over a diffusers task's sampler (``task.generate``, at ``guidance_scale``, default the task's):
+    image i of each call gets noise seed (seed, i), so two models evaluated with the same seed start from the
+    same noise."""
 
     def generate(prompts: Sequence[str]) -> torch.Tensor:
-        return task.generate(model, list(prompts), torch.device(device), num_steps=num_steps, cfg_scale=cfg_scale,
+        return task.generate(model, list(prompts), torch.device(device), num_steps=num_steps, guidance_scale=guidance_scale,
                              seed=seed)
 
     return generate

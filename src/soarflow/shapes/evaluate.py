@@ -1,6 +1,6 @@
 """One ShapesEval evaluation of a model at one sampler setting, shared by `soarflow demo` and `soarflow study`.
 
-Per setting (``num_steps``, ``cfg_scale``): sample one image per prompt (image i's noise fixed by (seed, i), so two
+Per setting (``num_steps``, ``guidance_scale``): sample one image per prompt (image i's noise fixed by (seed, i), so two
 models evaluated with the same seed see the same noise), score them (per-image pass/fail and reward), the
 Frechet distance and per-prompt diversity against / beside real renders of the same prompts, and the
 exposure-bias gap on an evenly strided subset of the real renders (so every family is represented).
@@ -24,7 +24,7 @@ def evaluate_setting(
     real: torch.Tensor,
     *,
     num_steps: int,
-    cfg_scale: float,
+    guidance_scale: float,
     seed: int,
     exposure_images: int,
     shift: float | None = None,
@@ -32,7 +32,7 @@ def evaluate_setting(
     """(metrics, images, report): metrics holds ``shapes_eval`` (summary), ``frechet_distance``, ``diversity`` and
     ``exposure_bias``; `report` keeps the per-image records. `real` are renders of `prompts` (same order)."""
     shift = DEFAULT_SHIFT if shift is None else shift
-    images = generate_images(model, list(prompts), num_steps=num_steps, cfg_scale=cfg_scale, shift=shift, seed=seed)
+    images = generate_images(model, list(prompts), num_steps=num_steps, guidance_scale=guidance_scale, shift=shift, seed=seed)
     report = score(images, list(prompts))
     k = min(exposure_images, real.shape[0])
     idx = torch.linspace(0, real.shape[0] - 1, k).round().long().unique()
@@ -42,7 +42,7 @@ def evaluate_setting(
         encode_captions([prompts[i] for i in idx]),
         null_cond=null_caption(len(idx)),
         num_steps=num_steps,
-        cfg_scale=cfg_scale,
+        guidance_scale=guidance_scale,
         shift=shift,
         generator=torch.Generator().manual_seed(seed),
     )

@@ -17,6 +17,7 @@ from .grammar import MAX_TOKENS, tokenize
 
 # Sampler settings shared by validation grids, the demo and `eval-shapes --checkpoint` unless overridden.
 DEFAULT_SHIFT = 1.0  # pixel-space 32x32: no resolution shift
+GUIDANCE_SCALE = 4.0  # the shapes models' default guidance scale (the base's evaluation, the demo, validation)
 
 
 def encode_captions(captions: Sequence[str], device: torch.device | str = "cpu", max_tokens: int | None = None) -> dict:
@@ -33,7 +34,7 @@ def generate_images(
     prompts: Sequence[str],
     *,
     num_steps: int = 40,
-    cfg_scale: float = 4.0,
+    guidance_scale: float = GUIDANCE_SCALE,
     shift: float = DEFAULT_SHIFT,
     seed: int = 0,
     batch_size: int = 64,
@@ -44,8 +45,8 @@ def generate_images(
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    cfg = model.config  # UNetConfig or MMDiTConfig: image_size, in_channels, max_tokens
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    arch = model.config  # UNetConfig or MMDiTConfig: image_size, in_channels, max_tokens
+    shape = (arch.in_channels, arch.image_size, arch.image_size)
     was_training = model.training
     model.eval()
     out = []
@@ -55,14 +56,14 @@ def generate_images(
             noise = torch.stack(
                 [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + j)) for j in range(len(chunk))]
             ).to(device)
-            cond = encode_captions(chunk, device, cfg.max_tokens)
+            cond = encode_captions(chunk, device, arch.max_tokens)
             x = sample_euler(
                 model,
                 noise,
                 cond,
-                null_cond=null_caption(len(chunk), device, cfg.max_tokens),
+                null_cond=null_caption(len(chunk), device, arch.max_tokens),
                 num_steps=num_steps,
-                cfg_scale=cfg_scale,
+                guidance_scale=guidance_scale,
                 shift=shift,
             )
             out.append(x.clamp(-1, 1).float().cpu())

@@ -123,7 +123,7 @@ class ExposureBiasReport:
     mean_gap: float
     num_steps: int
     start_sigma: float
-    cfg_scale: float
+    guidance_scale: float
     shift: float
 
     def to_dict(self) -> dict:
@@ -140,9 +140,9 @@ class ExposureBiasReport:
         return "\n".join(lines)
 
 
-def _x0_error(model, x, sigma: float, x0, cond, null_cond, cfg_scale) -> torch.Tensor:
+def _x0_error(model, x, sigma: float, x0, cond, null_cond, guidance_scale) -> torch.Tensor:
     """Per-sample mean squared error of x0_hat = x - sigma * v_cfg(x, sigma) against x0, shape (B,)."""
-    v = guided_velocity(model, x, sigma, cond, null_cond, cfg_scale)
+    v = guided_velocity(model, x, sigma, cond, null_cond, guidance_scale)
     x0_hat = x.float() - sigma * v.float()
     return (x0_hat - x0.float()).square().flatten(1).mean(1)
 
@@ -155,7 +155,7 @@ def exposure_bias(
     *,
     null_cond: Any = None,
     num_steps: int = 10,
-    cfg_scale: float = 1.0,
+    guidance_scale: float = 1.0,
     shift: float = 1.0,
     start_sigma: float = 0.75,
     num_bins: int = 4,
@@ -167,7 +167,7 @@ def exposure_bias(
        <= ``start_sigma``.
     2. Draw :math:`z_1 \sim N(0, I)` (``generator``), start at the ideal state
        :math:`x_{\sigma_0} = (1-\sigma_0) x_0 + \sigma_0 z_1` and run the Euler ODE sampler
-       (`soarflow.sampling.integrate`, same ``cfg_scale`` / ``null_cond``) over the grid: states
+       (`soarflow.sampling.integrate`, same ``guidance_scale`` / ``null_cond``) over the grid: states
        :math:`\tilde x_i` at :math:`\sigma_i`. The trajectory is coupled to :math:`x_0` through :math:`z_1`.
     3. At each reached noise level :math:`\sigma_i` (i = 1..S-1, i.e. every visited level except the exact start
        and :math:`\sigma = 0`), with :math:`\hat x_0(x, \sigma) = x - \sigma\, v_{cfg}(x, \sigma, c)`:
@@ -193,14 +193,14 @@ def exposure_bias(
     z1 = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
     ideal = lambda s: (1 - s) * x0 + s * z1  # noqa: E731
     _, traj = integrate(
-        model, ideal(grid[0]), grid, cond, null_cond=null_cond, cfg_scale=cfg_scale, return_trajectory=True
+        model, ideal(grid[0]), grid, cond, null_cond=null_cond, guidance_scale=guidance_scale, return_trajectory=True
     )
     sigmas, e_ideal, e_roll = [], [], []
     for i in range(1, len(grid) - 1):
         s = float(grid[i])
         sigmas.append(s)
-        e_ideal.append(float(_x0_error(model, ideal(grid[i]), s, x0, cond, null_cond, cfg_scale).mean()))
-        e_roll.append(float(_x0_error(model, traj[i], s, x0, cond, null_cond, cfg_scale).mean()))
+        e_ideal.append(float(_x0_error(model, ideal(grid[i]), s, x0, cond, null_cond, guidance_scale).mean()))
+        e_roll.append(float(_x0_error(model, traj[i], s, x0, cond, null_cond, guidance_scale).mean()))
     edges = torch.linspace(0, start_sigma, num_bins + 1).tolist()
     bins = []
     for lo, hi in zip(edges, edges[1:]):
@@ -210,4 +210,4 @@ def exposure_bias(
             er = sum(e_roll[j] for j in idx) / len(idx)
             bins.append(ExposureBin(lo, hi, len(idx), ei, er, er - ei))
     mean_gap = sum(r - i for r, i in zip(e_roll, e_ideal)) / len(sigmas)
-    return ExposureBiasReport(sigmas, e_ideal, e_roll, bins, mean_gap, num_steps, start_sigma, cfg_scale, shift)
+    return ExposureBiasReport(sigmas, e_ideal, e_roll, bins, mean_gap, num_steps, start_sigma, guidance_scale, shift)

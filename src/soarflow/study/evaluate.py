@@ -46,7 +46,7 @@ class ShapesStudyEval:
         for n, w in self.spec.settings:
             t0 = time.perf_counter()
             metrics, _, report = evaluate_setting(
-                model, self.prompts, self.groups, self.real, num_steps=n, cfg_scale=w, seed=self.spec.seed,
+                model, self.prompts, self.groups, self.real, num_steps=n, guidance_scale=w, seed=self.spec.seed,
                 exposure_images=self.spec.exposure_images, shift=self.spec.shift)
             se = metrics["shapes_eval"]
             out[setting_key(n, w)] = {
@@ -72,7 +72,7 @@ class ShapesStudyEval:
         from ..shapes import score
 
         images = generate_images(model, self.curve_prompts, num_steps=self.spec.curve_num_steps,
-                                 cfg_scale=self.spec.curve_cfg_scale, shift=self.spec.shift, seed=self.spec.seed)
+                                 guidance_scale=self.spec.curve_cfg_scale, shift=self.spec.shift, seed=self.spec.seed)
         return float(score(images, self.curve_prompts).overall)
 
 
@@ -120,7 +120,7 @@ class LossStudyEval:
         out = {}
         for n, w in self.spec.settings:
             t0 = time.perf_counter()
-            eb = exposure_bias(model, x0, cond, null_cond=null, num_steps=n, cfg_scale=w, shift=self.spec.shift,
+            eb = exposure_bias(model, x0, cond, null_cond=null, num_steps=n, guidance_scale=w, shift=self.spec.shift,
                                generator=torch.Generator().manual_seed(self.spec.seed))
             out[setting_key(n, w)] = {
                 "fm_loss": float(loss.mean()),

@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from torch import nn
@@ -37,9 +37,10 @@ from ..models.diffusers_pipeline import DTYPES, FrozenPipeline, check_pretrained
 from ..models.diffusers_velocity import VelocityModule
 from ..models.diffusers_weights import load_model_folder, save_model_folder
 from ..models.lora import add_lora, has_lora
+from ..objective import SOARConfig
 from ..sampling import sample_euler
 from .base import Task
-from .diffusers_sections import DiffusersDataSection, DiffusersModelSection, parse_sections
+from .diffusers_sections import GUIDANCE_SCALE, DiffusersDataSection, DiffusersModelSection, parse_sections
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ class DiffusersTask(Task):
     default_max_sequence_length = 256
 
     def __init__(self, model: DiffusersModelSection, data: DiffusersDataSection, train_config: Any = None):
-        self.model_cfg = model
-        self.data_cfg = data
+        self.model_config = model
+        self.data_config = data
         self.train_config = train_config
         self.bad_samples = BadSampleLog(data.on_bad_sample)
         self.pipeline = FrozenPipeline(self.pipeline_class_name, model.pretrained, revision=model.revision,
@@ -85,8 +86,8 @@ class DiffusersTask(Task):
         return getattr(diffusers, self.transformer_class_name)
 
     def load_transformer(self) -> nn.Module:
-        check_pretrained(self.model_cfg.pretrained)
-        return self.transformer_class.from_pretrained(self.model_cfg.pretrained, subfolder="transformer",
+        check_pretrained(self.model_config.pretrained)
+        return self.transformer_class.from_pretrained(self.model_config.pretrained, subfolder="transformer",
                                                       **self.pipeline.load_kwargs)
 
     def wrap(self, transformer: nn.Module) -> VelocityModule:
@@ -94,10 +95,10 @@ class DiffusersTask(Task):
 
     def build_model(self) -> nn.Module:
         transformer = self.load_transformer()
-        if self.model_cfg.finetune == "lora":
+        if self.model_config.finetune == "lora":
             if self.pipeline.dtype != torch.float32:
                 transformer.to(self.pipeline.dtype)
-            add_lora(transformer, self.model_cfg.lora)
+            add_lora(transformer, self.model_config.lora)
             for name, p in transformer.named_parameters():  # adapters train in float32 (mixed precision autocasts)
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -107,7 +108,7 @@ class DiffusersTask(Task):
 
     # -- data --------------------------------------------------------------------------------------------
     def records(self):
-        d = self.data_cfg
+        d = self.data_config
         if d.format == "imagefolder":
             recs = read_imagefolder(d.path, self.bad_samples, caption_column=d.caption_column)
         else:
@@ -118,7 +119,7 @@ class DiffusersTask(Task):
         return recs
 
     def train_dataset(self) -> ImageCaptionDataset:
-        d = self.data_cfg
+        d = self.data_config
         return ImageCaptionDataset(
             self.records(), d.resolution, bucketing=d.bucketing, bucket_divisor=d.bucket_divisor,
             max_aspect_ratio=d.max_aspect_ratio, random_flip=d.random_flip, bad_samples=self.bad_samples,
@@ -128,7 +129,7 @@ class DiffusersTask(Task):
         """With ``data.bucketing``: the epoch's global batches, each drawn from one aspect bucket (seeded by
         seed and epoch); None without bucketing (plain random batches). For a trainer that supports it; otherwise
         `collate` brings mixed batches to their most common bucket."""
-        if not self.data_cfg.bucketing:
+        if not self.data_config.bucketing:
             return None
         return bucketed_batches([dataset.bucket_of(i) for i in range(len(dataset))], global_batch, seed, epoch)
 
@@ -149,17 +150,17 @@ class DiffusersTask(Task):
         read from the files, so checking the cache loads no encoder weights."""
         spec = {
             "family": self.family,
-            "pretrained": str(Path(self.model_cfg.pretrained).resolve()) if Path(self.model_cfg.pretrained).exists()
-            else self.model_cfg.pretrained,
-            "revision": self.model_cfg.revision,
-            "variant": self.model_cfg.variant,
-            "frozen_dtype": self.model_cfg.frozen_dtype,
-            "max_sequence_length": self.model_cfg.max_sequence_length,
-            "resolution": self.data_cfg.resolution,
-            "bucketing": [self.data_cfg.bucketing, self.data_cfg.bucket_divisor, self.data_cfg.max_aspect_ratio],
-            "data": [self.data_cfg.format, self.data_cfg.path, self.data_cfg.caption_column],
+            "pretrained": str(Path(self.model_config.pretrained).resolve()) if Path(self.model_config.pretrained).exists()
+            else self.model_config.pretrained,
+            "revision": self.model_config.revision,
+            "variant": self.model_config.variant,
+            "frozen_dtype": self.model_config.frozen_dtype,
+            "max_sequence_length": self.model_config.max_sequence_length,
+            "resolution": self.data_config.resolution,
+            "bucketing": [self.data_config.bucketing, self.data_config.bucket_divisor, self.data_config.max_aspect_ratio],
+            "data": [self.data_config.format, self.data_config.path, self.data_config.caption_column],
         }
-        root = Path(self.model_cfg.pretrained)
+        root = Path(self.model_config.pretrained)
         for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
             for file in ("config.json", "tokenizer_config.json"):
                 if (root / name / file).is_file():
@@ -167,13 +168,13 @@ class DiffusersTask(Task):
         return spec
 
     def cache(self) -> EncodingCache | None:
-        if self.data_cfg.cache_dir is None:
+        if self.data_config.cache_dir is None:
             return None
         if self._cache is None:
             rank = 0
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 rank = torch.distributed.get_rank()
-            self._cache = EncodingCache(self.data_cfg.cache_dir, self.cache_spec(), self.data_cfg.cache_shard_size, rank)
+            self._cache = EncodingCache(self.data_config.cache_dir, self.cache_spec(), self.data_config.cache_shard_size, rank)
         return self._cache
 
     def frozen_on(self, device: torch.device) -> contextlib.AbstractContextManager:
@@ -240,22 +241,30 @@ class DiffusersTask(Task):
     # -- validation --------------------------------------------------------------------------------------
     @property
     def sample_shift(self) -> float:
-        soar = getattr(self.train_config, "soar", None)
-        return float(getattr(soar, "shift", 3.0))
+        """The objective's time shift ``soar.shift`` (SOARConfig's default without a trainer config)."""
+        return float((self.train_config.soar if self.train_config is not None else SOARConfig()).shift)
 
     @property
-    def validation_cfg(self) -> float:
-        return self.data_cfg.validation_cfg
+    def guidance_scale(self) -> float:
+        """This task's default classifier-free guidance scale (validation, `generate`, `soarflow sample`)."""
+        return GUIDANCE_SCALE
+
+    @property
+    def validation_guidance_scale(self) -> float:
+        value = self.data_config.validation_guidance_scale
+        return self.guidance_scale if value is None else value
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipeline.decode(latents)
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: Sequence[str], device: torch.device, *, num_steps: int,
-                 cfg_scale: float, seed: int = 0, height: int | None = None, width: int | None = None) -> torch.Tensor:
+                 guidance_scale: float | None = None, seed: int = 0, height: int | None = None,
+                 width: int | None = None) -> torch.Tensor:
         """Images in [-1, 1] from `model` with soarflow's Euler sampler (same schedule/shift as the objective's
-        rollout). Image i's noise depends only on (seed, i)."""
-        res = self.data_cfg.validation_resolution or self.data_cfg.resolution
+        rollout) at ``guidance_scale`` (default: the task's). Image i's noise depends only on (seed, i)."""
+        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        res = self.data_config.validation_resolution or self.data_config.resolution
         shape = self.pipeline.latent_shape(height or res, width or res)
         prompts = list(prompts)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
@@ -264,16 +273,16 @@ class DiffusersTask(Task):
             cond = cond_to(self.encode_text(prompts, device), device, torch.float32)
         cond = self.finish_cond({k: v.float() for k, v in cond.items()})
         latents = sample_euler(model, noise, cond, null_cond=self.null_cond(len(prompts), device),
-                               num_steps=num_steps, cfg_scale=cfg_scale, shift=self.sample_shift)
+                               num_steps=num_steps, guidance_scale=guidance_scale, shift=self.sample_shift)
         with self.frozen_on(device):
             return self.decode(latents).cpu()
 
     def validation_images(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, list[str]]:
-        prompts = list(self.data_cfg.validation_prompts)
+        prompts = list(self.data_config.validation_prompts)
         if not prompts:
             raise ValueError("data.validation_prompts is empty; add prompts or set validation_steps: 0")
-        images = self.generate(model, prompts, device, num_steps=self.data_cfg.validation_num_steps,
-                               cfg_scale=self.validation_cfg, seed=self.data_cfg.validation_seed)
+        images = self.generate(model, prompts, device, num_steps=self.data_config.validation_num_steps,
+                               guidance_scale=self.validation_guidance_scale, seed=self.data_config.validation_seed)
         return images, prompts
 
     # -- weights -----------------------------------------------------------------------------------------
@@ -281,12 +290,12 @@ class DiffusersTask(Task):
         return {
             "family": self.family,
             "finetune": "lora" if has_lora(model.transformer) else "full",
-            "pretrained": self.model_cfg.pretrained,
-            "revision": self.model_cfg.revision,
-            "variant": self.model_cfg.variant,
+            "pretrained": self.model_config.pretrained,
+            "revision": self.model_config.revision,
+            "variant": self.model_config.variant,
             "sample_shift": self.sample_shift,
-            "guidance": self.model_cfg.guidance,
-            "embedded_guidance_scale": self.model_cfg.embedded_guidance_scale,
+            "guidance": self.model_config.guidance,
+            "embedded_guidance_scale": self.model_config.embedded_guidance_scale,
         }
 
     def save_model(self, model: nn.Module, path: Path) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ..models.diffusers_pipeline import DTYPES
 from ..models.lora import LoraSection
@@ -43,6 +43,8 @@ class DiffusersModelSection:
 class DiffusersDataSection:
     """``data:`` for tasks sd3 and flux."""
 
+    FORMER_KEYS: ClassVar[dict[str, str]] = {"validation_cfg": "validation_guidance_scale"}
+
     format: Literal["imagefolder", "soar_jsonl"] = "imagefolder"
     path: str = ""  # imagefolder: the folder with metadata.jsonl; soar_jsonl: the JSONL file
     image_dir: str | None = None  # soar_jsonl: folder of {md5}.jpg
@@ -58,7 +60,7 @@ class DiffusersDataSection:
     cache_shard_size: int = 256
     validation_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red apple on a table"])
     validation_num_steps: int = 28
-    validation_cfg: float = 4.5
+    validation_guidance_scale: float | None = None  # None: the task's guidance_scale
     validation_seed: int = 0
     validation_resolution: int | None = None  # None: resolution
 
@@ -78,6 +80,10 @@ class DiffusersDataSection:
                              "with random_flip; disable one of them")
         if self.validation_num_steps < 1:
             raise ValueError(f"config key 'validation_num_steps': must be >= 1 (got {self.validation_num_steps})")
+
+
+# The default classifier-free guidance scale of the diffusers tasks (SD3.5's; FLUX with model.guidance: cfg).
+GUIDANCE_SCALE = 4.5
 
 
 def parse_sections(model: dict | None, data: dict | None, model_cls=DiffusersModelSection, data_cls=DiffusersDataSection):

@@ -10,9 +10,9 @@ Guidance, chosen explicitly with ``model.guidance``:
 
 * ``embedded`` — guidance-distilled checkpoints (FLUX.1-dev): the transformer takes a guidance scale as an
   input (``model.embedded_guidance_scale``, carried in the condition as ``cond["guidance"]``); every forward —
-  training, the SOAR rollout and validation — uses it, and there is no two-pass CFG, so ``soar.rollout_cfg``
-  must be 1 (and ``data.validation_cfg`` is ignored).
-* ``cfg`` — classifier-free guidance with two passes against the empty prompt (``soar.rollout_cfg``), for
+  training, the SOAR rollout and validation — uses it, and there is no two-pass CFG, so ``soar.guidance_scale``
+  must be 1, and so is the validation guidance (``data.validation_guidance_scale`` unset or 1; both checked).
+* ``cfg`` — classifier-free guidance with two passes against the empty prompt (``soar.guidance_scale``), for
   checkpoints trained with condition dropout. A checkpoint with a guidance embedding still gets
   ``embedded_guidance_scale`` as that input.
 """
@@ -87,30 +87,40 @@ class FluxTask(DiffusersTask):
     default_max_sequence_length = 512
 
     def check_config(self) -> None:
-        soar = getattr(self.train_config, "soar", None)
-        method = getattr(self.train_config, "method", "soar")
-        if self.model_cfg.guidance == "embedded" and soar is not None and method == "soar" and soar.rollout_cfg != 1:
+        value = self.data_config.validation_guidance_scale
+        if self.model_config.guidance == "embedded" and value not in (None, 1.0):
             raise ValueError(
-                f"config key 'soar.rollout_cfg': model.guidance is 'embedded' (guidance-distilled FLUX), so the "
+                f"config key 'data.validation_guidance_scale': model.guidance is 'embedded' (guidance-distilled FLUX), "
+                f"so validation uses the embedded guidance model.embedded_guidance_scale="
+                f"{self.model_config.embedded_guidance_scale} and two-pass CFG is off; leave it unset or set 1 "
+                f"(got {value}), or model.guidance: cfg")
+        if self.train_config is None or self.train_config.method != "soar":
+            return
+        soar = self.train_config.soar
+        if self.model_config.guidance == "embedded" and soar.guidance_scale != 1:
+            raise ValueError(
+                f"config key 'soar.guidance_scale': model.guidance is 'embedded' (guidance-distilled FLUX), so the "
                 f"rollout uses the embedded guidance model.embedded_guidance_scale="
-                f"{self.model_cfg.embedded_guidance_scale} and two-pass CFG is off; set soar.rollout_cfg: 1 "
-                f"(got {soar.rollout_cfg}), or model.guidance: cfg for a checkpoint trained with condition dropout")
+                f"{self.model_config.embedded_guidance_scale} and two-pass CFG is off; set soar.guidance_scale: 1 "
+                f"(got {soar.guidance_scale}), or model.guidance: cfg for a checkpoint trained with condition dropout")
 
     def _has_guidance_embeds(self) -> bool:
-        cfg = self.transformer_class.load_config(self.model_cfg.pretrained, subfolder="transformer",
-                                                 **self.pipeline.load_kwargs)
-        return bool(cfg.get("guidance_embeds", False))
+        transformer_config = self.transformer_class.load_config(self.model_config.pretrained, subfolder="transformer",
+                                                                **self.pipeline.load_kwargs)
+        return bool(transformer_config.get("guidance_embeds", False))
 
     def wrap(self, transformer: torch.nn.Module) -> FluxVelocity:
-        if self.model_cfg.guidance == "embedded" and not transformer.config.guidance_embeds:
+        if self.model_config.guidance == "embedded" and not transformer.config.guidance_embeds:
             raise ValueError(f"config key 'model.guidance': 'embedded' needs a guidance-distilled checkpoint, but "
-                             f"{self.model_cfg.pretrained} has no guidance embedding; use cfg")
+                             f"{self.model_config.pretrained} has no guidance embedding; use cfg")
         self._guidance_embeds = bool(transformer.config.guidance_embeds)
         return FluxVelocity(transformer)
 
     @property
-    def validation_cfg(self) -> float:
-        return 1.0 if self.model_cfg.guidance == "embedded" else self.data_cfg.validation_cfg
+    def guidance_scale(self) -> float:
+        """1 with embedded guidance (the transformer's guidance input guides; there is no two-pass CFG), else the
+        diffusers tasks' default."""
+        return 1.0 if self.model_config.guidance == "embedded" else super().guidance_scale
 
     def finish_cond(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not getattr(self, "_guidance_embeds", None):
@@ -120,7 +130,7 @@ class FluxTask(DiffusersTask):
                 return cond
         b = cond["encoder_hidden_states"].shape[0]
         device = cond["encoder_hidden_states"].device
-        return {**cond, "guidance": torch.full((b,), float(self.model_cfg.embedded_guidance_scale), device=device)}
+        return {**cond, "guidance": torch.full((b,), float(self.model_config.embedded_guidance_scale), device=device)}
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -130,6 +140,6 @@ class FluxTask(DiffusersTask):
             prompt_2=None,
             device=torch.device(device),
             num_images_per_prompt=1,
-            max_sequence_length=self.model_cfg.max_sequence_length,
+            max_sequence_length=self.model_config.max_sequence_length,
         )
         return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}

@@ -45,7 +45,7 @@ class SD3Task(DiffusersTask):
     default_max_sequence_length = 256
 
     def check_config(self) -> None:
-        if self.model_cfg.guidance != "cfg":
+        if self.model_config.guidance != "cfg":
             raise ValueError("config key 'model.guidance': SD3 has no embedded guidance; use cfg")
 
     def wrap(self, transformer: torch.nn.Module) -> SD3Velocity:
@@ -61,6 +61,6 @@ class SD3Task(DiffusersTask):
             device=torch.device(device),
             num_images_per_prompt=1,
             do_classifier_free_guidance=False,
-            max_sequence_length=self.model_cfg.max_sequence_length,
+            max_sequence_length=self.model_config.max_sequence_length,
         )
         return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from ..models.embedded import ARCHITECTURES, build_model, load_shapes_model, load_state, read_checkpoint, save_checkpoint
-from ..shapes.generate import encode_captions, generate_images, null_caption
+from ..shapes.generate import GUIDANCE_SCALE, encode_captions, generate_images, null_caption
 from ..shapes.datasets import ShapesDataset
 from ..shapes.grammar import MAX_TOKENS, VOCAB
 from ..utils.config_parsing import from_dict
@@ -49,6 +49,8 @@ class ShapesModelSection:
 class ShapesDataSection:
     """`data:` section of a config for task "shapes"."""
 
+    FORMER_KEYS: ClassVar[dict[str, str]] = {"validation_cfg": "validation_guidance_scale"}
+
     split: str = "curated"  # "curated" (post-training) or "pretrain" (the noisy web-like corpus)
     num_samples: int | None = None  # None: the split's default size
     seed: int = 0
@@ -66,17 +68,19 @@ class ShapesDataSection:
         ]
     )
     validation_steps: int = 20
-    validation_cfg: float = 4.0
+    validation_guidance_scale: float = GUIDANCE_SCALE
 
 
 class ShapesTask(Task):
     """`Task` for the embedded model on ShapesEval (see `soarflow.tasks.base.Task`)."""
 
+    guidance_scale = GUIDANCE_SCALE  # default classifier-free guidance scale (validation, generate_images)
+
     def __init__(self, model: ShapesModelSection | None = None, data: ShapesDataSection | None = None):
-        self.model_cfg = model or ShapesModelSection()
-        self.data_cfg = data or ShapesDataSection()
-        if self.data_cfg.split not in ("curated", "pretrain"):
-            raise ValueError(f"data.split must be 'curated' or 'pretrain', got {self.data_cfg.split!r}")
+        self.model_config = model or ShapesModelSection()
+        self.data_config = data or ShapesDataSection()
+        if self.data_config.split not in ("curated", "pretrain"):
+            raise ValueError(f"data.split must be 'curated' or 'pretrain', got {self.data_config.split!r}")
 
     @classmethod
     def from_config(cls, model: dict | None = None, data: dict | None = None, train_config: Any = None) -> "ShapesTask":
@@ -88,10 +92,10 @@ class ShapesTask(Task):
         return cls(from_dict(ShapesModelSection, model or {}, prefix="model"), from_dict(ShapesDataSection, data or {}, prefix="data"))
 
     # -- model -------------------------------------------------------------------------------------
-    def model_config(self) -> dict:
+    def architecture_config(self) -> dict:
         """The architecture config (as a dict for `embedded.build_model`) of a model trained from scratch."""
-        m = self.model_cfg
-        common = dict(image_size=self.data_cfg.image_size, num_heads=m.num_heads, vocab_size=len(VOCAB), max_tokens=MAX_TOKENS)
+        m = self.model_config
+        common = dict(image_size=self.data_config.image_size, num_heads=m.num_heads, vocab_size=len(VOCAB), max_tokens=MAX_TOKENS)
         if m.architecture == "unet":
             return dict(common, channels=list(m.channels), num_res_blocks=m.num_res_blocks,
                         attention_levels=list(m.attention_levels), text_dim=m.text_dim, text_layers=m.text_layers)
@@ -100,19 +104,19 @@ class ShapesTask(Task):
         raise ValueError(f"config key 'model.architecture': unknown {m.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
 
     def build_model(self) -> nn.Module:
-        if self.model_cfg.pretrained is None:
-            return build_model(self.model_cfg.architecture, self.model_config())
-        model = load_shapes_model(self.model_cfg.pretrained)
-        if model.config.image_size != self.data_cfg.image_size:
+        if self.model_config.pretrained is None:
+            return build_model(self.model_config.architecture, self.architecture_config())
+        model = load_shapes_model(self.model_config.pretrained)
+        if model.config.image_size != self.data_config.image_size:
             raise ValueError(
-                f"model.pretrained={self.model_cfg.pretrained!r} was trained at {model.config.image_size}px "
-                f"but data.image_size={self.data_cfg.image_size}"
+                f"model.pretrained={self.model_config.pretrained!r} was trained at {model.config.image_size}px "
+                f"but data.image_size={self.data_config.image_size}"
             )
         return model
 
     # -- data --------------------------------------------------------------------------------------
     def train_dataset(self) -> torch.utils.data.Dataset:
-        d = self.data_cfg
+        d = self.data_config
         return ShapesDataset(split=d.split, num_samples=d.num_samples, seed=d.seed, image_size=d.image_size)
 
     def collate(self, samples: Sequence[dict]) -> dict:
@@ -125,9 +129,10 @@ class ShapesTask(Task):
         return null_caption(batch_size, device)
 
     def validation_images(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, list[str]]:
-        prompts = list(self.data_cfg.validation_prompts)
+        prompts = list(self.data_config.validation_prompts)
         images = generate_images(
-            model, prompts, num_steps=self.data_cfg.validation_steps, cfg_scale=self.data_cfg.validation_cfg, device=device
+            model, prompts, num_steps=self.data_config.validation_steps,
+            guidance_scale=self.data_config.validation_guidance_scale, device=device
         )
         return images, prompts
 

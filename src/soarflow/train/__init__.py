@@ -6,14 +6,13 @@ registry live in `soarflow.tasks`, re-exported here).
     result = train(cfg)             # task from the registry, model = task.build_model()
 """
 
-from .config import SOARSection, TrainConfig, from_dict, load_config
+from .config import TrainConfig, from_dict, load_config
 from ..tasks.base import Task
 from ..tasks.registry import TASKS, build_task, get_task_class
 from .trainer import TrainResult, train
 
 __all__ = [
     "TrainConfig",
-    "SOARSection",
     "TrainResult",
     "Task",
     "TASKS",

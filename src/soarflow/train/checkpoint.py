@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LOCATION_KEYS, NON_DEFINING_KEYS, TrainConfig, config_differences
+from .config import LOCATION_KEYS, NON_DEFINING_KEYS, TrainConfig, config_differences, upgrade_former_names
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINABLE_FILE = "trainable_params.safetensors"
@@ -118,7 +118,7 @@ def check_output_dir(config: TrainConfig, resume_from: Path | None) -> None:
             raise ValueError(f"output_dir {out} is not empty and holds no soarflow run ({CONFIG_FILE} missing); "
                              "choose a new or empty folder")
         return
-    previous = _read_yaml(cfg_file)
+    previous = upgrade_former_names(TrainConfig, _read_yaml(cfg_file))  # written before a key was renamed
     ignored = NON_DEFINING_KEYS | LOCATION_KEYS
     diffs = [d for d in config_differences(previous, config.to_dict()) if d.split(":")[0] not in ignored]
     resume_cmd = f"soarflow train --config {cfg_file} --output_dir {out} --resume_from_checkpoint latest"

@@ -2,22 +2,25 @@
 
 Flag names follow diffusers' SD3 training examples (``learning_rate``, ``train_batch_size``, ``max_train_steps``,
 ``weighting_scheme``, ...); the SOAR-specific hyper-parameters live in the ``soar:`` section, and ``model:`` /
-``data:`` are free-form dicts that the task validates itself (with :func:`from_dict`). Every setting lives in
-exactly one place; :meth:`TrainConfig.objective_config` combines them into a
-:class:`soarflow.objective.SOARConfig`.
+``data:`` are free-form dicts that the task validates itself (with :func:`from_dict`). The ``soar:`` section is
+:class:`soarflow.objective.SOARConfig` itself; its t density, loss weighting and condition dropout are filled
+from the top-level keys that every method shares (``weighting_scheme``, ``logit_*``, ``mode_scale``,
+``cond_dropout``), so ``config.soar`` is the objective's whole config.
 
 ``weighting_scheme`` follows diffusers: ``logit_normal`` and ``mode`` choose the density of the training time t
 (loss weight 1); ``sigma_sqrt`` and ``cosmap`` choose the loss weighting with uniform t; ``none`` is uniform t
 and weight 1.
 
-    cfg = load_config("configs/shapes_soar.yaml", ["--soar.num_aux", "4", "--learning_rate=1e-4"])
+The general-purpose half (YAML and dotted overrides into typed dataclasses, errors naming the key, help lines) is
+:mod:`soarflow.train.config_parsing`; this module is the schema.
+
+    config = load_config("configs/shapes_soar.yaml", ["--soar.num_aux", "4", "--learning_rate=1e-4"])
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -26,7 +29,9 @@ import yaml
 
 from ..methods import GRPOConfig, InputPerturbationConfig, ScheduledSamplingConfig
 from ..objective import SOARConfig
-from ..utils.config_parsing import OverrideText, from_dict, parse_overrides, set_dotted, type_name
+from ..utils import config_parsing
+from ..utils.config_parsing import as_dict, config_differences, from_dict, parse_overrides  # noqa: F401
+from ..utils.config_parsing import upgrade_former_names  # noqa: F401
 
 TASK_NAMES = ("shapes", "sd3", "flux")
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
@@ -36,6 +41,16 @@ REPORT_TO = ("tensorboard", "none")
 METHOD_NAMES = ("sft", "soar", "grpo", "scheduled_sampling", "input_perturbation")
 # Sections that belong to one method (soar: is shared: its `shift` is every method's time shift).
 METHOD_SECTIONS = ("grpo", "scheduled_sampling", "input_perturbation")
+
+# weighting_scheme -> (SOARConfig.t_density, SOARConfig.weighting): logit_normal and mode choose the density of t
+# (loss weight 1); sigma_sqrt and cosmap choose the loss weighting with uniform t.
+WEIGHTING_SCHEME_TO_OBJECTIVE = {
+    "logit_normal": ("logit_normal", "none"),
+    "mode": ("mode", "none"),
+    "sigma_sqrt": ("uniform", "sigma_sqrt"),
+    "cosmap": ("uniform", "cosmap"),
+    "none": ("uniform", "none"),
+}
 
 # Keys that change how a run is executed or reported, not what it computes: a finished or interrupted run
 # may be resumed with different values (e.g. a larger max_train_steps) without counting as a different run.
@@ -54,36 +69,6 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = datacl
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata={"help": help})
     return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class SOARSection:
-    """``soar:`` — the SOAR-specific fields of :class:`soarflow.objective.SOARConfig` (``method: soar`` uses them;
-    ``shift`` is also the SFT time shift). See docs/objective.md for the math."""
-
-    num_aux: int = _f(6, "K: auxiliary re-noised points per rollout path (0 = SFT)")
-    lambda_aux: float = _f(1.0, "weight of the auxiliary term (0 = SFT)")
-    rollout_steps: int = _f(40, "N: the rollout takes one step of the N-step inference schedule")
-    rollout_cfg: float = _f(4.5, "guidance scale of the rollout step (1 = conditional velocity only)")
-    num_rollout_paths: int = _f(1, "M: path 0 is the ODE step, paths 1..M-1 are stochastic")
-    rollout_kind: Literal["simple", "sde", "flow_sde", "cps"] = _f("flow_sde", "kind of the stochastic paths")
-    rollout_noise_scale: float = _f(0.5, "noise scale of the stochastic paths")
-    sigma_upper: Literal["one", "ratio"] = _f("one", "upper bound of sigma': 1 or min(ratio * sigma0, 1)")
-    sigma_upper_ratio: float = _f(1.5, "ratio for sigma_upper='ratio'")
-    sigma_floor: float = _f(1e-3, "sigma' >= floor so the correction target stays finite")
-    shift: float = _f(3.0, "time shift s: sigma(t) = s t / (1 + (s - 1) t) (SD3.5: 3)")
-    aux_chunk_size: int | None = _f(None, "max rows per forward; larger fused batches run checkpointed in chunks")
-    fuse_forward: bool = _f(True, "one fused forward for the main and auxiliary terms")
-    reuse_main_output: bool = _f(True, "the main term's output is the rollout's conditional velocity (saves B rows)")
-    forward_batch_size: int | Literal["auto", "probe"] | None = _f(
-        "auto", "rows per forward call of the gradient terms: auto (one call), probe (timed once), N, null")
-    points_per_sample: int = _f(1, "method sft: P standard draws (fresh noise and t) per image (compute-matched SFT)")
-    rollout: Literal["guided", "none"] = _f("guided", "none: z' = x_sigma1 exactly, no deviation (control)")
-    aux_noise: Literal["shared", "fresh"] = _f("shared", "fresh (with rollout none): noise-level-matched SFT")
-    aux_sigma_density: Literal["uniform", "t_density"] = _f(
-        "uniform", "sigma' ~ U[sigma1, upper] (paper) or the training t density restricted to it")
-    cond_dropout_mode: Literal["per_sample", "per_batch"] = _f("per_sample", "condition dropout per sample or batch")
-    rollout_uses_dropped_cond: bool = _f(False, "a dropped sample rolls out unconditionally (official order)")
 
 
 @dataclass
@@ -128,7 +113,8 @@ class TrainConfig:
     show_progress: bool = _f(True, "tqdm progress bar")
     skip_nonfinite_steps: int = _f(0, "skip up to N updates with a non-finite loss or gradient norm "
                                       "(0: stop at the first, naming the last good checkpoint)")
-    soar: SOARSection = _f(help="SOAR objective settings", factory=SOARSection)
+    soar: SOARConfig = _f(help="SOAR objective settings (method soar; shift is every method's time shift)",
+                          factory=SOARConfig)
     grpo: GRPOConfig = _f(help="Flow-GRPO settings (method: grpo)", factory=GRPOConfig)
     scheduled_sampling: ScheduledSamplingConfig = _f(help="method: scheduled_sampling settings",
                                                      factory=ScheduledSamplingConfig)
@@ -181,7 +167,11 @@ class TrainConfig:
         need(self.logit_std > 0, "logit_std", "must be > 0")
         need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         need(0 <= self.cond_dropout < 1, "cond_dropout", "must be in [0, 1)")
-        self.objective_config()  # range checks of the SOAR fields, reported with their config key
+        # The objective's t density, weighting and dropout are these top-level keys (shared by every method).
+        density, weighting = WEIGHTING_SCHEME_TO_OBJECTIVE[self.weighting_scheme]
+        self.soar = dataclasses.replace(self.soar, t_density=density, weighting=weighting, logit_mean=self.logit_mean,
+                                        logit_std=self.logit_std, mode_scale=self.mode_scale,
+                                        cond_dropout=self.cond_dropout)
 
     def _check_method_sections(self) -> None:
         """A method's own section may differ from its defaults only under that method; name the first key set."""
@@ -195,36 +185,9 @@ class TrainConfig:
                                      f"is '{self.method}'; remove it or set method: {section}")
 
     # ------------------------------------------------------------------------------------------ views
-    def objective_config(self) -> SOARConfig:
-        """The :class:`SOARConfig` of this run (``weighting_scheme`` mapped to t density + loss weighting)."""
-        density, weighting = {
-            "logit_normal": ("logit_normal", "none"),
-            "mode": ("mode", "none"),
-            "sigma_sqrt": ("uniform", "sigma_sqrt"),
-            "cosmap": ("uniform", "cosmap"),
-            "none": ("uniform", "none"),
-        }[self.weighting_scheme]
-        soar = dataclasses.asdict(self.soar)
-        try:
-            return SOARConfig(
-                **soar,
-                t_density=density,
-                weighting=weighting,
-                logit_mean=self.logit_mean,
-                logit_std=self.logit_std,
-                mode_scale=self.mode_scale,
-                cond_dropout=self.cond_dropout,
-            )
-        except ValueError as err:
-            # SOARConfig names its own field ("SOARConfig.num_aux: ..."); report the config key instead.
-            msg = str(err)
-            for name in soar:
-                msg = msg.replace(f"SOARConfig.{name}:", f"config key 'soar.{name}':")
-            raise ValueError(msg) from None
-
     def to_dict(self) -> dict[str, Any]:
         """All keys, without the sections of other methods (they hold only defaults)."""
-        d = dataclasses.asdict(self)
+        d = as_dict(self)
         for section in METHOD_SECTIONS:
             if section != self.method:
                 d.pop(section)
@@ -255,35 +218,19 @@ def check_method_keys(d: Any) -> None:
                              f"'{method}'; remove it or set method: {section}")
 
 
-# ---------------------------------------------------------------------------------------------- overrides
+# ---------------------------------------------------------------------------------------------- loading
+
+FREE_FORM_SECTIONS = ("model", "data")  # validated by the task; keys below them keep their dashes
 
 
-def _field_type(path: list[str]) -> Any:
-    """Type annotation of the dotted key `path` in TrainConfig (None if unknown / inside a free-form dict)."""
-    tp: Any = TrainConfig
-    for part in path:
-        if not dataclasses.is_dataclass(tp):
-            return None
-        hints = typing.get_type_hints(tp)
-        if part not in hints:
-            return None
-        tp = hints[part]
-    return tp
+def set_dotted(mapping: dict[str, Any], key: str, path: Sequence[str], value: Any) -> None:
+    """:func:`config_parsing.set_dotted` in a raw TrainConfig mapping (a former key name sets the current key)."""
+    config_parsing.set_dotted(mapping, key, path, value, root=TrainConfig)
 
 
 def apply_overrides(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of the raw config mapping `d` with the dotted command-line overrides applied."""
-    out = yaml.safe_load(yaml.safe_dump(d)) if d else {}
-    for key, text in parse_overrides(overrides):
-        path = key.replace("-", "_").split(".") if not key.startswith(("model.", "data.")) else key.split(".")
-        if any(not p for p in path):
-            raise ValueError(f"malformed override key {key!r}")
-        if text is None:
-            if _field_type(path) is not bool:
-                raise ValueError(f"override --{key} needs a value")
-            text = OverrideText("true")
-        set_dotted(out, key, path, text)
-    return out
+    """A copy of the raw TrainConfig mapping `d` with the dotted command-line overrides applied."""
+    return config_parsing.apply_overrides(TrainConfig, d, overrides, free_form=FREE_FORM_SECTIONS)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -309,30 +256,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ValueError(f"config file {path}: {err}") from None
 
 
-def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config mappings, as 'key: a -> b'."""
-    out = []
-    for key in sorted(set(a) | set(b), key=str):
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        va, vb = a.get(key, "<unset>"), b.get(key, "<unset>")
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_differences(va, vb, dotted)
-        elif va != vb:
-            out.append(f"{dotted}: {va!r} -> {vb!r}")
-    return out
 
-
-def describe_fields(cls: type = TrainConfig, prefix: str = "") -> list[str]:
-    """One help line per config key (for `soarflow train --help`)."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        dotted = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.append(f"  {dotted}: section — {f.metadata.get('help', '')}")
-            lines += describe_fields(tp, prefix=f"{dotted}.")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  --{dotted:<28} {type_name(tp):<32} default {default!r}: {f.metadata.get('help', '')}")
-    return lines
+def describe_fields(cls: type | None = None) -> list[str]:
+    """One help line per config key (``soarflow train --help``), TrainConfig's by default."""
+    return config_parsing.describe_fields(cls or TrainConfig)

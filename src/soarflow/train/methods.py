@@ -1,13 +1,13 @@
 r"""The method registry: ``TrainConfig.method`` -> a :class:`TrainMethod` the trainer calls once per micro-batch.
 
 The math lives in :mod:`soarflow.objective` (sft, soar) and :mod:`soarflow.methods` (grpo, scheduled_sampling,
-input_perturbation); a TrainMethod only draws the randomness the trainer's way (global-batch noise and t from the
-``shared`` generator, sliced per process; everything else from the per-process ``local`` generator), counts model
-forwards, and reports metrics. Every method reports ``loss``, its loss parts, ``forwards_per_sample`` (rows the model
-evaluated per training sample, with and without gradient) and ``grad_forwards_per_sample`` (rows with gradient);
-the trainer adds ``step_time_s``.
+input_perturbation); a TrainMethod only draws the randomness the trainer's way (the objective's draws for the
+global batch from the ``shared`` generator, sliced per process; only grpo's rollouts use the per-process ``local``
+generator), counts model forwards, and reports metrics. Every method reports ``loss``, its loss parts,
+``forwards_per_sample`` (rows the model evaluated per training sample, with and without gradient) and
+``grad_forwards_per_sample`` (rows with gradient); the trainer adds ``step_time_s``.
 
-    method = build_method(cfg)                      # fails on a bad method / reward before anything runs
+    method = build_method(config)                   # fails on a bad method / reward before anything runs
     method.setup(model, task, device)               # e.g. the frozen KL reference of grpo
     out = method.compute_loss(model, task, batch, ctx)
 """
@@ -24,12 +24,12 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..conditioning import cond_expand_null, cond_index, cond_where
-from ..flow import sample_t, shift_sigma
+from ..conditioning import cond_index
+from ..flow import shift_sigma
 from ..methods import grpo as grpo_math
 from ..methods.input_perturbation import input_perturbation_loss
 from ..methods.scheduled_sampling import draw_offsets, max_offsets, scheduled_sampling_loss
-from ..objective import SOARConfig, aux_sigmas_from_uniform, sft_loss, soar_loss
+from ..objective import Draws, SOARConfig, apply_cond_dropout, draw_randomness, sft_loss, soar_loss
 
 @dataclass
 class StepContext:
@@ -66,42 +66,22 @@ class ForwardCounter:
         return {"forwards_per_sample": self.rows / batch, "grad_forwards_per_sample": self.grad_rows / batch}
 
 
-def _global_noise_and_t(x0: torch.Tensor, objective: SOARConfig, ctx: StepContext):
-    """z1 and t drawn for the whole global batch from the shared generator, this process's rows."""
+def process_draws(config: SOARConfig, x0: torch.Tensor, ctx: StepContext) -> Draws:
+    """The objective's random draws (:func:`soarflow.objective.draw_randomness`) for the whole global batch from
+    the shared generator; this process's rows. The loss then does not depend on the number of processes."""
     b = x0.shape[0]
-    rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
-    noise = torch.randn((ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device,
-                        dtype=torch.float32)[rows]
-    t = sample_t(ctx.world * b, density=objective.t_density, logit_mean=objective.logit_mean,
-                 logit_std=objective.logit_std, mode_scale=objective.mode_scale, generator=ctx.shared,
-                 device=ctx.device)[rows]
-    return noise.to(x0.dtype), t, rows
+    draws = draw_randomness(config, (ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device,
+                            dtype=x0.dtype)
+    return draws.rows(slice(ctx.rank * b, (ctx.rank + 1) * b))
 
 
-def _drop_cond(cond, null, batch: int, p: float, generator, device):
-    if p <= 0:
-        return cond
-    drop = torch.rand(batch, generator=generator, device=device) < p
-    return cond_where(drop, cond_expand_null(null, batch), cond)
-
-
-def _aux_sigmas(t: torch.Tensor, config: SOARConfig, u: torch.Tensor) -> torch.Tensor:
-    r""":math:`\sigma'` of the ODE path from uniforms u, as the objective draws it."""
-    return aux_sigmas_from_uniform(t, config, u)
-
-
-def compute_loss(model, task, batch, *, method: str, config: SOARConfig, device, shared, local, rank: int, world: int):
-    """SFT / SOAR on one micro-batch with global-batch noise (the trainer's module docstring); returns the
-    objective's :class:`~soarflow.objective.ObjectiveOutput`."""
-    x0, cond = task.encode_batch(batch, device)
-    ctx = StepContext(torch.device(device), shared, local, rank, world, 0, 0)
-    noise, t, rows = _global_noise_and_t(x0, config, ctx)
-    null = task.null_cond(x0.shape[0], device)
-    if method == "sft" or config.is_sft:
-        return sft_loss(model, x0, cond, config=config, null_cond=null, generator=local, noise=noise, t=t)
-    u = torch.rand((config.num_aux, world * x0.shape[0]), generator=shared, device=device)[:, rows]
-    return soar_loss(model, x0, cond, null_cond=null, config=config, generator=local, noise=noise, t=t,
-                     aux_sigmas=_aux_sigmas(t, config, u))
+def compute_loss(model, task, batch, config: SOARConfig, ctx: StepContext):
+    """SFT (``config.is_sft``) / SOAR on one micro-batch with global-batch draws (the trainer's module docstring);
+    returns the objective's :class:`~soarflow.objective.ObjectiveOutput`."""
+    x0, cond = task.encode_batch(batch, ctx.device)
+    draws = process_draws(config, x0, ctx)
+    loss = sft_loss if config.is_sft else soar_loss
+    return loss(model, x0, cond, config=config, null_cond=task.null_cond(x0.shape[0], ctx.device), draws=draws)
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -116,9 +96,10 @@ class TrainMethod:
     # keys summed (not averaged) over processes after the per-step mean
     summed_keys: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-        self.objective = cfg.objective_config()
+    def __init__(self, config: Any):
+        self.config = config
+        # sft trains on the soar: section's shared keys (shift, t density, dropout, points_per_sample) only
+        self.objective = config.soar.replace(num_aux=0) if config.method == "sft" else config.soar
 
     def setup(self, model: nn.Module, task: Any, device: torch.device) -> None:
         """Called once, after the model is built and before a checkpoint is restored."""
@@ -128,6 +109,14 @@ class TrainMethod:
 
 
 COMMON_KEYS = ("forwards_per_sample", "grad_forwards_per_sample")
+
+
+class MainTermMethod(TrainMethod):
+    """A method whose flow-matching term draws its noise, t and dropout as SFT does (one point per image)."""
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.main_term = config.soar.replace(num_aux=0, points_per_sample=1)
 
 
 class FlowMatchingMethod(TrainMethod):
@@ -140,9 +129,8 @@ class FlowMatchingMethod(TrainMethod):
 
     def compute_loss(self, model, task, batch, ctx):
         counter = ForwardCounter(model)
-        out = compute_loss(counter, task, batch, method=self.name, config=self.objective, device=ctx.device,
-                           shared=ctx.shared, local=ctx.local, rank=ctx.rank, world=ctx.world)
-        return MethodOutput(out.loss, {**out.metrics(), **counter.metrics(self.cfg.train_batch_size)})
+        out = compute_loss(counter, task, batch, self.objective, ctx)
+        return MethodOutput(out.loss, {**out.metrics(), **counter.metrics(self.config.train_batch_size)})
 
 
 class SFTMethod(FlowMatchingMethod):
@@ -153,43 +141,47 @@ class SOARMethod(FlowMatchingMethod):
     name = "soar"
 
 
-class InputPerturbationMethod(TrainMethod):
+class InputPerturbationMethod(MainTermMethod):
     name = "input_perturbation"
     metric_keys = ("loss", "flow_loss", "mean_sigma") + COMMON_KEYS
     progress_keys = ("loss",)
 
     def compute_loss(self, model, task, batch, ctx):
         x0, cond = task.encode_batch(batch, ctx.device)
-        noise, t, rows = _global_noise_and_t(x0, self.objective, ctx)
+        draws = process_draws(self.main_term, x0, ctx)
+        noise, t = draws.noise[0], draws.t[0]
         b = x0.shape[0]
+        rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
         xi = torch.randn((ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device,
                          dtype=torch.float32)[rows].to(x0.dtype)
-        cond = _drop_cond(cond, task.null_cond(b, ctx.device), b, self.objective.cond_dropout, ctx.local, ctx.device)
+        cond, _ = apply_cond_dropout(cond, task.null_cond(b, ctx.device), draws.drop_u, self.main_term, b, ctx.device)
         counter = ForwardCounter(model)
         out = input_perturbation_loss(counter, x0, cond, noise=noise, perturbation=xi,
-                                      sigma=shift_sigma(t, self.objective.shift), gamma=self.cfg.input_perturbation.gamma,
+                                      sigma=shift_sigma(t, self.objective.shift), gamma=self.config.input_perturbation.gamma,
                                       weighting=self.objective.weighting)
         return MethodOutput(out.loss, {"loss": float(out.loss.detach()), "flow_loss": float(out.flow_loss),
                                        "mean_sigma": float(out.mean_sigma), **counter.metrics(b)})
 
 
-class ScheduledSamplingMethod(TrainMethod):
+class ScheduledSamplingMethod(MainTermMethod):
     name = "scheduled_sampling"
     metric_keys = ("loss", "flow_loss", "mean_offset", "rollout_deviation", "rollout_probability", "mean_sigma") + COMMON_KEYS
     progress_keys = ("loss", "mean_offset")
 
     def compute_loss(self, model, task, batch, ctx):
-        ss = self.cfg.scheduled_sampling
+        ss = self.config.scheduled_sampling
         x0, cond = task.encode_batch(batch, ctx.device)
-        noise, t, rows = _global_noise_and_t(x0, self.objective, ctx)
+        draws = process_draws(self.main_term, x0, ctx)
+        noise, t = draws.noise[0], draws.t[0]
         b = x0.shape[0]
+        rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
         p = ss.probability_at(ctx.step)
         # offsets for the global batch from the shared generator, so they do not depend on the process count
         # k for the whole global batch from the shared generator (independent of the process count), then capped
         offsets = draw_offsets(torch.zeros(ctx.world * b, device=ctx.device), ss, p, ctx.shared)[rows]
         offsets = torch.minimum(offsets, max_offsets(t, ss.num_steps))
         null = task.null_cond(b, ctx.device)
-        cond = _drop_cond(cond, null, b, self.objective.cond_dropout, ctx.local, ctx.device)
+        cond, _ = apply_cond_dropout(cond, null, draws.drop_u, self.main_term, b, ctx.device)
         counter = ForwardCounter(model)
         out = scheduled_sampling_loss(counter, x0, cond, noise=noise, t=t, offsets=offsets, null_cond=null, config=ss,
                                       shift=self.objective.shift, weighting=self.objective.weighting)
@@ -259,21 +251,21 @@ class GRPOMethod(TrainMethod):
                    "advantage_abs") + COMMON_KEYS
     progress_keys = ("loss", "reward_mean", "kl")
 
-    def __init__(self, cfg: Any, reward: Callable | None = None):
-        super().__init__(cfg)
-        self.config = cfg.grpo
+    def __init__(self, config: Any, reward: Callable | None = None):
+        super().__init__(config)
+        self.grpo = config.grpo
         if reward is not None:
             self.reward, self.reward_name = reward, getattr(reward, "__name__", type(reward).__name__)
         else:
-            self.reward, self.reward_name = resolve_reward(cfg.grpo.reward, dict(cfg.grpo.reward_kwargs), cfg.task)
+            self.reward, self.reward_name = resolve_reward(config.grpo.reward, dict(config.grpo.reward_kwargs), config.task)
         self.reference: Callable | None = None
         self._cache: dict[int, tuple] = {}
 
     def setup(self, model, task, device):
-        if self.config.beta == 0:
+        if self.grpo.beta == 0:
             return
         transformer = _lora_transformer(model)
-        if transformer is not None and not self.cfg.init_from:
+        if transformer is not None and not self.config.init_from:
             def reference(x, sigma, cond):
                 with _adapters_disabled(transformer):
                     return model(x, sigma, cond)
@@ -286,11 +278,11 @@ class GRPOMethod(TrainMethod):
         captions = batch.get("caption") if isinstance(batch, dict) else None
         if captions is None:
             raise ValueError("grpo: the task's batches carry no 'caption' list, which the reward needs")
-        return [str(c) for c in list(captions)[: b // self.config.group_size]]
+        return [str(c) for c in list(captions)[: b // self.grpo.group_size]]
 
     @torch.no_grad()
     def _rollout(self, model, task, batch, ctx: StepContext):
-        g = self.config.group_size
+        g = self.grpo.group_size
         x0, cond = task.encode_batch(batch, ctx.device)
         b = x0.shape[0]
         if b % g:
@@ -300,25 +292,25 @@ class GRPOMethod(TrainMethod):
         cond = cond_index(cond, pick)
         null = task.null_cond(b, ctx.device)
         noise = torch.randn(x0.shape, generator=ctx.local, device=ctx.device, dtype=torch.float32).to(x0.dtype)
-        rollout = grpo_math.sample_with_log_probs(model, noise, cond, null_cond=null, config=self.config,
+        rollout = grpo_math.sample_with_log_probs(model, noise, cond, null_cond=null, config=self.grpo,
                                                   shift=self.objective.shift, generator=ctx.local)
         images = decode_images(task, rollout.images, ctx.device)
         rewards = grpo_math.check_rewards(self.reward(images, prompts), b, self.reward_name, ctx.step)
         rewards = rewards.to(ctx.device)
-        adv = grpo_math.group_advantages(rewards, g, self.config.adv_clip_max)
+        adv = grpo_math.group_advantages(rewards, g, self.grpo.adv_clip_max)
         return rollout, cond, null, rewards, adv
 
     def compute_loss(self, model, task, batch, ctx):
         counter = ForwardCounter(model)
-        slot = ctx.micro % self.cfg.gradient_accumulation_steps
-        fresh = ctx.step % self.config.sample_reuse == 0 or slot not in self._cache
+        slot = ctx.micro % self.config.gradient_accumulation_steps
+        fresh = ctx.step % self.grpo.sample_reuse == 0 or slot not in self._cache
         if fresh:
             self._cache[slot] = self._rollout(counter, task, batch, ctx)
         rollout, cond, null, rewards, adv = self._cache[slot]
         b = rewards.shape[0]
-        steps = grpo_math.choose_timesteps(b, self.config, ctx.local, ctx.device)
+        steps = grpo_math.choose_timesteps(b, self.grpo, ctx.local, ctx.device)
         reference = ForwardCounter(self.reference) if self.reference is not None else None
-        out = grpo_math.grpo_loss(counter, rollout, adv, steps, cond, null_cond=null, config=self.config,
+        out = grpo_math.grpo_loss(counter, rollout, adv, steps, cond, null_cond=null, config=self.grpo,
                                   reference=reference)
         metrics = counter.metrics(b)
         if reference is not None:
@@ -342,14 +334,14 @@ METHODS: dict[str, type[TrainMethod]] = {
 METHOD_NAMES = tuple(METHODS)
 
 
-def build_method(cfg: Any, reward: Callable | None = None) -> TrainMethod:
-    """The TrainMethod of ``cfg.method`` (``reward`` overrides ``grpo.reward`` in the Python API)."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"config key 'method': unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    if reward is not None and cfg.method != "grpo":
-        raise ValueError(f"reward: given, but method {cfg.method!r} uses no reward (only grpo does)")
-    cls = METHODS[cfg.method]
-    return cls(cfg, reward=reward) if cls is GRPOMethod else cls(cfg)
+def build_method(config: Any, reward: Callable | None = None) -> TrainMethod:
+    """The TrainMethod of ``config.method`` (``reward`` overrides ``grpo.reward`` in the Python API)."""
+    if config.method not in METHODS:
+        raise ValueError(f"config key 'method': unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if reward is not None and config.method != "grpo":
+        raise ValueError(f"reward: given, but method {config.method!r} uses no reward (only grpo does)")
+    cls = METHODS[config.method]
+    return cls(config, reward=reward) if cls is GRPOMethod else cls(config)
 
 
 # ---------------------------------------------------------------------------------------------- init_from
@@ -386,11 +378,11 @@ def load_init_weights(task: Any, model: nn.Module, path: str | Path) -> Path:
 # build configs programmatically (e.g. a demo comparing methods on the same base and data budget).
 SHAPES_RECIPES: dict[str, dict[str, Any]] = {
     "sft": {},
-    "soar": {"soar.num_aux": 4, "soar.rollout_steps": 40, "soar.rollout_cfg": 4.0, "soar.num_rollout_paths": 1},
-    "grpo": {"grpo.group_size": 4, "grpo.num_steps": 10, "grpo.train_timesteps": 3, "grpo.cfg_scale": 4.0,
+    "soar": {"soar.num_aux": 4, "soar.rollout_steps": 40, "soar.guidance_scale": 4.0, "soar.num_rollout_paths": 1},
+    "grpo": {"grpo.group_size": 4, "grpo.num_steps": 10, "grpo.train_timesteps": 3, "grpo.guidance_scale": 4.0,
              "grpo.beta": 0.04, "grpo.sample_reuse": 1, "cond_dropout": 0.0},
     "scheduled_sampling": {"scheduled_sampling.max_step_offset": 3, "scheduled_sampling.num_steps": 40,
-                           "scheduled_sampling.rollout_cfg": 4.0},
+                           "scheduled_sampling.guidance_scale": 4.0},
     "input_perturbation": {"input_perturbation.gamma": 0.1},
 }
 

@@ -204,7 +204,7 @@ def _score_for_manifest(model: torch.nn.Module, args: argparse.Namespace) -> dic
 
     bench = ShapesEval(prompts_per_family=args.eval_prompts_per_family, images_per_prompt=4, seed=0)
     prompts = bench.image_prompts()
-    images = generate_images(model, prompts, num_steps=40, cfg_scale=4.0, seed=0)
+    images = generate_images(model, prompts, num_steps=40, guidance_scale=4.0, seed=0)
     report = score(images, prompts)
     groups = [i // bench.images_per_prompt for i in range(len(prompts))]
     return {"num_steps": 40, "cfg_scale": 4.0, "prompt_seed": 0, "overall": report.overall, "per_family": report.per_family,

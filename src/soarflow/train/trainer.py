@@ -8,10 +8,10 @@ Randomness is chosen so that a run does not depend on how it is executed:
 
 * the data order is a permutation seeded by (seed, epoch); the global batch of step k is the same samples for
   any number of processes (process p takes rows ``[p B, (p+1) B)`` of it);
-* the objective's noise :math:`z_1`, times :math:`t` and ODE-path :math:`\sigma'` are drawn for the whole
-  global batch from a generator seeded by (seed, micro-step) and sliced per process, so with an ODE-only
-  rollout and no condition dropout the loss and gradient equal those of one process on the global batch;
-  stochastic rollout paths and condition dropout use a per-process generator seeded by (seed, micro-step, rank);
+* the objective's random numbers (noise :math:`z_1`, times :math:`t`, condition dropout, stochastic-path noise,
+  :math:`\sigma'`: :func:`soarflow.objective.draw_randomness`) are drawn for the whole global batch from a
+  generator seeded by (seed, micro-step) and sliced per process, so the loss and gradient equal those of one
+  process on the global batch; only grpo's rollouts use a per-process generator seeded by (seed, micro-step, rank);
 * nothing else needs saving to resume exactly: the step counter fixes every seed; accelerate restores the
   optimizer, scheduler, EMA and the global RNGs (model dropout, augmentation with ``dataloader_num_workers=0``).
 """
@@ -71,28 +71,28 @@ def _local_batches(num_samples: int, global_batch: int, batch: int, rank: int, e
     return [perm[s * global_batch + rank * batch : s * global_batch + (rank + 1) * batch] for s in range(steps)]
 
 
-def _epoch_loader(dataset, task, cfg: TrainConfig, epoch: int, start: int, rank: int, world: int):
-    batch, global_batch = cfg.train_batch_size, cfg.train_batch_size * world
+def _epoch_loader(dataset, task, config: TrainConfig, epoch: int, start: int, rank: int, world: int):
+    batch, global_batch = config.train_batch_size, config.train_batch_size * world
     # A task may choose the epoch's global batches itself (e.g. one aspect-ratio bucket per batch).
-    chosen = task.batch_indices(dataset, global_batch, cfg.seed, epoch)
+    chosen = task.batch_indices(dataset, global_batch, config.seed, epoch)
     if chosen is not None:
         batches = [g[rank * batch : (rank + 1) * batch] for g in chosen if len(g) == global_batch]
     else:
-        batches = _local_batches(len(dataset), global_batch, batch, rank, epoch, cfg.seed)
+        batches = _local_batches(len(dataset), global_batch, batch, rank, epoch, config.seed)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches[start:],
         collate_fn=task.collate,
-        num_workers=cfg.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(_seed(cfg.seed, epoch, start, 23)),
+        num_workers=config.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(_seed(config.seed, epoch, start, 23)),
     )
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
 
 
-def _make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    if cfg.use_8bit_adam:
+def _make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
@@ -101,8 +101,8 @@ def _make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim
         cls = bnb.optim.AdamW8bit
     else:
         cls = torch.optim.AdamW
-    return cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-               weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    return cls(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+               weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
 
 
 def lr_lambda(name: str, warmup: int, total: int):
@@ -126,22 +126,22 @@ def lr_lambda(name: str, warmup: int, total: int):
     return factor
 
 
-def _make_scheduler(cfg: TrainConfig, optimizer, num_processes: int):
+def _make_scheduler(config: TrainConfig, optimizer, num_processes: int):
     # accelerate's prepared scheduler steps once per process per optimizer step (diffusers' convention), so
     # warm-up and length are counted in process-steps.
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps * num_processes, cfg.max_train_steps * num_processes)
+        optimizer, lr_lambda(config.lr_scheduler, config.lr_warmup_steps * num_processes, config.max_train_steps * num_processes)
     )
 
 
-def _make_accelerator(cfg: TrainConfig, output_dir: Path):
+def _make_accelerator(config: TrainConfig, output_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     return Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with="tensorboard" if cfg.report_to == "tensorboard" else None,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard" if config.report_to == "tensorboard" else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
 
@@ -155,7 +155,7 @@ def _reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
+def _tracker_config(config: TrainConfig) -> dict[str, Any]:
     """Flat scalar hyper-parameters for tensorboard's hparams (nested sections as dotted keys)."""
     flat: dict[str, Any] = {}
 
@@ -168,7 +168,7 @@ def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
             else:
                 flat[prefix + k] = str(v)
 
-    walk(cfg.to_dict(), "")
+    walk(config.to_dict(), "")
     return flat
 
 
@@ -199,54 +199,54 @@ def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: P
 # ---------------------------------------------------------------------------------------------- train
 
 
-def train(cfg: TrainConfig, task: Any = None, model: nn.Module | None = None, reward: Any = None,
+def train(config: TrainConfig, task: Any = None, model: nn.Module | None = None, reward: Any = None,
           step_callback: Callable[[int, nn.Module], bool | None] | None = None) -> TrainResult:
-    """Train `model` (default ``task.build_model()``) with ``cfg.method`` for ``cfg.max_train_steps`` steps.
+    """Train `model` (default ``task.build_model()``) with ``config.method`` for ``config.max_train_steps`` steps.
 
     ``reward(images, prompts) -> (B,)`` overrides ``grpo.reward`` for method grpo. With ``init_from`` the
     model's weights are first replaced by that run's / file's (the task's ``load_model_weights``).
 
-    `task` defaults to the registry's ``TaskClass.from_config(model=cfg.model, data=cfg.data, train_config=cfg)``.
+    `task` defaults to the registry's ``TaskClass.from_config(model=config.model, data=config.data, train_config=config)``.
     Writes ``config.yaml``, ``checkpoint-{step}`` folders, ``logs/`` (tensorboard), ``validation/step_*.png``
-    and the final weights (``task.save_model(model, output_dir / "model")``) into ``cfg.output_dir``.
+    and the final weights (``task.save_model(model, output_dir / "model")``) into ``config.output_dir``.
     `step_callback(global_step, model)` runs after every optimizer step (e.g. `soarflow study`'s evaluations and
     time budget); returning False ends training there, as if max_train_steps had been reached.
     """
-    cfg.validate()
-    output_dir = Path(cfg.output_dir)
-    resume_from = ckpt.resolve_resume(output_dir, cfg.resume_from_checkpoint)
-    ckpt.check_output_dir(cfg, resume_from)
+    config.validate()
+    output_dir = Path(config.output_dir)
+    resume_from = ckpt.resolve_resume(output_dir, config.resume_from_checkpoint)
+    ckpt.check_output_dir(config, resume_from)
     if resume_from is not None:
         ckpt.read_trainer_state(resume_from)  # fail before any work if it is unreadable
-    if cfg.init_from:
-        resolve_init_from(cfg.init_from)  # fail before any work on a missing path
-    task = task if task is not None else build_task(cfg)
-    method = build_method(cfg, reward)  # with its reward resolved: fails before any work
+    if config.init_from:
+        resolve_init_from(config.init_from)  # fail before any work on a missing path
+    task = task if task is not None else build_task(config)
+    method = build_method(config, reward)  # with its reward resolved: fails before any work
 
-    accelerator = _make_accelerator(cfg, output_dir)
+    accelerator = _make_accelerator(config, output_dir)
     try:
         with safety.StopSignals() as signals:
-            return _run(cfg, task, model, method, accelerator, output_dir, resume_from, signals, step_callback)
+            return _run(config, task, model, method, accelerator, output_dir, resume_from, signals, step_callback)
     finally:
         accelerator.end_training()
         _reset_accelerate_state()
 
 
-def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, resume_from: Path | None,
+def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path, resume_from: Path | None,
          signals: safety.StopSignals, step_callback=None) -> TrainResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     start_time = time.perf_counter()
-    set_seed(cfg.seed)  # model initialisation (when the task builds it)
+    set_seed(config.seed)  # model initialisation (when the task builds it)
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
 
     if model is None:
         model = task.build_model()
-    if cfg.init_from:
-        logger.info("init_from: loaded %s", load_init_weights(task, model, cfg.init_from))
-    if cfg.gradient_checkpointing:
+    if config.init_from:
+        logger.info("init_from: loaded %s", load_init_weights(task, model, config.init_from))
+    if config.gradient_checkpointing:
         task.enable_gradient_checkpointing(model)
     model.to(device)
     model.train()
@@ -254,14 +254,14 @@ def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, r
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
     dataset = task.train_dataset()
-    batches_per_epoch = len(dataset) // (cfg.train_batch_size * world)
+    batches_per_epoch = len(dataset) // (config.train_batch_size * world)
     if batches_per_epoch == 0:
-        raise ValueError(f"train_batch_size: {cfg.train_batch_size} x {world} process(es) exceeds the dataset size "
+        raise ValueError(f"train_batch_size: {config.train_batch_size} x {world} process(es) exceeds the dataset size "
                          f"{len(dataset)}")
 
-    optimizer = _make_optimizer(cfg, params)
-    lr_scheduler = _make_scheduler(cfg, optimizer, world)
-    ema = create_ema(model, cfg.ema_decay) if cfg.use_ema else None
+    optimizer = _make_optimizer(config, params)
+    lr_scheduler = _make_scheduler(config, optimizer, world)
+    ema = create_ema(model, config.ema_decay) if config.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
@@ -277,19 +277,19 @@ def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, r
     accelerator.wait_for_everyone()  # every process has checked output_dir before anything is written
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(cfg, output_dir)
+        _write_config(config, output_dir)
     accelerator.wait_for_everyone()
-    if cfg.report_to == "tensorboard":
-        accelerator.init_trackers("soarflow", config=_tracker_config(cfg))
+    if config.report_to == "tensorboard":
+        accelerator.init_trackers("soarflow", config=_tracker_config(config))
 
     history: list[dict[str, float]] = []
     grids: list[Path] = []
-    accum = cfg.gradient_accumulation_steps
+    accum = config.gradient_accumulation_steps
     micro = global_step * accum
     shared = torch.Generator(device=device)
     local = torch.Generator(device=device)
-    progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc=f"{cfg.method} ({cfg.task})",
-                    disable=not (cfg.show_progress and accelerator.is_local_main_process), dynamic_ncols=True)
+    progress = tqdm(total=config.max_train_steps, initial=global_step, desc=f"{config.method} ({config.task})",
+                    disable=not (config.show_progress and accelerator.is_local_main_process), dynamic_ncols=True)
     step_metrics: list[dict[str, float]] = []
     grad_norm = float("nan")
     skipped = int(ckpt.read_trainer_state(resume_from).get("skipped_nonfinite_steps", 0)) if resume_from else 0
@@ -302,18 +302,18 @@ def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, r
         tensors = list(params) + (list(ema.shadow_params) if ema is not None else [])
         if not safety.all_finite(tensors):
             raise safety.Diverged(_diverged_message(step, last_good, "the weights are non-finite"), step, last_good)
-        return ckpt.save_checkpoint(accelerator, output_dir, step, cfg.checkpoints_total_limit,
+        return ckpt.save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit,
                                     state={"skipped_nonfinite_steps": skipped})
 
     stopped = False  # step_callback returned False
-    while global_step < cfg.max_train_steps and not stopped:
+    while global_step < config.max_train_steps and not stopped:
         epoch, offset = divmod(micro, batches_per_epoch)
-        loader = _epoch_loader(dataset, task, cfg, epoch, offset, rank, world)
+        loader = _epoch_loader(dataset, task, config, epoch, offset, rank, world)
         for batch in loader:
             if not step_metrics:
                 step_start = time.perf_counter()  # seconds per optimizer step: its micro-batches' work
-            shared.manual_seed(_seed(cfg.seed, micro, 0))
-            local.manual_seed(_seed(cfg.seed, micro, 1 + rank))
+            shared.manual_seed(_seed(config.seed, micro, 0))
+            local.manual_seed(_seed(config.seed, micro, 1 + rank))
             with accelerator.accumulate(model):
                 out = method.compute_loss(model, task, batch, StepContext(device, shared, local, rank, world,
                                                                            global_step, micro))
@@ -321,8 +321,8 @@ def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, r
                 accelerator.backward(out.loss)
                 skip = False
                 if accelerator.sync_gradients:
-                    if cfg.max_grad_norm is not None:
-                        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if config.max_grad_norm is not None:
+                        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     else:
                         norm = safety.grad_norm(params)
                     if check_grads:
@@ -332,15 +332,15 @@ def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, r
                     grad_norm = float(norm)
                     nonfinite = torch.zeros_like(nonfinite)
                     if skip:
-                        if skipped >= cfg.skip_nonfinite_steps:
+                        if skipped >= config.skip_nonfinite_steps:
                             raise safety.Diverged(_diverged_message(global_step + 1, last_good,
                                                                     "non-finite loss or gradient norm",
-                                                                    cfg.skip_nonfinite_steps), global_step + 1,
+                                                                    config.skip_nonfinite_steps), global_step + 1,
                                                   last_good)
                         skipped += 1
                         logger.warning("step %d: non-finite loss or gradient norm; update skipped (%d of %d "
                                        "allowed by skip_nonfinite_steps)", global_step + 1, skipped,
-                                       cfg.skip_nonfinite_steps)
+                                       config.skip_nonfinite_steps)
                 if not skip:
                     optimizer.step()
                     lr_scheduler.step()
@@ -354,10 +354,10 @@ def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, r
             if ema is not None and not skip:
                 update_ema(ema, unwrapped)
             lr = lr_scheduler.get_last_lr()[0]
-            if global_step % cfg.logging_steps == 0 or global_step == cfg.max_train_steps:
+            if global_step % config.logging_steps == 0 or global_step == config.max_train_steps:
                 entry = _reduce_metrics(accelerator, step_metrics, method.metric_keys, method.summed_keys)
                 entry.update(step=global_step, lr=lr, epoch=epoch, step_time_s=time.perf_counter() - step_start)
-                if cfg.max_grad_norm is not None:
+                if config.max_grad_norm is not None:
                     entry["grad_norm"] = grad_norm
                 if skipped:
                     entry["skipped_nonfinite_steps"] = skipped
@@ -369,7 +369,7 @@ def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, r
             progress.update(1)
 
             saved_now = False
-            if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
+            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                 last_good, saved_now = save(global_step), True
             if stop_now:
                 progress.close()
@@ -381,8 +381,8 @@ def _run(cfg, task, model, method: TrainMethod, accelerator, output_dir: Path, r
                     f"soarflow train --config {output_dir / ckpt.CONFIG_FILE} --resume_from_checkpoint latest",
                     global_step, last_good, name)
             stopped = step_callback is not None and step_callback(global_step, unwrapped) is False
-            is_last = global_step >= cfg.max_train_steps or stopped
-            if cfg.validation_steps and (global_step % cfg.validation_steps == 0 or is_last):
+            is_last = global_step >= config.max_train_steps or stopped
+            if config.validation_steps and (global_step % config.validation_steps == 0 or is_last):
                 if accelerator.is_main_process:
                     grids.append(_validate(accelerator, task, unwrapped, ema, global_step, output_dir))
                 accelerator.wait_for_everyone()
@@ -437,19 +437,19 @@ def _reduce_metrics(accelerator, per_micro: list[dict[str, float]], keys=METRIC_
     return out
 
 
-def _write_config(cfg: TrainConfig, output_dir: Path) -> None:
+def _write_config(config: TrainConfig, output_dir: Path) -> None:
     """Write the resolved config; on resume a changed setting keeps the old file as config.N.yaml. Where the run
     lives and how it was started (output_dir spelling, resume_from_checkpoint) is not a change."""
-    from .config import LOCATION_KEYS, config_differences
+    from .config import LOCATION_KEYS, config_differences, upgrade_former_names
 
     path = output_dir / ckpt.CONFIG_FILE
-    text = cfg.to_yaml()
+    text = config.to_yaml()
     if path.exists():
         try:
-            previous = ckpt._read_yaml(path)
+            previous = upgrade_former_names(TrainConfig, ckpt._read_yaml(path))
         except ValueError:
             previous = {}
-        if not [d for d in config_differences(previous, cfg.to_dict()) if d.split(":")[0] not in LOCATION_KEYS]:
+        if not [d for d in config_differences(previous, config.to_dict()) if d.split(":")[0] not in LOCATION_KEYS]:
             return
         n = 1
         while (output_dir / f"config.{n}.yaml").exists():
