@@ -24,7 +24,7 @@ def test_sd3_study_with_loss_evaluation(tmp_path):
                  "data": {"path": str(images), "resolution": 32, "validation_prompts": ["a red circle"]}},
         "seeds": [0],
         "budget": {"steps": 1},
-        "evaluation": {"kind": "loss", "num_steps": [8], "cfg_scales": [2.0], "num_samples": 3, "shift": 3.0},
+        "evaluation": {"kind": "loss", "num_steps": [8], "guidance_scales": [2.0], "num_samples": 3, "shift": 3.0},
         "rows": [{"name": "sft", "set": {"method": "sft"}}, {"name": "soar", "set": {"method": "soar"}}],
     }
     path = tmp_path / "study.yaml"

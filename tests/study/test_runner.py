@@ -32,7 +32,7 @@ def write_study(tmp_path, base, rows, **extra):
                  "soar.num_aux": 2, "soar.rollout_steps": 5, "soar.guidance_scale": 2.0, "soar.shift": 1.0},
         "seeds": [0],
         "budget": {"steps": 2},
-        "evaluation": {"num_steps": [3], "cfg_scales": [2.0], "prompts_per_family": 1, "images_per_prompt": 2,
+        "evaluation": {"num_steps": [3], "guidance_scales": [2.0], "prompts_per_family": 1, "images_per_prompt": 2,
                        "exposure_images": 4},
         "rows": rows,
     }
@@ -128,7 +128,7 @@ def test_equal_wall_clock_arm_and_report_files(tmp_path, tiny_base, capsys):
     path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
                                              {"name": "soar", "set": {"method": "soar"}}],
                        budget={"steps": 1, "seconds": 0.05, "max_steps": 50},
-                       evaluation={"num_steps": [3], "cfg_scales": [1.0, 2.0], "prompts_per_family": 1,
+                       evaluation={"num_steps": [3], "guidance_scales": [1.0, 2.0], "prompts_per_family": 1,
                                    "images_per_prompt": 2, "exposure_images": 4, "every_steps": 1})
     out = tmp_path / "o"
     assert main(["--config", str(path), "--output_dir", str(out), "--num_resamples", "200"]) == 0
@@ -217,3 +217,11 @@ def test_a_chained_row_starts_from_its_source_cells_weights(tmp_path, tiny_base,
         load_study(bad)
     # --only keeps the source row of a chained row
     assert [r.name for r in load_study(path, only=["sft_then_ip"]).rows] == ["sft", "sft_then_ip"]
+
+
+def test_former_evaluation_key_names_still_load_with_a_warning(tmp_path, tiny_base):
+    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}}],
+                       evaluation={"num_steps": [3], "cfg_scales": [1.0, 2.0], "curve_cfg_scale": 2.0})
+    with pytest.warns(FutureWarning, match="guidance_scales"):
+        spec = load_study(path)
+    assert spec.evaluation.guidance_scales == [1.0, 2.0] and spec.evaluation.curve_guidance_scale == 2.0

@@ -1,6 +1,6 @@
 r"""The evaluations a study runs on every cell; all cells see the same prompts / samples and the same noise.
 
-``shapes`` (:class:`ShapesStudyEval`): for each sampler setting (num_steps, cfg_scale),
+``shapes`` (:class:`ShapesStudyEval`): for each sampler setting (num_steps, guidance_scale),
 :func:`soarflow.shapes.evaluate.evaluate_setting` (the demo's evaluation): ShapesEval overall / per family / seen
 vs held-out, per-image pass/fail and reward, FD and diversity against real renders, exposure gap per sigma bin.
 
@@ -67,12 +67,12 @@ class ShapesStudyEval:
         return out
 
     def curve(self, model: torch.nn.Module) -> float:
-        """ShapesEval overall on the small curve set at (curve_num_steps, curve_cfg_scale)."""
+        """ShapesEval overall on the small curve set at (curve_num_steps, curve_guidance_scale)."""
         from ..shapes.generate import generate_images
         from ..shapes import score
 
         images = generate_images(model, self.curve_prompts, num_steps=self.spec.curve_num_steps,
-                                 guidance_scale=self.spec.curve_cfg_scale, shift=self.spec.shift, seed=self.spec.seed)
+                                 guidance_scale=self.spec.curve_guidance_scale, shift=self.spec.shift, seed=self.spec.seed)
         return float(score(images, self.curve_prompts).overall)
 
 

@@ -4,7 +4,7 @@ For every budget arm (``steps``: equal optimizer steps; ``seconds``: equal train
 evaluation setting: mean ± std over seeds of each metric, and for each per-image metric a paired bootstrap CI
 (:mod:`soarflow.study.stats`) of each row's difference to the reference row (SFT) and to the base; a difference
 whose CI contains 0 is printed "within noise" in the table. The headline setting of plots and the per-family
-table is the last ``num_steps`` with the last ``cfg_scale``.
+table is the last ``num_steps`` with the last ``guidance_scale``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ COST = ["step", "train_seconds", "forwards_per_step", "sample_forwards_per_image
 
 
 def headline_setting(spec: StudySpec) -> str:
-    return setting_key(spec.evaluation.num_steps[-1], spec.evaluation.cfg_scales[-1])
+    return setting_key(spec.evaluation.num_steps[-1], spec.evaluation.guidance_scales[-1])
 
 
 def aggregate(spec: StudySpec, records: list[dict], num_resamples: int = 2000) -> dict[str, Any]:
@@ -240,7 +240,7 @@ def plots(spec: StudySpec, results: dict, out: Path) -> list[str]:
         ev = spec.evaluation
         ax.set_xlabel("training wall-clock (s, evaluation excluded)")
         ax.set_ylabel("ShapesEval overall (curve set)" if kind == "shapes" else "flow-matching loss")
-        ax.set_title(f"score vs wall-clock ({ev.curve_num_steps} steps, guidance {ev.curve_cfg_scale:g}, "
+        ax.set_title(f"score vs wall-clock ({ev.curve_num_steps} steps, guidance {ev.curve_guidance_scale:g}, "
                      f"every {ev.every_steps} steps)")
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -5,7 +5,7 @@
     base: {method: sft, learning_rate: 5.0e-5, soar.shift: 1.0}   # merged over base_config (dotted keys allowed)
     seeds: [0, 1, 2]
     budget: {steps: 100, seconds: 60, max_steps: 2000}
-    evaluation: {kind: shapes, num_steps: [10, 40], cfg_scales: [1.0, 4.0], prompts_per_family: 4, ...}
+    evaluation: {kind: shapes, num_steps: [10, 40], guidance_scales: [1.0, 4.0], prompts_per_family: 4, ...}
     include_base: true                   # evaluate the untrained base as a row named "base"
     reference: sft                       # rows are compared to this row and to the base
     rows:
@@ -27,7 +27,7 @@ import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -70,15 +70,17 @@ class Budget:
 
 @dataclass
 class EvalSpec:
-    """``evaluation:``. kind ``shapes``: ShapesEval at every (num_steps, cfg_scale), FD / diversity against real
+    """``evaluation:``. kind ``shapes``: ShapesEval at every (num_steps, guidance_scale), FD / diversity against real
     renders, exposure gap; kind ``loss`` (any task, e.g. diffusers): per-sample flow-matching loss at fixed noise
     and sigmas on the first ``num_samples`` training samples, plus the exposure gap. Every cell uses the same
     prompts and noise (``seed``), so two cells' per-image results are paired."""
 
+    FORMER_KEYS: ClassVar[dict[str, str]] = {"cfg_scales": "guidance_scales", "curve_cfg_scale": "curve_guidance_scale"}
+
     kind: str = "shapes"
     seed: int = 1234
     num_steps: list[int] = field(default_factory=lambda: [10, 40])
-    cfg_scales: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    guidance_scales: list[float] = field(default_factory=lambda: [1.0, 4.0])
     prompts_per_family: int = 4
     images_per_prompt: int = 2
     exposure_images: int = 32
@@ -87,7 +89,7 @@ class EvalSpec:
     shift: float = 1.0  # sampler time shift (shapes: 1; SD3: 3)
     every_steps: int = 0  # score-vs-wall-clock curve: a small evaluation every M steps (0: none)
     curve_num_steps: int = 10
-    curve_cfg_scale: float = 4.0
+    curve_guidance_scale: float = 4.0
     curve_prompts_per_family: int = 2
 
     def __post_init__(self) -> None:
@@ -99,18 +101,18 @@ class EvalSpec:
                 raise ValueError(f"evaluation.{key} must be >= 1, got {getattr(self, key)}")
         if not self.num_steps or any(n < 2 for n in self.num_steps):
             raise ValueError(f"evaluation.num_steps must be a non-empty list of values >= 2, got {self.num_steps}")
-        if not self.cfg_scales or any(c <= 0 for c in self.cfg_scales):
-            raise ValueError(f"evaluation.cfg_scales must be a non-empty list of values > 0, got {self.cfg_scales}")
+        if not self.guidance_scales or any(c <= 0 for c in self.guidance_scales):
+            raise ValueError(f"evaluation.guidance_scales must be a non-empty list of values > 0, got {self.guidance_scales}")
         if self.every_steps < 0:
             raise ValueError(f"evaluation.every_steps must be >= 0, got {self.every_steps}")
 
     @property
     def settings(self) -> list[tuple[int, float]]:
-        return [(n, float(c)) for n in self.num_steps for c in self.cfg_scales]
+        return [(n, float(c)) for n in self.num_steps for c in self.guidance_scales]
 
 
-def setting_key(num_steps: int, cfg_scale: float) -> str:
-    return f"steps{num_steps}_cfg{float(cfg_scale):g}"
+def setting_key(num_steps: int, guidance_scale: float) -> str:
+    return f"steps{num_steps}_cfg{float(guidance_scale):g}"
 
 
 @dataclass
