@@ -80,6 +80,7 @@ class SOARConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    uniform_fraction: float = 0.0  # share of t drawn from U(0, 1) instead of t_density (flow.sample_t)
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     cond_dropout: float = 0.0  # probability of training a sample on null_cond (enables guidance)
     aux_chunk_size: int | None = None  # max rows per forward; larger batches run checkpointed in chunks (memory)
@@ -128,6 +129,10 @@ class SOARConfig:
             raise bad("t_density", f"must be one of {T_DENSITIES}")
         if not self.logit_std > 0:
             raise bad("logit_std", "must be > 0")
+        if not 0 <= self.uniform_fraction <= 1:
+            raise bad("uniform_fraction", "must be in [0, 1]")
+        if self.uniform_fraction > 0 and self.aux_sigma_density == "t_density":
+            raise bad("uniform_fraction", "aux_sigma_density='t_density' needs the plain t_density (uniform_fraction 0)")
         if self.weighting not in WEIGHTINGS:
             raise bad("weighting", f"must be one of {WEIGHTINGS}")
         if not 0 <= self.cond_dropout < 1:
@@ -215,6 +220,7 @@ def _draw_noise_and_t(x0, config: SOARConfig, generator, noise, t):
             logit_mean=config.logit_mean,
             logit_std=config.logit_std,
             mode_scale=config.mode_scale,
+            uniform_fraction=config.uniform_fraction,
             generator=generator,
             device=x0.device,
         )

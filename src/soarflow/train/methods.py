@@ -73,7 +73,8 @@ def _global_noise_and_t(x0: torch.Tensor, objective: SOARConfig, ctx: StepContex
     noise = torch.randn((ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device,
                         dtype=torch.float32)[rows]
     t = sample_t(ctx.world * b, density=objective.t_density, logit_mean=objective.logit_mean,
-                 logit_std=objective.logit_std, mode_scale=objective.mode_scale, generator=ctx.shared,
+                 logit_std=objective.logit_std, mode_scale=objective.mode_scale,
+                 uniform_fraction=objective.uniform_fraction, generator=ctx.shared,
                  device=ctx.device)[rows]
     return noise.to(x0.dtype), t, rows
 
