@@ -7,7 +7,7 @@ import sys
 
 COMMANDS = {
     "demo": ("soarflow.demo:main", "pretrained base -> SFT vs SOAR post-training -> ShapesEval report (CPU, minutes)"),
-    "pretrain": ("soarflow.train.pretrain:main_pretrain", "pretrain the embedded model on the ShapesEval corpus"),
+    "pretrain": ("soarflow.commands.pretrain:main", "pretrain the embedded model on the ShapesEval corpus"),
     "train": ("soarflow.train.entry:main_train", "post-train a model (SFT or SOAR) from a YAML config + overrides"),
     "sample": ("soarflow.models.sample:main", "generate images from a trained checkpoint"),
     "eval-shapes": ("soarflow.shapes.cli:main", "score images or a checkpoint on ShapesEval"),
