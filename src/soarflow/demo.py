@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -104,37 +105,32 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
 # -- post-training -------------------------------------------------------------------------------------
 def post_train(method: str, s: DemoSettings, run_dir: Path):
     """SFT or SOAR from the base with the shared settings, through the same trainer `soarflow train` uses."""
-    from .train import load_config, train
+    from .train import TrainConfig, train
 
-    overrides = {
-        "task": "shapes",
-        "method": method,
-        "output_dir": str(run_dir),
-        "seed": s.seed,
-        "learning_rate": s.learning_rate,
-        "lr_scheduler": s.lr_scheduler,
-        "lr_warmup_steps": s.lr_warmup_steps,
-        "cond_dropout": s.cond_dropout,
-        "train_batch_size": s.train_batch_size,
-        "max_train_steps": s.max_train_steps,
-        "checkpointing_steps": max(1, s.max_train_steps // 5),  # an interrupted demo resumes from these
-        "checkpoints_total_limit": 1,
-        "resume_from_checkpoint": "latest",
-        "show_progress": False,
-        "validation_steps": 0,
-        "logging_steps": 10,
-        "weighting_scheme": "logit_normal",
-        "soar.shift": 1.0,
-        "soar.num_aux": s.num_aux,
-        "soar.lambda_aux": s.lambda_aux,
-        "soar.rollout_steps": s.rollout_steps,
-        "soar.rollout_cfg": s.rollout_cfg,
-        "soar.num_rollout_paths": 1,
-        "model.pretrained": s.base,
-        "data.split": "curated",
-    }
-    argv = [f"--{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()]
-    return train(load_config(None, argv))
+    cfg = TrainConfig(
+        task="shapes",
+        method=method,
+        output_dir=str(run_dir),
+        seed=s.seed,
+        learning_rate=s.learning_rate,
+        lr_scheduler=s.lr_scheduler,
+        lr_warmup_steps=s.lr_warmup_steps,
+        cond_dropout=s.cond_dropout,
+        train_batch_size=s.train_batch_size,
+        max_train_steps=s.max_train_steps,
+        checkpointing_steps=max(1, s.max_train_steps // 5),  # an interrupted demo resumes from these
+        checkpoints_total_limit=1,
+        resume_from_checkpoint="latest",
+        show_progress=False,
+        validation_steps=0,
+        logging_steps=10,
+        weighting_scheme="logit_normal",
+        soar=dataclasses.replace(TrainConfig().soar, shift=1.0, num_aux=s.num_aux, lambda_aux=s.lambda_aux,
+                                 rollout_steps=s.rollout_steps, rollout_cfg=s.rollout_cfg, num_rollout_paths=1),
+        model={"pretrained": s.base},
+        data={"split": "curated"},
+    )
+    return train(cfg)
 
 
 # -- evaluation ----------------------------------------------------------------------------------------
