@@ -130,7 +130,7 @@ class TrainConfig:
     uniform_fraction: float = _f(0.0, "share of training times t drawn from U(0, 1) instead of the density above "
                                       "(pretraining: 0.25, keeps the high-noise levels in the mix)")
     use_ema: bool = _f(False, "keep an EMA of the trainable weights; the final model gets the EMA weights")
-    ema_decay: float = _f(0.999, "EMA decay (diffusers EMAModel; warms up as (1+n)/(10+n))")
+    ema_decay: float = _f(0.999, "EMA decay (diffusers EMAModel's rule; warms up as (1+m)/(10+m), m = n - 1)")
     cond_dropout: float = _f(0.0, "probability of training a sample on the null condition")
     show_progress: bool = _f(True, "tqdm progress bar")
     write_manifest: bool = _f(False, "soarflow train/pretrain: write manifest.json beside the final model (command, "
