@@ -7,7 +7,7 @@ import sys
 
 COMMANDS = {
     "demo": ("soarflow.commands.demo:main", "pretrained base -> SFT vs SOAR post-training -> ShapesEval report (CPU, minutes)"),
-    "pretrain": ("soarflow.train.pretrain:main_pretrain", "pretrain the embedded model on the ShapesEval corpus"),
+    "pretrain": ("soarflow.commands.pretrain:main", "pretrain the embedded model on the ShapesEval corpus"),
     "train": ("soarflow.commands.train:main_train", "post-train a model (SFT or SOAR) from a YAML config + overrides"),
     "sample": ("soarflow.commands.sample:main", "generate images from a trained checkpoint"),
     "eval-shapes": ("soarflow.commands.eval_shapes:main", "score images or a checkpoint on ShapesEval"),

@@ -58,6 +58,7 @@ def sample_t(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     mode_scale: float = 1.29,
+    uniform_fraction: float = 0.0,
     generator: torch.Generator | None = None,
     device=None,
 ) -> torch.Tensor:
@@ -67,7 +68,20 @@ def sample_t(
     * ``uniform``: :math:`t \sim U(0, 1)`;
     * ``mode``: :math:`t = 1 - u - m(\cos^2(\pi u / 2) - 1 + u)`, :math:`u \sim U(0,1)` (SD3 eq. 20);
     * ``cosmap``: :math:`t = 1 - 1/(\tan(\pi u / 2) + 1)` (SD3 eq. 21).
+
+    With ``uniform_fraction`` f > 0 the density is the mixture :math:`(1 - f)\,p(t) + f\,U(0, 1)`: each t is
+    replaced by a fresh :math:`U(0, 1)` draw with probability f (the pretraining recipe keeps the high-noise levels,
+    where the layout is decided, in the mix). f = 0 draws nothing extra.
     """
+    t = _sample_t_density(batch_size, density, logit_mean, logit_std, mode_scale, generator, device)
+    if uniform_fraction > 0:
+        u = torch.rand(batch_size, generator=generator, device=device)
+        pick = torch.rand(batch_size, generator=generator, device=device) < uniform_fraction
+        t = torch.where(pick, u, t)
+    return t
+
+
+def _sample_t_density(batch_size, density, logit_mean, logit_std, mode_scale, generator, device) -> torch.Tensor:
     if density == "logit_normal":
         u = torch.randn(batch_size, generator=generator, device=device) * logit_std + logit_mean
         return torch.sigmoid(u)

@@ -90,6 +90,8 @@ class SOARConfig:
     logit_mean: float = _key(0.0, "mean of the logit-normal t density", set_by="logit_mean")
     logit_std: float = _key(1.0, "std of the logit-normal t density", set_by="logit_std")
     mode_scale: float = _key(1.29, "scale of the 'mode' t density", set_by="mode_scale")
+    uniform_fraction: float = _key(0.0, "share of t drawn from U(0, 1) instead of t_density (flow.sample_t)",
+                                   set_by="uniform_fraction")
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = _key("none", "SD3 loss weighting", set_by="weighting_scheme")
     cond_dropout: float = _key(0.0, "probability of training a sample on null_cond (enables guidance)",
                                set_by="cond_dropout")
@@ -148,6 +150,10 @@ class SOARConfig:
             raise bad("t_density", f"must be one of {T_DENSITIES}")
         if not self.logit_std > 0:
             raise bad("logit_std", "must be > 0")
+        if not 0 <= self.uniform_fraction <= 1:
+            raise bad("uniform_fraction", "must be in [0, 1]")
+        if self.uniform_fraction > 0 and self.aux_sigma_density == "t_density":
+            raise bad("uniform_fraction", "aux_sigma_density='t_density' needs the plain t_density (uniform_fraction 0)")
         if self.weighting not in WEIGHTINGS:
             raise bad("weighting", f"must be one of {WEIGHTINGS}")
         if not 0 <= self.cond_dropout < 1:
@@ -289,7 +295,8 @@ def draw_randomness(
 
     def times(n: int) -> torch.Tensor:
         return sample_t(n, density=config.t_density, logit_mean=config.logit_mean, logit_std=config.logit_std,
-                        mode_scale=config.mode_scale, generator=generator, device=device)
+                        mode_scale=config.mode_scale, uniform_fraction=config.uniform_fraction, generator=generator,
+                        device=device)
 
     noise = normal() if noise is None else noise.to(device=device, dtype=dtype)
     t = times(batch) if t is None else t.to(device=device, dtype=torch.float32)

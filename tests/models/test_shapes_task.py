@@ -95,7 +95,7 @@ def test_shipped_base_manifest_is_reproducible_by_its_command():
 
     from soarflow.models.embedded import read_checkpoint
     from soarflow.models.embedded import base_checkpoint_path
-    from soarflow.train.pretrain import build_parser
+    from soarflow.commands.pretrain import build_parser
 
     path = base_checkpoint_path()
     manifest = json.loads(path.with_suffix(".json").read_text())

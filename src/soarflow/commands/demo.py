@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -39,9 +40,9 @@ class DemoSettings:
     num_aux: int = 4
     lambda_aux: float = 1.0
     rollout_steps: int = 10
-    rollout_cfg: float = 4.0
+    rollout_guidance_scale: float = 4.0
     eval_num_steps: list[int] = field(default_factory=lambda: [10, 40])
-    cfg_scale: float = 4.0
+    guidance_scale: float = 4.0  # evaluation
     prompts_per_family: int = 6
     images_per_prompt: int = 2
     exposure_images: int = 32
@@ -73,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_aux", type=int, help=f"SOAR auxiliary points K (default {d.num_aux})")
     p.add_argument("--lambda_aux", type=float, help=f"SOAR auxiliary weight (default {d.lambda_aux})")
     p.add_argument("--rollout_steps", type=int, help=f"SOAR rollout schedule N (default {d.rollout_steps})")
-    p.add_argument("--rollout_cfg", type=float, help=f"SOAR rollout guidance (default {d.rollout_cfg})")
+    p.add_argument("--rollout_guidance_scale", type=float,
+                   help=f"SOAR rollout guidance (default {d.rollout_guidance_scale})")
     p.add_argument("--eval_num_steps", type=int, nargs="+", help=f"sampler steps to evaluate (default {d.eval_num_steps})")
-    p.add_argument("--cfg_scale", type=float, help=f"evaluation guidance (default {d.cfg_scale})")
+    p.add_argument("--guidance_scale", type=float, help=f"evaluation guidance (default {d.guidance_scale})")
     p.add_argument("--prompts_per_family", type=int, help=f"ShapesEval prompts per family (default {d.prompts_per_family})")
     p.add_argument("--images_per_prompt", type=int, help=f"default {d.images_per_prompt}")
     p.add_argument("--base", help='base checkpoint: "base" (shipped) or a .safetensors path')
@@ -84,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{','.join(METHOD_NAMES)} (default {','.join(d.methods)}); each gets the same data, "
                         f"optimizer, batch and steps, and its recipe from configs/shapes_<method>.yaml")
     return p
+
+
+# Flags renamed to the guidance_scale spelling of every other command; the former ones still work, unlisted.
+OLD_FLAGS = {"--cfg_scale": "--guidance_scale", "--rollout_cfg": "--rollout_guidance_scale"}
+
+
+def _new_spelling(arg: str) -> str:
+    flag, eq, value = arg.partition("=")
+    return OLD_FLAGS[flag] + eq + value if flag in OLD_FLAGS else arg
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
@@ -120,10 +131,11 @@ def post_train(method: str, s: DemoSettings, run_dir: Path):
     """One method from the base with the shared settings, through the same trainer `soarflow train` uses.
     SOAR takes the demo's K / lambda / N / rollout guidance; the other baselines their shapes recipe
     (soarflow.train.methods.SHAPES_RECIPES, the settings of configs/shapes_<method>.yaml)."""
-    from ..train import load_config, train
+    from ..train import TrainConfig, train
+    from ..train.config import set_dotted
     from ..train.methods import SHAPES_RECIPES
 
-    overrides = {
+    values = {
         "task": "shapes",
         "method": method,
         "output_dir": str(run_dir),
@@ -145,15 +157,17 @@ def post_train(method: str, s: DemoSettings, run_dir: Path):
         "soar.num_aux": s.num_aux,
         "soar.lambda_aux": s.lambda_aux,
         "soar.rollout_steps": s.rollout_steps,
-        "soar.guidance_scale": s.rollout_cfg,
+        "soar.guidance_scale": s.rollout_guidance_scale,
         "soar.num_rollout_paths": 1,
         "model.pretrained": s.base,
         "data.split": "curated",
     }
     if method not in ("sft", "soar"):
-        overrides.update(SHAPES_RECIPES[method])
-    argv = [f"--{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()]
-    return train(load_config(None, argv))
+        values.update(SHAPES_RECIPES[method])
+    raw: dict = {}
+    for key, value in values.items():  # dotted keys -> the nested mapping TrainConfig validates
+        set_dotted(raw, key, key.split("."), value)
+    return train(TrainConfig.from_dict(raw))
 
 
 # -- evaluation ----------------------------------------------------------------------------------------
@@ -165,7 +179,7 @@ def evaluate(model: torch.nn.Module, s: DemoSettings, bench, real: torch.Tensor,
     results, samples, records = {}, {}, {}
     for n in s.eval_num_steps:
         t0 = time.time()
-        metrics, images, report = evaluate_setting(model, prompts, groups, real, num_steps=n, guidance_scale=s.cfg_scale,
+        metrics, images, report = evaluate_setting(model, prompts, groups, real, num_steps=n, guidance_scale=s.guidance_scale,
                                                    seed=s.seed, exposure_images=s.exposure_images, shift=1.0)
         results[str(n)] = {**metrics, "eval_seconds": round(time.time() - t0, 1)}
         samples[n] = images
@@ -180,7 +194,7 @@ def format_table(report: dict, s: DemoSettings) -> str:
     methods = methods_of(s)
     diverged = {m: report["methods"][m]["train"] for m in methods if report["methods"][m].get("metrics") is None}
     for n in s.eval_num_steps:
-        lines.append(f"\nShapesEval, {n} Euler steps, guidance {s.cfg_scale}  (higher is better, except FD / exposure gap)")
+        lines.append(f"\nShapesEval, {n} Euler steps, guidance {s.guidance_scale}  (higher is better, except FD / exposure gap)")
         header = ["metric"] + list(methods)
         rows = []
 
@@ -231,7 +245,7 @@ def save_plot(report: dict, s: DemoSettings, path: Path) -> None:
         axes[1].plot([(b["sigma_low"] + b["sigma_high"]) / 2 for b in eb["bins"]], [b["gap"] for b in eb["bins"]], marker="o", label=m)
     axes[0].set_xticks(range(len(fams) + 1), fams + ["overall"], rotation=30, ha="right")
     axes[0].set_ylabel("accuracy")
-    axes[0].set_title(f"ShapesEval ({n} steps, guidance {s.cfg_scale})")
+    axes[0].set_title(f"ShapesEval ({n} steps, guidance {s.guidance_scale})")
     axes[0].legend()
     axes[1].set_xlabel("sigma")
     axes[1].set_ylabel("x0 error on own states - on ideal states")
@@ -246,7 +260,7 @@ def save_plot(report: dict, s: DemoSettings, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from ..train.safety import EXIT_INTERRUPTED, Interrupted
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args([_new_spelling(a) for a in (sys.argv[1:] if argv is None else argv)])
     try:
         s = settings_from_args(args)
         return run_demo(s, Path(args.output_dir), overwrite=args.overwrite)

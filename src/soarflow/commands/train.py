@@ -1,4 +1,5 @@
-"""`soarflow train` (and the `soarflow pretrain` dispatch): config file + dotted overrides -> `train()`.
+"""`soarflow train`: config file + dotted overrides -> `train()` (`soarflow pretrain` maps its flags onto a config
+and runs the same `run_train`).
 
     soarflow train --config configs/shapes_soar.yaml --soar.num_aux 4 --learning_rate=1e-4
     accelerate launch --num_processes 2 -m soarflow train --config ...     # several processes / GPUs
@@ -11,7 +12,7 @@ names the last good checkpoint); 75 stopped by SIGTERM/SIGINT after saving a che
 from __future__ import annotations
 
 import argparse
-import importlib
+import shlex
 import sys
 
 from ..train.config import describe_fields
@@ -41,23 +42,37 @@ def main_train(argv: list[str]) -> int:
         print(train_help())
         return 0
     from ..train.config import load_config
+
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"soarflow train: error: {err}", file=sys.stderr)
+        return 2
+    return run_train(cfg, "soarflow train " + shlex.join(argv))
+
+
+def run_train(cfg, command: str, prog: str = "soarflow train", args: dict | None = None) -> int:
+    """Train `cfg`, print the summary and (``write_manifest``) write manifest.json naming `command` (and the
+    command's own flags `args`); returns the exit status."""
+    from ..train.manifest import write_manifest
+    from ..tasks.registry import build_task
     from ..train.safety import EXIT_DIVERGED, EXIT_INTERRUPTED, Interrupted
     from ..train.trainer import train
 
     try:
-        cfg = load_config(args.config, overrides)
-        result = train(cfg)
+        task = build_task(cfg) if cfg.write_manifest else None  # the manifest's evaluation needs it
+        result = train(cfg, task=task)
     except (ValueError, FileNotFoundError) as err:
-        print(f"soarflow train: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # diverged: a training failure, not a usage error
-        print(f"soarflow train: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     except Interrupted as err:  # SIGTERM / SIGINT: a checkpoint of the current step was saved
-        print(f"soarflow train: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
-        print("soarflow train: interrupted; continue with --resume_from_checkpoint latest "
+        print(f"{prog}: interrupted; continue with --resume_from_checkpoint latest "
               "(from the last checkpoint)", file=sys.stderr)
         return 130
     if result.num_processes > 1:
@@ -66,6 +81,9 @@ def main_train(argv: list[str]) -> int:
         if not PartialState().is_main_process:
             return 0
     print(summary(cfg, result))
+    if cfg.write_manifest:
+        path = write_manifest(cfg, result, task, command, args)
+        print(f"  manifest: {path}")
     return 0
 
 
@@ -88,13 +106,3 @@ def summary(cfg, result) -> str:
     lines.append(f"  output: {result.output_dir} (config.yaml, checkpoints, logs/, validation/)")
     return "\n".join(lines)
 
-
-def main_pretrain(argv: list[str]) -> int:
-    """`soarflow pretrain` lives in soarflow.train.pretrain (the embedded model's pretraining)."""
-    try:
-        module = importlib.import_module("soarflow.train.pretrain")
-    except ImportError as err:
-        print(f"soarflow pretrain: unavailable ({err})", file=sys.stderr)
-        return 2
-    run = getattr(module, "main_pretrain", None) or getattr(module, "main")
-    return int(run(list(argv)) or 0)

@@ -87,3 +87,7 @@ class Task:
     def data_summary(self) -> str | None:
         """One line about the data for the run summary (e.g. bad samples skipped), or None."""
         return None
+
+    def manifest_evaluation(self, model: nn.Module) -> dict:
+        """Quality figures of a finished model for the run's manifest.json (``write_manifest``); none by default."""
+        return {}

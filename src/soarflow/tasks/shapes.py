@@ -69,6 +69,7 @@ class ShapesDataSection:
     )
     validation_steps: int = 20
     validation_guidance_scale: float = GUIDANCE_SCALE
+    eval_prompts_per_family: int = 10  # ShapesEval size of manifest.json's score (write_manifest: true)
 
 
 class ShapesTask(Task):
@@ -135,6 +136,22 @@ class ShapesTask(Task):
             guidance_scale=self.data_config.validation_guidance_scale, device=device
         )
         return images, prompts
+
+    def manifest_evaluation(self, model: nn.Module) -> dict:
+        """ShapesEval, FD and diversity of a trained model at the demo's sampler settings (40 Euler steps,
+        guidance 4, 4 images per prompt), for manifest.json (the shipped base's: assets/base_shapes.json)."""
+        from ..shapes import ShapesEval, score
+        from ..shapes.metrics import diversity, frechet_distance
+
+        bench = ShapesEval(prompts_per_family=self.data_config.eval_prompts_per_family, images_per_prompt=4, seed=0)
+        prompts = bench.image_prompts()
+        images = generate_images(model, prompts, num_steps=40, guidance_scale=GUIDANCE_SCALE, seed=0)
+        report = score(images, prompts)
+        groups = [i // bench.images_per_prompt for i in range(len(prompts))]
+        return {"shapes_eval": {
+            "num_steps": 40, "cfg_scale": 4.0, "prompt_seed": 0, "overall": report.overall,
+            "per_family": report.per_family, "fd": frechet_distance(images, bench.render_real()),
+            "diversity": diversity(images, groups)}}
 
     # -- weights -----------------------------------------------------------------------------------
     def save_model(self, model: nn.Module, path: Path) -> None:

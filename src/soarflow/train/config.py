@@ -57,7 +57,7 @@ WEIGHTING_SCHEME_TO_OBJECTIVE = {
 NON_DEFINING_KEYS = frozenset({
     "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
     "validation_steps", "report_to", "logging_steps", "dataloader_num_workers", "show_progress",
-    "skip_nonfinite_steps",
+    "skip_nonfinite_steps", "max_train_seconds", "write_manifest",
 })
 # Keys that say where a run lives or how it was started, not what it is: ignored when comparing a resumed run's
 # config with the one in its folder (a run may be moved or its folder spelled differently).
@@ -86,6 +86,8 @@ class TrainConfig:
     lr_warmup_steps: int = _f(0, "linear warmup steps (constant_with_warmup, cosine, linear)")
     train_batch_size: int = _f(8, "batch size per process (global batch = this x processes)")
     max_train_steps: int = _f(1000, "optimizer steps")
+    max_train_seconds: float | None = _f(None, "also stop after this much training time (null: no limit; "
+                                               "equal-wall-clock comparisons)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     max_grad_norm: float | None = _f(1.0, "gradient clipping norm (null: no clipping)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
@@ -107,10 +109,14 @@ class TrainConfig:
     logit_mean: float = _f(0.0, "mean of the logit-normal t density")
     logit_std: float = _f(1.0, "std of the logit-normal t density")
     mode_scale: float = _f(1.29, "scale of the 'mode' t density")
+    uniform_fraction: float = _f(0.0, "share of training times t drawn from U(0, 1) instead of the density above "
+                                      "(pretraining: 0.25, keeps the high-noise levels in the mix)")
     use_ema: bool = _f(False, "keep an EMA of the trainable weights; the final model gets the EMA weights")
-    ema_decay: float = _f(0.999, "EMA decay (diffusers EMAModel; warms up as (1+n)/(10+n))")
+    ema_decay: float = _f(0.999, "EMA decay (diffusers EMAModel's rule; warms up as (1+m)/(10+m), m = n - 1)")
     cond_dropout: float = _f(0.0, "probability of training a sample on the null condition")
     show_progress: bool = _f(True, "tqdm progress bar")
+    write_manifest: bool = _f(False, "soarflow train/pretrain: write manifest.json beside the final model (command, "
+                                     "steps, loss, wall clock, machine, the task's evaluation of the final model)")
     skip_nonfinite_steps: int = _f(0, "skip up to N updates with a non-finite loss or gradient norm "
                                       "(0: stop at the first, naming the last good checkpoint)")
     soar: SOARConfig = _f(help="SOAR objective settings (method soar; shift is every method's time shift)",
@@ -147,6 +153,7 @@ class TrainConfig:
         need(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
         need(self.train_batch_size >= 1, "train_batch_size", "must be >= 1")
         need(self.max_train_steps >= 1, "max_train_steps", "must be >= 1")
+        need(self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds", "must be > 0 or null")
         need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or null")
         need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
@@ -165,13 +172,22 @@ class TrainConfig:
         need(self.weighting_scheme in WEIGHTING_SCHEMES, "weighting_scheme",
              f"must be one of {', '.join(WEIGHTING_SCHEMES)}")
         need(self.logit_std > 0, "logit_std", "must be > 0")
+        need(0 <= self.uniform_fraction <= 1, "uniform_fraction", "must be in [0, 1]")
         need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         need(0 <= self.cond_dropout < 1, "cond_dropout", "must be in [0, 1)")
         # The objective's t density, weighting and dropout are these top-level keys (shared by every method).
         density, weighting = WEIGHTING_SCHEME_TO_OBJECTIVE[self.weighting_scheme]
-        self.soar = dataclasses.replace(self.soar, t_density=density, weighting=weighting, logit_mean=self.logit_mean,
-                                        logit_std=self.logit_std, mode_scale=self.mode_scale,
-                                        cond_dropout=self.cond_dropout)
+        try:
+            self.soar = dataclasses.replace(self.soar, t_density=density, weighting=weighting,
+                                            logit_mean=self.logit_mean, logit_std=self.logit_std,
+                                            mode_scale=self.mode_scale, uniform_fraction=self.uniform_fraction,
+                                            cond_dropout=self.cond_dropout)
+        except ValueError as err:  # a soar field filled from a top-level key: name the key the user set
+            msg = str(err)
+            for f in dataclasses.fields(SOARConfig):
+                if "set_by" in f.metadata:
+                    msg = msg.replace(f"config key 'soar.{f.name}'", f"config key '{f.metadata['set_by']}'")
+            raise ValueError(msg) from None
 
     def _check_method_sections(self) -> None:
         """A method's own section may differ from its defaults only under that method; name the first key set."""

@@ -1,51 +1,92 @@
-"""EMA of the trainable weights, on diffusers' `EMAModel`.
+r"""EMA of the trainable weights: :math:`\bar\theta \leftarrow d_n \bar\theta + (1 - d_n)\theta` after every
+optimizer step, with :math:`d_n = \min(\text{decay}, (1 + m)/(10 + m))`, :math:`m = n - 1` for the n-th update
+(so :math:`d_1 = 0`: the first update copies the weights, and early EMA weights are not dominated by the
+initialisation).
 
-`EMAModel` averages :math:`\\bar\\theta \\leftarrow d_n \\bar\\theta + (1 - d_n)\\theta` after every optimizer step
-with :math:`d_n = \\min(\\text{decay}, (1 + n)/(10 + n))` (a built-in warm-up, so early EMA weights are not
-dominated by the initialisation). Only parameters with ``requires_grad`` are tracked, so a LoRA run averages
-just the adapter weights. `EMAModel` has `state_dict`/`load_state_dict`, so accelerate checkpoints it with
-`register_for_checkpointing`.
+This is diffusers' `EMAModel` rule (``use_ema_warmup=False``), and `state_dict` uses its keys, so checkpoints
+written with `EMAModel` resume here. It is written out because pretraining the embedded model needs an EMA on the
+core install, where diffusers is an optional extra; torch's `swa_utils.AveragedModel` would deep-copy the whole
+module (a LoRA run's frozen base weights too). Only parameters with ``requires_grad`` are tracked, so a LoRA run
+averages just the adapter weights. Accelerate checkpoints it through `register_for_checkpointing`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
-from typing import TYPE_CHECKING, Any
-
+import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from diffusers.training_utils import EMAModel
-else:
-    EMAModel = Any
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def create_ema(model: nn.Module, decay: float) -> EMAModel:
+class EMA:
+    """Shadow copies of a list of parameters (on their device), averaged by :meth:`step`."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float):
+        self.decay = decay
+        self.optimization_step = 0  # updates done (EMAModel's name, kept for its checkpoints)
+        self.shadow_params = [p.detach().clone() for p in params]
+        self._stored: list[torch.Tensor] = []
+
+    def current_decay(self) -> float:
+        m = self.optimization_step - 1  # the update being made is number optimization_step
+        return 0.0 if m <= 0 else min(self.decay, (1 + m) / (10 + m))
+
+    @torch.no_grad()
+    def step(self, params: list[nn.Parameter]) -> None:
+        self.optimization_step += 1
+        one_minus_decay = 1.0 - self.current_decay()
+        for s, p in zip(self.shadow_params, params):
+            s.sub_(one_minus_decay * (s - p.detach()))
+
+    @torch.no_grad()
+    def copy_to(self, params: list[nn.Parameter]) -> None:
+        for s, p in zip(self.shadow_params, params):
+            p.copy_(s)
+
+    def store(self, params: list[nn.Parameter]) -> None:
+        self._stored = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def restore(self, params: list[nn.Parameter]) -> None:
+        for s, p in zip(self._stored, params):
+            p.copy_(s)
+        self._stored = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "optimization_step": self.optimization_step, "shadow_params": self.shadow_params}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        shadow = state["shadow_params"]
+        if len(shadow) != len(self.shadow_params):
+            raise ValueError(f"EMA state holds {len(shadow)} parameters, the model has {len(self.shadow_params)}")
+        self.decay = float(state["decay"])
+        self.optimization_step = int(state["optimization_step"])
+        for s, saved in zip(self.shadow_params, shadow):
+            s.copy_(saved)
+
+
+def create_ema(model: nn.Module, decay: float) -> EMA:
     """An EMA of `model`'s trainable parameters (shadow copies live on the parameters' device)."""
-    try:
-        from diffusers.training_utils import EMAModel
-    except ImportError:
-        raise ValueError("use_ema needs diffusers (pip install 'soarflow[diffusers]'), or set use_ema: false") from None
-    return EMAModel(trainable_parameters(model), decay=decay)
+    return EMA(trainable_parameters(model), decay=decay)
 
 
-def update_ema(ema: EMAModel, model: nn.Module) -> None:
+def update_ema(ema: EMA, model: nn.Module) -> None:
     ema.step(trainable_parameters(model))
 
 
-def copy_ema_to(ema: EMAModel, model: nn.Module) -> None:
+def copy_ema_to(ema: EMA, model: nn.Module) -> None:
     """Overwrite `model`'s trainable weights with the EMA weights."""
     ema.copy_to(trainable_parameters(model))
 
 
 @contextlib.contextmanager
-def ema_weights(ema: EMAModel | None, model: nn.Module) -> Iterator[nn.Module]:
+def ema_weights(ema: EMA | None, model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily swap the EMA weights into `model` (e.g. for validation); the training weights come back after."""
     if ema is None:
         yield model

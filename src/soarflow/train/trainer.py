@@ -305,7 +305,8 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
         return ckpt.save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit,
                                     state={"skipped_nonfinite_steps": skipped})
 
-    stopped = False  # step_callback returned False
+    stopped = False  # step_callback returned False, or max_train_seconds is reached
+    loop_start = time.perf_counter()
     while global_step < config.max_train_steps and not stopped:
         epoch, offset = divmod(micro, batches_per_epoch)
         loader = _epoch_loader(dataset, task, config, epoch, offset, rank, world)
@@ -381,6 +382,7 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
                     f"soarflow train --config {output_dir / ckpt.CONFIG_FILE} --resume_from_checkpoint latest",
                     global_step, last_good, name)
             stopped = step_callback is not None and step_callback(global_step, unwrapped) is False
+            stopped = _out_of_time(accelerator, config.max_train_seconds, loop_start) or stopped
             is_last = global_step >= config.max_train_steps or stopped
             if config.validation_steps and (global_step % config.validation_steps == 0 or is_last):
                 if accelerator.is_main_process:
@@ -414,6 +416,16 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
         validation_images=grids,
         data_summary=task.data_summary(),
     )
+
+
+def _out_of_time(accelerator, max_seconds: float | None, start: float) -> bool:
+    """Whether any process has trained for `max_seconds` (so that every process stops after the same step)."""
+    if max_seconds is None:
+        return False
+    late = torch.tensor(float(time.perf_counter() - start >= max_seconds), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        late = accelerator.reduce(late, reduction="sum")
+    return bool(late > 0)
 
 
 def _diverged_message(step: int, last_good: Path | None, what: str, budget: int = 0) -> str:
