@@ -153,7 +153,10 @@ def _pipeline_from_checkpoint(path: Path, base: str | None, dtype: torch.dtype):
 def generate(pipe, manifest: dict, prompts: list[str], *, num_inference_steps: int, guidance_scale: float | None,
              height: int | None, width: int | None, seed: int, num_images_per_prompt: int = 1,
              max_sequence_length: int | None = None):
-    """PIL images from the pipeline, one generator per prompt seeded (seed, prompt index)."""
+    """PIL images from the pipeline, one generator per prompt seeded (seed, prompt index); ``guidance_scale`` None
+    is the diffusers tasks' default (tasks.diffusers_sections.GUIDANCE_SCALE)."""
+    from ..tasks.diffusers_sections import GUIDANCE_SCALE
+
     device = pipe._execution_device
     kw = {}
     if max_sequence_length:
@@ -163,10 +166,10 @@ def generate(pipe, manifest: dict, prompts: list[str], *, num_inference_steps: i
             kw["guidance_scale"] = guidance_scale if guidance_scale is not None else manifest["embedded_guidance_scale"]
         else:
             kw["guidance_scale"] = manifest.get("embedded_guidance_scale", 3.5)
-            kw["true_cfg_scale"] = guidance_scale if guidance_scale is not None else 4.5
+            kw["true_cfg_scale"] = guidance_scale if guidance_scale is not None else GUIDANCE_SCALE
             kw["negative_prompt"] = ""
     else:
-        kw["guidance_scale"] = guidance_scale if guidance_scale is not None else 4.5
+        kw["guidance_scale"] = guidance_scale if guidance_scale is not None else GUIDANCE_SCALE
     images = []
     for i, prompt in enumerate(prompts):
         gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i)

@@ -30,6 +30,8 @@ from ..methods import grpo as grpo_math
 from ..methods.input_perturbation import input_perturbation_loss
 from ..methods.scheduled_sampling import draw_offsets, max_offsets, scheduled_sampling_loss
 from ..objective import Draws, SOARConfig, apply_cond_dropout, draw_randomness, sft_loss, soar_loss
+from ..shapes.generate import GUIDANCE_SCALE as SHAPES_GUIDANCE_SCALE
+
 
 @dataclass
 class StepContext:
@@ -378,11 +380,13 @@ def load_init_weights(task: Any, model: nn.Module, path: str | Path) -> Path:
 # build configs programmatically (e.g. a demo comparing methods on the same base and data budget).
 SHAPES_RECIPES: dict[str, dict[str, Any]] = {
     "sft": {},
-    "soar": {"soar.num_aux": 4, "soar.rollout_steps": 40, "soar.guidance_scale": 4.0, "soar.num_rollout_paths": 1},
-    "grpo": {"grpo.group_size": 4, "grpo.num_steps": 10, "grpo.train_timesteps": 3, "grpo.guidance_scale": 4.0,
-             "grpo.beta": 0.04, "grpo.sample_reuse": 1, "cond_dropout": 0.0},
+    "soar": {"soar.num_aux": 4, "soar.rollout_steps": 40, "soar.guidance_scale": SHAPES_GUIDANCE_SCALE,
+             "soar.num_rollout_paths": 1},
+    "grpo": {"grpo.group_size": 4, "grpo.num_steps": 10, "grpo.train_timesteps": 3,
+             "grpo.guidance_scale": SHAPES_GUIDANCE_SCALE, "grpo.beta": 0.04, "grpo.sample_reuse": 1,
+             "cond_dropout": 0.0},
     "scheduled_sampling": {"scheduled_sampling.max_step_offset": 3, "scheduled_sampling.num_steps": 40,
-                           "scheduled_sampling.guidance_scale": 4.0},
+                           "scheduled_sampling.guidance_scale": SHAPES_GUIDANCE_SCALE},
     "input_perturbation": {"input_perturbation.gamma": 0.1},
 }
 
