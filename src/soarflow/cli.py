@@ -6,9 +6,9 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("soarflow.commands.demo:main", "pretrained base -> SFT vs SOAR post-training -> ShapesEval report (CPU, minutes)"),
+    "demo": ("soarflow.commands.demo:main", "base -> SFT, SOAR (or --methods ...) post-training -> ShapesEval report (CPU, minutes)"),
     "pretrain": ("soarflow.commands.pretrain:main", "pretrain the embedded model on the ShapesEval corpus"),
-    "train": ("soarflow.commands.train:main_train", "post-train a model (SFT or SOAR) from a YAML config + overrides"),
+    "train": ("soarflow.commands.train:main_train", "train a model with any method (sft, soar, grpo, ...) from a YAML config + overrides"),
     "sample": ("soarflow.commands.sample:main", "generate images from a trained checkpoint"),
     "eval-shapes": ("soarflow.commands.eval_shapes:main", "score images or a checkpoint on ShapesEval"),
     "study": ("soarflow.commands.study:main", "run a grid of methods x settings x seeds with cached cells and statistics"),
