@@ -56,6 +56,11 @@ def test_grid_is_validated_before_anything_runs_naming_row_and_key(tmp_path, tin
         load_study(path)
     assert main(["--config", str(path), "--output_dir", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()  # nothing ran, nothing written
+    # one image per prompt leaves ShapesEval's diversity undefined: refused before any cell trains
+    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}}],
+                       evaluation={"num_steps": [3], "guidance_scales": [2.0], "images_per_prompt": 1})
+    with pytest.raises(ValueError, match=r"evaluation.images_per_prompt must be >= 2 for kind 'shapes'.*got 1"):
+        load_study(path)
     # --only runs a subset, and a pattern that matches nothing is an error
     path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
                                              {"name": "new", "set": {"method": "no_such_method"}}])

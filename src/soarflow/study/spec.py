@@ -99,6 +99,10 @@ class EvalSpec:
                     "curve_prompts_per_family"):
             if getattr(self, key) < 1:
                 raise ValueError(f"evaluation.{key} must be >= 1, got {getattr(self, key)}")
+        if self.kind == "shapes" and self.images_per_prompt < 2:
+            # diversity is the spread among images of one prompt: a single image per prompt has none
+            raise ValueError(f"evaluation.images_per_prompt must be >= 2 for kind 'shapes' (diversity compares images "
+                             f"of the same prompt), got {self.images_per_prompt}")
         if not self.num_steps or any(n < 2 for n in self.num_steps):
             raise ValueError(f"evaluation.num_steps must be a non-empty list of values >= 2, got {self.num_steps}")
         if not self.guidance_scales or any(c <= 0 for c in self.guidance_scales):
