@@ -61,6 +61,10 @@ def test_grid_is_validated_before_anything_runs_naming_row_and_key(tmp_path, tin
                        evaluation={"num_steps": [3], "guidance_scales": [2.0], "images_per_prompt": 1})
     with pytest.raises(ValueError, match=r"evaluation.images_per_prompt must be >= 2 for kind 'shapes'.*got 1"):
         load_study(path)
+    # a contrast must name rows of the file
+    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}}], contrasts=[["sft", "soarr"]])
+    with pytest.raises(ValueError, match=r"contrast \['sft', 'soarr'\] names unknown row 'soarr'"):
+        load_study(path)
     # --only runs a subset, and a pattern that matches nothing is an error
     path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
                                              {"name": "new", "set": {"method": "no_such_method"}}])
@@ -134,7 +138,8 @@ def test_equal_wall_clock_arm_and_report_files(tmp_path, tiny_base, capsys):
                                              {"name": "soar", "set": {"method": "soar"}}],
                        budget={"steps": 1, "seconds": 0.05, "max_steps": 50},
                        evaluation={"num_steps": [3], "guidance_scales": [1.0, 2.0], "prompts_per_family": 1,
-                                   "images_per_prompt": 2, "exposure_images": 4, "every_steps": 1})
+                                   "images_per_prompt": 2, "exposure_images": 4, "every_steps": 1},
+                       contrasts=[["sft", "soar"]])
     out = tmp_path / "o"
     assert main(["--config", str(path), "--output_dir", str(out), "--num_resamples", "200"]) == 0
     assert "estimated total for 3 cells" in capsys.readouterr().err
@@ -147,6 +152,12 @@ def test_equal_wall_clock_arm_and_report_files(tmp_path, tiny_base, capsys):
         assert [p["step"] for p in record["curve"]] == list(range(1, record["steps_trained"] + 1))
     report = (out / "report.md").read_text()
     assert "equal training wall-clock (0.05 s)" in report and "Δ overall vs sft" in report
+    # a contrast is the same paired comparison, the other way round
+    for arm in ("steps", "seconds"):
+        for table in results["summary"][arm].values():
+            forward = table["soar"]["compare"]["sft"]["overall"]["diff"]
+            assert table["sft"]["compare"]["soar"]["overall"]["diff"] == pytest.approx(-forward)
+    assert "## Contrasts" in report and "| sft | soar | overall |" in report and "| sft | soar | reward |" in report
     for name in results["plots"]:
         assert (out / name).stat().st_size > 1000
     assert {"pareto_steps.png", "curves.png", "families_seconds.png", "exposure_steps.png"} <= set(results["plots"])

@@ -64,8 +64,8 @@ def aggregate(spec: StudySpec, records: list[dict], num_resamples: int = 2000) -
                 table[row] = entry
             for row, entry in table.items():
                 entry["compare"] = {}
-                for ref in (spec.reference, BASE_ROW):
-                    if ref is None or ref == row or ref not in table:
+                for ref in (spec.reference, BASE_ROW, *(b for a, b in spec.contrasts if a == row)):
+                    if ref is None or ref == row or ref not in table or ref in entry["compare"]:
                         continue
                     other = table[ref]
                     entry["compare"][ref] = {
@@ -144,6 +144,14 @@ def markdown(spec: StudySpec, results: dict, command: str, machine: str, wall_se
                         _ci(e["compare"].get(BASE_ROW, {}).get("reward"))] for row, e in table.items()]
                 lines += [f"Reward differences ({key}):", ""] + _table(["row", f"Δ reward vs {ref}", "Δ reward vs base"],
                                                                        sub) + [""]
+    if spec.contrasts:
+        lines += ["## Contrasts", "", "Each pair's difference (row minus against) with its 95% paired bootstrap CI.", ""]
+        metrics = [lead] + (["reward"] if kind == "shapes" else [])
+        for arm, settings in results["summary"].items():
+            arm_title = "equal optimizer steps" if arm == "steps" else f"equal training wall-clock ({spec.budget.seconds} s)"
+            body = [[a, b, m] + [_ci(table.get(a, {}).get("compare", {}).get(b, {}).get(m)) for table in settings.values()]
+                    for a, b in spec.contrasts for m in metrics]
+            lines += [f"### {arm_title}", ""] + _table(["row", "against", "metric", *settings], body) + [""]
     head = headline_setting(spec)
     for arm, settings in results["summary"].items():
         table = settings.get(head, {})

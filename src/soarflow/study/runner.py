@@ -345,4 +345,4 @@ def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_onl
 def spec_record(spec: StudySpec) -> dict:
     return {"name": spec.name, "source": spec.source, "seeds": spec.seeds, "budget": asdict(spec.budget),
             "evaluation": asdict(spec.evaluation), "reference": spec.reference, "include_base": spec.include_base,
-            "rows": [asdict(r) for r in spec.rows], "base": spec.base}
+            "contrasts": [list(c) for c in spec.contrasts], "rows": [asdict(r) for r in spec.rows], "base": spec.base}

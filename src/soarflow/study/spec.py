@@ -8,6 +8,8 @@
     evaluation: {kind: shapes, num_steps: [10, 40], guidance_scales: [1.0, 4.0], prompts_per_family: 4, ...}
     include_base: true                   # evaluate the untrained base as a row named "base"
     reference: sft                       # rows are compared to this row and to the base
+    contrasts:                           # more paired comparisons, each [row, against]: a table of their own
+      - [soar, sft_noise_matched]        # e.g. SOAR against its noise-level-matched control
     rows:
       - {name: sft, set: {method: sft}}
       - {name: soar_k, set: {method: soar}, sweep: {soar.num_aux: [1, 2, 4]}}   # one row per value
@@ -153,6 +155,7 @@ class StudySpec:
     evaluation: EvalSpec
     include_base: bool = True
     reference: str | None = "sft"
+    contrasts: list[tuple[str, str]] = field(default_factory=list)  # (row, against): extra paired comparisons
     source: str = ""
 
     def row_names(self) -> list[str]:
@@ -191,7 +194,7 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 STUDY_KEYS = {"name", "description", "base_config", "base", "seeds", "budget", "evaluation", "include_base",
-              "reference", "rows", "quick"}
+              "reference", "contrasts", "rows", "quick"}
 
 
 def load_study(path: str | Path, quick: bool = False, only: list[str] | None = None) -> StudySpec:
@@ -246,12 +249,34 @@ def load_study(path: str | Path, quick: bool = False, only: list[str] | None = N
     reference = raw.get("reference", "sft")
     if reference is not None and reference not in [r.name for r in rows]:
         reference = None  # the reference row is filtered out (or absent): compare to the base only
+    contrasts = _contrasts(raw.get("contrasts") or [], names, [r.name for r in rows] + [BASE_ROW] * include_base, path)
     spec = StudySpec(name=str(raw.get("name") or path.stem), base=base, rows=rows, seeds=seeds, budget=budget,
-                     evaluation=evaluation, include_base=include_base, reference=reference, source=str(path))
+                     evaluation=evaluation, include_base=include_base, reference=reference, contrasts=contrasts,
+                     source=str(path))
     if not spec.rows and not spec.include_base:
         raise ValueError(f"study file {path}: no rows to run")
     expand_cells(spec)  # validates every cell before anything runs
     return spec
+
+
+def _contrasts(items: Any, names: list[str], kept: list[str], path: Path) -> list[tuple[str, str]]:
+    """Validate `contrasts` ([row, against] pairs) against every row of the file; keep the pairs whose two rows
+    both run (``--only`` may filter one out, as it may the reference)."""
+    if not isinstance(items, list):
+        raise ValueError(f"study file {path}: 'contrasts' must be a list of [row, against] pairs")
+    out = []
+    for item in items:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(n, str) for n in item)):
+            raise ValueError(f"study file {path}: contrast {item!r} must be a pair [row, against]")
+        for n in item:
+            if n not in names:
+                raise ValueError(f"study file {path}: contrast {list(item)} names unknown row {n!r} "
+                                 f"(rows: {', '.join(names)})")
+        if item[0] == item[1]:
+            raise ValueError(f"study file {path}: contrast {list(item)} compares a row with itself")
+        if item[0] in kept and item[1] in kept:
+            out.append((item[0], item[1]))
+    return out
 
 
 def _expand_rows(items: list, path: Path) -> list[Row]:
