@@ -1,5 +1,5 @@
-"""The shipped study files: `--quick` runs end to end on the shipped base (the CI smoke run), every file parses,
-and rows that need keys or methods this trainer lacks fail before any cell runs, naming the row and key."""
+"""The shipped study files: `--quick` runs end to end on the shipped base (the CI smoke run), and every file
+parses with its seeds, both compute arms and contrasts between rows it runs."""
 
 import json
 from pathlib import Path
@@ -8,10 +8,9 @@ import pytest
 
 from soarflow.study import load_study
 from soarflow.commands.study import main
-from soarflow.train.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-STUDIES = ["study_claim.yaml", "study_knobs.yaml", "study_methods.yaml"]
+STUDIES = ["study_claim.yaml", "study_knobs.yaml", "study_methods.yaml", "study_claim_focus.yaml"]
 
 
 def test_claim_quick_runs_the_whole_pipeline(tmp_path):
@@ -28,17 +27,12 @@ def test_claim_quick_runs_the_whole_pipeline(tmp_path):
 
 
 @pytest.mark.parametrize("name", STUDIES)
-def test_shipped_studies_parse_and_name_missing_keys(name):
-    missing = {"points_per_sample", "rollout", "aux_noise", "aux_sigma_density"} - set(TrainConfig().soar.__dict__)
-    methods = TrainConfig.__dataclass_fields__["method"].type
-    try:
-        spec = load_study(CONFIGS / name)
-    except ValueError as err:  # only acceptable while another branch's keys/methods are not merged yet
-        assert missing or "grpo" not in str(methods), err
-        assert str(err).startswith("study row '"), err
-        return
+def test_shipped_studies_parse_with_seeds_both_arms_and_their_contrasts(name):
+    spec = load_study(CONFIGS / name)
     assert len(spec.seeds) >= 3 and spec.include_base and spec.reference == "sft"
     assert set(spec.budget.arms) == {"steps", "seconds"}
+    rows = {r.name for r in spec.rows}
+    assert spec.contrasts and all(a in rows and b in rows for a, b in spec.contrasts)
 
 
 @pytest.mark.parametrize("name", STUDIES)
