@@ -139,8 +139,3 @@ def build_evaluator(spec: EvalSpec, task: Any):
     if spec.kind == "shapes":
         return ShapesStudyEval(spec)
     return LossStudyEval(spec, task)
-
-
-def headline_metric(spec: EvalSpec) -> str:
-    """The per-image metric the tables and bootstrap lead with."""
-    return "overall" if spec.kind == "shapes" else "fm_loss"

@@ -102,6 +102,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _arm_title(spec: StudySpec, arm: str) -> str:
+    return "equal optimizer steps" if arm == "steps" else f"equal training wall-clock ({spec.budget.seconds} s)"
+
+
 def markdown(spec: StudySpec, results: dict, command: str, machine: str, wall_seconds: float) -> str:
     kind = spec.evaluation.kind
     lead = PER_IMAGE[kind][0]
@@ -119,7 +123,7 @@ def markdown(spec: StudySpec, results: dict, command: str, machine: str, wall_se
              "95% paired bootstrap CI (images paired by prompt and noise, seeds paired by seed); "
              "**within noise** marks a CI that contains 0.", ""]
     for arm, settings in results["summary"].items():
-        arm_title = "equal optimizer steps" if arm == "steps" else f"equal training wall-clock ({spec.budget.seconds} s)"
+        arm_title = _arm_title(spec, arm)
         for key, table in settings.items():
             lines += [f"## {arm_title}: {key}", ""]
             header = ["row", "n", lead]
@@ -148,7 +152,7 @@ def markdown(spec: StudySpec, results: dict, command: str, machine: str, wall_se
         lines += ["## Contrasts", "", "Each pair's difference (row minus against) with its 95% paired bootstrap CI.", ""]
         metrics = [lead] + (["reward"] if kind == "shapes" else [])
         for arm, settings in results["summary"].items():
-            arm_title = "equal optimizer steps" if arm == "steps" else f"equal training wall-clock ({spec.budget.seconds} s)"
+            arm_title = _arm_title(spec, arm)
             body = [[a, b, m] + [_ci(table.get(a, {}).get("compare", {}).get(b, {}).get(m)) for table in settings.values()]
                     for a, b in spec.contrasts for m in metrics]
             lines += [f"### {arm_title}", ""] + _table(["row", "against", "metric", *settings], body) + [""]
