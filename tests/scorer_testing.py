@@ -99,7 +99,7 @@ def fake_detector(image: np.ndarray) -> dict:
             box = np.array([qx * w / 2, qy * h / 2, (qx + 1) * w / 2, (qy + 1) * h / 2])
             mask = np.zeros((h, w), dtype=bool)
             mask[qy * h // 2:(qy + 1) * h // 2, qx * w // 2:(qx + 1) * w // 2] = True
-            out.setdefault(COCO_CLASSES[int(m) % 80], []).append((box, 0.25 + m / 340, mask))
+            out.setdefault(COCO_CLASSES[int(m) % 80], []).append((box, 0.3 + m / 300, mask))
     return out
 
 

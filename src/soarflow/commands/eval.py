@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..scorers.registry import COLUMNS, SCORER_NAMES, build_scorer
+from ..scorers.registry import COLUMNS, SCORER_NAMES, build_scorer, check_packages
 from ..scorers.suites import SUITES, PromptRecord, load_suite
 from .sample import DTYPES, load_pipeline, pipeline_kwargs
 
@@ -302,6 +302,10 @@ def run(args, scorers: Mapping[str, Any] | None = None) -> dict[str, Any] | None
     items = plan(records, args.suite, n)
     mine = [it for it in items if it.prompt_index % state.num_processes == state.process_index]
     settings = settings_of(args, records, n)
+    if scorers is None and not args.skip_scoring:
+        paths = _scorer_paths(args)
+        for name in names:  # a missing package fails now, not after the generation
+            check_packages(name, paths.get("ocr") if name == "ocr" else None)
     if state.is_main_process:
         check_settings(out, settings, args.overwrite)
         write_layout(out, args.suite, items, records, settings)

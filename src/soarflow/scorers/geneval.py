@@ -200,11 +200,11 @@ class GenEvalScorer:
             import mmdet
             from mmdet.apis import init_detector
         except ImportError:
-            raise missing_package(cls.name, "mmdet", "GenEval's environment (mmdet 2.x, mmcv-full)") from None
+            raise missing_package(cls.name, "mmdet") from None
         try:
             import open_clip
         except ImportError:
-            raise missing_package(cls.name, "open_clip", "'soarflow[eval]'") from None
+            raise missing_package(cls.name, "open_clip") from None
         import os
 
         if path is None or not os.path.isfile(path):

@@ -27,7 +27,7 @@ def _open_clip(scorer: str):
     try:
         import open_clip
     except ImportError:
-        raise missing_package(scorer, "open_clip", "'soarflow[eval]' (open-clip-torch)") from None
+        raise missing_package(scorer, "open_clip") from None
     return open_clip
 
 

@@ -72,7 +72,7 @@ class ImageRewardScorer:
         try:
             import ImageReward as RM
         except ImportError:
-            raise missing_package(cls.name, "ImageReward", "image-reward") from None
+            raise missing_package(cls.name, "ImageReward") from None
         model = RM.load(str(path), device=str(device))
         model.eval().requires_grad_(False)
 

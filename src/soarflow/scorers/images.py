@@ -58,9 +58,15 @@ def features(out) -> torch.Tensor:
     return getattr(out, "pooler_output", out) if not isinstance(out, torch.Tensor) else out
 
 
-def missing_package(scorer: str, package: str, pip: str | None = None) -> ImportError:
+# what to pip install for each package a scorer imports
+PIP = {"open_clip": "'soarflow[eval]' (open-clip-torch)", "transformers": "'soarflow[diffusers]'",
+       "mmdet": "mmdet (GenEval's environment: mmdet 2.x with mmcv-full)", "ImageReward": "image-reward",
+       "easyocr": "easyocr", "paddleocr": "paddlepaddle paddleocr", "huggingface_hub": "huggingface_hub"}
+
+
+def missing_package(scorer: str, package: str) -> ImportError:
     """The one-line error for a scorer whose package is not installed."""
-    return ImportError(f"scorer {scorer!r} needs the package {package!r}: pip install {pip or package}")
+    return ImportError(f"scorer {scorer!r} needs the package {package!r}: pip install {PIP.get(package, package)}")
 
 
 def missing_weights(scorer: str, what: str, path: object) -> FileNotFoundError:

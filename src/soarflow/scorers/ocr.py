@@ -91,7 +91,7 @@ class OCRScorer:
             try:
                 from paddleocr import PaddleOCR
             except ImportError:
-                raise missing_package(cls.name, "paddleocr", "paddlepaddle paddleocr") from None
+                raise missing_package(cls.name, "paddleocr") from None
             return cls(paddleocr_reader(PaddleOCR(use_angle_cls=False, lang="en", use_gpu=gpu, show_log=False)))
         raise ValueError(f"scorer 'ocr': unknown engine {engine!r} (easyocr or paddleocr)")
 

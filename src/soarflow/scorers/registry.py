@@ -28,6 +28,7 @@ from .base import Scorer
 from .clip_score import CLIPScorer, PickScoreScorer
 from .geneval import GenEvalScorer
 from .hps import HPSv2Scorer
+from .images import missing_package
 from .image_reward import ImageRewardScorer
 from .ocr import OCRScorer
 
@@ -58,6 +59,35 @@ BUILDERS: dict[str, Callable[..., Scorer]] = {
     "imagereward": ImageRewardScorer.from_pretrained,
 }
 SCORER_NAMES = tuple(BUILDERS)
+
+
+# the packages each scorer imports (checked before a long generation starts)
+PACKAGES: dict[str, tuple[str, ...]] = {"geneval": ("mmdet", "open_clip"), "pickscore": ("transformers",),
+                                      "clip": ("transformers",), "hpsv2": ("open_clip",),
+                                      "aesthetic": ("transformers",), "imagereward": ("ImageReward",)}
+OCR_ENGINES = {"easyocr": "easyocr", "paddleocr": "paddleocr"}
+
+
+def check_packages(name: str, engine: str | None = None) -> None:
+    """Raise the one-line ImportError of :func:`build_scorer` if a package scorer `name` needs is missing, without
+    loading any weight (``engine``: the OCR engine)."""
+    import importlib.util
+
+    if name not in BUILDERS:
+        raise ValueError(f"unknown scorer {name!r}: choose one of {', '.join(SCORER_NAMES)}")
+    needs = PACKAGES.get(name, ())
+    if name == "ocr":
+        engine = engine or "easyocr"
+        if engine not in OCR_ENGINES:
+            raise ValueError(f"scorer 'ocr': unknown engine {engine!r} (easyocr or paddleocr)")
+        needs = (OCR_ENGINES[engine],)
+    for module in needs:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise missing_package(name, module)
 
 
 def build_scorer(name: str, **kw: Any) -> Scorer:
