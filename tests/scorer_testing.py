@@ -63,14 +63,16 @@ def build_tiny_aesthetic_head(path: Path, dim: int = 32, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_image_reward(seed: int = 0):
-    """(BlipReward, tokenizer) at toy size: BLIP vision (32 px, patch 8) + BLIP text with cross-attention."""
+def build_tiny_image_reward(seed: int = 0, tokenizer=None):
+    """(BlipReward, tokenizer) at toy size: BLIP vision (32 px, patch 8) + BLIP text with cross-attention.
+    (A tokenizer trained anew may order tied merges differently in another process: pass a saved one where two
+    processes must agree.)"""
     from transformers import BlipTextConfig, BlipVisionConfig
 
     from soarflow.scorers import BlipReward
 
+    tokenizer = tokenizer or build_clip_tokenizer()
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer()
     vision = BlipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
                               image_size=32, patch_size=8)
     text = BlipTextConfig(vocab_size=len(tokenizer), hidden_size=32, encoder_hidden_size=32, intermediate_size=37,
@@ -130,7 +132,15 @@ def build_standins(root: Path, device: str = "cpu") -> dict:
     head = root / "aesthetic_head.pth"
     if not head.is_file():
         build_tiny_aesthetic_head(head)
-    reward, tokenizer = build_tiny_image_reward()
+    from transformers import CLIPTokenizer
+
+    reward, tokenizer = build_tiny_image_reward(tokenizer=CLIPTokenizer.from_pretrained(clip))
+    weights = root / "imagereward.pt"
+    if not weights.is_file():
+        tmp = root / f"imagereward.{os.getpid()}.tmp"
+        torch.save(reward.state_dict(), tmp)
+        os.replace(tmp, weights)
+    reward.load_state_dict(torch.load(weights, weights_only=True))
     return {
         "geneval": GenEvalScorer(fake_detector, fake_colors),
         "ocr": OCRScorer(fake_ocr_reader),

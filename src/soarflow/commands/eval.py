@@ -290,9 +290,10 @@ def run(args, scorers: Mapping[str, Any] | None = None) -> dict[str, Any] | None
     """Generate (sharded over the accelerate processes) and score; returns the results on the main process.
     `scorers` replaces the ones `--scorers` would build (stand-ins, or scorers built by the caller)."""
     from accelerate import PartialState
-    from accelerate.utils import gather_object
+    from accelerate.utils import gather_object, parse_flag_from_env
 
-    state = PartialState()
+    # on CPU (`accelerate launch --cpu`, or ACCELERATE_USE_CPU as the launcher sets it) the process group is gloo
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or args.device == "cpu")
     records = load_suite(args.suite, args.prompts_file)
     if args.max_prompts:
         records = records[: args.max_prompts]
