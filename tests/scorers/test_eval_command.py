@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("open_clip")
 
-from diffusers_testing import build_tiny_sd3_pipeline  # noqa: E402
+from diffusers_testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline  # noqa: E402
 from scorer_testing import build_standins  # noqa: E402
 from soarflow.commands.eval import build_parser, image_seed, main, run  # noqa: E402
 from soarflow.scorers import SCORER_NAMES  # noqa: E402
@@ -131,3 +131,16 @@ def test_missing_scorer_package_fails_before_generating(setup, capsys, monkeypat
     code = main(["--model", str(root / "missing"), "--suite", "geneval", "--output_dir", str(root / "x"),
                  "--skip_scoring"])
     assert code == 2 and "--model not found" in capsys.readouterr().err
+
+
+def test_a_flux_pipeline_folder(tmp_path):
+    """A FLUX.1-dev-like folder (guidance-distilled): the guidance goes in as the embedded value."""
+    build_tiny_flux_pipeline(tmp_path / "flux")
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    mean = {"mean": lambda images, prompts: images.mean((1, 2, 3))}
+    argv = ["--model", str(tmp_path / "flux"), "--suite", "file", "--prompts_file", str(tmp_path / "p.txt"),
+            "--num_inference_steps", "2", "--height", "32", "--width", "32", "--max_sequence_length", "8"]
+    a = run(build_parser().parse_args([*argv, "--output_dir", str(tmp_path / "a"), "--guidance_scale", "1.0"]), mean)
+    b = run(build_parser().parse_args([*argv, "--output_dir", str(tmp_path / "b"), "--guidance_scale", "9.0"]), mean)
+    assert pixels(tmp_path / "a" / "images/00000_0000.png").shape == (32, 32, 3)
+    assert a["images"][0]["scores"]["mean"] != b["images"][0]["scores"]["mean"]  # the guidance reaches the model

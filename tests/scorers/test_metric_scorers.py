@@ -230,6 +230,8 @@ def test_geneval_scorer_looks_up_its_metadata():
     assert scorer(x, ["anything"], metadata=[{"include": [{"class": "bench", "count": 4}]}]).tolist() == [1.0]
     with pytest.raises(ValueError, match="no metadata for prompt 'a cat'"):
         scorer(x, ["a cat"])
+    with pytest.raises(ValueError, match="prompt 'a cat' has no 'include' clause"):
+        scorer(x, ["a cat"], metadata=[{"prompt": "a cat"}])  # a line of another suite would score 1
 
 
 # ---------------------------------------------------------------- errors

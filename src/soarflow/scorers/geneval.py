@@ -234,4 +234,8 @@ class GenEvalScorer:
             if unknown:
                 raise ValueError(f"GenEval scorer: no metadata for prompt {unknown[0]!r} (not a GenEval prompt)")
             metadata = [self.metadata[p] for p in prompts]
+        bad = [p for p, m in zip(prompts, metadata) if not m.get("include")]
+        if bad:
+            raise ValueError(f"GenEval scorer: the metadata of prompt {bad[0]!r} has no 'include' clause "
+                             f"(not a GenEval line)")
         return torch.tensor([float(ok) for ok, _ in self.judge(images, metadata)])
