@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate_only", action="store_true", help="print the estimated wall-clock and stop")
     p.add_argument("--no_estimate", action="store_true", help="skip the timing probe before running")
     p.add_argument("--keep_models", action="store_true", help="keep each cell's trained weights")
-    p.add_argument("--num_resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--num_resamples", type=int, default=2000,
+                   help="resamples of the primary contrast's bootstrap cross-check (default 2000)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own worker process (default 1: "
                    "in this process); CPU: each worker pinned to its own core(s); CUDA: workers share the GPU")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from ..study.report import aggregate, markdown, plots
+    from ..study.report import PER_IMAGE_FILE, aggregate, markdown, plots, save_per_image
     from ..study.runner import DeviceUnavailable, run_configurations, run_study, spec_record
     from ..study.spec import load_study
 
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f" in {cells_dir})" if cells_dir else ")"), file=sys.stderr)
         return EXIT_INTERRUPTED
     results = aggregate(spec, records, num_resamples=args.num_resamples)
+    save_per_image(results.pop("_per_image"), out / PER_IMAGE_FILE)
     results["plots"] = plots(spec, results, out)
     command = "soarflow study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads " \

@@ -21,6 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .spec import identity_config
+
 SIG_DIGITS = 6
 DROPPED = ("history", "traceback")
 
@@ -86,6 +88,7 @@ def load_committed(cells_dir: Path | None, cell_hash: str, config: dict) -> dict
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if not isinstance(result, dict) or result.get("hash") != cell_hash or result.get("config") != config:
+    if not isinstance(result, dict) or result.get("hash") != cell_hash \
+            or identity_config(result.get("config") or {}) != identity_config(config):
         return None
     return result if result.get("status") == "ok" else None

@@ -37,7 +37,7 @@ import torch
 
 from ..train.safety import Interrupted
 from .cache import load_committed, write_committed
-from .spec import BASE_ROW, Cell, StudySpec, expand_cells
+from .spec import BASE_ROW, Cell, StudySpec, expand_cells, identity_config
 
 RESULT = "result.json"
 DEVICES = ("cpu", "cuda")
@@ -61,7 +61,7 @@ def load_cached(out: Path, cell: Cell) -> dict | None:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         result = {}
-    if result.get("hash") != cell.hash or result.get("config") != cell.config:
+    if result.get("hash") != cell.hash or identity_config(result.get("config") or {}) != identity_config(cell.config):
         path.replace(path.with_name("result.mismatch.json"))  # kept for inspection, never reused
         return None
     return result if result.get("status") == "ok" else None
