@@ -57,7 +57,7 @@ WEIGHTING_SCHEME_TO_OBJECTIVE = {
 NON_DEFINING_KEYS = frozenset({
     "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
     "validation_steps", "report_to", "logging_steps", "dataloader_num_workers", "show_progress",
-    "skip_nonfinite_steps", "max_train_seconds", "write_manifest",
+    "skip_nonfinite_steps", "max_train_seconds", "write_manifest", "ema_device",
 })
 # Keys that say where a run lives or how it was started, not what it is: ignored when comparing a resumed run's
 # config with the one in its folder (a run may be moved or its folder spelled differently).
@@ -113,6 +113,9 @@ class TrainConfig:
                                       "(pretraining: 0.25, keeps the high-noise levels in the mix)")
     use_ema: bool = _f(False, "keep an EMA of the trainable weights; the final model gets the EMA weights")
     ema_decay: float = _f(0.999, "EMA decay (diffusers EMAModel's rule; warms up as (1+m)/(10+m), m = n - 1)")
+    ema_device: Literal["accelerator", "cpu"] = _f("accelerator", "where the EMA weights live: accelerator (the "
+                                                   "training device) or cpu (host memory; updated from the device "
+                                                   "weights after every step)")
     cond_dropout: float = _f(0.0, "probability of training a sample on the null condition")
     show_progress: bool = _f(True, "tqdm progress bar")
     write_manifest: bool = _f(False, "soarflow train/pretrain: write manifest.json beside the final model (command, "
@@ -174,6 +177,7 @@ class TrainConfig:
         need(self.logit_std > 0, "logit_std", "must be > 0")
         need(0 <= self.uniform_fraction <= 1, "uniform_fraction", "must be in [0, 1]")
         need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+        need(self.ema_device in ("accelerator", "cpu"), "ema_device", "must be accelerator or cpu")
         need(0 <= self.cond_dropout < 1, "cond_dropout", "must be in [0, 1)")
         # The objective's t density, weighting and dropout are these top-level keys (shared by every method).
         density, weighting = WEIGHTING_SCHEME_TO_OBJECTIVE[self.weighting_scheme]

@@ -261,7 +261,7 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
 
     optimizer = _make_optimizer(config, params)
     lr_scheduler = _make_scheduler(config, optimizer, world)
-    ema = create_ema(model, config.ema_decay) if config.use_ema else None
+    ema = create_ema(model, config.ema_decay, config.ema_device) if config.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
