@@ -37,7 +37,7 @@ TASK_NAMES = ("shapes", "sd3", "flux")
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-REPORT_TO = ("tensorboard", "none")
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
 METHOD_NAMES = ("sft", "soar", "grpo", "scheduled_sampling", "input_perturbation")
 # Sections that belong to one method (soar: is shared: its `shift` is every method's time shift).
 METHOD_SECTIONS = ("grpo", "scheduled_sampling", "input_perturbation")
@@ -100,7 +100,8 @@ class TrainConfig:
     checkpoints_total_limit: int | None = _f(None, "keep at most this many checkpoints (null: all)")
     resume_from_checkpoint: str | None = _f(None, "null, 'latest', or a checkpoint folder")
     validation_steps: int = _f(0, "write a validation grid every N steps and at the end (0: never)")
-    report_to: Literal["tensorboard", "none"] = _f("tensorboard", "metric logger")
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = _f(
+        "tensorboard", "metrics and validation images to: tensorboard | wandb | all (both) | none")
     logging_steps: int = _f(1, "log metrics every N steps")
     dataloader_num_workers: int = _f(0, "DataLoader worker processes")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
