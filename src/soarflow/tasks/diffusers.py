@@ -35,7 +35,7 @@ from ..data import (
 )
 from ..models.diffusers_pipeline import DTYPES, FrozenPipeline, check_pretrained
 from ..models.diffusers_velocity import VelocityModule
-from ..models.diffusers_weights import load_model_folder, save_model_folder
+from ..models.diffusers_weights import SaveOptions, load_model_folder, save_model_folder
 from ..models.lora import add_lora, has_lora
 from ..models.quantize import is_quantized, quantization_config
 from ..objective import SOARConfig
@@ -312,7 +312,11 @@ class DiffusersTask(Task):
         """The folder of :mod:`soarflow.models.diffusers_weights`; also flushes the encoding cache."""
         if self._cache is not None:
             self._cache.flush()
-        path = save_model_folder(Path(path), model.transformer, self.pipeline.pipeline_class, self.manifest(model))
+        m = self.model_config
+        options = SaveOptions(family=self.family, save_dtype=m.save_dtype, single_file=m.save_single_file,
+                              comfyui_lora=m.save_comfyui_lora)
+        path = save_model_folder(Path(path), model.transformer, self.pipeline.pipeline_class, self.manifest(model),
+                                 options)
         logger.info("saved %s model to %s (%s)", self.family, path, self.bad_samples.summary())
         return path
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from ..models.diffusers_export import SAVE_DTYPES
 from ..models.diffusers_pipeline import DTYPES
 from ..models.lora import LoraSection
 from ..models.quantize import QuantizeSection
 from ..utils.config_parsing import from_dict
-
-
-SAVE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass

@@ -57,7 +57,7 @@ WEIGHTING_SCHEME_TO_OBJECTIVE = {
 NON_DEFINING_KEYS = frozenset({
     "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
     "validation_steps", "report_to", "logging_steps", "dataloader_num_workers", "show_progress",
-    "skip_nonfinite_steps", "max_train_seconds", "write_manifest", "ema_device",
+    "skip_nonfinite_steps", "max_train_seconds", "write_manifest", "ema_device", "checkpoint_model",
 })
 # Keys that say where a run lives or how it was started, not what it is: ignored when comparing a resumed run's
 # config with the one in its folder (a run may be moved or its folder spelled differently).
@@ -98,6 +98,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "autocast precision of the forward passes")
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N steps (0: never)")
     checkpoints_total_limit: int | None = _f(None, "keep at most this many checkpoints (null: all)")
+    checkpoint_model: bool = _f(True, "also write the model as the final save does (EMA weights, the task's format: "
+                                      "diffusers loads it) into every checkpoint-N/model")
     resume_from_checkpoint: str | None = _f(None, "null, 'latest', or a checkpoint folder")
     validation_steps: int = _f(0, "write a validation grid every N steps and at the end (0: never)")
     report_to: Literal["tensorboard", "wandb", "all", "none"] = _f(

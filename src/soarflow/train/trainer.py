@@ -31,7 +31,7 @@ from torch import nn
 
 from ..tasks.registry import build_task
 from . import checkpoint as ckpt
-from . import safety, trackers
+from . import export, safety, trackers
 from .config import TrainConfig
 from .ema import copy_ema_to, create_ema, ema_weights, trainable_parameters, update_ema
 from .methods import StepContext, TrainMethod, build_method, compute_loss, load_init_weights, resolve_init_from  # noqa: F401
@@ -300,8 +300,11 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
         tensors = list(params) + (list(ema.shadow_params) if ema is not None else [])
         if not safety.all_finite(tensors):
             raise safety.Diverged(_diverged_message(step, last_good, "the weights are non-finite"), step, last_good)
-        return ckpt.save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit,
+        path = ckpt.save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit,
                                     state={"skipped_nonfinite_steps": skipped})
+        if config.checkpoint_model:
+            export.export_checkpoint_model(accelerator, task, unwrapped, ema, path)
+        return path
 
     stopped = False  # step_callback returned False, or max_train_seconds is reached
     loop_start = time.perf_counter()
