@@ -95,3 +95,30 @@ def test_adapter_trained_on_a_quantized_base_loads_onto_the_unquantized_pipeline
     after = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
     assert torch.isfinite(after).all()
     assert (after - before).abs().max() > 1e-4  # the adapter is applied
+
+
+GPU_BACKENDS = [("bitsandbytes", "nf4", "bitsandbytes"), ("bitsandbytes", "int8", "bitsandbytes"),
+                ("torchao", "float8", "torchao")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="these backends quantize on a CUDA GPU only")
+@pytest.mark.parametrize("backend,weights,module", GPU_BACKENDS)
+def test_gpu_backends_train_only_the_adapters(sd3_path, images, backend, weights, module):
+    """The GPU script's check of the backends that cannot run here (bench/gpu_all.sh runs this file on CUDA)."""
+    pytest.importorskip(module)
+    cuda = torch.device("cuda")
+    task = _task(sd3_path, images, backend, weights)
+    model = task.build_model()
+    if next(model.transformer.parameters()).device.type != "cuda":  # bitsandbytes loads onto the GPU itself
+        model.to(cuda)
+    for p in model.parameters():
+        if p.requires_grad and p.device.type != "cuda":
+            p.data = p.data.to(cuda)
+    assert is_quantized(model.transformer) and _frozen_linear_weights_are_quantized(model)
+    batch = task.collate([task.train_dataset()[i] for i in range(2)])
+    x0, cond = task.encode_batch(batch, cuda)
+    out = sft_loss(model, x0, cond, config=SOARConfig(), null_cond=task.null_cond(2, cuda))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
