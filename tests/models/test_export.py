@@ -24,7 +24,6 @@ from soarflow.models.diffusers_export import lora_to_comfyui, sd3_to_original  #
 from soarflow.models.diffusers_weights import COMFYUI_LORA  # noqa: E402
 from soarflow.models.lora import LORA_WEIGHTS  # noqa: E402
 from soarflow.tasks.flux import FluxTask  # noqa: E402
-from soarflow.tasks.sd3 import SD3Task  # noqa: E402
 from soarflow.train import load_config, train  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
