@@ -15,8 +15,8 @@ backend                   weights                               runs on
 ========================  ====================================  =================================================
 ``quanto``                int8, float8, int4, int2              CPU and CUDA (optimum-quanto; CPU-tested: int8,
                                                                 float8)
-``torchao``               int8, float8, int4                    int8 weight-only: CPU and CUDA (CPU-tested);
-                                                                float8 / int4: CUDA kernels
+``torchao``               int8, float8, int4                    int8 weight-only: CPU-tested; float8 ran once on
+                                                                the CPU; int4 needs torchao's extra kernels
 ``bitsandbytes``          int8, nf4, fp4                        CUDA only (diffusers refuses to quantize without
                                                                 a GPU)
 ========================  ====================================  =================================================
