@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -35,8 +35,9 @@ from ..data import (
 )
 from ..models.diffusers_pipeline import DTYPES, FrozenPipeline, check_pretrained
 from ..models.diffusers_velocity import VelocityModule
-from ..models.diffusers_weights import load_model_folder, save_model_folder
+from ..models.diffusers_weights import SaveOptions, load_model_folder, save_model_folder
 from ..models.lora import add_lora, has_lora
+from ..models.quantize import is_quantized, quantization_config
 from ..objective import SOARConfig
 from ..sampling import sample_euler
 from .base import Task
@@ -86,9 +87,15 @@ class DiffusersTask(Task):
         return getattr(diffusers, self.transformer_class_name)
 
     def load_transformer(self) -> nn.Module:
+        """The base transformer; with ``model.quantize_base`` loaded through that diffusers quantization config (its
+        unquantized parts in ``frozen_dtype``)."""
         check_pretrained(self.model_config.pretrained)
+        extra: dict[str, Any] = {}
+        if self.model_config.quantize_base is not None:
+            extra = {"quantization_config": quantization_config(self.model_config.quantize_base, self.pipeline.dtype),
+                     "torch_dtype": self.pipeline.dtype}
         return self.transformer_class.from_pretrained(self.model_config.pretrained, subfolder="transformer",
-                                                      **self.pipeline.load_kwargs)
+                                                      **self.pipeline.load_kwargs, **extra)
 
     def wrap(self, transformer: nn.Module) -> VelocityModule:
         raise NotImplementedError
@@ -96,7 +103,7 @@ class DiffusersTask(Task):
     def build_model(self) -> nn.Module:
         transformer = self.load_transformer()
         if self.model_config.finetune == "lora":
-            if self.pipeline.dtype != torch.float32:
+            if self.pipeline.dtype != torch.float32 and not is_quantized(transformer):
                 transformer.to(self.pipeline.dtype)
             add_lora(transformer, self.model_config.lora)
             for name, p in transformer.named_parameters():  # adapters train in float32 (mixed precision autocasts)
@@ -296,13 +303,20 @@ class DiffusersTask(Task):
             "sample_shift": self.sample_shift,
             "guidance": self.model_config.guidance,
             "embedded_guidance_scale": self.model_config.embedded_guidance_scale,
+            # the base the adapter was trained on (it loads onto the unquantized base as well)
+            "quantize_base": (None if self.model_config.quantize_base is None else
+                              f"{self.model_config.quantize_base.backend} {self.model_config.quantize_base.weights}"),
         }
 
     def save_model(self, model: nn.Module, path: Path) -> Path:
         """The folder of :mod:`soarflow.models.diffusers_weights`; also flushes the encoding cache."""
         if self._cache is not None:
             self._cache.flush()
-        path = save_model_folder(Path(path), model.transformer, self.pipeline.pipeline_class, self.manifest(model))
+        m = self.model_config
+        options = SaveOptions(family=self.family, save_dtype=m.save_dtype, single_file=m.save_single_file,
+                              comfyui_lora=m.save_comfyui_lora)
+        path = save_model_folder(Path(path), model.transformer, self.pipeline.pipeline_class, self.manifest(model),
+                                 options)
         logger.info("saved %s model to %s (%s)", self.family, path, self.bad_samples.summary())
         return path
 
