@@ -130,7 +130,7 @@ def null_coverage(num_studies: int, *, unpaired: bool, seed: int, sd_seed: float
     for _ in range(num_studies):
         prompt = rng.normal(0, sd_prompt, prompts)
 
-        def trained():
+        def trained(prompt=prompt):
             p = _sigmoid(mu + rng.normal(0, sd_seed, (seeds, 1)) + prompt + rng.normal(0, sd_method_prompt, prompts))
             return (rng.random((seeds, prompts * per)) < np.repeat(p, per, 1)).astype(float)
 
