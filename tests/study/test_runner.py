@@ -103,6 +103,26 @@ def test_sweeps_expand_to_named_rows_and_hashes_follow_the_config(tmp_path, tiny
     assert [c.hash for c in expand_cells(load_study(path))] == [c.hash for c in cells]  # stable
 
 
+def test_the_auto_layout_keeps_cell_hashes_and_caches_of_before(tmp_path, tiny_base):
+    """soar.reuse_main_output: auto (the default) hashes as the former default true; an explicit false differs."""
+    rows = [{"name": "soar", "set": {"method": "soar"}}]
+    default = expand_cells(load_study(write_study(tmp_path, tiny_base, rows)))
+    assert default[1].config["soar"]["reuse_main_output"] == "auto"
+    hashes = {}
+    for value in (True, False):
+        pinned = write_study(tmp_path, tiny_base, [{"name": "soar", "set": {"method": "soar",
+                                                                            "soar.reuse_main_output": value}}])
+        hashes[value] = expand_cells(load_study(pinned))[1].hash
+    assert default[1].hash == hashes[True] != hashes[False]
+    # a result cached before 'auto' existed (config says true) is still this cell's result
+    cell = default[1]
+    cdir = runner_mod.cell_dir(tmp_path / "out", cell)
+    cdir.mkdir(parents=True)
+    old = {**cell.config, "soar": {**cell.config["soar"], "reuse_main_output": True}}
+    (cdir / runner_mod.RESULT).write_text(json.dumps({"hash": cell.hash, "config": old, "status": "ok"}))
+    assert runner_mod.load_cached(tmp_path / "out", cell) is not None
+
+
 def test_cache_resume_added_rows_mismatch_and_failed_cells(tmp_path, tiny_base, monkeypatch):
     out = tmp_path / "out"
     ran = []

@@ -36,11 +36,12 @@ def evaluate_setting(
     report = score(images, list(prompts))
     k = min(exposure_images, real.shape[0])
     idx = torch.linspace(0, real.shape[0] - 1, k).round().long().unique()
+    device = next(model.parameters()).device  # the model's (CPU or GPU); the noise is drawn on the CPU either way
     eb = exposure_bias(
         model,
-        real[idx],
-        encode_captions([prompts[i] for i in idx]),
-        null_cond=null_caption(len(idx)),
+        real[idx].to(device),
+        encode_captions([prompts[i] for i in idx], device),
+        null_cond=null_caption(len(idx), device),
         num_steps=num_steps,
         guidance_scale=guidance_scale,
         shift=shift,

@@ -446,10 +446,22 @@ def _base_model_fingerprint(config: dict) -> str:
 _FINGERPRINTS: dict[str, str] = {}
 
 
+def identity_config(config: dict) -> dict:
+    """The cell config as its identity (hash and cache check). ``soar.reuse_main_output`` only picks the forward
+    layout (the same loss and gradients; tests/core/test_objective.py), and its default ``auto`` resolves by device
+    type at run time; it counts as ``true``, the value the key had before ``auto`` existed, so cells cached
+    before stay valid and a cell is the same cell on a CPU and on a GPU (as it always was: the device is not part
+    of a cell's identity either)."""
+    soar = config.get("soar")
+    if not isinstance(soar, dict) or soar.get("reuse_main_output") != "auto":
+        return config
+    return {**config, "soar": {**soar, "reuse_main_output": True}}
+
+
 def cell_hash(spec: StudySpec, cell: Cell) -> str:
     """sha256 (16 hex) of everything that defines a cell's result: training config (or, for the base row, only
     the task/model/data), budget, evaluation, base checkpoint content."""
-    cfg = cell.config
+    cfg = identity_config(cell.config)
     if cell.row == BASE_ROW:
         cfg = {k: cfg[k] for k in ("task", "model", "data")}
         budget = None
