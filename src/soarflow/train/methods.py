@@ -244,7 +244,8 @@ def decode_images(task: Any, x: torch.Tensor, device: torch.device) -> torch.Ten
 
 class GRPOMethod(TrainMethod):
     """Flow-GRPO (:mod:`soarflow.methods.grpo`). Each micro-batch of B rows takes the first B/G captions of the
-    data batch, samples G images for each with the SDE sampler, scores them and trains on T steps per image.
+    data batch, samples G images for each with the SDE sampler, scores them, computes per-prompt advantages over the
+    prompts and rewards gathered from every process (Flow-GRPO's stat tracker) and trains on T steps per image.
     The KL reference is the model at the start of training: for a LoRA model without ``init_from``, the
     transformer with its adapters disabled; otherwise a frozen copy."""
 
@@ -299,7 +300,8 @@ class GRPOMethod(TrainMethod):
         images = decode_images(task, rollout.images, ctx.device)
         rewards = grpo_math.check_rewards(self.reward(images, prompts), b, self.reward_name, ctx.step)
         rewards = rewards.to(ctx.device)
-        adv = grpo_math.group_advantages(rewards, g, self.grpo.adv_clip_max)
+        adv = grpo_math.gather_prompt_advantages(prompts, rewards, self.grpo.adv_clip_max,
+                                                 global_std=self.grpo.global_std)
         return rollout, cond, null, rewards, adv
 
     def compute_loss(self, model, task, batch, ctx):
@@ -383,7 +385,8 @@ SHAPES_RECIPES: dict[str, dict[str, Any]] = {
     "soar": {"soar.num_aux": 4, "soar.rollout_steps": 40, "soar.guidance_scale": SHAPES_GUIDANCE_SCALE,
              "soar.num_rollout_paths": 1},
     "grpo": {"grpo.group_size": 4, "grpo.num_steps": 10, "grpo.train_timesteps": 3,
-             "grpo.guidance_scale": SHAPES_GUIDANCE_SCALE, "grpo.beta": 0.04, "grpo.sample_reuse": 1,
+             "grpo.guidance_scale": SHAPES_GUIDANCE_SCALE, "grpo.beta": 0.04, "grpo.kl_form": "release",
+             "grpo.global_std": True, "grpo.sample_reuse": 1,
              "cond_dropout": 0.0},
     "scheduled_sampling": {"scheduled_sampling.max_step_offset": 3, "scheduled_sampling.num_steps": 40,
                            "scheduled_sampling.guidance_scale": SHAPES_GUIDANCE_SCALE},
