@@ -149,3 +149,26 @@ def test_kl_term_matches_a_release_step_by_hand(form):
     expected = sum(kls) / 2
     assert float(out.kl) == pytest.approx(expected, rel=1e-5)
     assert float(out.loss.detach()) == pytest.approx(0.04 * expected, rel=1e-5)  # zero advantages: the KL term alone
+
+
+def test_chunked_loss_forward_gives_the_same_loss_and_gradient():
+    model = Linear(seed=5)
+    base = dict(group_size=2, num_steps=5, train_timesteps=3, guidance_scale=2.0, beta=0.0)
+    cond, null = torch.randn(4, 3, generator=torch.Generator().manual_seed(6)), torch.zeros(1, 3)
+    roll = sample_with_log_probs(model, torch.randn(4, 3, generator=torch.Generator().manual_seed(7)), cond,
+                                 null_cond=null, config=GRPOConfig(**base), shift=1.0,
+                                 generator=torch.Generator().manual_seed(8))
+    steps = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1]])
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    grads, losses = [], []
+    for chunk in (None, 5):  # 3 x 4 x 2 = 24 rows in chunks of 5
+        model.zero_grad()
+        out = grpo_loss(model, roll, adv, steps, cond, null_cond=null, config=GRPOConfig(**base, chunk_size=chunk))
+        out.loss.backward()
+        losses.append(float(out.loss.detach()))
+        grads.append(model.w.grad.clone())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="'chunk_size'"):
+        GRPOConfig(chunk_size=0)

@@ -45,6 +45,7 @@ import torch
 
 from ..conditioning import cond_expand_null, cond_repeat
 from ..flow import VelocityModel, sigma_schedule
+from ..objective import _forward_rows
 from ..sampling import guided_velocity, step_distribution
 
 KL_FORMS = ("release", "exact_gaussian")
@@ -80,6 +81,9 @@ class GRPOConfig:
     global_std: bool = _f(True, "advantages divided by the std of all rewards of the step on every process "
                                 "(Flow-GRPO's sample.global_std, true in its base and GenEval configs); false: by "
                                 "each prompt's own std")
+    chunk_size: int | None = _f(None, "max rows per forward of the trained model; the T*B (x2 with guidance) rows of "
+                                      "the loss then run as activation-checkpointed chunks (bounded memory, one "
+                                      "extra forward in backward); null: one forward")
     sample_reuse: int = _f(1, "optimizer steps per rollout batch (1: on-policy; >1 makes the ratio clip active)")
     reward: str = _f("auto", "'auto' (shapes: soarflow.shapes:reward) or 'package.module:callable'")
     reward_kwargs: dict[str, Any] = _f(help="if given, reward names a factory called with these to build the reward",
@@ -103,6 +107,8 @@ class GRPOConfig:
         need(self.beta >= 0 and math.isfinite(self.beta), "beta", "must be >= 0")
         need(self.kl_form in KL_FORMS, "kl_form", f"must be one of {', '.join(KL_FORMS)}")
         need(isinstance(self.global_std, bool), "global_std", "must be true or false")
+        need(self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size >= 1), "chunk_size",
+             "must be null or an integer >= 1")
         need(isinstance(self.sample_reuse, int) and self.sample_reuse >= 1, "sample_reuse", "must be an integer >= 1")
         need(bool(self.reward), "reward", "must not be empty")
 
@@ -289,7 +295,9 @@ def grpo_loss(model: VelocityModel, rollout: Rollout, advantages: torch.Tensor, 
     null_t = cond_repeat(cond_expand_null(null_cond, B), T) if null_cond is not None else None
     kind, a = config.sde_kind, config.noise_scale
 
-    v = guided_velocity(model, x, sig, cond_t, null_t, config.guidance_scale)
+    chunked = model if config.chunk_size is None else (
+        lambda xs, ss, cs: _forward_rows(model, xs, ss, cs, config.chunk_size))
+    v = guided_velocity(chunked, x, sig, cond_t, null_t, config.guidance_scale)
     mean, std = step_distribution(kind, x, sig, sig_next, v, noise_scale=a)
     log_prob = gaussian_log_prob(x_next, mean, std)
     per_row, clipped = ppo_clip_loss(log_prob, old, advantages.float().repeat(T), config.clip_range)
