@@ -12,6 +12,7 @@ COMMANDS = {
     "sample": ("soarflow.commands.sample:main", "generate images from a trained checkpoint"),
     "eval-shapes": ("soarflow.commands.eval_shapes:main", "score images or a checkpoint on ShapesEval"),
     "study": ("soarflow.commands.study:main", "run a grid of methods x settings x seeds with cached cells and statistics"),
+    "study-report": ("soarflow.commands.study_report:main", "rebuild a study report's intervals from its per_image.npz"),
 }
 
 
