@@ -121,3 +121,35 @@ def test_two_processes_share_per_prompt_statistics_on_a_prompt_file(tmp_path):
     assert differs > 0 and shared > 0  # so the statistics were gathered, not per process
     last = ranks[0]["history"][-1]
     assert all(torch.isfinite(torch.tensor(v)) for v in last.values())
+
+
+def test_flux_grpo_trains_from_a_txt_prompt_file_without_encoding_an_image(tmp_path, monkeypatch):
+    import diffusers
+    from diffusers_testing import build_tiny_flux_pipeline
+
+    from soarflow.train import train
+
+    flux = build_tiny_flux_pipeline(tmp_path / "flux", guidance_embeds=True)
+    (tmp_path / "prompts.txt").write_text("a red circle\na dog running in the park\n")
+
+    def no_encode(*args, **kwargs):
+        raise AssertionError("GRPO encoded an image")
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "encode", no_encode)
+    seen = []
+
+    def brightness(images, prompts):
+        seen.append((tuple(images.shape), list(prompts)))
+        return images.mean(dim=(1, 2, 3))
+
+    cfg = load_config(None, [
+        "--task=flux", "--method=grpo", f"--output_dir={tmp_path / 'run'}", "--train_batch_size=2",
+        "--max_train_steps=1", "--checkpointing_steps=0", "--report_to=none", "--show_progress=false",
+        "--validation_steps=0", "--grpo.group_size=2", "--grpo.num_steps=3", "--grpo.train_timesteps=1",
+        "--grpo.guidance_scale=1.0", f"--model.pretrained={flux}", "--model.max_sequence_length=8",
+        "--model.guidance=embedded", "--data.format=prompts", f"--data.path={tmp_path / 'prompts.txt'}",
+        "--data.resolution=32"])
+    result = train(cfg, reward=brightness)
+    assert len(seen) == 1 and seen[0][0][0] == 2 and seen[0][0][-2:] == (32, 32)
+    assert seen[0][1][0] == seen[0][1][1]  # one prompt, G = 2 images
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.history[-1].values())
