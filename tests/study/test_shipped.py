@@ -10,7 +10,10 @@ from soarflow.study import load_study
 from soarflow.commands.study import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-STUDIES = ["study_claim.yaml", "study_knobs.yaml", "study_methods.yaml", "study_claim_focus.yaml"]
+STUDIES = ["study_claim.yaml", "study_knobs.yaml", "study_methods.yaml", "study_claim_focus.yaml",
+           "study_claim_powered.yaml"]
+# every shipped study file; study_headroom compares SFT with the base at equal steps only
+ALL_STUDIES = STUDIES + ["study_headroom.yaml"]
 
 
 def test_claim_quick_runs_the_whole_pipeline(tmp_path):
@@ -41,7 +44,7 @@ def test_shipped_studies_parse_with_seeds_both_arms_and_their_contrasts(name):
     assert spec.primary.setting == "steps40_cfg4" and spec.primary.arm in spec.budget.arms
 
 
-@pytest.mark.parametrize("name", STUDIES)
+@pytest.mark.parametrize("name", ALL_STUDIES)
 def test_quick_sections_use_rows_that_exist_here(name):
     spec = load_study(CONFIGS / name, quick=True)
     assert spec.rows and spec.include_base

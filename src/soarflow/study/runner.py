@@ -509,7 +509,8 @@ def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_onl
 
         run_parallel(spec, pending, out, device=device, jobs=jobs, cells_dir=cells_dir, keep_models=keep_models,
                      save_arms=save_arms, run_info=run_info, first_config=cells[0].config, may_start=may_start,
-                     on_start=lambda cell, slot: _logged(log, progress_prefix(cell, f" on {slot.describe()}")),
+                     on_start=lambda cell, slot: _logged(log, progress_prefix(cell, f" on {slot.describe()}"),
+                                                         f"[study {spec.name}] {cell.label} ({slot.describe()})"),
                      on_finish=finish, log=log, quiet=quiet_workers)
     left = [c for c in pending if c.hash not in done and c.hash not in failed]
     log(f"[study {spec.name}] {len(cells) - len(left)}/{len(cells)} cells done in "
@@ -520,9 +521,10 @@ def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_onl
                                                         "status": "pending"} for c in cells]
 
 
-def _logged(log: Callable[[str], None], msg: str) -> str:
+def _logged(log: Callable[[str], None], msg: str, prefix: str) -> str:
+    """Log a worker's start line; return the shorter prefix of its own progress lines."""
     log(msg)
-    return msg
+    return prefix
 
 
 def run_configurations(records: list[dict]) -> str:
