@@ -32,9 +32,11 @@ def test_prompt_files_txt_and_jsonl(tmp_path):
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"prompt": "a red circle", "tag": "single_object"}\n\n{"prompt": "a blue square"}\n')
     assert read_prompt_file(jsonl) == ["a red circle", "a blue square"]
-    ds = PromptDataset(read_prompt_file(jsonl))
-    assert len(ds) == 2 and collate_prompts([ds[1], ds[0]]) == {"caption": ["a blue square", "a red circle"],
-                                                                 "key": ["1", "0"]}
+    ds = PromptDataset.from_file(jsonl)
+    assert len(ds) == 2 and collate_prompts([ds[1], ds[0]]) == {
+        "caption": ["a blue square", "a red circle"], "key": ["1", "0"],
+        "metadata": [{"prompt": "a blue square"}, {"prompt": "a red circle", "tag": "single_object"}]}
+    assert PromptDataset.from_file(txt, max_samples=1)[0] == {"caption": "a red circle", "key": "0", "metadata": None}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2: expected an object with a non-empty 'prompt'"):
@@ -64,23 +66,15 @@ def test_prompt_data_is_refused_for_methods_that_need_images(tmp_path):
         task.encode_batch(task.collate([task.train_dataset()[0]]), torch.device("cpu"))
 
 
-def test_reward_by_scorer_name_needs_the_registry_or_uses_it(monkeypatch):
-    import soarflow.scorers as scorers
-
-    if not hasattr(scorers, "build_scorer"):
-        with pytest.raises(ValueError, match="no scorer registry"):
-            resolve_reward("clip_score", {}, "sd3")
-
-    def build_scorer(name, **kwargs):
-        if name != "mean":
-            raise KeyError(f"unknown scorer {name!r}")
-        return lambda images, prompts: images.mean(dim=(1, 2, 3)) * kwargs.get("scale", 1.0)
-
-    monkeypatch.setattr(scorers, "build_scorer", build_scorer, raising=False)
-    reward, name = resolve_reward("mean", {"scale": 2.0}, "sd3")
-    assert name == "mean" and reward(torch.ones(2, 3, 4, 4), ["a", "b"]).tolist() == [2.0, 2.0]
-    with pytest.raises(ValueError, match="unknown scorer 'nope'"):
+def test_reward_by_scorer_name_uses_the_eval_registry(tmp_path):
+    clip = build_tiny_clip(tmp_path / "clip")
+    reward, name = resolve_reward("clip", {"path": str(clip)}, "sd3")
+    scores = reward(torch.zeros(2, 3, 32, 32), ["a red circle", "a dog running in the park"])
+    assert name == "clip" and scores.shape == (2,) and scores.abs().max() <= 1
+    with pytest.raises(ValueError, match="config key 'grpo.reward': unknown scorer 'nope'"):
         resolve_reward("nope", {}, "sd3")
+    with pytest.raises(ValueError, match="config key 'grpo.reward': .*"):
+        resolve_reward("clip", {"path": str(tmp_path / "missing")}, "sd3")
 
 
 def test_two_processes_share_per_prompt_statistics_on_a_prompt_file(tmp_path):
@@ -97,7 +91,7 @@ def test_two_processes_share_per_prompt_statistics_on_a_prompt_file(tmp_path):
            "--task=sd3", "--method=grpo", "--train_batch_size=4", "--max_train_steps=2", "--checkpointing_steps=0",
            "--report_to=none", "--show_progress=false", "--validation_steps=0", "--learning_rate=1e-2",
            "--grpo.group_size=2", "--grpo.num_steps=3", "--grpo.train_timesteps=1", "--grpo.guidance_scale=2.0",
-           "--grpo.reward=soarflow.scorers:CLIPScorer.from_pretrained", f"--grpo.reward_kwargs={{path: {clip}}}",
+           "--grpo.reward=clip", f"--grpo.reward_kwargs={{path: {clip}}}",  # soarflow eval's CLIP score by name
            f"--model.pretrained={sd3}", "--model.max_sequence_length=8", "--model.finetune=lora",
            "--model.lora={rank: 4, alpha: 8}", "--data.format=prompts", f"--data.path={tmp_path / 'prompts.jsonl'}",
            "--data.resolution=32"]
@@ -111,6 +105,7 @@ def test_two_processes_share_per_prompt_statistics_on_a_prompt_file(tmp_path):
         prompts = c0["prompts"] + c1["prompts"]
         rewards = torch.tensor(c0["rewards"] + c1["rewards"], dtype=torch.float64)
         assert len(prompts) == 8 and rewards.std() > 0  # the CLIP scorer gave distinct rewards
+        assert rewards.abs().max() <= 1 and (rewards != 0).all()  # build_scorer("clip"): the plain cosine
         # one process on the global batch gives the same advantages as the two ranks did
         one = prompt_advantages(prompts, rewards, c0["clip"], global_std=True)
         torch.testing.assert_close(torch.tensor(c0["advantages"] + c1["advantages"]), one, rtol=1e-6, atol=1e-6)
@@ -123,14 +118,16 @@ def test_two_processes_share_per_prompt_statistics_on_a_prompt_file(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in last.values())
 
 
-def test_flux_grpo_trains_from_a_txt_prompt_file_without_encoding_an_image(tmp_path, monkeypatch):
+def test_flux_grpo_trains_from_a_prompt_file_without_encoding_an_image(tmp_path, monkeypatch):
     import diffusers
     from diffusers_testing import build_tiny_flux_pipeline
 
     from soarflow.train import train
 
     flux = build_tiny_flux_pipeline(tmp_path / "flux", guidance_embeds=True)
-    (tmp_path / "prompts.txt").write_text("a red circle\na dog running in the park\n")
+    lines = [{"prompt": "a red circle", "tag": "single_object", "include": [{"class": "circle", "count": 1}]},
+             {"prompt": "a dog running in the park", "tag": "other"}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     def no_encode(*args, **kwargs):
         raise AssertionError("GRPO encoded an image")
@@ -138,8 +135,8 @@ def test_flux_grpo_trains_from_a_txt_prompt_file_without_encoding_an_image(tmp_p
     monkeypatch.setattr(diffusers.AutoencoderKL, "encode", no_encode)
     seen = []
 
-    def brightness(images, prompts):
-        seen.append((tuple(images.shape), list(prompts)))
+    def brightness(images, prompts, metadata=None):  # a reward that reads the .jsonl lines, as GenEval's does
+        seen.append((tuple(images.shape), list(prompts), metadata))
         return images.mean(dim=(1, 2, 3))
 
     cfg = load_config(None, [
@@ -147,9 +144,11 @@ def test_flux_grpo_trains_from_a_txt_prompt_file_without_encoding_an_image(tmp_p
         "--max_train_steps=1", "--checkpointing_steps=0", "--report_to=none", "--show_progress=false",
         "--validation_steps=0", "--grpo.group_size=2", "--grpo.num_steps=3", "--grpo.train_timesteps=1",
         "--grpo.guidance_scale=1.0", f"--model.pretrained={flux}", "--model.max_sequence_length=8",
-        "--model.guidance=embedded", "--data.format=prompts", f"--data.path={tmp_path / 'prompts.txt'}",
+        "--model.guidance=embedded", "--data.format=prompts", f"--data.path={tmp_path / 'prompts.jsonl'}",
         "--data.resolution=32"])
     result = train(cfg, reward=brightness)
     assert len(seen) == 1 and seen[0][0][0] == 2 and seen[0][0][-2:] == (32, 32)
     assert seen[0][1][0] == seen[0][1][1]  # one prompt, G = 2 images
+    line = next(m for m in lines if m["prompt"] == seen[0][1][0])
+    assert seen[0][2] == [line, line]  # its whole metadata line, once per image
     assert all(torch.isfinite(torch.tensor(v)) for v in result.history[-1].values())

@@ -33,7 +33,7 @@ from ..data import (
     read_imagefolder,
     read_soar_jsonl,
 )
-from ..data.prompts import PromptDataset, collate_prompts, is_prompt_batch, read_prompt_file
+from ..data.prompts import PromptDataset, collate_prompts, is_prompt_batch
 from ..models.diffusers_pipeline import DTYPES, FrozenPipeline, check_pretrained
 from ..models.diffusers_velocity import VelocityModule
 from ..models.diffusers_weights import load_model_folder, save_model_folder
@@ -126,8 +126,7 @@ class DiffusersTask(Task):
     def train_dataset(self) -> ImageCaptionDataset | PromptDataset:
         d = self.data_config
         if d.format == "prompts":
-            prompts = read_prompt_file(d.path)
-            return PromptDataset(prompts[: d.max_samples] if d.max_samples is not None else prompts)
+            return PromptDataset.from_file(d.path, d.max_samples)
         return ImageCaptionDataset(
             self.records(), d.resolution, bucketing=d.bucketing, bucket_divisor=d.bucket_divisor,
             max_aspect_ratio=d.max_aspect_ratio, random_flip=d.random_flip, bad_samples=self.bad_samples,

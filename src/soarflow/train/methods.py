@@ -236,11 +236,22 @@ def _scorer_by_name(name: str, kwargs: dict[str, Any]) -> Callable:
                          "no scorer registry (soarflow.scorers.build_scorer) to look the name up in")
     try:
         scorer = build(name, **kwargs)
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, ImportError, OSError) as err:  # unknown name, missing package or weights
         raise ValueError(f"config key 'grpo.reward': {err}") from None
     if not callable(scorer):
         raise ValueError(f"config key 'grpo.reward': scorer {name!r} is not callable as scorer(images, prompts)")
     return scorer
+
+
+def _accepts_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` can be called with the keyword ``name``."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 @contextmanager
@@ -284,6 +295,7 @@ class GRPOMethod(TrainMethod):
             self.reward, self.reward_name = resolve_reward(config.grpo.reward, dict(config.grpo.reward_kwargs), config.task)
         self.reference: Callable | None = None
         self._cache: dict[int, tuple] = {}
+        self._reward_takes_metadata = _accepts_keyword(self.reward, "metadata")
 
     def setup(self, model, task, device):
         if self.grpo.beta == 0:
@@ -321,7 +333,14 @@ class GRPOMethod(TrainMethod):
         rollout = grpo_math.sample_with_log_probs(model, noise, cond, null_cond=null, config=self.grpo,
                                                   shift=self.objective.shift, generator=ctx.local)
         images = decode_images(task, rollout.images, ctx.device)
-        rewards = grpo_math.check_rewards(self.reward(images, prompts), b, self.reward_name, ctx.step)
+        metadata = batch.get("metadata") if isinstance(batch, dict) else None
+        if metadata is not None and self._reward_takes_metadata and all(m is not None for m in metadata[: b // g]):
+            # a .jsonl prompt file's lines (e.g. GenEval's include clauses) for rewards that read them
+            meta = [m for m in list(metadata)[: b // g] for _ in range(g)]
+            raw = self.reward(images, prompts, metadata=meta)
+        else:
+            raw = self.reward(images, prompts)
+        rewards = grpo_math.check_rewards(raw, b, self.reward_name, ctx.step)
         rewards = rewards.to(ctx.device)
         # Flow-GRPO's stat tracker: per-prompt mean (and std) over the prompts and rewards of every process
         adv = grpo_math.gather_prompt_advantages(prompts, rewards, self.grpo.adv_clip_max,
