@@ -33,6 +33,7 @@ from ..data import (
     read_imagefolder,
     read_soar_jsonl,
 )
+from ..data.prompts import PromptDataset, collate_prompts, is_prompt_batch
 from ..models.diffusers_pipeline import DTYPES, FrozenPipeline, check_pretrained
 from ..models.diffusers_velocity import VelocityModule
 from ..models.diffusers_weights import SaveOptions, load_model_folder, save_model_folder
@@ -74,6 +75,10 @@ class DiffusersTask(Task):
         m, d = parse_sections(model_dict, data)
         task = cls(m, d, train_config)
         task.check_config()
+        method = getattr(train_config, "method", None)
+        if d.format == "prompts" and method not in (None, "grpo"):
+            raise ValueError(f"config key 'data.format': 'prompts' holds no images, so only method grpo can train on "
+                             f"it (method is {method!r}); give an image dataset (imagefolder or soar_jsonl)")
         return task
 
     def check_config(self) -> None:
@@ -125,8 +130,10 @@ class DiffusersTask(Task):
         logger.info("%s: %d samples, %s", d.path, len(recs), self.bad_samples.summary())
         return recs
 
-    def train_dataset(self) -> ImageCaptionDataset:
+    def train_dataset(self) -> ImageCaptionDataset | PromptDataset:
         d = self.data_config
+        if d.format == "prompts":
+            return PromptDataset.from_file(d.path, d.max_samples)
         return ImageCaptionDataset(
             self.records(), d.resolution, bucketing=d.bucketing, bucket_divisor=d.bucket_divisor,
             max_aspect_ratio=d.max_aspect_ratio, random_flip=d.random_flip, bad_samples=self.bad_samples,
@@ -136,12 +143,12 @@ class DiffusersTask(Task):
         """With ``data.bucketing``: the epoch's global batches, each drawn from one aspect bucket (seeded by
         seed and epoch); None without bucketing (plain random batches). For a trainer that supports it; otherwise
         `collate` brings mixed batches to their most common bucket."""
-        if not self.data_config.bucketing:
+        if not self.data_config.bucketing or self.data_config.format == "prompts":
             return None
         return bucketed_batches([dataset.bucket_of(i) for i in range(len(dataset))], global_batch, seed, epoch)
 
     def collate(self, samples: Sequence[dict]) -> dict:
-        return collate_images(samples)
+        return collate_images(samples) if samples and "pixel_values" in samples[0] else collate_prompts(samples)
 
     def data_summary(self) -> str:
         """One line for the run summary: how many bad samples were skipped (and which)."""
@@ -207,6 +214,9 @@ class DiffusersTask(Task):
         r"""``(x0, cond)``: latents :math:`(z - \text{shift})\cdot\text{scale}` with z drawn from the VAE posterior,
         and the text condition. With ``data.cache_dir`` the posterior and condition are read from the cache when
         present and written to it otherwise."""
+        if is_prompt_batch(batch):
+            raise ValueError("data.format 'prompts': the batch holds prompts and no images; only method grpo "
+                             "trains on a prompt file")
         cache = self.cache()
         pixels, captions = batch["pixel_values"], list(batch["caption"])
         h, w = pixels.shape[-2:]
@@ -226,6 +236,32 @@ class DiffusersTask(Task):
         keys = [k for k in entries[0] if k.startswith("cond.")]
         cond = {k[5:]: torch.stack([e[k].to(device) for e in entries]) for k in keys}
         return x0, self.finish_cond(cond)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a height x width image, from the VAE's config.json (no weights loaded)
+        when ``model.pretrained`` is a local folder; otherwise from the loaded pipeline."""
+        config = Path(self.model_config.pretrained) / "vae" / "config.json"
+        if not config.is_file():
+            return self.pipeline.latent_shape(height, width)
+        vae = json.loads(config.read_text())
+        factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        if height % factor or width % factor:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the VAE's downsampling factor {factor}")
+        return (int(vae["latent_channels"]), height // factor, width // factor)
+
+    @torch.no_grad()
+    def encode_prompts(self, batch: dict, n: int, device: torch.device) -> tuple[tuple[int, ...], dict]:
+        """``(sample_shape, cond)`` for the first ``n`` captions of ``batch``: the text condition and the latent
+        shape of the batch's images (an image batch) or of ``data.resolution`` (a prompt batch). Encodes no
+        image."""
+        captions = [str(c) for c in list(batch["caption"])[:n]]
+        if "pixel_values" in batch:
+            h, w = batch["pixel_values"].shape[-2:]
+        else:
+            h = w = self.data_config.resolution
+        with self.frozen_on(device):
+            cond = cond_to(self.encode_text(captions, device), device, torch.float32)
+        return self.latent_shape(int(h), int(w)), self.finish_cond({k: v.float() for k, v in cond.items()})
 
     def finish_cond(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook to add non-text entries to a condition (FLUX: the embedded guidance)."""

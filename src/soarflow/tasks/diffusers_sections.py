@@ -57,14 +57,19 @@ class DiffusersModelSection:
             raise ValueError("config key 'save_comfyui_lora': applies to finetune: lora")
 
 
+DATA_FORMATS = ("imagefolder", "soar_jsonl", "prompts")
+
+
 @dataclass
 class DiffusersDataSection:
     """``data:`` for tasks sd3 and flux."""
 
     FORMER_KEYS: ClassVar[dict[str, str]] = {"validation_cfg": "validation_guidance_scale"}
 
-    format: Literal["imagefolder", "soar_jsonl"] = "imagefolder"
-    path: str = ""  # imagefolder: the folder with metadata.jsonl; soar_jsonl: the JSONL file
+    format: Literal["imagefolder", "soar_jsonl", "prompts"] = "imagefolder"
+    # imagefolder: the folder with metadata.jsonl; soar_jsonl: the JSONL file; prompts (method grpo only): a .txt
+    # file (one prompt per line) or .jsonl file (a "prompt" key per line), no images
+    path: str = ""
     image_dir: str | None = None  # soar_jsonl: folder of {md5}.jpg
     caption_column: str = "text"  # imagefolder caption field
     resolution: int = 512
@@ -83,10 +88,11 @@ class DiffusersDataSection:
     validation_resolution: int | None = None  # None: resolution
 
     def __post_init__(self) -> None:
-        if self.format not in ("imagefolder", "soar_jsonl"):
-            raise ValueError(f"config key 'format': must be imagefolder or soar_jsonl (got {self.format!r})")
+        if self.format not in DATA_FORMATS:
+            raise ValueError(f"config key 'format': must be one of {', '.join(DATA_FORMATS)} (got {self.format!r})")
         if not self.path:
-            raise ValueError("config key 'path': required — the image folder (imagefolder) or JSONL file (soar_jsonl)")
+            raise ValueError("config key 'path': required — the image folder (imagefolder), JSONL file (soar_jsonl) "
+                             "or prompt file (prompts)")
         if self.format == "soar_jsonl" and not self.image_dir:
             raise ValueError("config key 'image_dir': required for format soar_jsonl (folder of {md5}.jpg)")
         if self.resolution < 8:
