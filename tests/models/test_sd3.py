@@ -223,14 +223,16 @@ def test_lora_sft_saves_diffusers_lora_that_pipeline_loads(tmp_path, sd3_path, i
 
 
 def test_encoding_cache_skips_the_encoders_and_is_keyed_by_resolution(tmp_path, sd3_path, images):
-    task = make_task(sd3_path, images, data={"cache_dir": str(tmp_path / "cache"), "cache_shard_size": 2})
+    data = {"cache_dir": str(tmp_path / "cache"), "cache_shard_size": 2, "cache_dtype": "float32"}
+    task = make_task(sd3_path, images, data=data)
     batch = task.collate([task.train_dataset()[i] for i in range(2)])
     x0, cond = task.encode_batch(batch, CPU)
-    assert len(list((tmp_path / "cache").glob("*/shard-*.safetensors"))) == 1
+    assert len(list((tmp_path / "cache").glob("latent-*/shard-*.safetensors"))) == 1  # 2 images = one shard
     null = task.null_cond(2, CPU)
-    task.cache().flush()
+    for cache in task.caches():
+        cache.flush()
 
-    again = make_task(sd3_path, images, data={"cache_dir": str(tmp_path / "cache")})
+    again = make_task(sd3_path, images, data=data)
 
     def no_encoders(*args, **kwargs):
         raise AssertionError("the encoders were loaded although the cache holds the batch")
@@ -243,10 +245,11 @@ def test_encoding_cache_skips_the_encoders_and_is_keyed_by_resolution(tmp_path, 
     shift, scale = again.pipeline.vae_factors()
     assert abs(float((x1 - x0).mean())) < 0.5 * scale
 
-    other = make_task(sd3_path, images, data={"cache_dir": str(tmp_path / "cache"), "resolution": 16})
+    other = make_task(sd3_path, images, data={**data, "resolution": 16})
     other.encode_batch(other.collate([other.train_dataset()[0]]), CPU)
     other.cache().flush()
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # a new folder; the old encodings stay untouched
+    names = set(other.cache().location)  # same latent folder: entries are named by image hash and crop size
+    assert any(n.endswith("-16x16") for n in names) and sum(n.endswith("-32x32") for n in names) == 2
 
 
 def test_config_errors_name_the_key(sd3_path, images):
