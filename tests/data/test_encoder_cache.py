@@ -6,6 +6,7 @@ refused with an error naming them; bf16 storage; the decoder-only VAE."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -113,14 +114,14 @@ def test_cache_is_bf16_keyed_by_content_and_resumes(tmp_path, sd3_path, images):
     cfg = config(tmp_path, "r", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'cache'}",
                  "--data.cache_shard_size=2")
     task, report = fill(cfg)
-    # 4 captions + 2 validation prompts + "" ; 4 images
-    assert (report.text_encoded, report.latents_encoded, report.text_checked) == (7, 4, 0)
+    # 4 captions + 1 more validation prompt ("a red circle" is both) + "" ; 4 images
+    assert (report.text_encoded, report.latents_encoded, report.text_checked) == (6, 4, 0)
     stored = load_file(str(shards(tmp_path / "cache", "latent")[0]))
     assert all(v.dtype == torch.bfloat16 for v in stored.values())
     assert len(shards(tmp_path / "cache", "latent")) == 2  # shard_size 2: an interruption loses < 2 entries
 
     _, again = fill(cfg)  # nothing to do
-    assert (again.text_encoded, again.latents_encoded, again.text_checked, again.latents_checked) == (0, 0, 7, 4)
+    assert (again.text_encoded, again.latents_encoded, again.text_checked, again.latents_checked) == (0, 0, 6, 4)
 
     # a changed caption -> one text entry; a changed image -> one latent entry; the rest is kept
     meta = images / "metadata.jsonl"
@@ -155,11 +156,11 @@ def test_corrupt_shards_and_entries_are_found_and_reencoded_or_refused(tmp_path,
     bad = {f"{name1}/{k}": v.clone() for k, v in good.items()}
     bad[f"{name1}/latent_mean"][0, 0, 0] = float("nan")
     folder = shards(cache_dir, "latent")[0].parent
-    save_file(bad, str(folder / "shard-99999999999999999998-r0.safetensors"))
+    save_file(bad, str(folder / f"shard-{time.time_ns():020d}-r0.safetensors"))  # written after the others
     # 2. a text entry with the wrong shape
     cap = text_key(records[2].caption)
     wrong = {f"{cap}/encoder_hidden_states": torch.zeros(3, 32), f"{cap}/pooled_projections": torch.zeros(64)}
-    save_file(wrong, str(shards(cache_dir, "text")[0].parent / "shard-99999999999999999998-r0.safetensors"))
+    save_file(wrong, str(shards(cache_dir, "text")[0].parent / f"shard-{time.time_ns():020d}-r0.safetensors"))
 
     trainer_task = build_task(cfg)
     dataset = trainer_task.train_dataset()
@@ -172,11 +173,12 @@ def test_corrupt_shards_and_entries_are_found_and_reencoded_or_refused(tmp_path,
 
     # 3. a truncated shard: set aside, its entries encoded again; every other shard is kept as it was
     victim = _entry_shard(cache_dir, "latent", name0)
+    lost = {k.split("/")[0] for k in load_file(str(victim))}
     victim.write_bytes(victim.read_bytes()[:50])
     others = {p: p.read_bytes() for p in shards(cache_dir, "latent") if p != victim}
     _, report = fill(cfg)
     assert set(report.corrupt) == {name1, cap}
-    assert report.latents_encoded == 2 + 1  # the truncated shard's two entries (shard_size 2) and the NaN one
+    assert report.latents_encoded == len(lost | {name1}) >= 2  # the truncated shard's entries and the NaN one
     assert report.text_encoded == 1
     assert victim.with_suffix(".corrupt").is_file() and not victim.exists()
     assert all(p.read_bytes() == b for p, b in others.items())
