@@ -224,3 +224,37 @@ def test_cache_command_errors_name_the_problem(tmp_path, sd3_path, images, capsy
     assert cache_main(["--config", str(tmp_path / "no_cache.yaml"), "--data.cache_dtype", "int8"]) == 2
     assert "cache_dtype" in capsys.readouterr().err
     assert json.loads(json.dumps(cfg.data))["path"] == str(images)
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_work_and_write_the_same_entries(tmp_path, sd3_path, images):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    cfg = config(tmp_path, "p2", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'two'}",
+                 "--data.cache_dtype=float32")
+    (tmp_path / "two.yaml").write_text(cfg.to_yaml())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "soarflow", "cache", "--config", str(tmp_path / "two.yaml"), "--batch_size", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0: text 3 encoded" in proc.stdout and "rank 1: text 3 encoded" in proc.stdout
+    assert "complete" in proc.stdout
+    assert {p.name.rsplit("-", 1)[1] for p in shards(tmp_path / "two", "latent")} == {"r0.safetensors", "r1.safetensors"}
+
+    one = config(tmp_path, "p1", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'one'}",
+                 "--data.cache_dtype=float32")
+    fill(one)
+    for kind in ("text", "latent"):
+        a = {k: v for p in shards(tmp_path / "two", kind) for k, v in load_file(str(p)).items()}
+        b = {k: v for p in shards(tmp_path / "one", kind) for k, v in load_file(str(p)).items()}
+        assert sorted(a) == sorted(b)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -51,12 +51,13 @@ def main(argv: list[str]) -> int:
 def run_cache(cfg, batch_size: int = 8) -> int:
     """Fill `cfg`'s encoder cache on every process of the current launch; returns the exit status."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from ..data.encode_cache import cache_size_bytes, fill_cache, missing_entries
     from ..tasks.registry import build_task
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator: `launch --cpu` sets it
     task = build_task(cfg)
     if not hasattr(task, "caches") or not hasattr(task, "encode_pixels"):
         raise ValueError(f"task {cfg.task!r} has no encoder cache (soarflow cache is for the diffusers tasks sd3, flux)")
