@@ -70,7 +70,7 @@ def run_cache(cfg, batch_size: int = 8) -> int:
     text, latents = task.caches()
     prompts = list(task.data_config.validation_prompts)
     report = fill_cache(text, latents, dataset, prompts, task, rank=state.process_index, world=state.num_processes,
-                        batch_size=batch_size, on_progress=lambda m: logging.getLogger("soarflow.cache").debug(m))
+                        batch_size=batch_size, on_progress=lambda m: logging.getLogger(__name__).debug(m))
     print(f"soarflow cache: {report.line()}", flush=True)
     for name in report.corrupt:
         print(f"  re-encoded corrupt entry {name}", flush=True)
