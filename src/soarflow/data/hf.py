@@ -89,6 +89,14 @@ def _image_bytes(value: Any, root: Path, name: str) -> bytes:
     raise ValueError(f"data record {name}: no image bytes or path in the image column")
 
 
+@functools.lru_cache(maxsize=16)
+def _files_signature(path: str, kind: str) -> tuple:
+    """(name, size, mtime) of the files holding a saved dataset's / parquet file's rows (once per process)."""
+    files = sorted(Path(path).rglob("*.arrow")) if kind == "disk" else [Path(path)]
+    return tuple((f.relative_to(path).as_posix() if kind == "disk" else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                 for f in files)
+
+
 @dataclass(frozen=True)
 class ArrowRow:
     """Row `row` of a saved dataset (``kind="disk"``) or of one parquet file's row group (``kind="parquet"``)."""
@@ -110,8 +118,7 @@ class ArrowRow:
         return _image_bytes(value, root, self.describe())
 
     def signature(self) -> tuple | None:
-        files = sorted(Path(self.path).glob("*.arrow")) if self.kind == "disk" else [Path(self.path)]
-        return ("arrow", self.row, self.group, *[(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+        return ("arrow", self.split, self.row, self.group, *_files_signature(self.path, self.kind))
 
     def describe(self) -> str:
         where = f"row group {self.group} row {self.row}" if self.kind == "parquet" else f"row {self.row}"
