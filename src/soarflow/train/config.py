@@ -19,6 +19,7 @@ The general-purpose half (YAML and dotted overrides into typed dataclasses, erro
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any, Literal, Sequence
 import yaml
 
 from ..methods import GRPOConfig, InputPerturbationConfig, ScheduledSamplingConfig
-from ..objective import SOARConfig
+from ..objective import SOARConfig, resolve_layout
 from ..utils import config_parsing
 from ..utils.config_parsing import as_dict, config_differences, from_dict, parse_overrides  # noqa: F401
 from ..utils.config_parsing import upgrade_former_names  # noqa: F401
@@ -219,6 +220,15 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         check_method_keys(d)
         return from_dict(cls, d)
+
+
+def resolved_for_device(config: TrainConfig, device: Any) -> TrainConfig:
+    """A copy of ``config`` with the device-dependent defaults made concrete (``soar.reuse_main_output: auto``,
+    :func:`soarflow.objective.resolve_layout`): what the run computes on ``device``, for config.yaml and the
+    manifest. ``config`` itself is not changed."""
+    resolved = copy.copy(config)
+    resolved.soar = resolve_layout(config.soar, device)
+    return resolved
 
 
 def check_method_keys(d: Any) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 from ..tasks.registry import build_task
 from . import checkpoint as ckpt
 from . import safety
-from .config import TrainConfig
+from .config import TrainConfig, resolved_for_device
 from .ema import copy_ema_to, create_ema, ema_weights, trainable_parameters, update_ema
 from .methods import StepContext, TrainMethod, build_method, compute_loss, load_init_weights, resolve_init_from  # noqa: F401
 
@@ -274,13 +274,16 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
         global_step = ckpt.load_checkpoint(accelerator, resume_from)
         logger.info("resumed from %s at step %d", resume_from, global_step)
 
+    # config.yaml and the tracker record the layout `soar.reuse_main_output: auto` resolves to on this device type,
+    # so `soarflow train --config <run>/config.yaml` computes the same thing on any device
+    recorded = resolved_for_device(config, device)
     accelerator.wait_for_everyone()  # every process has checked output_dir before anything is written
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(config, output_dir)
+        _write_config(recorded, output_dir)
     accelerator.wait_for_everyone()
     if config.report_to == "tensorboard":
-        accelerator.init_trackers("soarflow", config=_tracker_config(config))
+        accelerator.init_trackers("soarflow", config=_tracker_config(recorded))
 
     history: list[dict[str, float]] = []
     grids: list[Path] = []
