@@ -192,7 +192,8 @@ def test_unreadable_image_is_a_bad_sample_and_left_out_of_training(tmp_path, sd3
     (images / "img_003.png").write_bytes((images / "img_003.png").read_bytes()[:60])  # header ok, pixels gone
     cfg = config(tmp_path, "u", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'cache'}")
     task, report = fill(cfg)
-    assert len(report.unreadable) + task.bad_samples.count >= 1
+    assert len(report.unreadable) == 1 and task.bad_samples.count == 1  # its header reads, its pixels do not
+    assert report.latents_encoded == 3
     trainer_task = build_task(cfg)
     ds = trainer_task.train_dataset()
     assert len(ds) == 3 and not ds.pixels and "img_003.png" in trainer_task.data_summary()
