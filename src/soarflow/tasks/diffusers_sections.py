@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from ..data import CACHE_DTYPES, IMAGE_FORMATS
 from ..models.diffusers_export import SAVE_DTYPES
 from ..models.diffusers_pipeline import DTYPES
 from ..models.lora import LoraSection
@@ -57,7 +58,7 @@ class DiffusersModelSection:
             raise ValueError("config key 'save_comfyui_lora': applies to finetune: lora")
 
 
-DATA_FORMATS = ("imagefolder", "soar_jsonl", "prompts")
+DATA_FORMATS = (*IMAGE_FORMATS, "prompts")
 
 
 @dataclass
@@ -66,12 +67,16 @@ class DiffusersDataSection:
 
     FORMER_KEYS: ClassVar[dict[str, str]] = {"validation_cfg": "validation_guidance_scale"}
 
-    format: Literal["imagefolder", "soar_jsonl", "prompts"] = "imagefolder"
-    # imagefolder: the folder with metadata.jsonl; soar_jsonl: the JSONL file; prompts (method grpo only): a .txt
-    # file (one prompt per line) or .jsonl file (a "prompt" key per line), no images
+    format: Literal["imagefolder", "soar_jsonl", "hf_dataset", "parquet", "hf_streaming", "webdataset", "prompts"] = (
+        "imagefolder")
+    # folder (imagefolder, hf_dataset save_to_disk), JSONL (soar_jsonl), parquet file/folder/glob, hub id or local
+    # dataset (hf_streaming), tar shards (webdataset); prompts (method grpo only): a .txt file (one prompt per line)
+    # or .jsonl file (a "prompt" key per line), no images
     path: str = ""
     image_dir: str | None = None  # soar_jsonl: folder of {md5}.jpg
-    caption_column: str = "text"  # imagefolder caption field
+    caption_column: str | None = None  # None: text (imagefolder, datasets), txt (webdataset member)
+    image_column: str = "image"  # datasets / parquet image column
+    split: str = "train"  # datasets split (DatasetDict folders, streaming)
     resolution: int = 512
     bucketing: bool = False  # aspect-ratio buckets of ~resolution^2 pixels
     bucket_divisor: int = 64
@@ -79,8 +84,9 @@ class DiffusersDataSection:
     random_flip: bool = False
     on_bad_sample: Literal["skip", "fail"] = "skip"
     max_samples: int | None = None  # use only the first N records
-    cache_dir: str | None = None  # cache VAE latents + text embeddings here (safetensors shards)
+    cache_dir: str | None = None  # encoder cache (fill it with `soarflow cache`): VAE latents + text embeddings
     cache_shard_size: int = 256
+    cache_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # stored precision of the cached encodings
     validation_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red apple on a table"])
     validation_num_steps: int = 28
     validation_guidance_scale: float | None = None  # None: the task's guidance_scale
@@ -91,8 +97,10 @@ class DiffusersDataSection:
         if self.format not in DATA_FORMATS:
             raise ValueError(f"config key 'format': must be one of {', '.join(DATA_FORMATS)} (got {self.format!r})")
         if not self.path:
-            raise ValueError("config key 'path': required — the image folder (imagefolder), JSONL file (soar_jsonl) "
-                             "or prompt file (prompts)")
+            raise ValueError("config key 'path': required — the image folder (imagefolder), JSONL file (soar_jsonl), "
+                             "saved dataset, parquet, dataset id, tar shards or prompt file (prompts)")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"config key 'cache_dtype': must be one of {', '.join(CACHE_DTYPES)} (got {self.cache_dtype!r})")
         if self.format == "soar_jsonl" and not self.image_dir:
             raise ValueError("config key 'image_dir': required for format soar_jsonl (folder of {md5}.jpg)")
         if self.resolution < 8:
