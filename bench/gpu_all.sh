@@ -30,7 +30,7 @@
 # GPU_CLAIM_S, GPU_LAYOUT_S, GPU_SCALE_S, GPU_FSDP_S, GPU_DEVICE (default cuda; cpu in tiny mode), PYTHON.
 #
 # Packages: the GPU image has torch, accelerate, peft and transformers but no diffusers or bitsandbytes, and
-# nothing can be fetched there. Carry them as wheels in .whl/ (ignored by git: `echo /.whl/ >> .git/info/exclude`),
+# nothing can be fetched there. Carry them as wheels in .whl/ (ignored by git: .gitignore lists /.whl/),
 # downloaded here once with exactly:
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -74,7 +74,8 @@ class Case:
         if self.method == "soar" and self.layout != "auto":
             m += f" ({self.layout})"
         q = f" q={self.quant}" if self.quant else ""
-        return (f"{self.arch} {self.resolution}px b{self.batch} {self.finetune}{q} gc={'on' if self.grad_ckpt else 'off'} "
+        ckpt = "on" if self.grad_ckpt else "off"
+        return (f"{self.arch} {self.resolution}px b{self.batch} {self.finetune}{q} gc={ckpt} "
                 f"{m} chunk={self.aux_chunk or '-'} {self.optimizer}")
 
 
@@ -206,7 +207,8 @@ def run_case(case: Case, model, cfg: dict, args, device: torch.device) -> dict:
         tr.enable_gradient_checkpointing()
     elif getattr(tr, "gradient_checkpointing", False):
         tr.disable_gradient_checkpointing()
-    x0, cond, null = batch_for(case.arch, cfg, case.resolution, case.batch, args.text_len or TEXT_LEN[case.arch], device)
+    text_len = args.text_len or TEXT_LEN[case.arch]
+    x0, cond, null = batch_for(case.arch, cfg, case.resolution, case.batch, text_len, device)
     # FLUX-dev is guidance-distilled: its rollout uses the embedded guidance (guidance_scale 1), as the trainer does.
     w = 1.0 if case.arch == "flux" else 4.5
     objective = SOARConfig(num_aux=case.k, guidance_scale=w, aux_chunk_size=case.aux_chunk,
@@ -301,17 +303,18 @@ def cases(args) -> list[Case]:
             for batch in batches:
                 for ft in args.finetune.split(","):
                     for quant in quants if ft == "lora" else [None]:
-                        for gc in [bool(int(v)) for v in args.grad_ckpt.split(",")]:
+                        for ckpt in [bool(int(v)) for v in args.grad_ckpt.split(",")]:
                             for opt in opts:
                                 def add(method, k, chunk):
-                                    out.append(Case(arch, res, ft, gc, method, k, chunk, opt, batch, quant))
+                                    out.append(Case(arch, res, ft, ckpt, method, k, chunk, opt, batch, quant))
 
                                 add("sft", 0, None)
                                 for k in [int(v) for v in args.ks.split(",")]:
                                     for chunk in _chunks(args.aux_chunks):
                                         add("soar", k, chunk)
                                     for layout in layouts:
-                                        out.append(Case(arch, res, ft, gc, "soar", k, None, opt, batch, quant, layout))
+                                        out.append(Case(arch, res, ft, ckpt, "soar", k, None, opt, batch, quant,
+                                                        layout))
                                     if args.official:
                                         add("official", k, None)
 
