@@ -7,8 +7,9 @@
 #
 # Sections, in order of importance (each under its own timeout, all under GPU_TOTAL_S):
 #   env     versions, GPU name and memory                                     -> env.json
-#   claim   the powered claim study: bench/gpu_claim_study.sh (branch issue-runner) if this checkout has it,
-#           run with OUT=<work>/claim_study and SOARFLOW_GPU_TINY passed on   (GPU_CLAIM_S, default 210 s)
+#   claim   the powered claim study: bench/gpu_claim_study.sh if this checkout has it, with OUT=<work>/claim_study,
+#           STUDY_DEVICE, and STUDY_MAX_SECONDS / STUDY_HARD_SECONDS set inside the budget (tiny: STUDY_ARGS=--quick);
+#           its cells.tar.gz and report.md come back as claim_cells.tar.gz, claim_report.md   (GPU_CLAIM_S, 210 s)
 #   layout  bench/step_cost.py: the default (auto) layout against reuse, fused and loop, with the loss
 #           difference of the layouts on fixed draws                           (GPU_LAYOUT_S, default 40 s)
 #   scale   bench/scale.py, random weights built from the published configs (nothing downloaded), in parts:
@@ -20,11 +21,12 @@
 #              checkout lacks the key): SD3.5-M, then FLUX.1-dev, 512 px, batch 1
 #           C  the rest: 512 and 1024 px, batch 1 and 4, LoRA and full, both models, SFT and SOAR K=6
 #                                                                              (GPU_SCALE_S, default 230 s)
-#   fsdp    bench/gpu_fsdp_check.sh (branch issue-fsdp) if this checkout has it (GPU_FSDP_S, default 50 s)
+#   fsdp    bench/gpu_fsdp_check.sh (branch issue-fsdp) if this checkout has it; on a CPU with
+#           GPU_CHECK_CPU_SMOKE=1                                              (GPU_FSDP_S, default 50 s)
 #
-# What comes back (the device tool returns at most 8 files): gpu_all.log, gpu_summary.md, gpu_summary.json and
+# What comes back (the device tool returns at most 8 files): gpu_all.log, gpu_summary.md, gpu_summary.json,
 # gpu_all.tar.gz (every section's files, weights left out), rewritten after every section, so a run cut short
-# still returns what it measured. Work files live in GPU_WORK (default /tmp/soarflow_gpu_work).
+# still returns what it measured, and the claim study's claim_cells.tar.gz and claim_report.md. Work files live in GPU_WORK (default /tmp/soarflow_gpu_work).
 #
 # Environment: OUT, GPU_SECTIONS (default env,claim,layout,scale,fsdp), GPU_TOTAL_S (default 560),
 # GPU_CLAIM_S, GPU_LAYOUT_S, GPU_SCALE_S, GPU_FSDP_S, GPU_DEVICE (default cuda; cpu in tiny mode), PYTHON.
@@ -144,11 +146,19 @@ if want claim; then
   t0=$(date +%s)
   if [ -f bench/gpu_claim_study.sh ]; then
     t=$(budget "$CLAIM_S")
-    log "claim: bash bench/gpu_claim_study.sh (timeout ${t}s)"
-    OUT="$WORK/claim_study" SOARFLOW_GPU_TINY="$TINY" GPU_DEVICE="$DEVICE" \
+    # the study stops itself inside the budget (no cell starts after STUDY_MAX_SECONDS; the rest is stopped at
+    # STUDY_HARD_SECONDS): its own timeout's processes are out of reach of this one's, which is only a backstop
+    smax=$(( t * 7 / 10 > 1 ? t * 7 / 10 : 1 )); shard=$(( t - 25 > smax ? t - 25 : smax ))
+    study_args="${STUDY_ARGS:-}"; [ "$TINY" = 1 ] && [ -z "$study_args" ] && study_args="--quick"
+    log "claim: bash bench/gpu_claim_study.sh (STUDY_MAX_SECONDS=$smax STUDY_HARD_SECONDS=$shard, timeout ${t}s)"
+    OUT="$WORK/claim_study" STUDY_DEVICE="${STUDY_DEVICE:-$DEVICE}" STUDY_MAX_SECONDS="$smax" \
+      STUDY_HARD_SECONDS="$shard" STUDY_ARGS="$study_args" SOARFLOW_GPU_TINY="$TINY" GPU_DEVICE="$DEVICE" \
       timeout --kill-after=10 "$t" bash bench/gpu_claim_study.sh >"$WORK/claim_study.log" 2>&1
     rc=$?
     tail -n 20 "$WORK/claim_study.log" | tee -a "$LOG"
+    # the study's cell archive and report come back beside the summary (unpack: docs/study.md)
+    [ -f "$WORK/claim_study/cells.tar.gz" ] && cp "$WORK/claim_study/cells.tar.gz" "$DEST/claim_cells.tar.gz"
+    [ -f "$WORK/claim_study/report.md" ] && cp "$WORK/claim_study/report.md" "$DEST/claim_report.md"
     record claim "$rc" $(( $(date +%s) - t0 )) "$([ "$rc" = 124 ] && echo "stopped at its ${t}s timeout")"
   else
     record claim skipped 0 "bench/gpu_claim_study.sh is not in this checkout (branch issue-runner)"
@@ -217,7 +227,8 @@ if want fsdp; then
   if [ -f bench/gpu_fsdp_check.sh ]; then
     t=$(budget "$FSDP_S")
     log "fsdp: bash bench/gpu_fsdp_check.sh (timeout ${t}s)"
-    OUT="$WORK/fsdp" SOARFLOW_GPU_TINY="$TINY" GPU_DEVICE="$DEVICE" \
+    smoke=0; [ "$DEVICE" = cpu ] && smoke=1  # the script's CPU plumbing run (one process)
+    OUT="$WORK/fsdp" GPU_CHECK_CPU_SMOKE="${GPU_CHECK_CPU_SMOKE:-$smoke}" SOARFLOW_GPU_TINY="$TINY" GPU_DEVICE="$DEVICE" \
       timeout --kill-after=10 "$t" bash bench/gpu_fsdp_check.sh >"$WORK/fsdp.log" 2>&1
     rc=$?
     tail -n 20 "$WORK/fsdp.log" | tee -a "$LOG"

@@ -62,7 +62,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     for r in ratios(rows):
         ft = r["finetune"] + (f" ({r['quant']})" if r["quant"] else "")
         peaks = " / ".join(f(r[f"peak_gib_{m}"], ".1f") for m in ("sft", "soar", "official"))
-        others = "".join(f", {name} {sec:.3f}" for name, sec in r["soar_s_other_layouts"].items())
+        others = "".join(f"; {name} {sec:.3f}" for name, sec in r["soar_s_other_layouts"].items())
         lines.append(f"| {r['arch']} | {r['resolution']} | {r['batch']} | {ft} | {r['optimizer']} | "
                      f"{'on' if r['grad_ckpt'] else 'off'} | {r['k']} | {f(r['sft_s'], '.3f')} | "
                      f"{f(r['soar_s'], '.3f')} ({r['layout'] or '-'}{others}) | {f(r['official_s'], '.3f')} | "
