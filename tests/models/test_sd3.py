@@ -221,6 +221,20 @@ def test_lora_sft_saves_diffusers_lora_that_pipeline_loads(tmp_path, sd3_path, i
     assert (out / "001.png").is_file()  # earlier samples are kept
     assert json.loads((out / "prompts.json").read_text()) == {"000.png": "a cat", "001.png": "a cat"}
 
+    # `soarflow eval` from the run folder applies the LoRA: its image differs from the base pipeline's
+    from soarflow.commands.eval import build_parser, run
+
+    (tmp_path / "p.txt").write_text("a cat\n")
+    common = ["--suite", "file", "--prompts_file", str(tmp_path / "p.txt"), "--num_inference_steps", "2",
+              "--height", "32", "--width", "32", "--max_sequence_length", "8"]
+    mean = {"mean": lambda images, prompts: images.mean((1, 2, 3))}
+    lora = run(build_parser().parse_args(["--model", str(result.output_dir), "--output_dir", str(tmp_path / "e1"),
+                                          *common]), mean)
+    base = run(build_parser().parse_args(["--model", str(sd3_path), "--output_dir", str(tmp_path / "e2"), *common]),
+               mean)
+    assert lora["images"][0]["file"] == base["images"][0]["file"] == "images/00000_0000.png"
+    assert lora["images"][0]["scores"]["mean"] != base["images"][0]["scores"]["mean"]
+
 
 def test_encoding_cache_skips_the_encoders_and_is_keyed_by_resolution(tmp_path, sd3_path, images):
     task = make_task(sd3_path, images, data={"cache_dir": str(tmp_path / "cache"), "cache_shard_size": 2})
