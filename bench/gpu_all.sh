@@ -146,13 +146,19 @@ if want claim; then
   t0=$(date +%s)
   if [ -f bench/gpu_claim_study.sh ]; then
     t=$(budget "$CLAIM_S")
-    # the study stops itself inside the budget (no cell starts after STUDY_MAX_SECONDS; the rest is stopped at
-    # STUDY_HARD_SECONDS): its own timeout's processes are out of reach of this one's, which is only a backstop
-    smax=$(( t * 7 / 10 > 1 ? t * 7 / 10 : 1 )); shard=$(( t - 25 > smax ? t - 25 : smax ))
-    study_args="${STUDY_ARGS:-}"; [ "$TINY" = 1 ] && [ -z "$study_args" ] && study_args="--quick"
+    # the study stops itself inside the budget: no cell starts after STUDY_MAX_SECONDS, the rest is stopped at
+    # STUDY_HARD_SECONDS (SIGTERM, SIGKILL 20 s later), leaving ~25 s for its start and its archive. Its own
+    # `timeout` runs in another process group, out of reach of this one's, which is only a backstop.
+    shard=$(( t - 45 > 10 ? t - 45 : 10 )); smax=$(( t * 6 / 10 < shard - 5 ? t * 6 / 10 : shard - 5 ))
+    study_args="${STUDY_ARGS:-}"; jobs="${STUDY_JOBS:-8}"; cells="${CELLS_DIR:-}"
+    if [ "$TINY" = 1 ]; then  # one worker, --quick, and cells kept out of the committed cache
+      [ -z "$study_args" ] && study_args="--quick"
+      jobs="${STUDY_JOBS:-1}"; cells="${CELLS_DIR:-$WORK/claim_cells}"
+    fi
     log "claim: bash bench/gpu_claim_study.sh (STUDY_MAX_SECONDS=$smax STUDY_HARD_SECONDS=$shard, timeout ${t}s)"
-    OUT="$WORK/claim_study" STUDY_DEVICE="${STUDY_DEVICE:-$DEVICE}" STUDY_MAX_SECONDS="$smax" \
-      STUDY_HARD_SECONDS="$shard" STUDY_ARGS="$study_args" SOARFLOW_GPU_TINY="$TINY" GPU_DEVICE="$DEVICE" \
+    env OUT="$WORK/claim_study" STUDY_DEVICE="${STUDY_DEVICE:-$DEVICE}" STUDY_MAX_SECONDS="$smax" \
+      STUDY_HARD_SECONDS="$shard" STUDY_ARGS="$study_args" STUDY_JOBS="$jobs" ${cells:+CELLS_DIR="$cells"} \
+      SOARFLOW_GPU_TINY="$TINY" GPU_DEVICE="$DEVICE" \
       timeout --kill-after=10 "$t" bash bench/gpu_claim_study.sh >"$WORK/claim_study.log" 2>&1
     rc=$?
     tail -n 20 "$WORK/claim_study.log" | tee -a "$LOG"
