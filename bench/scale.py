@@ -135,20 +135,22 @@ def quantized_transformer(cls, cfg: dict, quant: str, device: torch.device, work
     """The random-weight transformer loaded back through soarflow's ``model.quantize_base`` (a diffusers
     quantization config), as the trainer loads a quantized base: saved in bf16 to ``workdir``, then
     ``from_pretrained(..., quantization_config=...)``. Raises ``LookupError`` when this checkout has no
-    ``model.quantize_base`` (soarflow.models.quantize)."""
+    ``model.quantize_base`` (soarflow.models.quantize) or the backend cannot run here (its package is missing)."""
     try:
         from soarflow.models.quantize import QuantizeSection, quantization_config
     except ImportError as err:
         raise LookupError(f"model.quantize_base is unknown in this checkout ({err})") from None
     backend, _, weights = quant.partition(":")
-    section = QuantizeSection(backend=backend, weights=weights or "int8")
+    try:  # before anything is saved: a backend whose package is missing (or that needs CUDA) skips every case
+        qconfig = quantization_config(QuantizeSection(backend=backend, weights=weights or "int8"), torch.bfloat16)
+    except ValueError as err:
+        raise LookupError(str(err)) from None
     folder = os.path.join(workdir, f"{cls.__name__}_{abs(hash(json.dumps(cfg, default=str)))}")
     if not os.path.isdir(folder):
         _construct(cls, cfg, device, torch.bfloat16).save_pretrained(folder)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    model = cls.from_pretrained(folder, quantization_config=quantization_config(section, torch.bfloat16),
-                                torch_dtype=torch.bfloat16)
+    model = cls.from_pretrained(folder, quantization_config=qconfig, torch_dtype=torch.bfloat16)
     return model.to(device) if backend != "bitsandbytes" else model  # bitsandbytes loads onto the GPU itself
 
 
@@ -480,7 +482,7 @@ def main() -> None:
                 model, cfg = models[key]
                 row.update(run_case(case, model, cfg, args, device))
             row["status"] = "ok"
-        except LookupError as err:  # the checkout has no model.quantize_base: skip every quantized case
+        except LookupError as err:  # no model.quantize_base, or its backend cannot run here: skip every quantized case
             no_quant = str(err)
             row["status"] = f"skipped: {no_quant}"
         except Exception as err:  # noqa: BLE001 - one failed configuration must not end the run
