@@ -280,7 +280,7 @@ def test_config_errors_name_the_key(sd3_path, images):
 
 
 @pytest.mark.parametrize("name", ["sd35_medium_soar", "sd35_medium_sft", "sd35_medium_soar_lora_24gb",
-                                  "flux_dev_soar_lora"])
+                                  "flux_dev_soar_lora", "sd35_medium_grpo_geneval"])
 def test_shipped_recipes_are_valid_configs(name):
     from pathlib import Path
 

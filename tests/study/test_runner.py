@@ -355,6 +355,22 @@ def test_rebuild_from_per_image_data_gives_the_same_intervals(tmp_path, tiny_bas
 
     mde = (t_ppf(0.975, ci["df"]) + t_ppf(0.8, ci["df"])) * ci["se"]
     assert rebuilt["primary"]["mde_80"] == pytest.approx(mde) and mde > 2.8 * ci["se"]  # few df: wider than 2.8 SE
+    # Holm over the family: each comparison once (A vs B and B vs A share p_holm), the primary (either way) outside
+    table = rebuilt["summary"]["steps"]["steps3_cfg2"]
+    assert "p_holm" not in table["sft"]["compare"]["soar"]["overall"]  # the primary, reversed
+    assert table["sft"]["compare"]["base"]["reward"]["p_holm"] == table["base"]["compare"]["sft"]["reward"]["p_holm"]
+    ps = {}
+    for arm, settings in rebuilt["summary"].items():
+        for key, tab in settings.items():
+            for row, entry in tab.items():
+                for ref, metrics in entry["compare"].items():
+                    for m, d in metrics.items():
+                        if "p_holm" in d:
+                            ps[(arm, key, frozenset((row, ref)), m)] = (d["p"], d["p_holm"])
+    assert len(ps) == rebuilt["primary"]["family_size"]
+    smallest = min(ps.values())
+    assert smallest[1] == pytest.approx(min(1.0, smallest[0] * len(ps)))
+    assert all(p <= ph <= 1 for p, ph in ps.values())
     report = markdown(spec, rebuilt, "cmd", "machine", 1.0)
     assert f"**{ci['diff']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]**" in report
     assert "frechet_distance (no CI)" in report and "exposure_gap (no CI)" in report

@@ -114,15 +114,15 @@ def _sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
-def null_coverage(num_studies: int, *, unpaired: bool, seed: int) -> float:
+def null_coverage(num_studies: int, *, unpaired: bool, seed: int, sd_seed: float = 0.3, mu: float = 0.4,
+                  sd_prompt: float = 1.5, sd_method_prompt: float = 0.5, seeds: int = 3) -> float:
     """Fraction of simulated null studies whose 95% interval contains 0. Each study: 48 prompts x 2 images,
-    pass/fail drawn from p = sigmoid(mu + seed effect + prompt effect + method x prompt effect); row A has 3
-    training seeds. Paired: row B is another method with the same 3 seeds, drawn from the same distribution.
+    pass/fail drawn from p = sigmoid(mu + seed effect + prompt effect + method x prompt effect); row A has `seeds`
+    training seeds. Paired: row B is another method with the same seeds, drawn from the same distribution.
     Unpaired: B is a fixed base (one model, no seed effect) whose per-prompt probability equals A's average over
     seeds (Gauss-Hermite), so the two rows' population means are equal."""
     rng = np.random.default_rng(seed)
-    seeds, prompts, per = 3, 48, 2
-    mu, sd_seed, sd_prompt, sd_method_prompt = 0.4, 0.3, 1.5, 0.5
+    prompts, per = 48, 2
     nodes, weights = np.polynomial.hermite_e.hermegauss(40)
     weights = weights / weights.sum()
     groups = np.repeat(np.arange(prompts), per)
@@ -130,7 +130,7 @@ def null_coverage(num_studies: int, *, unpaired: bool, seed: int) -> float:
     for _ in range(num_studies):
         prompt = rng.normal(0, sd_prompt, prompts)
 
-        def trained():
+        def trained(prompt=prompt):
             p = _sigmoid(mu + rng.normal(0, sd_seed, (seeds, 1)) + prompt + rng.normal(0, sd_method_prompt, prompts))
             return (rng.random((seeds, prompts * per)) < np.repeat(p, per, 1)).astype(float)
 

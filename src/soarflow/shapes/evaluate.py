@@ -30,7 +30,8 @@ def evaluate_setting(
     shift: float | None = None,
 ) -> tuple[dict, torch.Tensor, ShapesReport]:
     """(metrics, images, report): metrics holds ``shapes_eval`` (summary), ``frechet_distance``, ``diversity`` (and
-    ``diversity_per_group``: {group id: diversity}, whose mean it is) and ``exposure_bias``; `report` keeps the per-image records. `real` are renders of `prompts` (same order)."""
+    ``diversity_per_group``: {group id: diversity}, whose mean it is) and ``exposure_bias``; `report` keeps the
+    per-image records. `real` are renders of `prompts` (same order)."""
     shift = DEFAULT_SHIFT if shift is None else shift
     images = generate_images(model, list(prompts), num_steps=num_steps, guidance_scale=guidance_scale, shift=shift, seed=seed)
     report = score(images, list(prompts))

@@ -145,13 +145,15 @@ def compare(a: dict, b: dict, metric: str, groups: np.ndarray) -> DiffCI | None:
 
 def intervals(spec: StudySpec, summary: dict, store: dict, num_resamples: int = 2000) -> dict[str, Any]:
     """Fill every row's ``compare`` in `summary` (to the reference, the base, its contrasts and the primary's
-    `against`) from the per-image store, Holm-adjust all but the primary, and return the primary's record."""
+    `against`) from the per-image store, Holm-adjust all but the primary, and return the primary's record. The
+    family counts each comparison once: A vs B and B vs A (e.g. SFT vs base and base vs SFT) share one p_holm."""
     kind = spec.evaluation.kind
     groups = store["groups"]
     metrics = INTERVAL_METRICS[kind]
     pr = spec.primary
     p_metric = primary_metric(spec)
-    family: list[dict] = []
+    family: dict[tuple, list[dict]] = {}  # one comparison (either direction) -> its interval dicts
+    primary_key = (pr.arm, pr.setting, frozenset((pr.row, pr.against)), p_metric) if pr else None
     primary_ci: dict | None = None
     for arm, settings in summary.items():
         for key, table in settings.items():
@@ -174,11 +176,13 @@ def intervals(spec: StudySpec, summary: dict, store: dict, num_resamples: int = 
                         out[m] = ci.to_dict()
                         if pr and (arm, key, row, ref, m) == (pr.arm, pr.setting, pr.row, pr.against, p_metric):
                             primary_ci = out[m]
-                        else:
-                            family.append(out[m])
+                        elif (arm, key, frozenset((row, ref)), m) != primary_key:  # not the primary reversed
+                            family.setdefault((arm, key, frozenset((row, ref)), m), []).append(out[m])
                     entry["compare"][ref] = out
-    for d, p in zip(family, holm([d["p"] for d in family])):
-        d["p_holm"] = p
+    groups_ = list(family.values())
+    for same, p in zip(groups_, holm([g[0]["p"] for g in groups_])):
+        for d in same:  # A vs B and B vs A: one comparison, the same p
+            d["p_holm"] = p
     record: dict[str, Any] = {"declared": pr is not None, "family_size": len(family)}
     if pr is not None:
         record.update(row=pr.row, against=pr.against, setting=pr.setting, arm=pr.arm, metric=p_metric)

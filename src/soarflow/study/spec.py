@@ -446,16 +446,35 @@ def _base_model_fingerprint(config: dict) -> str:
 _FINGERPRINTS: dict[str, str] = {}
 
 
+# Config keys added after cell hashes were first committed (format 1), with the value that reproduces what cells
+# did before the key existed. At that value a key is left out of a cell's identity, so adding a key does not
+# invalidate every cached and committed cell; any other value is part of the identity. A new training-config key
+# belongs here (tests/study/test_spec.py pins a reference hash).
+NEUTRAL_LATER_KEYS: dict[str, Any] = {
+    "checkpoint_model": True,      # checkpoints also hold a loadable model (exports only)
+    "ema_device": "accelerator",   # where the EMA shadow lives (same numbers)
+}
+
+
 def identity_config(config: dict) -> dict:
-    """The cell config as its identity (hash and cache check). ``soar.reuse_main_output`` only picks the forward
-    layout (the same loss and gradients; tests/core/test_objective.py), and its default ``auto`` resolves by device
-    type at run time; it counts as ``true``, the value the key had before ``auto`` existed, so cells cached
-    before stay valid and a cell is the same cell on a CPU and on a GPU (as it always was: the device is not part
-    of a cell's identity either)."""
-    soar = config.get("soar")
-    if not isinstance(soar, dict) or soar.get("reuse_main_output") != "auto":
-        return config
-    return {**config, "soar": {**soar, "reuse_main_output": True}}
+    """The cell config as its identity (hash and cache check): keys of :data:`NEUTRAL_LATER_KEYS` at their
+    neutral values are left out. ``soar.reuse_main_output`` only picks the forward layout (the same loss and
+    gradients; tests/core/test_objective.py), and its default ``auto`` resolves by device type at run time; it
+    counts as ``true``, the value the key had before ``auto`` existed, so cells cached before stay valid and a cell
+    is the same cell on a CPU and on a GPU (as it always was: the device is not part of a cell's identity
+    either)."""
+    out = copy.deepcopy(config)
+    for dotted, neutral in NEUTRAL_LATER_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        section = out
+        for p in parents:
+            section = section.get(p) if isinstance(section, dict) else None
+        if isinstance(section, dict) and leaf in section and section[leaf] == neutral:
+            del section[leaf]
+    soar = out.get("soar")
+    if isinstance(soar, dict) and soar.get("reuse_main_output") == "auto":
+        soar["reuse_main_output"] = True
+    return out
 
 
 def cell_hash(spec: StudySpec, cell: Cell) -> str:

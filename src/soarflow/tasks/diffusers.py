@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -33,10 +33,12 @@ from ..data import (
     read_imagefolder,
     read_soar_jsonl,
 )
+from ..data.prompts import PromptDataset, collate_prompts, is_prompt_batch
 from ..models.diffusers_pipeline import DTYPES, FrozenPipeline, check_pretrained
 from ..models.diffusers_velocity import VelocityModule
-from ..models.diffusers_weights import load_model_folder, save_model_folder
+from ..models.diffusers_weights import SaveOptions, load_model_folder, save_model_folder
 from ..models.lora import add_lora, has_lora
+from ..models.quantize import is_quantized, quantization_config
 from ..objective import SOARConfig
 from ..sampling import sample_euler
 from .base import Task
@@ -73,6 +75,10 @@ class DiffusersTask(Task):
         m, d = parse_sections(model_dict, data)
         task = cls(m, d, train_config)
         task.check_config()
+        method = getattr(train_config, "method", None)
+        if d.format == "prompts" and method not in (None, "grpo"):
+            raise ValueError(f"config key 'data.format': 'prompts' holds no images, so only method grpo can train on "
+                             f"it (method is {method!r}); give an image dataset (imagefolder or soar_jsonl)")
         return task
 
     def check_config(self) -> None:
@@ -86,9 +92,15 @@ class DiffusersTask(Task):
         return getattr(diffusers, self.transformer_class_name)
 
     def load_transformer(self) -> nn.Module:
+        """The base transformer; with ``model.quantize_base`` loaded through that diffusers quantization config (its
+        unquantized parts in ``frozen_dtype``)."""
         check_pretrained(self.model_config.pretrained)
+        extra: dict[str, Any] = {}
+        if self.model_config.quantize_base is not None:
+            extra = {"quantization_config": quantization_config(self.model_config.quantize_base, self.pipeline.dtype),
+                     "torch_dtype": self.pipeline.dtype}
         return self.transformer_class.from_pretrained(self.model_config.pretrained, subfolder="transformer",
-                                                      **self.pipeline.load_kwargs)
+                                                      **self.pipeline.load_kwargs, **extra)
 
     def wrap(self, transformer: nn.Module) -> VelocityModule:
         raise NotImplementedError
@@ -96,7 +108,7 @@ class DiffusersTask(Task):
     def build_model(self) -> nn.Module:
         transformer = self.load_transformer()
         if self.model_config.finetune == "lora":
-            if self.pipeline.dtype != torch.float32:
+            if self.pipeline.dtype != torch.float32 and not is_quantized(transformer):
                 transformer.to(self.pipeline.dtype)
             add_lora(transformer, self.model_config.lora)
             for name, p in transformer.named_parameters():  # adapters train in float32 (mixed precision autocasts)
@@ -118,8 +130,10 @@ class DiffusersTask(Task):
         logger.info("%s: %d samples, %s", d.path, len(recs), self.bad_samples.summary())
         return recs
 
-    def train_dataset(self) -> ImageCaptionDataset:
+    def train_dataset(self) -> ImageCaptionDataset | PromptDataset:
         d = self.data_config
+        if d.format == "prompts":
+            return PromptDataset.from_file(d.path, d.max_samples)
         return ImageCaptionDataset(
             self.records(), d.resolution, bucketing=d.bucketing, bucket_divisor=d.bucket_divisor,
             max_aspect_ratio=d.max_aspect_ratio, random_flip=d.random_flip, bad_samples=self.bad_samples,
@@ -129,12 +143,12 @@ class DiffusersTask(Task):
         """With ``data.bucketing``: the epoch's global batches, each drawn from one aspect bucket (seeded by
         seed and epoch); None without bucketing (plain random batches). For a trainer that supports it; otherwise
         `collate` brings mixed batches to their most common bucket."""
-        if not self.data_config.bucketing:
+        if not self.data_config.bucketing or self.data_config.format == "prompts":
             return None
         return bucketed_batches([dataset.bucket_of(i) for i in range(len(dataset))], global_batch, seed, epoch)
 
     def collate(self, samples: Sequence[dict]) -> dict:
-        return collate_images(samples)
+        return collate_images(samples) if samples and "pixel_values" in samples[0] else collate_prompts(samples)
 
     def data_summary(self) -> str:
         """One line for the run summary: how many bad samples were skipped (and which)."""
@@ -200,6 +214,9 @@ class DiffusersTask(Task):
         r"""``(x0, cond)``: latents :math:`(z - \text{shift})\cdot\text{scale}` with z drawn from the VAE posterior,
         and the text condition. With ``data.cache_dir`` the posterior and condition are read from the cache when
         present and written to it otherwise."""
+        if is_prompt_batch(batch):
+            raise ValueError("data.format 'prompts': the batch holds prompts and no images; only method grpo "
+                             "trains on a prompt file")
         cache = self.cache()
         pixels, captions = batch["pixel_values"], list(batch["caption"])
         h, w = pixels.shape[-2:]
@@ -219,6 +236,32 @@ class DiffusersTask(Task):
         keys = [k for k in entries[0] if k.startswith("cond.")]
         cond = {k[5:]: torch.stack([e[k].to(device) for e in entries]) for k in keys}
         return x0, self.finish_cond(cond)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a height x width image, from the VAE's config.json (no weights loaded)
+        when ``model.pretrained`` is a local folder; otherwise from the loaded pipeline."""
+        config = Path(self.model_config.pretrained) / "vae" / "config.json"
+        if not config.is_file():
+            return self.pipeline.latent_shape(height, width)
+        vae = json.loads(config.read_text())
+        factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        if height % factor or width % factor:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the VAE's downsampling factor {factor}")
+        return (int(vae["latent_channels"]), height // factor, width // factor)
+
+    @torch.no_grad()
+    def encode_prompts(self, batch: dict, n: int, device: torch.device) -> tuple[tuple[int, ...], dict]:
+        """``(sample_shape, cond)`` for the first ``n`` captions of ``batch``: the text condition and the latent
+        shape of the batch's images (an image batch) or of ``data.resolution`` (a prompt batch). Encodes no
+        image."""
+        captions = [str(c) for c in list(batch["caption"])[:n]]
+        if "pixel_values" in batch:
+            h, w = batch["pixel_values"].shape[-2:]
+        else:
+            h = w = self.data_config.resolution
+        with self.frozen_on(device):
+            cond = cond_to(self.encode_text(captions, device), device, torch.float32)
+        return self.latent_shape(int(h), int(w)), self.finish_cond({k: v.float() for k, v in cond.items()})
 
     def finish_cond(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook to add non-text entries to a condition (FLUX: the embedded guidance)."""
@@ -296,13 +339,20 @@ class DiffusersTask(Task):
             "sample_shift": self.sample_shift,
             "guidance": self.model_config.guidance,
             "embedded_guidance_scale": self.model_config.embedded_guidance_scale,
+            # the base the adapter was trained on (it loads onto the unquantized base as well)
+            "quantize_base": (None if self.model_config.quantize_base is None else
+                              f"{self.model_config.quantize_base.backend} {self.model_config.quantize_base.weights}"),
         }
 
     def save_model(self, model: nn.Module, path: Path) -> Path:
         """The folder of :mod:`soarflow.models.diffusers_weights`; also flushes the encoding cache."""
         if self._cache is not None:
             self._cache.flush()
-        path = save_model_folder(Path(path), model.transformer, self.pipeline.pipeline_class, self.manifest(model))
+        m = self.model_config
+        options = SaveOptions(family=self.family, save_dtype=m.save_dtype, single_file=m.save_single_file,
+                              comfyui_lora=m.save_comfyui_lora)
+        path = save_model_folder(Path(path), model.transformer, self.pipeline.pipeline_class, self.manifest(model),
+                                 options)
         logger.info("saved %s model to %s (%s)", self.family, path, self.bad_samples.summary())
         return path
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..tasks.registry import build_task
 from . import checkpoint as ckpt
-from . import safety
+from . import export, safety, trackers
 from .config import TrainConfig, resolved_for_device
 from .ema import copy_ema_to, create_ema, ema_weights, trainable_parameters, update_ema
 from .methods import StepContext, TrainMethod, build_method, compute_loss, load_init_weights, resolve_init_from  # noqa: F401
@@ -141,7 +141,7 @@ def _make_accelerator(config: TrainConfig, output_dir: Path):
     return Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="tensorboard" if config.report_to == "tensorboard" else None,
+        log_with=trackers.log_with(config.report_to),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
 
@@ -178,7 +178,7 @@ def _tracker_config(config: TrainConfig) -> dict[str, Any]:
 def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: Path) -> Path:
     """Main process: sample the task's validation grid (EMA weights if any) into validation/step_XXXXXX.png
     and tensorboard. Runs under `fork_rng` so validation never changes the training randomness."""
-    from ..utils.images import save_image_grid, to_uint8
+    from ..utils.images import save_image_grid
 
     path = output_dir / "validation" / f"step_{step:06d}.png"
     was_training = model.training
@@ -190,9 +190,7 @@ def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: P
         finally:
             model.train(was_training)
     save_image_grid(images, captions, path)
-    if any(t.name == "tensorboard" for t in accelerator.trackers):
-        accelerator.get_tracker("tensorboard").log_images({"validation": to_uint8(images)}, step=step,
-                                                          dataformats="NHWC")
+    trackers.log_validation_images(accelerator, images, captions, step)
     return path
 
 
@@ -222,6 +220,7 @@ def train(config: TrainConfig, task: Any = None, model: nn.Module | None = None,
         resolve_init_from(config.init_from)  # fail before any work on a missing path
     task = task if task is not None else build_task(config)
     method = build_method(config, reward)  # with its reward resolved: fails before any work
+    trackers.check_installed(config.report_to)
 
     accelerator = _make_accelerator(config, output_dir)
     try:
@@ -261,7 +260,7 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
 
     optimizer = _make_optimizer(config, params)
     lr_scheduler = _make_scheduler(config, optimizer, world)
-    ema = create_ema(model, config.ema_decay) if config.use_ema else None
+    ema = create_ema(model, config.ema_decay, config.ema_device) if config.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
@@ -282,8 +281,7 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
         output_dir.mkdir(parents=True, exist_ok=True)
         _write_config(recorded, output_dir)
     accelerator.wait_for_everyone()
-    if config.report_to == "tensorboard":
-        accelerator.init_trackers("soarflow", config=_tracker_config(recorded))
+    trackers.init_trackers(accelerator, config.report_to, _tracker_config(recorded), output_dir)
 
     history: list[dict[str, float]] = []
     grids: list[Path] = []
@@ -305,8 +303,11 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
         tensors = list(params) + (list(ema.shadow_params) if ema is not None else [])
         if not safety.all_finite(tensors):
             raise safety.Diverged(_diverged_message(step, last_good, "the weights are non-finite"), step, last_good)
-        return ckpt.save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit,
+        path = ckpt.save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit,
                                     state={"skipped_nonfinite_steps": skipped})
+        if config.checkpoint_model:
+            export.export_checkpoint_model(accelerator, task, unwrapped, ema, path)
+        return path
 
     stopped = False  # step_callback returned False, or max_train_seconds is reached
     loop_start = time.perf_counter()
