@@ -2,8 +2,9 @@
 # Every GPU measurement of docs/performance.md in one prepared command, for one H100/H200 and ~10 minutes:
 #
 #   bash bench/gpu_all.sh                 # on the GPU machine; results in $OUT (the device tool's folder) or ./gpu_out
-#   bash bench/gpu_all.sh --tiny          # the same sections with tiny models on the CPU (~1-2 min); also
-#                                         # SOARFLOW_GPU_TINY=1. tests/bench/test_gpu_all.py runs it in CI.
+#   bash bench/gpu_all.sh --tiny          # the same sections with tiny models on the CPU (~1.5 min of CPU);
+#                                         # also SOARFLOW_GPU_TINY=1. tests/bench/test_gpu_all.py runs its env,
+#                                         # claim, layout and fsdp sections in CI; test_scale.py the scale options.
 #
 # Sections, in order of importance (each under its own timeout, all under GPU_TOTAL_S):
 #   env     versions, GPU name and memory                                     -> env.json
@@ -26,7 +27,8 @@
 #
 # What comes back (the device tool returns at most 8 files): gpu_all.log, gpu_summary.md, gpu_summary.json,
 # gpu_all.tar.gz (every section's files, weights left out), rewritten after every section, so a run cut short
-# still returns what it measured, and the claim study's claim_cells.tar.gz and claim_report.md. Work files live in GPU_WORK (default /tmp/soarflow_gpu_work).
+# still returns what it measured, and the claim study's claim_cells.tar.gz and claim_report.md. Work files live
+# in GPU_WORK (default /tmp/soarflow_gpu_work).
 #
 # Environment: OUT, GPU_SECTIONS (default env,claim,layout,scale,fsdp), GPU_TOTAL_S (default 560),
 # GPU_CLAIM_S, GPU_LAYOUT_S, GPU_SCALE_S, GPU_FSDP_S, GPU_DEVICE (default cuda; cpu in tiny mode), PYTHON.
