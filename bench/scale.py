@@ -36,6 +36,7 @@ from soarflow.objective import layout_name, resolve_layout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/official_loop.py beside this file
 from official_loop import official_step  # noqa: E402
+from scale_report import markdown, ratios  # noqa: E402
 
 # Published transformer configs (diffusers config.json of stabilityai/stable-diffusion-3.5-medium and
 # black-forest-labs/FLUX.1-dev), written out so that nothing is downloaded.
@@ -50,6 +51,9 @@ TEXT_LEN = {"sd3m": 77 + 256, "flux": 512}
 LATENT_CHANNELS = 16  # both VAEs; FLUX packs 2x2 patches into 64 channels
 
 
+LAYOUTS = {"auto": "auto", "reuse": True, "fused": False}  # --layouts -> soar.reuse_main_output
+
+
 @dataclass
 class Case:
     arch: str  # sd3m | flux
@@ -62,18 +66,18 @@ class Case:
     optimizer: str  # adamw | adamw8bit
     batch: int = 1  # images per micro-batch (per GPU)
     quant: str | None = None  # LoRA on a quantized frozen base: "backend:weights" (model.quantize_base)
+    layout: str = "auto"  # SOAR's forward layout: auto (by device type), reuse or fused (soar.reuse_main_output)
 
     @property
     def name(self) -> str:
         m = {"sft": "SFT", "soar": f"SOAR K={self.k}", "official": f"official K={self.k}"}[self.method]
+        if self.method == "soar" and self.layout != "auto":
+            m += f" ({self.layout})"
         q = f" q={self.quant}" if self.quant else ""
-        return (f"{self.arch} {self.resolution}px b{self.batch} {self.finetune}{q} gc={'on' if self.grad_ckpt else 'off'} "
+        ckpt = "on" if self.grad_ckpt else "off"
+        return (f"{self.arch} {self.resolution}px b{self.batch} {self.finetune}{q} gc={ckpt} "
                 f"{m} chunk={self.aux_chunk or '-'} {self.optimizer}")
 
-    @property
-    def group(self) -> tuple:
-        """Everything but the method: the rows whose step times the ratios compare."""
-        return (self.arch, self.resolution, self.batch, self.finetune, self.quant, self.grad_ckpt, self.optimizer)
 
 
 def scaled(config: dict, scale: float, arch: str) -> dict:
@@ -131,20 +135,22 @@ def quantized_transformer(cls, cfg: dict, quant: str, device: torch.device, work
     """The random-weight transformer loaded back through soarflow's ``model.quantize_base`` (a diffusers
     quantization config), as the trainer loads a quantized base: saved in bf16 to ``workdir``, then
     ``from_pretrained(..., quantization_config=...)``. Raises ``LookupError`` when this checkout has no
-    ``model.quantize_base`` (soarflow.models.quantize)."""
+    ``model.quantize_base`` (soarflow.models.quantize) or the backend cannot run here (its package is missing)."""
     try:
         from soarflow.models.quantize import QuantizeSection, quantization_config
     except ImportError as err:
         raise LookupError(f"model.quantize_base is unknown in this checkout ({err})") from None
     backend, _, weights = quant.partition(":")
-    section = QuantizeSection(backend=backend, weights=weights or "int8")
+    try:  # before anything is saved: a backend whose package is missing (or that needs CUDA) skips every case
+        qconfig = quantization_config(QuantizeSection(backend=backend, weights=weights or "int8"), torch.bfloat16)
+    except ValueError as err:
+        raise LookupError(str(err)) from None
     folder = os.path.join(workdir, f"{cls.__name__}_{abs(hash(json.dumps(cfg, default=str)))}")
     if not os.path.isdir(folder):
         _construct(cls, cfg, device, torch.bfloat16).save_pretrained(folder)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    model = cls.from_pretrained(folder, quantization_config=quantization_config(section, torch.bfloat16),
-                                torch_dtype=torch.bfloat16)
+    model = cls.from_pretrained(folder, quantization_config=qconfig, torch_dtype=torch.bfloat16)
     return model.to(device) if backend != "bitsandbytes" else model  # bitsandbytes loads onto the GPU itself
 
 
@@ -203,10 +209,12 @@ def run_case(case: Case, model, cfg: dict, args, device: torch.device) -> dict:
         tr.enable_gradient_checkpointing()
     elif getattr(tr, "gradient_checkpointing", False):
         tr.disable_gradient_checkpointing()
-    x0, cond, null = batch_for(case.arch, cfg, case.resolution, case.batch, args.text_len or TEXT_LEN[case.arch], device)
+    text_len = args.text_len or TEXT_LEN[case.arch]
+    x0, cond, null = batch_for(case.arch, cfg, case.resolution, case.batch, text_len, device)
     # FLUX-dev is guidance-distilled: its rollout uses the embedded guidance (guidance_scale 1), as the trainer does.
     w = 1.0 if case.arch == "flux" else 4.5
-    objective = SOARConfig(num_aux=case.k, guidance_scale=w, aux_chunk_size=case.aux_chunk)
+    objective = SOARConfig(num_aux=case.k, guidance_scale=w, aux_chunk_size=case.aux_chunk,
+                           reuse_main_output=LAYOUTS[case.layout])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(case.optimizer, params)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -244,7 +252,7 @@ def run_case(case: Case, model, cfg: dict, args, device: torch.device) -> dict:
             break
     row = {"s_per_step": min(times), "s_per_step_all": times}
     if case.method == "soar":
-        row["layout"] = layout_name(resolve_layout(objective, device))
+        row["resolved_layout"] = layout_name(resolve_layout(objective, device))
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     elif args.isolate_child:
@@ -288,20 +296,27 @@ def cases(args) -> list[Case]:
         opts = [o for o in args.optimizers.split(",") if o]
     batches = [int(b) for b in (args.batches or str(args.batch)).split(",")]
     quants = [None] + [q for q in args.quantize_base.split(",") if q]
+    layouts = [v for v in args.layouts.split(",") if v and v != "auto"]  # auto is the plain SOAR row
+    for v in layouts:
+        if v not in LAYOUTS:
+            raise SystemExit(f"--layouts: unknown layout {v!r} (choose from {', '.join(LAYOUTS)})")
     for arch in args.archs.split(","):
         for res in [int(r) for r in args.resolutions.split(",")]:
             for batch in batches:
                 for ft in args.finetune.split(","):
                     for quant in quants if ft == "lora" else [None]:
-                        for gc in [bool(int(v)) for v in args.grad_ckpt.split(",")]:
+                        for ckpt in [bool(int(v)) for v in args.grad_ckpt.split(",")]:
                             for opt in opts:
                                 def add(method, k, chunk):
-                                    out.append(Case(arch, res, ft, gc, method, k, chunk, opt, batch, quant))
+                                    out.append(Case(arch, res, ft, ckpt, method, k, chunk, opt, batch, quant))
 
                                 add("sft", 0, None)
                                 for k in [int(v) for v in args.ks.split(",")]:
                                     for chunk in _chunks(args.aux_chunks):
                                         add("soar", k, chunk)
+                                    for layout in layouts:
+                                        out.append(Case(arch, res, ft, ckpt, "soar", k, None, opt, batch, quant,
+                                                        layout))
                                     if args.official:
                                         add("official", k, None)
 
@@ -329,66 +344,6 @@ def _has_bitsandbytes() -> bool:
 
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def ratios(rows: list[dict]) -> list[dict]:
-    """Per group (everything but the method) and K: SOAR / SFT, official / SFT and soarflow / official, from the
-    finished rows' seconds per step (SOAR: its unchunked row, else the first chunked one)."""
-    groups: dict[tuple, dict] = {}
-    for r in rows:
-        if r.get("status") != "ok":
-            continue
-        case = Case(**{f: r[f] for f in Case.__dataclass_fields__ if f in r})
-        g = groups.setdefault(case.group, {"sft": None, "soar": {}, "official": {}, "peak": {}})
-        if case.method == "sft":
-            g["sft"] = r["s_per_step"]
-            g["peak"]["sft"] = r.get("peak_gib")
-        elif case.method == "official":
-            g["official"][case.k] = r["s_per_step"]
-            g["peak"][f"official{case.k}"] = r.get("peak_gib")
-        elif case.k not in g["soar"] or case.aux_chunk is None:
-            g["soar"][case.k] = r["s_per_step"]
-            g["peak"][f"soar{case.k}"] = r.get("peak_gib")
-            g.setdefault("layout", r.get("layout"))
-    out = []
-    for key, g in groups.items():
-        for k in sorted(set(g["soar"]) | set(g["official"])):
-            soar, off, sft = g["soar"].get(k), g["official"].get(k), g["sft"]
-            out.append({
-                **dict(zip(("arch", "resolution", "batch", "finetune", "quant", "grad_ckpt", "optimizer"), key)),
-                "k": k, "layout": g.get("layout"), "sft_s": sft, "soar_s": soar, "official_s": off,
-                "soar_over_sft": soar / sft if soar and sft else None,
-                "official_over_sft": off / sft if off and sft else None,
-                "soarflow_over_official": soar / off if soar and off else None,
-                "peak_gib_sft": g["peak"].get("sft"), "peak_gib_soar": g["peak"].get(f"soar{k}"),
-                "peak_gib_official": g["peak"].get(f"official{k}"),
-            })
-    return out
-
-
-def markdown(meta: dict, rows: list[dict]) -> str:
-    """The ratio table, and every configuration that did not finish with why."""
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
-    lines = [f"Device: {meta.get('device_name')} (torch {meta.get('torch')}, CUDA {meta.get('cuda')}), "
-             f"scale {meta.get('scale')}, {meta.get('date')}. Seconds per optimizer step (best timed step after a "
-             "warm-up); peak GiB is torch.cuda.max_memory_allocated.", "",
-             "| arch | px | batch | finetune | optimizer | grad. ckpt | K | SFT s | SOAR s (layout) | official s | "
-             "SOAR/SFT | official/SFT | soarflow/official | peak GiB SFT / SOAR / official |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in ratios(rows):
-        ft = r["finetune"] + (f" ({r['quant']})" if r["quant"] else "")
-        peaks = " / ".join(f(r[f"peak_gib_{m}"], ".1f") for m in ("sft", "soar", "official"))
-        lines.append(f"| {r['arch']} | {r['resolution']} | {r['batch']} | {ft} | {r['optimizer']} | "
-                     f"{'on' if r['grad_ckpt'] else 'off'} | {r['k']} | {f(r['sft_s'], '.3f')} | "
-                     f"{f(r['soar_s'], '.3f')} ({r['layout'] or '-'}) | {f(r['official_s'], '.3f')} | "
-                     f"{f(r['soar_over_sft'], '.2f')} | {f(r['official_over_sft'], '.2f')} | "
-                     f"{f(r['soarflow_over_official'], '.2f')} | {peaks} |")
-    other = [r for r in rows if r.get("status") != "ok"]
-    if other:
-        lines += ["", "Not measured:", ""] + [f"* {r['case']}: {r['status']}" for r in other]
-    return "\n".join(lines) + "\n"
 
 
 def report(paths: list[str], out: str | None, md: str | None) -> dict:
@@ -433,6 +388,8 @@ def main() -> None:
     ap.add_argument("--quantize-base", default="",
                     help="LoRA on a quantized base too, as backend:weights (model.quantize_base), e.g. "
                          "bitsandbytes:nf4,quanto:int8; skipped with a message where this checkout lacks the key")
+    ap.add_argument("--layouts", default="auto",
+                    help="SOAR forward layouts to time: auto (the default, by device type), reuse, fused")
     ap.add_argument("--text-len", type=int, default=None, help="text tokens (default: SD3 333, FLUX 512)")
     ap.add_argument("--lora-rank", type=int, default=32)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration (at most)")
@@ -525,7 +482,7 @@ def main() -> None:
                 model, cfg = models[key]
                 row.update(run_case(case, model, cfg, args, device))
             row["status"] = "ok"
-        except LookupError as err:  # the checkout has no model.quantize_base: skip every quantized case
+        except LookupError as err:  # no model.quantize_base, or its backend cannot run here: skip every quantized case
             no_quant = str(err)
             row["status"] = f"skipped: {no_quant}"
         except Exception as err:  # noqa: BLE001 - one failed configuration must not end the run

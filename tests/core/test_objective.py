@@ -3,9 +3,8 @@ import math
 import pytest
 import torch
 
-from soarflow import SOARConfig, sft_loss, soar_loss
+from soarflow import SOARConfig, objective, sft_loss, soar_loss
 from soarflow.flow import loss_weight, shift_sigma
-from soarflow import objective
 from soarflow.objective import correction_target, layout_name, renoise, resolve_layout
 
 from .toy_models import RecordingModel, ToyVelocity
