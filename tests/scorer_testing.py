@@ -2,13 +2,16 @@
 
 Each has the real scorer's architecture and loading path at toy size: CLIP / PickScore / aesthetic over a tiny
 transformers ``CLIPModel`` folder (`diffusers_testing.build_tiny_clip`), HPSv2 over a tiny open_clip model
-registered as ``tiny-hps`` and saved as an HPS-style checkpoint, ImageReward over a tiny transformers BLIP
+registered as ``tiny-hps`` and saved as an HPS-style checkpoint (only where open_clip imports: `open_clip_missing`),
+ImageReward over a tiny transformers BLIP
 (`BlipReward`), OCR with a deterministic fake reader, GenEval with a fake detector and colour classifier whose
 outputs are functions of the pixels only (so two processes must give one process's numbers).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -24,6 +27,23 @@ TINY_HPS_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+
+
+@functools.lru_cache(maxsize=None)
+def open_clip_missing() -> str | None:
+    """None where open_clip imports, else why not: the skip reason of the tests that need it (HPSv2.1, and GenEval's
+    open_clip colour classifier). CI installs ``.[diffusers,dev]`` without the ``eval`` extra: there ``torch==2.13.0``
+    is a local CPU build, and the torchvision that open-clip-torch pulls from PyPI is built for the CUDA torch, so its
+    C ops (``torchvision::nms``) fail to load and break transformers' imports too."""
+    why = ("needs open_clip (extra 'eval'), not installed in CI: open-clip-torch pulls a PyPI torchvision built for "
+           "the CUDA torch, whose C ops do not load against the CPU torch==2.13.0")
+    if importlib.util.find_spec("open_clip") is None:
+        return why
+    try:
+        import open_clip  # noqa: F401
+    except Exception as e:  # a torchvision built for another torch raises RuntimeError, not ImportError
+        return f"{why} ({type(e).__name__}: {e})"
+    return None
 
 
 def register_tiny_hps(root: Path) -> str:
@@ -116,19 +136,16 @@ def fake_colors(image: np.ndarray, objects, name: str) -> list[str]:
 
 
 def build_standins(root: Path, device: str = "cpu") -> dict:
-    """Every scorer of `soarflow eval` at toy size, through the same classes (and loaders where they are local)."""
-    from soarflow.scorers import (AestheticScorer, GenEvalScorer, HPSv2Scorer, ImageRewardScorer, OCRScorer,
-                                  PickScoreScorer, build_scorer)
+    """Every scorer of `soarflow eval` at toy size, through the same classes (and loaders where they are local);
+    all but ``hpsv2`` where open_clip does not import (`open_clip_missing`). GenEval's colour classifier is the
+    pixel-only `fake_colors`, so GenEval needs no open_clip here."""
+    from soarflow.scorers import (AestheticScorer, GenEvalScorer, ImageRewardScorer, OCRScorer, PickScoreScorer,
+                                  build_scorer)
 
     root = Path(root)
     clip = root / "clip"
     if not (clip / "config.json").is_file():
         build_tiny_clip(clip)
-    hps = root / "hps_tiny.pt"
-    if not hps.is_file():
-        build_tiny_hps(root)
-    else:
-        register_tiny_hps(root)
     head = root / "aesthetic_head.pth"
     if not head.is_file():
         build_tiny_aesthetic_head(head)
@@ -141,12 +158,21 @@ def build_standins(root: Path, device: str = "cpu") -> dict:
         torch.save(reward.state_dict(), tmp)
         os.replace(tmp, weights)
     reward.load_state_dict(torch.load(weights, weights_only=True))
-    return {
+    scorers = {
         "geneval": GenEvalScorer(fake_detector, fake_colors),
         "ocr": OCRScorer(fake_ocr_reader),
         "pickscore": PickScoreScorer.from_pretrained(clip, device=device),
         "clip": build_scorer("clip", path=str(clip), device=device),
-        "hpsv2": HPSv2Scorer.from_pretrained(hps, arch=HPS_ARCH, device=device),
         "aesthetic": AestheticScorer.from_pretrained(clip, head=head, device=device),
         "imagereward": ImageRewardScorer(reward, tokenizer, image_size=32, device=device),
     }
+    if open_clip_missing() is None:
+        from soarflow.scorers import HPSv2Scorer
+
+        hps = root / "hps_tiny.pt"
+        if not hps.is_file():
+            build_tiny_hps(root)
+        else:
+            register_tiny_hps(root)
+        scorers["hpsv2"] = HPSv2Scorer.from_pretrained(hps, arch=HPS_ARCH, device=device)
+    return scorers
