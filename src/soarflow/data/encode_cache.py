@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 class Encoder(Protocol):
     """What a model family supplies: its frozen encoders, batched, results per sample on the CPU."""
 
-    def encode_prompts(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]: ...
+    def encode_captions(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]: ...
 
     def encode_pixels(self, pixels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """``latent_mean`` and ``latent_std`` per image of (B, 3, h, w) in [-1, 1]."""
@@ -114,7 +114,7 @@ def fill_cache(text_cache: EncodingCache, latent_cache: EncodingCache, dataset: 
     report.text_checked = len(mine) - len(todo)
     for s in range(0, len(todo), batch_size):
         chunk = todo[s: s + batch_size]
-        for name, tensors in zip(chunk, encoder.encode_prompts([captions[k] for k in chunk])):
+        for name, tensors in zip(chunk, encoder.encode_captions([captions[k] for k in chunk])):
             text_cache.set_schema(tensors)
             text_cache.put(name, tensors)
         report.text_encoded += len(chunk)

@@ -75,7 +75,7 @@ class DiffusersTask(Task):
         self._caches: tuple[EncodingCache, EncodingCache] | None = None
         self._records: list[ImageCaptionRecord] | None = None
         self.cache_complete = False  # set by train_dataset: every encoding the run needs is in the cache
-        self.encode_device = torch.device("cpu")  # where encode_prompts / encode_pixels run by default
+        self.encode_device = torch.device("cpu")  # where encode_captions / encode_pixels run by default
 
     @classmethod
     def from_config(cls, model: dict | None, data: dict | None, train_config: Any = None):
@@ -275,7 +275,7 @@ class DiffusersTask(Task):
 
     # the encoders, batched, as `soarflow cache` uses them (soarflow.data.encode_cache.Encoder)
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], device: torch.device | None = None) -> list[dict[str, torch.Tensor]]:
+    def encode_captions(self, prompts: list[str], device: torch.device | None = None) -> list[dict[str, torch.Tensor]]:
         """Per prompt, its text condition (float32, CPU)."""
         device = torch.device(device or self.encode_device)
         with self.frozen_on(device):
@@ -305,7 +305,7 @@ class DiffusersTask(Task):
         entries: list[dict | None] = [text.load(n, schema) if n in text else None for n in names]
         missing = sorted({prompts[i] for i, e in enumerate(entries) if e is None})
         if missing:
-            fresh = dict(zip(missing, self.encode_prompts(missing, device)))
+            fresh = dict(zip(missing, self.encode_captions(missing, device)))
             for p, tensors in fresh.items():
                 text.set_schema(tensors)
                 text.put(text_key(p), tensors)
