@@ -80,8 +80,10 @@ def collate_prompts(samples: Sequence[dict]) -> dict:
 
 
 def is_prompt_batch(batch: object) -> bool:
-    """A batch of :class:`PromptDataset` items (captions and no images)."""
-    return isinstance(batch, dict) and "caption" in batch and "pixel_values" not in batch and "image" not in batch
+    """A batch of :class:`PromptDataset` items (captions and no images). An image dataset's batch always has
+    ``size`` (its images' (h, w)), also when a complete encoder cache leaves out the pixels: that is no prompt batch."""
+    return (isinstance(batch, dict) and "caption" in batch and "pixel_values" not in batch and "image" not in batch
+            and "size" not in batch)
 
 
 __all__ = ["PROMPT_SUFFIXES", "PromptDataset", "collate_prompts", "is_prompt_batch", "read_prompt_file",

@@ -212,7 +212,9 @@ class DiffusersTask(Task):
         return bucketed_batches([dataset.bucket_of(i) for i in range(len(dataset))], global_batch, seed, epoch)
 
     def collate(self, samples: Sequence[dict]) -> dict:
-        return collate_images(samples) if samples and "pixel_values" in samples[0] else collate_prompts(samples)
+        # an image dataset's item always has its size, also without pixels (a complete encoder cache)
+        images = samples and ("pixel_values" in samples[0] or "size" in samples[0])
+        return collate_images(samples) if images else collate_prompts(samples)
 
     def data_summary(self) -> str:
         """One line for the run summary: how many bad samples were skipped (and which)."""
