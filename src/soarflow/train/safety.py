@@ -82,7 +82,8 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads, 2.0)
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: reduce the shards' partial norms
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:

@@ -146,13 +146,25 @@ def _make_accelerator(config: TrainConfig, output_dir: Path):
     )
 
 
-def _reset_accelerate_state() -> None:
+def _process_state_type():
+    """The launch's distributed type before an `Accelerator` turns it into FSDP / DEEPSPEED (it starts the
+    process group exactly as `Accelerator()` would)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).distributed_type
+
+
+def _reset_accelerate_state(process_type=None) -> None:
     """Let a later `train()` in the same process use other accelerate settings (e.g. mixed precision). The
-    process group (PartialState) is kept."""
-    from accelerate.state import AcceleratorState, GradientState
+    process group (PartialState) is kept, with its distributed type as the launch set it (`process_type`):
+    accelerate overwrites it with FSDP / DEEPSPEED, and a second `Accelerator` would then get no plugin."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    if process_type is not None and PartialState._shared_state:
+        PartialState._shared_state["distributed_type"] = process_type
 
 
 def _tracker_config(config: TrainConfig) -> dict[str, Any]:
@@ -191,6 +203,7 @@ def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: P
             images, captions = task.validation_images(model, accelerator.device)
         finally:
             model.train(was_training)
+            distributed.reshard(model)  # before the EMA's weights are swapped out again
     if not distributed.writes_files(accelerator):
         return None
     save_image_grid(images, captions, path)
@@ -227,13 +240,14 @@ def train(config: TrainConfig, task: Any = None, model: nn.Module | None = None,
     task = task if task is not None else build_task(config)
     method = build_method(config, reward)  # with its reward resolved: fails before any work
 
+    process_type = _process_state_type()
     accelerator = _make_accelerator(config, output_dir)
     try:
         with safety.StopSignals() as signals:
             return _run(config, task, model, method, accelerator, output_dir, resume_from, signals, step_callback)
     finally:
         accelerator.end_training()
-        _reset_accelerate_state()
+        _reset_accelerate_state(process_type)
 
 
 def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path, resume_from: Path | None,
@@ -244,6 +258,7 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
     set_seed(config.seed)  # model initialisation (when the task builds it)
     world = accelerator.num_processes
     layout = distributed.layout_of(accelerator)
+    distributed.check_supported(layout, accelerator, config)
 
     model = _build_model(config, task, model, accelerator.device)
     dataset = task.train_dataset()
@@ -251,15 +266,17 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
     if batches_per_epoch == 0:
         raise ValueError(f"train_batch_size: {config.train_batch_size} x {world} process(es) exceeds the dataset size "
                          f"{len(dataset)}")
-    params = trainable_parameters(model)
-    optimizer = _make_optimizer(config, params)
+    optimizer = _make_optimizer(config, trainable_parameters(model))
     lr_scheduler = _make_scheduler(config, optimizer, world)
-    ema = create_ema(model, config.ema_decay) if config.use_ema else None
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    # after prepare: FSDP2 replaces the parameters by this process's shards (DTensors), which the optimizer, the
+    # gradient clipping and the EMA must use; with DDP they are the same objects as before
+    params = trainable_parameters(unwrapped)
+    ema = create_ema(unwrapped, config.ema_decay) if config.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ckpt.register_trainable_state_hooks(accelerator)
-    unwrapped = accelerator.unwrap_model(model)
+    ckpt.register_trainable_state_hooks(accelerator, layout)
     method.setup(unwrapped, task, accelerator.device)  # before a checkpoint is restored: a KL reference is the start model
 
     global_step = 0
@@ -385,9 +402,10 @@ class _Loop:
                 else:
                     norm = safety.grad_norm(self.params)
                 # every process decides alike: gradients are all-reduced, flags are combined
+                norm = distributed.scalar(norm)  # None under DeepSpeed before its first step
                 skip, stop_now = self.guard.decide(accelerator, norm, self.signals.received is not None,
                                                    self.global_step + 1)
-                self.grad_norm = float(norm)
+                self.grad_norm = float("nan") if norm is None else float(norm)
             if not skip:
                 self.optimizer.step()
                 self.lr_scheduler.step()
@@ -446,10 +464,13 @@ class _Loop:
         self.progress.set_postfix(**{k: f"{entry[k]:.4f}" for k in method.progress_keys}, lr=f"{lr:.2e}",
                                   refresh=False)
 
+    def finite(self, tensors) -> bool:
+        return distributed.all_finite(self.accelerator, tensors)
+
     def save(self, step: int) -> Path:
         """checkpoint-{step} (every process calls it), after checking that the weights are finite."""
         tensors = list(self.params) + (list(self.ema.shadow_params) if self.ema is not None else [])
-        self.guard.check_weights(tensors, step, "the weights are non-finite")
+        self.guard.check_weights(tensors, step, "the weights are non-finite", finite=self.finite)
         self.guard.last_good = ckpt.save_checkpoint(self.accelerator, self.output_dir, step,
                                                     self.config.checkpoints_total_limit,
                                                     state={"skipped_nonfinite_steps": self.guard.skipped})
@@ -457,16 +478,19 @@ class _Loop:
 
 
 def _save_final(config: TrainConfig, task, accelerator, loop: _Loop) -> Path:
-    """Put the EMA weights in (if any), check they are finite and write ``output_dir/model``; returns its path."""
+    """Put the EMA weights in (if any), check they are finite and write ``output_dir/model`` (whole weights,
+    gathered when sharded); returns its path."""
     accelerator.wait_for_everyone()
     if loop.ema is not None:
         copy_ema_to(loop.ema, loop.unwrapped)
     output_dir = loop.output_dir
     model_path = output_dir / ckpt.MODEL_DIR
     loop.guard.check_weights(trainable_parameters(loop.unwrapped), loop.global_step,
-                             "the final weights are non-finite")
+                             "the final weights are non-finite", finite=loop.finite)
+    # sharded weights are gathered into a freshly built model on the main process (collective)
+    whole = distributed.gathered_model(accelerator, loop.layout, loop.model, task.build_model)
     if distributed.writes_files(accelerator):
-        written = task.save_model(loop.unwrapped, model_path)
+        written = task.save_model(whole, model_path)
         # the task picks the format: a folder, or a file with its own extension (model.safetensors)
         model_path = Path(written) if written is not None else (ckpt.find_final_model(output_dir) or model_path)
     accelerator.wait_for_everyone()
