@@ -11,7 +11,9 @@ soarflow is changed for the test; the plugin comes from the same environment var
     fsdp_worker.py OUT toy|cli [train overrides...]
 
 toy: trains ToyTask into OUT/run, then resumes OUT/run/checkpoint-1 into OUT/resumed (the same number of steps);
-rank 0 writes OUT/result.json. cli: runs `soarflow train` (the CLI's main) with the overrides.
+rank 0 writes OUT/result.json. cli: runs `soarflow train` (the CLI's main) with the overrides; several runs are
+separated by "::" (under FSDP only: `Accelerator.end_training` destroys the process group, and only FSDP's
+device mesh starts it again). ddp-cli: one run under plain DDP (no FSDP), for comparison.
 """
 
 import json
@@ -64,13 +66,26 @@ def run_toy(out: Path, overrides: list[str]) -> None:
 def main() -> None:
     out, mode, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
-    start_fsdp_on_cpu()
+    if mode == "ddp-cli":  # the same runs without FSDP: accelerate's plain multi-CPU DDP, for comparison
+        mode = "cli"
+    else:
+        start_fsdp_on_cpu()
     if mode == "toy":
         run_toy(out, overrides)
-    elif mode == "cli":
+    elif mode == "cli":  # one or more `soarflow train` runs, their arguments separated by "::"
         from soarflow.cli import main as cli
 
-        sys.exit(cli(["train", *overrides]))
+        runs, current = [], []
+        for arg in overrides + ["::"]:
+            if arg == "::":
+                runs.append(current)
+                current = []
+            else:
+                current.append(arg)
+        for run in runs:
+            status = cli(["train", *run])
+            if status:
+                sys.exit(status)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

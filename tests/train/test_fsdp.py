@@ -71,3 +71,55 @@ def test_fsdp2_two_processes_match_one_process_resume_exactly_and_save_whole_wei
     torch.manual_seed(0)
     init = ToyTask().build_model().state_dict()
     assert not torch.allclose(final["net.0.weight"], init["net.0.weight"])  # training moved the weights
+
+
+def test_shipped_sharded_accelerate_configs_parse_as_fsdp2_and_zero():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+    fsdp = load_config_from_file(str(root / "fsdp_8gpu.yaml"))
+    assert str(fsdp.distributed_type).endswith("FSDP") and fsdp.fsdp_config["fsdp_version"] == 2
+    assert fsdp.fsdp_config["fsdp_reshard_after_forward"] is True  # FULL_SHARD
+    nodes = load_config_from_file(str(root / "fsdp_2nodes_16gpu.yaml"))
+    assert (nodes.num_machines, nodes.num_processes, nodes.fsdp_config["fsdp_version"]) == (2, 16, 2)
+    for stage in (2, 3):
+        ds = load_config_from_file(str(root / f"deepspeed_zero{stage}_8gpu.yaml"))
+        assert str(ds.distributed_type).endswith("DEEPSPEED") and ds.deepspeed_config["zero_stage"] == stage
+    assert load_config_from_file(str(root / "deepspeed_zero3_8gpu.yaml")).deepspeed_config["zero3_save_16bit_model"]
+
+
+def test_fsdp1_and_zero3_with_ema_are_refused_naming_the_setting():
+    from types import SimpleNamespace
+
+    from soarflow.train.distributed import Layout, check_supported
+
+    fsdp1 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        check_supported(Layout("fsdp", 2, sharded=True), fsdp1, SimpleNamespace(use_ema=False))
+    fsdp2 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+    check_supported(Layout("fsdp", 2, sharded=True), fsdp2, SimpleNamespace(use_ema=True))
+    with pytest.raises(ValueError, match="use_ema with DeepSpeed ZeRO-3"):
+        check_supported(Layout("deepspeed", 2, sharded=True, zero_stage=3), None, SimpleNamespace(use_ema=True))
+    check_supported(Layout("deepspeed", 2, zero_stage=2), None, SimpleNamespace(use_ema=True))
+
+
+def test_who_validates_and_a_backend_that_cannot_skip_a_step():
+    from types import SimpleNamespace
+
+    from soarflow.train.distributed import Layout, validates, writes_files
+    from soarflow.train.safety import Diverged, StepGuard
+
+    main, other = SimpleNamespace(is_main_process=True), SimpleNamespace(is_main_process=False)
+    assert validates(Layout("ddp", 2), main) and not validates(Layout("ddp", 2), other)
+    assert validates(Layout("fsdp", 2, sharded=True), other)  # a sharded forward needs every rank
+    assert writes_files(main) and not writes_files(other)
+    assert not Layout("deepspeed", 2, zero_stage=2).can_skip_updates and Layout("fsdp", 2, sharded=True).can_skip_updates
+
+    one = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    guard = StepGuard(budget=3, device="cpu")
+    guard.saw_loss(torch.tensor(float("nan")))
+    assert guard.decide(one, torch.tensor(1.0), False, step=1) == (True, False) and guard.skipped == 1
+    deepspeed = StepGuard(budget=3, device="cpu", can_skip=False)
+    deepspeed.saw_loss(torch.tensor(float("nan")))
+    with pytest.raises(Diverged, match="cannot skip"):
+        deepspeed.decide(one, None, False, step=1)
