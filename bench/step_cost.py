@@ -3,15 +3,16 @@
 For a small transformer velocity model and K in --ks, prints the measured time of one optimizer step for SFT and
 for SOAR in each forward layout, all at identical loss values (checked on fixed draws):
 
-* ``default``: the library default — main term first (with grad), its detached output is the rollout's
-  conditional half (one B-row no-grad forward for the unconditional half), then the aux rows
-  (``forward_batch_size="auto"``: one call);
-* ``reuse_Brows``: as default, aux rows in calls of B rows; ``reuse_probe``: as default, with the timing probe;
+* ``default``: the library default, ``reuse_main_output: auto``: ``fused`` on CUDA, ``reuse`` elsewhere
+  (:func:`soarflow.objective.resolve_layout`; the resolved name is printed and recorded);
+* ``reuse``: main term first (with grad), its detached output is the rollout's conditional half (one B-row
+  no-grad forward for the unconditional half), then the aux rows (``forward_batch_size="auto"``: one call);
+* ``reuse_Brows``: as reuse, aux rows in calls of B rows; ``reuse_probe``: as reuse, with the timing probe;
 * ``fused``: rollout over 2B rows, then main + aux in one (1+K)B-row forward (``reuse_main_output=False``);
 * ``chunked``: fused, in activation-checkpointed chunks of B rows (``aux_chunk_size=B``);
 * ``loop``: the reference code's structure, one B-row forward per term (``fuse_forward=False``).
 
-FLOP floors in forward units (backward = 2 forwards): SFT 3; fused/loop 3(1+K)+2; default 3(1+K)+1. Variants run
+FLOP floors in forward units (backward = 2 forwards): SFT 3; fused/loop 3(1+K)+2; reuse 3(1+K)+1. Variants run
 interleaved, round by round, so drifting machine load hits all alike; the spread over rounds is printed.
 
     python bench/step_cost.py                          # CPU, embedded MMDiT-style model if available
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from soarflow import SOARConfig, sft_loss, soar_loss
+from soarflow.objective import layout_name, resolve_layout
 from soarflow.flow import shift_sigma
 
 
@@ -94,9 +96,10 @@ def time_steps(fn, repeats: int, device) -> float:
 
 
 VARIANTS = {
-    "default": dict(),
-    "reuse_Brows": dict(forward_batch_size=-1),  # -1: B rows per call
-    "reuse_probe": dict(forward_batch_size="probe"),
+    "default": dict(),  # reuse_main_output: auto -> fused on CUDA, reuse elsewhere (objective.resolve_layout)
+    "reuse": dict(reuse_main_output=True),
+    "reuse_Brows": dict(reuse_main_output=True, forward_batch_size=-1),  # -1: B rows per call
+    "reuse_probe": dict(reuse_main_output=True, forward_batch_size="probe"),
     "fused": dict(reuse_main_output=False, forward_batch_size=None),
     "chunked": dict(reuse_main_output=False, forward_batch_size=None, aux_chunk_size=-1),  # -1: B rows
     "loop": dict(reuse_main_output=False, fuse_forward=False, forward_batch_size=None),
@@ -125,8 +128,9 @@ def main() -> None:
     cond, null = cond_fn(B), null_fn(1)
     params = sum(p.numel() for p in model.parameters())
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    default_layout = layout_name(resolve_layout(SOARConfig(), device))
     print(f"model={name} params={params / 1e6:.2f}M device={device} ({dev_name}) batch={B} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()} default layout={default_layout}")
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
@@ -156,7 +160,7 @@ def main() -> None:
 
     results = {"device": str(device), "device_name": dev_name, "torch": torch.__version__,
                "cuda": torch.version.cuda, "model": name, "params": params, "batch": B,
-               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "ks": {}}
+               "threads": torch.get_num_threads(), "default_layout": default_layout, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "ks": {}}
     g = torch.Generator(device="cpu").manual_seed(1)
     noise = torch.randn(x0.shape, generator=g).to(device)
     t_fixed = torch.rand(B, generator=g).to(device) * 0.9 + 0.05

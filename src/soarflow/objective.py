@@ -5,8 +5,8 @@ For a batch :math:`(x_0, c)` of B real samples (conventions in :mod:`soarflow.fl
 1. draw :math:`z_1 \sim \mathcal N(0, I)` and :math:`t_0` (``t_density``); :math:`\sigma_0 = \sigma(t_0)`,
    :math:`x_{\sigma_0} = (1-\sigma_0) x_0 + \sigma_0 z_1`;
 2. main (SFT) term :math:`\ell_b = \lVert v_\theta(x_{\sigma_0}, \sigma_0, c) - (z_1 - x_0)\rVert^2`;
-3. rollout without gradient: one step of the N-step inference schedule with guidance (by default
-   :math:`v_c` is the main term's detached output, so only :math:`v_u` needs a forward),
+3. rollout without gradient: one step of the N-step inference schedule with guidance (in the ``reuse`` layout,
+   the default on a CPU, :math:`v_c` is the main term's detached output, so only :math:`v_u` needs a forward),
    :math:`t_1 = \max(t_0 - 1/N, 0)`, :math:`\sigma_1 = \sigma(t_1)`,
    :math:`z' = x_{\sigma_0} + (\sigma_1 - \sigma_0)\,(v_u + w(v_c - v_u))` (path 0, ODE); optional extra paths
    replace the Euler step by a stochastic step (:mod:`soarflow.sampling`), and samples with :math:`t_1 = 0` keep
@@ -99,7 +99,9 @@ class SOARConfig:
     fuse_forward: bool = _key(True, "one fused forward for the main and auxiliary terms (false: one per term, "
                                     "as in the reference code)")
     # --- speed: layout of the gradient forwards (identical loss; see docs/objective.md "Cost")
-    reuse_main_output: bool = _key(True, "the main term's output is the rollout's conditional velocity (saves B rows)")
+    reuse_main_output: bool | Literal["auto"] = _key(
+        "auto", "the main term's output is the rollout's conditional velocity (saves B rows): true ('reuse' "
+                "layout), false ('fused'; 'loop' with fuse_forward: false) or auto (by device type: resolve_layout)")
     forward_batch_size: int | Literal["auto", "probe"] | None = _key(
         "auto", "rows per forward call of the gradient terms: auto (one call), probe (timed once), N, null")
     # --- controls (issue 12): what SOAR's gain is made of
@@ -160,6 +162,8 @@ class SOARConfig:
             raise bad("cond_dropout", "must be in [0, 1)")
         if self.aux_chunk_size is not None and (not isinstance(self.aux_chunk_size, int) or self.aux_chunk_size < 1):
             raise bad("aux_chunk_size", "must be None or an integer >= 1")
+        if self.reuse_main_output not in (True, False, "auto"):
+            raise bad("reuse_main_output", "must be true, false or 'auto'")
         fbs = self.forward_batch_size
         if not (fbs is None or fbs in ("auto", "probe") or (isinstance(fbs, int) and not isinstance(fbs, bool) and fbs >= 1)):
             raise bad("forward_batch_size", "must be 'auto', 'probe', None or an integer >= 1")
@@ -184,6 +188,34 @@ class SOARConfig:
     @property
     def is_sft(self) -> bool:
         return self.num_aux == 0 or self.lambda_aux == 0
+
+
+# Device types on which ``reuse_main_output: auto`` picks the fused layout (fewest forward calls). Measured with
+# bench/step_cost.py (docs/performance.md): on an H200 the fused layout was 1.4-1.9x faster than the reuse layout
+# on the small model, which is launch-bound there; on the CPU the reuse layout (fewest FLOPs) was faster at every K.
+# Every other device type (mps, xpu, ...) keeps the reuse layout until it is measured.
+FUSED_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+
+def resolve_layout(config: SOARConfig, device: torch.device | str) -> SOARConfig:
+    """``config`` with ``reuse_main_output: auto`` made concrete for ``device``: false (fused) on a device type in
+    :data:`FUSED_DEVICE_TYPES`, true (reuse) elsewhere, and false whenever ``fuse_forward`` is false (the per-term
+    loop asked for). A function of the device *type* only (no timing), so two runs on the same kind of device
+    compute the same thing; an explicit true/false is returned unchanged. Every layout computes the same loss and
+    gradient (tests/core/test_objective.py); only float rounding and speed differ."""
+    if config.reuse_main_output != "auto":
+        return config
+    fused = torch.device(device).type in FUSED_DEVICE_TYPES or not config.fuse_forward
+    return config.replace(reuse_main_output=not fused)
+
+
+def layout_name(config: SOARConfig) -> str:
+    """The forward layout a (resolved) config runs: reuse, fused or loop; ``auto`` before :func:`resolve_layout`."""
+    if config.reuse_main_output == "auto":
+        return "auto"
+    if config.reuse_main_output:
+        return "reuse"
+    return "fused" if config.fuse_forward else "loop"
 
 
 @dataclass
@@ -630,6 +662,7 @@ def soar_loss(
                          "SOAR uses 1 (set num_aux=0 or method sft)")
 
     batch = _check_inputs(x0, cond, noise, t)
+    config = resolve_layout(config, x0.device)
     guided = config.rollout == "guided"
     if guided and config.guidance_scale != 1.0 and null_cond is None:
         raise ValueError(f"null_cond is required for the guided rollout (guidance_scale={config.guidance_scale})")

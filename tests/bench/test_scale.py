@@ -52,3 +52,47 @@ def test_published_configs_at_full_scale():
             flux["pooled_projection_dim"], flux["in_channels"], sum(flux["axes_dims_rope"])) == (
         19, 38, 3072, 768, 64, 128)
     assert mod["scaled"](sd3, 1.0, "sd3m") == sd3
+
+
+def test_batches_official_anchor_layouts_and_the_ratio_table(tmp_path, monkeypatch):
+    out, md = tmp_path / "scale.json", tmp_path / "scale.md"
+    run(monkeypatch, "--device", "cpu", "--scale", "0.04", "--resolutions", "64", "--text-len", "8", "--ks", "1",
+        "--archs", "sd3m", "--finetune", "lora", "--grad-ckpt", "1", "--batches", "1,2", "--official",
+        "--layouts", "auto,fused", "--quantize-base", "torchao:int8", "--steps", "1", "--workdir", str(tmp_path / "m"),
+        "--out", str(out), "--markdown", str(md))
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    plain = [r for r in rows if r["quant"] is None]
+    # per batch: SFT, SOAR (auto), SOAR (fused), official
+    assert [(r["batch"], r["method"], r["layout"]) for r in plain] == [
+        (b, m, lay) for b in (1, 2) for m, lay in (("sft", "auto"), ("soar", "auto"), ("soar", "fused"),
+                                                   ("official", "auto"))]
+    assert all(r["status"] == "ok" for r in plain), [r["status"] for r in plain]
+    assert {r["resolved_layout"] for r in plain if r["method"] == "soar"} == {"reuse", "fused"}  # auto is reuse here
+    # the quantized base goes through model.quantize_base, or is skipped saying why (the key is unknown in this
+    # checkout, or the backend's package is missing)
+    quantized = [r for r in rows if r["quant"]]
+    assert len(quantized) == 2 * 4
+    for r in quantized:
+        assert r["status"] == "ok" or (r["status"].startswith("skipped: ") and "model.quantize_base" in r["status"]), \
+            r["status"]
+    ratios = {r["batch"]: r for r in data["ratios"] if r["quant"] is None}
+    for b, r in ratios.items():
+        by = {x["method"] + x["layout"]: x["s_per_step"] for x in plain if x["batch"] == b}
+        assert r["soar_over_sft"] == pytest.approx(by["soarauto"] / by["sftauto"])
+        assert r["soarflow_over_official"] == pytest.approx(by["soarauto"] / by["officialauto"])
+        assert r["soar_s_other_layouts"] == {"fused": by["soarfused"]} and r["layout"] == "reuse"
+    table = md.read_text()
+    assert "soarflow/official" in table and table.count("| sd3m | 64 |") >= 2
+
+
+def test_full_finetunes_that_cannot_fit_are_skipped_before_building(tmp_path, monkeypatch):
+    out = tmp_path / "scale.json"
+    run(monkeypatch, "--device", "cpu", "--scale", "0.04", "--resolutions", "64", "--text-len", "8", "--ks", "1",
+        "--archs", "flux", "--finetune", "full", "--grad-ckpt", "1", "--memory-gib", "0.001", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["status"].startswith("skipped: weights, gradients and optimizer state alone need")
+                                  for r in rows)
+    mod = runpy.run_path(str(SCRIPT))
+    assert mod["state_gib"](2_000_000_000, "full", "adamw") == pytest.approx(2e9 * 16 / 2**30)
+    assert mod["state_gib"](2_000_000_000, "full", "adamw8bit") == pytest.approx(2e9 * 10 / 2**30)

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from soarflow import SOARConfig, sft_loss, soar_loss
+from soarflow import SOARConfig, objective, sft_loss, soar_loss
 from soarflow.flow import loss_weight, shift_sigma
-from soarflow.objective import correction_target, renoise
+from soarflow.objective import correction_target, layout_name, renoise, resolve_layout
 
 from .toy_models import RecordingModel, ToyVelocity
 
@@ -104,7 +104,7 @@ def test_small_lambda_converges_to_sft():
     assert abs(float(far.detach() - sft.detach())) > 1e-3
 
 
-@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("reuse", [False, True, "auto"])
 @pytest.mark.parametrize("chunk,rows", [(None, None), (7, None), (None, B), (None, 3), (None, "probe"), (None, "auto")])
 def test_fused_equals_per_point_loop(chunk, rows, reuse):
     torch.manual_seed(0)
@@ -345,3 +345,46 @@ def test_global_draws_sliced_per_process_give_the_global_loss(cfg):
         n = (rows.stop - rows.start) * cfg.points_per_sample + cfg.lambda_aux * part.num_aux_points * (not cfg.is_sft)
         total, terms = total + part.loss * n, terms + n
     torch.testing.assert_close(total / terms, whole.loss)
+
+
+@pytest.mark.parametrize("device,expected", [("cpu", "reuse"), ("cuda", "fused"), ("cuda:1", "fused"),
+                                             ("mps", "reuse"), ("meta", "reuse")])
+def test_auto_layout_resolves_by_device_type(device, expected):
+    auto = SOARConfig(num_aux=2)
+    assert auto.reuse_main_output == "auto" and layout_name(auto) == "auto"
+    resolved = resolve_layout(auto, device)
+    assert layout_name(resolved) == expected
+    assert resolve_layout(resolved, "cuda" if expected == "reuse" else "cpu") == resolved  # resolved stays put
+    # the per-term loop, when asked for, on every device; explicit values are never changed
+    assert layout_name(resolve_layout(auto.replace(fuse_forward=False), device)) == "loop"
+    for explicit, name in ((True, "reuse"), (False, "fused")):
+        assert layout_name(resolve_layout(auto.replace(reuse_main_output=explicit), device)) == name
+
+
+def test_reuse_main_output_values_are_checked():
+    with pytest.raises(ValueError, match="soar.reuse_main_output.*true, false or 'auto'"):
+        SOARConfig(reuse_main_output="fast")
+    from soarflow.train import load_config
+
+    assert load_config(None, ["--soar.reuse_main_output", "auto"]).soar.reuse_main_output == "auto"
+    assert load_config(None, ["--soar.reuse_main_output", "false"]).soar.reuse_main_output is False
+
+
+def test_soar_loss_runs_the_layout_of_its_device_type(monkeypatch):
+    """soar_loss resolves ``auto`` from the input's device: the reuse structure on a CPU, the fused structure
+    when the CPU is listed as a fused device type (as CUDA is), with the same loss and gradients."""
+    torch.manual_seed(0)
+    model = RecordingModel(ToyVelocity(D, C))
+    x0, cond, null, noise, t = make_batch()
+    cfg = SOARConfig(num_aux=3, rollout_steps=8, forward_batch_size=None)
+    aux = aux_sigmas_for(t, cfg)
+    reuse = soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, aux_sigmas=aux)
+    assert [(c["rows"], c["grad"]) for c in model.calls] == [(B, True), (B, False), (3 * B, True)]
+    g_reuse = grads(model, reuse.loss)
+    model.calls.clear()
+    monkeypatch.setattr(objective, "FUSED_DEVICE_TYPES", ("cpu",))
+    fused = soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, aux_sigmas=aux)
+    assert [(c["rows"], c["grad"]) for c in model.calls] == [(2 * B, False), (B + 3 * B, True)]
+    torch.testing.assert_close(fused.loss, reuse.loss, rtol=1e-6, atol=1e-7)
+    for g1, g2 in zip(grads(model, fused.loss), g_reuse):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)

@@ -221,16 +221,32 @@ def test_lora_sft_saves_diffusers_lora_that_pipeline_loads(tmp_path, sd3_path, i
     assert (out / "001.png").is_file()  # earlier samples are kept
     assert json.loads((out / "prompts.json").read_text()) == {"000.png": "a cat", "001.png": "a cat"}
 
+    # `soarflow eval` from the run folder applies the LoRA: its image differs from the base pipeline's
+    from soarflow.commands.eval import build_parser, run
+
+    (tmp_path / "p.txt").write_text("a cat\n")
+    common = ["--suite", "file", "--prompts_file", str(tmp_path / "p.txt"), "--num_inference_steps", "2",
+              "--height", "32", "--width", "32", "--max_sequence_length", "8"]
+    mean = {"mean": lambda images, prompts: images.mean((1, 2, 3))}
+    lora = run(build_parser().parse_args(["--model", str(result.output_dir), "--output_dir", str(tmp_path / "e1"),
+                                          *common]), mean)
+    base = run(build_parser().parse_args(["--model", str(sd3_path), "--output_dir", str(tmp_path / "e2"), *common]),
+               mean)
+    assert lora["images"][0]["file"] == base["images"][0]["file"] == "images/00000_0000.png"
+    assert lora["images"][0]["scores"]["mean"] != base["images"][0]["scores"]["mean"]
+
 
 def test_encoding_cache_skips_the_encoders_and_is_keyed_by_resolution(tmp_path, sd3_path, images):
-    task = make_task(sd3_path, images, data={"cache_dir": str(tmp_path / "cache"), "cache_shard_size": 2})
+    data = {"cache_dir": str(tmp_path / "cache"), "cache_shard_size": 2, "cache_dtype": "float32"}
+    task = make_task(sd3_path, images, data=data)
     batch = task.collate([task.train_dataset()[i] for i in range(2)])
     x0, cond = task.encode_batch(batch, CPU)
-    assert len(list((tmp_path / "cache").glob("*/shard-*.safetensors"))) == 1
+    assert len(list((tmp_path / "cache").glob("latent-*/shard-*.safetensors"))) == 1  # 2 images = one shard
     null = task.null_cond(2, CPU)
-    task.cache().flush()
+    for cache in task.caches():
+        cache.flush()
 
-    again = make_task(sd3_path, images, data={"cache_dir": str(tmp_path / "cache")})
+    again = make_task(sd3_path, images, data=data)
 
     def no_encoders(*args, **kwargs):
         raise AssertionError("the encoders were loaded although the cache holds the batch")
@@ -243,10 +259,11 @@ def test_encoding_cache_skips_the_encoders_and_is_keyed_by_resolution(tmp_path, 
     shift, scale = again.pipeline.vae_factors()
     assert abs(float((x1 - x0).mean())) < 0.5 * scale
 
-    other = make_task(sd3_path, images, data={"cache_dir": str(tmp_path / "cache"), "resolution": 16})
+    other = make_task(sd3_path, images, data={**data, "resolution": 16})
     other.encode_batch(other.collate([other.train_dataset()[0]]), CPU)
     other.cache().flush()
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # a new folder; the old encodings stay untouched
+    names = set(other.cache().location)  # same latent folder: entries are named by image hash and crop size
+    assert any(n.endswith("-16x16") for n in names) and sum(n.endswith("-32x32") for n in names) == 2
 
 
 def test_config_errors_name_the_key(sd3_path, images):
@@ -266,7 +283,7 @@ def test_config_errors_name_the_key(sd3_path, images):
 
 
 @pytest.mark.parametrize("name", ["sd35_medium_soar", "sd35_medium_sft", "sd35_medium_soar_lora_24gb",
-                                  "flux_dev_soar_lora"])
+                                  "flux_dev_soar_lora", "sd35_medium_grpo_geneval"])
 def test_shipped_recipes_are_valid_configs(name):
     from pathlib import Path
 
@@ -276,6 +293,7 @@ def test_shipped_recipes_are_valid_configs(name):
     cfg = load_config(root / "configs" / f"{name}.yaml")
     task = get_task_class(cfg.task).from_config(cfg.model, cfg.data, cfg)
     assert task.data_config.resolution == 512 and cfg.mixed_precision == "bf16"
+    assert task.data_config.cache_dir  # every real-model recipe trains from the encoder cache (soarflow cache)
     objective = cfg.soar
     assert objective.num_aux == 6 and objective.num_rollout_paths == 1 and objective.t_density == "logit_normal"
     if name.startswith("sd35_medium_so"):

@@ -174,3 +174,32 @@ def test_eval_prompt_set():
         assert sum(p.held_out for p in fam) == 3 and len({p.text for p in fam}) == 10
     assert [p.text for p in ShapesEval(10, 3, seed=0).prompts] == [p.text for p in ev.prompts]
     assert [p.text for p in ShapesEval(10, 3, seed=1).prompts] != [p.text for p in ev.prompts]
+
+
+def test_corruption_rates_control_the_pretraining_noise():
+    from soarflow.shapes.corruption import Corruption
+    from soarflow.shapes.grammar import parse_prompt
+
+    clean = ShapesDataset("pretrain", num_samples=300, seed=3, corruption=Corruption(0, 0, 0, 0, 0))
+    noisy = ShapesDataset("pretrain", num_samples=300, seed=3, corruption=Corruption(clutter=1.0, wrong=1.0,
+                                                                                      incomplete=0, generic=0))
+    # no noise: every caption is a grammar prompt and the scene holds exactly its objects
+    for i in range(60):
+        s = clean.sample(i)
+        spec = parse_prompt(s.caption)
+        assert spec is not None and len(s.scene.objects) == len(spec.objects) * (spec.count or 1)
+    # all clutter + all wrong: the same draws add objects and change the caption
+    more = sum(len(noisy.sample(i).scene.objects) > len(clean.sample(i).scene.objects) for i in range(60))
+    changed = sum(noisy.sample(i).caption != clean.sample(i).caption for i in range(60))
+    assert more > 40 and changed > 50
+
+
+def test_corruption_config_errors_name_the_key():
+    from soarflow.tasks.shapes import ShapesTask
+
+    with pytest.raises(ValueError, match="data.corruption.clutterr"):
+        ShapesTask.from_config(data={"split": "pretrain", "corruption": {"clutterr": 0.5}})
+    with pytest.raises(ValueError, match="corruption.wrong"):
+        ShapesTask.from_config(data={"split": "pretrain", "corruption": {"wrong": 1.5}})
+    task = ShapesTask.from_config(data={"split": "pretrain", "corruption": {"wrong": 0.3}})
+    assert task.train_dataset().corruption.wrong == 0.3 and task.train_dataset().corruption.clutter == 0.25

@@ -3,6 +3,8 @@ mismatch), failed cells, equal-steps / equal-wall-clock arms, and the report fil
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 import yaml
@@ -65,6 +67,19 @@ def test_grid_is_validated_before_anything_runs_naming_row_and_key(tmp_path, tin
     path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}}], contrasts=[["sft", "soarr"]])
     with pytest.raises(ValueError, match=r"contrast \['sft', 'soarr'\] names unknown row 'soarr'"):
         load_study(path)
+    # the primary contrast names rows, a setting and an arm of the file
+    rows = [{"name": "sft", "set": {"method": "sft"}}, {"name": "soar", "set": {"method": "soar"}}]
+    good = {"row": "soar", "against": "sft", "setting": "steps3_cfg2", "arm": "steps"}
+    assert load_study(write_study(tmp_path, tiny_base, rows, primary=good)).primary.against == "sft"
+    for bad, message in [({**good, "row": "soarr"}, r"primary.row: unknown row 'soarr'"),
+                         ({**good, "setting": "steps40_cfg4"}, r"primary.setting: 'steps40_cfg4' is not evaluated"),
+                         ({**good, "arm": "seconds"}, r"primary.arm: 'seconds' is not a budget arm"),
+                         ({**good, "metric": "frechet_distance"}, r"primary.metric: 'frechet_distance' has no interval"),
+                         ({k: v for k, v in good.items() if k != "arm"}, r"primary.arm is required"),
+                         ({**good, "against": "soar"}, r"primary: row and against are the same row"),
+                         ({**good, "arms": "steps"}, r"primary: unknown key\(s\) arms")]:
+        with pytest.raises(ValueError, match=message):
+            load_study(write_study(tmp_path, tiny_base, rows, primary=bad))
     # --only runs a subset, and a pattern that matches nothing is an error
     path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
                                              {"name": "new", "set": {"method": "no_such_method"}}])
@@ -86,6 +101,26 @@ def test_sweeps_expand_to_named_rows_and_hashes_follow_the_config(tmp_path, tiny
     assert cells[1].config["soar"]["num_aux"] == 1 and cells[1].config["soar"]["lambda_aux"] == 0.5
     assert len({c.hash for c in cells}) == len(cells)
     assert [c.hash for c in expand_cells(load_study(path))] == [c.hash for c in cells]  # stable
+
+
+def test_the_auto_layout_keeps_cell_hashes_and_caches_of_before(tmp_path, tiny_base):
+    """soar.reuse_main_output: auto (the default) hashes as the former default true; an explicit false differs."""
+    rows = [{"name": "soar", "set": {"method": "soar"}}]
+    default = expand_cells(load_study(write_study(tmp_path, tiny_base, rows)))
+    assert default[1].config["soar"]["reuse_main_output"] == "auto"
+    hashes = {}
+    for value in (True, False):
+        pinned = write_study(tmp_path, tiny_base, [{"name": "soar", "set": {"method": "soar",
+                                                                            "soar.reuse_main_output": value}}])
+        hashes[value] = expand_cells(load_study(pinned))[1].hash
+    assert default[1].hash == hashes[True] != hashes[False]
+    # a result cached before 'auto' existed (config says true) is still this cell's result
+    cell = default[1]
+    cdir = runner_mod.cell_dir(tmp_path / "out", cell)
+    cdir.mkdir(parents=True)
+    old = {**cell.config, "soar": {**cell.config["soar"], "reuse_main_output": True}}
+    (cdir / runner_mod.RESULT).write_text(json.dumps({"hash": cell.hash, "config": old, "status": "ok"}))
+    assert runner_mod.load_cached(tmp_path / "out", cell) is not None
 
 
 def test_cache_resume_added_rows_mismatch_and_failed_cells(tmp_path, tiny_base, monkeypatch):
@@ -139,7 +174,8 @@ def test_equal_wall_clock_arm_and_report_files(tmp_path, tiny_base, capsys):
                        budget={"steps": 1, "seconds": 0.05, "max_steps": 50},
                        evaluation={"num_steps": [3], "guidance_scales": [1.0, 2.0], "prompts_per_family": 1,
                                    "images_per_prompt": 2, "exposure_images": 4, "every_steps": 1},
-                       contrasts=[["sft", "soar"]])
+                       contrasts=[["sft", "soar"]],
+                       primary={"row": "soar", "against": "sft", "setting": "steps3_cfg2", "arm": "seconds"})
     out = tmp_path / "o"
     assert main(["--config", str(path), "--output_dir", str(out), "--num_resamples", "200"]) == 0
     assert "estimated total for 3 cells" in capsys.readouterr().err
@@ -158,6 +194,28 @@ def test_equal_wall_clock_arm_and_report_files(tmp_path, tiny_base, capsys):
             forward = table["soar"]["compare"]["sft"]["overall"]["diff"]
             assert table["sft"]["compare"]["soar"]["overall"]["diff"] == pytest.approx(-forward)
     assert "## Contrasts" in report and "| sft | soar | overall |" in report and "| sft | soar | reward |" in report
+    # the report leads with the primary contrast; every other interval carries a Holm-adjusted p
+    assert report.index("## Primary contrast") < report.index("## Secondary comparisons") < report.index("## Contrasts")
+    primary = results["primary"]
+    assert (primary["row"], primary["against"], primary["arm"], primary["setting"]) == ("soar", "sft", "seconds",
+                                                                                      "steps3_cfg2")
+    assert primary["interval"] == results["summary"]["seconds"]["steps3_cfg2"]["soar"]["compare"]["sft"]["overall"]
+    assert "p_holm" not in primary["interval"] and primary["mde_80"] >= 0 and primary["family_size"] > 0
+    secondary = results["summary"]["steps"]["steps3_cfg2"]["soar"]["compare"]["sft"]
+    assert {"overall", "reward", "diversity"} <= set(secondary) and secondary["overall"]["p_holm"] >= secondary["overall"]["p"]
+    # per_image.npz rebuilds every interval with the same numbers, without the cells
+    from soarflow.commands.study_report import main as report_main
+    from soarflow.study.report import load_per_image
+
+    store = load_per_image(out / "per_image.npz")
+    entry = store["entries"][("steps", "steps3_cfg2", "soar")]
+    assert entry["overall"].dtype == "uint8" and entry["overall"].shape == (1, 12) and entry["reward"].dtype == "float16"
+    assert entry["diversity"].shape == (1, 6) and list(store["groups"]) == [i // 2 for i in range(12)]
+    rebuilt = tmp_path / "rebuilt"
+    assert report_main([str(out), "--config", str(path), "--output_dir", str(rebuilt), "--num_resamples", "200"]) == 0
+    assert json.loads((rebuilt / "results.json").read_text()) == results
+    assert (rebuilt / "report.md").read_text() == report
+    assert report_main([str(tmp_path / "nowhere"), "--config", str(path)]) == 2
     for name in results["plots"]:
         assert (out / name).stat().st_size > 1000
     assert {"pareto_steps.png", "curves.png", "families_seconds.png", "exposure_steps.png"} <= set(results["plots"])
@@ -241,3 +299,78 @@ def test_former_evaluation_key_names_still_load_with_a_warning(tmp_path, tiny_ba
     with pytest.warns(FutureWarning, match="guidance_scales"):
         spec = load_study(path)
     assert spec.evaluation.guidance_scales == [1.0, 2.0] and spec.evaluation.curve_guidance_scale == 2.0
+
+
+def _fake_records(spec, rng, num_images):
+    """Finished-cell records with random per-image results (no training): what run_study returns."""
+    records = []
+    for cell in expand_cells(spec):
+        skill = rng.normal(0, 0.5)
+        metrics = {}
+        for n, w in spec.evaluation.settings:
+            passed = (rng.random(num_images) < 1 / (1 + np.exp(-skill - rng.normal(0, 1, num_images)))).astype(float)
+            reward = np.clip(passed * 0.5 + rng.random(num_images) * 0.5, 0, 1)
+            metrics[f"steps{n}_cfg{w:g}"] = {
+                "overall": passed.mean(), "reward": reward.mean(), "seen": 0.5, "held_out": 0.5,
+                "frechet_distance": rng.random() * 10, "diversity": rng.random(), "exposure_gap": rng.random(),
+                "per_family": {"single": 0.5}, "exposure_bins": [{"sigma_low": 0.0, "sigma_high": 1.0, "gap": 0.1}],
+                "per_image": {"overall": passed.tolist(), "reward": reward.tolist()},
+                "per_prompt": {"diversity": rng.random(num_images // 2).tolist()}}
+        arm = {"step": 2, "train_seconds": 1.0, "capped": False, "forwards_per_step": 1.0,
+               "sample_forwards_per_image": 1.0, "metrics": metrics}
+        records.append({"row": cell.row, "seed": cell.seed, "hash": cell.hash, "status": "ok", "wall_seconds": 1.0,
+                        "arms": {a: arm for a in spec.budget.arms}, "curve": []})
+    return records
+
+
+def test_rebuild_from_per_image_data_gives_the_same_intervals(tmp_path, tiny_base):
+    from soarflow.study.report import PER_IMAGE_FILE, markdown, rebuild, save_per_image
+
+    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
+                                             {"name": "soar", "set": {"method": "soar"}}],
+                       seeds=[0, 1, 2], contrasts=[["sft", "soar"]],
+                       evaluation={"num_steps": [3], "guidance_scales": [1.0, 2.0], "prompts_per_family": 4,
+                                   "images_per_prompt": 2, "exposure_images": 4},
+                       primary={"row": "soar", "against": "sft", "setting": "steps3_cfg2", "arm": "steps"})
+    spec = load_study(path)
+    results = aggregate(spec, _fake_records(spec, np.random.default_rng(0), 96), num_resamples=300)
+    store = results.pop("_per_image")
+    out = tmp_path / "study"
+    out.mkdir()
+    save_per_image(store, out / PER_IMAGE_FILE)
+    (out / "results.json").write_text(json.dumps(results))
+    original = json.loads((out / "results.json").read_text())
+    # drop every interval, then rebuild them from per_image.npz alone
+    stripped = json.loads((out / "results.json").read_text())
+    for settings in stripped["summary"].values():
+        for table in settings.values():
+            for entry in table.values():
+                entry["compare"] = {}
+    (out / "results.json").write_text(json.dumps({**stripped, "primary": None}))
+    rebuilt = rebuild(spec, out, num_resamples=300)
+    assert rebuilt == original
+    ci = rebuilt["primary"]["interval"]
+    assert ci["se"] > 0 and 0 < ci["p"] <= 1 and ci["low"] < ci["diff"] < ci["high"]
+    from soarflow.study.stats import t_ppf
+
+    mde = (t_ppf(0.975, ci["df"]) + t_ppf(0.8, ci["df"])) * ci["se"]
+    assert rebuilt["primary"]["mde_80"] == pytest.approx(mde) and mde > 2.8 * ci["se"]  # few df: wider than 2.8 SE
+    # Holm over the family: each comparison once (A vs B and B vs A share p_holm), the primary (either way) outside
+    table = rebuilt["summary"]["steps"]["steps3_cfg2"]
+    assert "p_holm" not in table["sft"]["compare"]["soar"]["overall"]  # the primary, reversed
+    assert table["sft"]["compare"]["base"]["reward"]["p_holm"] == table["base"]["compare"]["sft"]["reward"]["p_holm"]
+    ps = {}
+    for arm, settings in rebuilt["summary"].items():
+        for key, tab in settings.items():
+            for row, entry in tab.items():
+                for ref, metrics in entry["compare"].items():
+                    for m, d in metrics.items():
+                        if "p_holm" in d:
+                            ps[(arm, key, frozenset((row, ref)), m)] = (d["p"], d["p_holm"])
+    assert len(ps) == rebuilt["primary"]["family_size"]
+    smallest = min(ps.values())
+    assert smallest[1] == pytest.approx(min(1.0, smallest[0] * len(ps)))
+    assert all(p <= ph <= 1 for p, ph in ps.values())
+    report = markdown(spec, rebuilt, "cmd", "machine", 1.0)
+    assert f"**{ci['diff']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]**" in report
+    assert "frechet_distance (no CI)" in report and "exposure_gap (no CI)" in report

@@ -10,7 +10,10 @@ from soarflow.study import load_study
 from soarflow.commands.study import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-STUDIES = ["study_claim.yaml", "study_knobs.yaml", "study_methods.yaml", "study_claim_focus.yaml"]
+STUDIES = ["study_claim.yaml", "study_knobs.yaml", "study_methods.yaml", "study_claim_focus.yaml",
+           "study_claim_powered.yaml"]
+# every shipped study file; study_headroom compares SFT with the base at equal steps only
+ALL_STUDIES = STUDIES + ["study_headroom.yaml"]
 
 
 def test_claim_quick_runs_the_whole_pipeline(tmp_path):
@@ -23,7 +26,11 @@ def test_claim_quick_runs_the_whole_pipeline(tmp_path):
     table = results["summary"]["steps"]["steps4_cfg4"]
     assert set(table["soar_demo"]["compare"]) == {"sft", "base"}
     assert 0 <= table["sft"]["overall"]["mean"] <= 1
-    assert "within noise" in (out / "report.md").read_text() or "[+" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert report.index("## Primary contrast") < report.index("## Secondary comparisons")
+    assert "`soar_demo` minus `sft`, overall, equal optimizer steps, steps4_cfg4" in report
+    assert "Minimum detectable effect at 80% power" in report and (out / "per_image.npz").is_file()
+    assert results["primary"]["interval"]["se"] is not None and results["primary"]["mde_80"] > 0
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -33,9 +40,13 @@ def test_shipped_studies_parse_with_seeds_both_arms_and_their_contrasts(name):
     assert set(spec.budget.arms) == {"steps", "seconds"}
     rows = {r.name for r in spec.rows}
     assert spec.contrasts and all(a in rows and b in rows for a, b in spec.contrasts)
+    assert spec.primary is not None and {spec.primary.row, spec.primary.against} <= rows
+    assert spec.primary.setting == "steps40_cfg4" and spec.primary.arm in spec.budget.arms
 
 
-@pytest.mark.parametrize("name", STUDIES)
+@pytest.mark.parametrize("name", ALL_STUDIES)
 def test_quick_sections_use_rows_that_exist_here(name):
     spec = load_study(CONFIGS / name, quick=True)
     assert spec.rows and spec.include_base
+    # the quick run evaluates its primary contrast (both rows run, at a setting it evaluates)
+    assert {spec.primary.row, spec.primary.against} <= set(spec.row_names())

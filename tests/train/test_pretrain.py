@@ -96,6 +96,7 @@ def test_pretrain_end_to_end_writes_the_model_and_its_manifest(tmp_path, capsys)
     assert manifest["command"] == "soarflow pretrain " + shlex.join(argv)
     assert manifest["args"] == vars(build_parser().parse_args(argv))
     assert manifest["steps"] == 3 and manifest["config"]["uniform_fraction"] == 0.25
+    assert manifest["config"]["soar"]["reuse_main_output"] is True  # `auto`, as resolved on this device (a CPU)
     model = load_shapes_model(out / "model.safetensors")
     assert manifest["parameters"] == sum(p.numel() for p in model.parameters())
     assert 0 <= manifest["shapes_eval"]["overall"] <= 1 and manifest["shapes_eval"]["fd"] >= 0

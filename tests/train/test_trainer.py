@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from soarflow.objective import sft_loss
 from soarflow.train import TrainResult, load_config, train
 from soarflow.train.checkpoint import TRAINABLE_FILE, list_checkpoints
+from soarflow.train.config import resolved_for_device
 
 from .toy_task import ToyTask
 
@@ -79,7 +80,10 @@ def test_result_and_outputs(tmp_path):
     for key in ("loss", "main_loss", "aux_loss", "lr", "grad_norm", "rollout_deviation"):
         assert key in result.history[0]
     assert result.history[1]["lr"] < result.history[0]["lr"]  # linear decay after warmup
-    assert (out / "config.yaml").is_file() and load_config(out / "config.yaml") == cfg
+    # config.yaml is the config with the layout `soar.reuse_main_output: auto` resolved to on this device (a CPU)
+    assert cfg.soar.reuse_main_output == "auto"
+    recorded = load_config(out / "config.yaml")
+    assert recorded.soar.reuse_main_output is True and recorded == resolved_for_device(cfg, "cpu")
     assert (out / "model" / "toy.safetensors").is_file()
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_000002.png", "step_000004.png"]
     from PIL import Image

@@ -155,10 +155,23 @@ def generate(pipe, manifest: dict, prompts: list[str], *, num_inference_steps: i
              max_sequence_length: int | None = None):
     """PIL images from the pipeline, one generator per prompt seeded (seed, prompt index); ``guidance_scale`` None
     is the diffusers tasks' default (tasks.diffusers_sections.GUIDANCE_SCALE)."""
+    kw = pipeline_kwargs(manifest, guidance_scale, max_sequence_length)
+    images = []
+    for i, prompt in enumerate(prompts):
+        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i)
+        out = pipe(prompt, num_inference_steps=num_inference_steps, height=height, width=width, generator=gen,
+                   num_images_per_prompt=num_images_per_prompt, **kw)
+        images += [(prompt, im) for im in out.images]
+    return images
+
+
+def pipeline_kwargs(manifest: dict, guidance_scale: float | None, max_sequence_length: int | None = None) -> dict:
+    """The guidance keywords of the pipeline call for the model's family (SD3: CFG ``guidance_scale``; FLUX with
+    embedded guidance: ``guidance_scale`` is the embedded value; FLUX with true CFG: ``true_cfg_scale`` and an empty
+    negative prompt); ``guidance_scale`` None is the diffusers tasks' default."""
     from ..tasks.diffusers_sections import GUIDANCE_SCALE
 
-    device = pipe._execution_device
-    kw = {}
+    kw: dict = {}
     if max_sequence_length:
         kw["max_sequence_length"] = max_sequence_length
     if manifest["family"] == "flux":
@@ -170,13 +183,7 @@ def generate(pipe, manifest: dict, prompts: list[str], *, num_inference_steps: i
             kw["negative_prompt"] = ""
     else:
         kw["guidance_scale"] = guidance_scale if guidance_scale is not None else GUIDANCE_SCALE
-    images = []
-    for i, prompt in enumerate(prompts):
-        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i)
-        out = pipe(prompt, num_inference_steps=num_inference_steps, height=height, width=width, generator=gen,
-                   num_images_per_prompt=num_images_per_prompt, **kw)
-        images += [(prompt, im) for im in out.images]
-    return images
+    return kw
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """Image-caption dataset: decode, resize + center crop to the sample's bucket, optional random flip.
 
-Items are ``{"pixel_values": (3, h, w) in [-1, 1], "caption": str, "key": str, "index": int, "flipped": bool}``.
-With bucketing, ``(h, w)`` is the bucket nearest to the image's aspect ratio; otherwise the square
-``resolution``. :func:`collate_images` batches items; samples from different buckets (when the trainer draws
+Items are ``{"pixel_values": (3, h, w) in [-1, 1], "caption": str, "key": str, "index": int, "flipped": bool,
+"size": (h, w), "sha256": str | None}``. With bucketing, ``(h, w)`` is the bucket nearest to the image's aspect
+ratio; otherwise the square ``resolution``. With ``pixels=False`` (training from a complete encoder cache) no image
+is opened and items have no ``pixel_values``. :func:`collate_images` batches items; samples from different buckets (when the trainer draws
 plain random batches) are brought to the batch's most common bucket with the same resize + center crop.
 """
 
@@ -51,6 +52,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         max_aspect_ratio: float = 2.0,
         random_flip: bool = False,
         bad_samples: BadSampleLog | None = None,
+        pixels: bool = True,
     ):
         if not records:
             raise ValueError("the dataset has no usable samples (all were missing, empty or unreadable)")
@@ -60,6 +62,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.bad_samples = bad_samples or BadSampleLog()
         self.buckets = make_buckets(resolution, bucket_divisor, max_aspect_ratio) if bucketing else [(resolution, resolution)]
         self.bucketing = bucketing
+        self.pixels = pixels
         self._bucket_cache: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
@@ -78,19 +81,21 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         w, h = rec.width, rec.height
         if not w or not h:
             try:
-                from PIL import Image
-
-                with Image.open(rec.image_path) as im:
+                with rec.open_image() as im:
                     w, h = im.size
             except Exception:
                 return (self.resolution, self.resolution)
         return nearest_bucket(w, h, self.buckets)
 
-    def _load(self, index: int) -> dict:
+    def load(self, index: int) -> dict:
+        """Item `index` (no stand-in when its image is unreadable: the decoder's error is raised)."""
         from PIL import Image
 
         rec = self.records[index]
-        with Image.open(rec.image_path) as im:
+        if not self.pixels:
+            return {"caption": rec.caption, "key": rec.key, "index": index, "flipped": False,
+                    "size": self.bucket_of(index), "sha256": rec.sha256}
+        with rec.open_image() as im:
             image = im.convert("RGB")
         h, w = nearest_bucket(image.width, image.height, self.buckets) if self.bucketing else self.buckets[0]
         image = resize_center_crop(image, h, w)
@@ -98,21 +103,24 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return {"pixel_values": to_tensor(image), "caption": rec.caption, "key": rec.key, "index": index,
-                "flipped": flipped}
+                "flipped": flipped, "size": (h, w), "sha256": rec.sha256}
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(len(self.records)):
             i = (index + attempt) % len(self.records)
             try:
-                return self._load(i)
+                return self.load(i)
             except Exception as err:  # PIL raises many types for truncated / corrupt files
-                self.bad_samples.report(str(self.records[i].image_path), f"cannot decode image ({type(err).__name__}: {err})")
+                self.bad_samples.report(self.records[i].name, f"cannot decode image ({type(err).__name__}: {err})")
         raise ValueError("no readable image in the dataset")
 
 
 def collate_images(samples: Sequence[dict]) -> dict:
     """Stack items; samples whose size differs from the batch's most common size are resized + center cropped
-    to it (bilinear on the tensor)."""
+    to it (bilinear on the tensor). Items without pixels (a complete encoder cache) keep their keys only."""
+    meta = {k: [s[k] for s in samples] for k in ("caption", "key", "index", "flipped", "size", "sha256") if k in samples[0]}
+    if "pixel_values" not in samples[0]:
+        return meta
     sizes = Counter(tuple(s["pixel_values"].shape[-2:]) for s in samples)
     h, w = sizes.most_common(1)[0][0]
     pixels = []
@@ -125,10 +133,5 @@ def collate_images(samples: Sequence[dict]) -> dict:
             top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
             x = x[:, top : top + h, left : left + w]
         pixels.append(x)
-    return {
-        "pixel_values": torch.stack(pixels),
-        "caption": [s["caption"] for s in samples],
-        "key": [s["key"] for s in samples],
-        "index": [s["index"] for s in samples],
-        "flipped": [s["flipped"] for s in samples],
-    }
+    meta["size"] = [(h, w)] * len(samples)
+    return {"pixel_values": torch.stack(pixels), **meta}

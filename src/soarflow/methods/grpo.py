@@ -16,12 +16,23 @@ Conventions follow the public Flow-GRPO release (docs/methods.md has the derivat
   (its image carries no fresh noise), so it has no log-probability and is never trained.
 * **Log-probability** of a step, averaged over the D dimensions of a sample (as the release does):
   :math:`\ell_\theta = \frac1D\sum_d \left[-\frac{(x_{i+1,d}-\mu_d)^2}{2 s_i^2} - \log s_i - \tfrac12\log 2\pi\right]`.
-* **Advantages** within each group of G images of one prompt: :math:`A = \mathrm{clip}((r - \bar r_g)/(\mathrm{std}_g + \epsilon), \pm A_{max})`
-  (population std, :math:`\epsilon = 10^{-4}`).
+* **Advantages** per prompt, as the release's ``PerPromptStatTracker``: the rewards of all images of one prompt
+  (its group of G, merged with any other group of the same prompt text in the batch, and gathered across processes
+  in training) give :math:`A = \mathrm{clip}((r - \bar r_p)/(\mathrm{std} + \epsilon), \pm A_{max})` with
+  :math:`\epsilon = 10^{-4}` and a population std that is that of every reward in the batch (``global_std: true``,
+  the release's default and GenEval config) or the prompt's own (``global_std: false``).
 * **Loss** on T trained steps per image: :math:`\rho = \exp(\ell_\theta - \ell_{old})`,
   :math:`L_{pg} = \mathrm{mean}\,\max(-A\rho, -A\,\mathrm{clip}(\rho, 1-\varepsilon, 1+\varepsilon))`, plus
-  :math:`\beta\,\mathrm{KL}` with the exact per-dimension KL of two Gaussians of equal std,
-  :math:`\mathrm{KL} = \frac1D\lVert\mu_\theta - \mu_{ref}\rVert^2 / (2 s_i^2)`, to the frozen reference model.
+  :math:`\beta\,\mathrm{KL}` to the frozen reference model, in one of two forms (``kl_form``):
+
+  - ``release`` (default): the release's term :math:`\frac1D\lVert\mu_\theta - \mu_{ref}\rVert^2 / (2 c_i^2)` with
+    :math:`c_i` its ``std_dev_t``: :math:`c_i = g_i = a\sqrt{\sigma_i/(1-\sigma_i)}` for ``flow_sde`` (no step size)
+    and :math:`c_i = s_i` for ``cps``;
+  - ``exact_gaussian``: the exact per-dimension KL of the two step Gaussians,
+    :math:`\frac1D\lVert\mu_\theta - \mu_{ref}\rVert^2 / (2 s_i^2)`; for ``flow_sde`` that is
+    :math:`1/(\sigma_i - \sigma_{i+1})` times the release's term (10x on a uniform 10-step grid), the same for ``cps``.
+
+  So :math:`\beta` weighs the release's surrogate, not the KL, unless ``kl_form: exact_gaussian``.
 """
 
 from __future__ import annotations
@@ -34,7 +45,10 @@ import torch
 
 from ..conditioning import cond_expand_null, cond_repeat
 from ..flow import VelocityModel, sigma_schedule
+from ..objective import _forward_rows
 from ..sampling import guided_velocity, step_distribution
+
+KL_FORMS = ("release", "exact_gaussian")
 
 
 def _f(default: Any = None, help: str = "", factory: Any = None) -> Any:
@@ -44,7 +58,9 @@ def _f(default: Any = None, help: str = "", factory: Any = None) -> Any:
 
 @dataclass
 class GRPOConfig:
-    """``grpo:`` — Flow-GRPO settings (release defaults; docs/methods.md)."""
+    """``grpo:`` — Flow-GRPO settings. Defaults are the release's SD3.5 GenEval config (10 training steps, noise 0.7,
+    guidance 4.5, clip 1e-4, advantages clipped to 5, global std, beta 0.04 on its KL form) except ``group_size``
+    (24 there; 4 here, CPU-sized); docs/methods.md."""
 
     FORMER_KEYS: ClassVar[dict[str, str]] = {"cfg_scale": "guidance_scale", "noise_level": "noise_scale"}
 
@@ -56,7 +72,18 @@ class GRPOConfig:
     guidance_scale: float = _f(4.5, "guidance scale in the rollouts and the trained log-probabilities")
     clip_range: float = _f(1e-4, "PPO clip epsilon of the probability ratio")
     adv_clip_max: float = _f(5.0, "advantages are clipped to +-this")
-    beta: float = _f(0.04, "weight of the KL to the frozen reference model (0: no reference forward)")
+    beta: float = _f(0.04, "weight of the KL term to the frozen reference model, in the form kl_form names "
+                           "(0: no reference forward)")
+    kl_form: Literal["release", "exact_gaussian"] = _f(
+        "release", "release: ||mu - mu_ref||^2 / (2 std_dev_t^2), std_dev_t = a sqrt(sigma/(1-sigma)) without the step "
+                   "size (Flow-GRPO's code); exact_gaussian: the exact KL of the step Gaussians (1/|dsigma| x larger "
+                   "for flow_sde)")
+    global_std: bool = _f(True, "advantages divided by the std of all rewards of the step on every process "
+                                "(Flow-GRPO's sample.global_std, true in its base and GenEval configs); false: by "
+                                "each prompt's own std")
+    chunk_size: int | None = _f(None, "max rows per forward of the trained model; the T*B (x2 with guidance) rows of "
+                                      "the loss then run as activation-checkpointed chunks (bounded memory, one "
+                                      "extra forward in backward); null: one forward")
     sample_reuse: int = _f(1, "optimizer steps per rollout batch (1: on-policy; >1 makes the ratio clip active)")
     reward: str = _f("auto", "'auto' (shapes: soarflow.shapes:reward) or 'package.module:callable'")
     reward_kwargs: dict[str, Any] = _f(help="if given, reward names a factory called with these to build the reward",
@@ -78,6 +105,10 @@ class GRPOConfig:
         need(0 < self.clip_range < 1, "clip_range", "must be in (0, 1)")
         need(self.adv_clip_max > 0, "adv_clip_max", "must be > 0")
         need(self.beta >= 0 and math.isfinite(self.beta), "beta", "must be >= 0")
+        need(self.kl_form in KL_FORMS, "kl_form", f"must be one of {', '.join(KL_FORMS)}")
+        need(isinstance(self.global_std, bool), "global_std", "must be true or false")
+        need(self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size >= 1), "chunk_size",
+             "must be null or an integer >= 1")
         need(isinstance(self.sample_reuse, int) and self.sample_reuse >= 1, "sample_reuse", "must be an integer >= 1")
         need(bool(self.reward), "reward", "must not be empty")
 
@@ -97,8 +128,24 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 
 
 def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    r""":math:`\mathrm{KL}(\mathcal N(\mu, s^2)\,\|\,\mathcal N(\mu_{ref}, s^2))` per dimension, averaged: (B,)."""
+    r""":math:`\frac1D\lVert\mu - \mu_{ref}\rVert^2 / (2 s^2)`: (B,). With the step's std this is
+    :math:`\mathrm{KL}(\mathcal N(\mu, s^2)\,\|\,\mathcal N(\mu_{ref}, s^2))` per dimension; the release passes
+    its ``std_dev_t`` instead (:func:`kl_scale`)."""
     return ((mean.float() - mean_ref.float()) ** 2 / (2 * std.float() ** 2)).flatten(1).mean(1)
+
+
+def kl_scale(kind: str, std: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, form: str) -> torch.Tensor:
+    r"""The std :math:`c` that divides :math:`\lVert\mu - \mu_{ref}\rVert^2/2` in the KL term (module doc).
+
+    ``exact_gaussian``: the step's std :math:`s`. ``release``: Flow-GRPO's ``std_dev_t``, for ``flow_sde``
+    :math:`g = s/\sqrt{\sigma - \sigma_{next}}` (the step std without its :math:`\sqrt{|d\sigma|}`), for ``cps`` :math:`s`.
+    ``std`` is (B, 1, ..., 1) as :func:`soarflow.sampling.step_distribution` returns it; ``sigma``, ``sigma_next`` (B,)."""
+    if form not in KL_FORMS:
+        raise ValueError(f"kl_form must be one of {', '.join(KL_FORMS)}, got {form!r}")
+    if form == "exact_gaussian" or kind == "cps":
+        return std
+    ds = (sigma.float() - sigma_next.float()).reshape(-1, *([1] * (std.ndim - 1)))
+    return std / ds.sqrt()
 
 
 def gaussian_entropy(std: torch.Tensor) -> torch.Tensor:
@@ -106,14 +153,63 @@ def gaussian_entropy(std: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.log(2 * math.pi * math.e * std.float().flatten(1)[:, 0] ** 2)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, clip: float, eps: float = 1e-4) -> torch.Tensor:
-    """Rewards (B,) laid out as B/G consecutive groups of G -> clipped, group-normalised advantages (B,)."""
+def group_advantages(rewards: torch.Tensor, group_size: int, clip: float, eps: float = 1e-4, *,
+                     global_std: bool = False) -> torch.Tensor:
+    """Rewards (B,) laid out as B/G consecutive groups of G -> clipped advantages (B,): each group's mean
+    subtracted, divided by the group's population std (or, ``global_std``, by that of all B rewards) + eps."""
     if rewards.ndim != 1 or rewards.shape[0] % group_size:
         raise ValueError(f"rewards: expected shape (B,) with B a multiple of group_size {group_size}, "
                          f"got {tuple(rewards.shape)}")
-    r = rewards.float().reshape(-1, group_size)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)
-    return adv.clamp(-clip, clip).reshape(-1)
+    r = rewards.double().reshape(-1, group_size)
+    std = r.std(unbiased=False) if global_std else r.std(1, unbiased=False, keepdim=True)
+    adv = (r - r.mean(1, keepdim=True)) / (std + eps)
+    return adv.clamp(-clip, clip).reshape(-1).to(torch.float32)
+
+
+def prompt_advantages(prompts: list[str], rewards: torch.Tensor, clip: float, eps: float = 1e-4, *,
+                      global_std: bool = False) -> torch.Tensor:
+    r"""Flow-GRPO's per-prompt statistics: every reward of the batch whose prompt text is ``p`` forms p's group;
+    :math:`A = \mathrm{clip}((r - \bar r_p) / (\mathrm{std} + \epsilon), \pm clip)` with the population std of p's
+    rewards (or, ``global_std``, of all rewards). Computed in float64 (the release uses numpy float64); (B,) float32.
+
+    In training the batch is the all-gathered one of every process, so a prompt whose images lie on several
+    processes has one mean (:func:`gather_prompt_advantages`)."""
+    if rewards.ndim != 1 or len(prompts) != rewards.shape[0]:
+        raise ValueError(f"rewards: expected shape ({len(prompts)},), one per prompt, got {tuple(rewards.shape)}")
+    r = rewards.double()
+    ids: dict[str, int] = {}
+    group = torch.tensor([ids.setdefault(p, len(ids)) for p in prompts], device=r.device)
+    n = len(ids)
+    count = torch.zeros(n, dtype=r.dtype, device=r.device).index_add_(0, group, torch.ones_like(r))
+    mean = torch.zeros(n, dtype=r.dtype, device=r.device).index_add_(0, group, r) / count
+    centred = r - mean[group]
+    if global_std:
+        std = r.std(unbiased=False).expand(n)
+    else:
+        std = (torch.zeros(n, dtype=r.dtype, device=r.device).index_add_(0, group, centred**2) / count).sqrt()
+    return (centred / (std[group] + eps)).clamp(-clip, clip).to(torch.float32)
+
+
+def gather_prompt_advantages(prompts: list[str], rewards: torch.Tensor, clip: float, eps: float = 1e-4, *,
+                             global_std: bool = False) -> torch.Tensor:
+    """:func:`prompt_advantages` over the batch of every process (``torch.distributed`` all-gather of the prompts
+    and rewards, as Flow-GRPO gathers them before its stat tracker); this process's rows. Without an initialised
+    process group (or with one process) it is :func:`prompt_advantages` on the local batch. Processes may hold
+    different numbers of rows."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return prompt_advantages(prompts, rewards, clip, eps, global_std=global_std)
+    if len(prompts) != rewards.shape[0]:
+        raise ValueError(f"rewards: expected {len(prompts)} values, one per prompt, got {tuple(rewards.shape)}")
+    mine = (list(prompts), rewards.detach().double().cpu().tolist())
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    start = sum(len(p) for p, _ in everyone[: dist.get_rank()])
+    all_prompts = [q for p, _ in everyone for q in p]
+    all_rewards = torch.tensor([x for _, r in everyone for x in r], dtype=torch.float64)
+    adv = prompt_advantages(all_prompts, all_rewards, clip, eps, global_std=global_std)
+    return adv[start : start + len(prompts)].to(rewards.device)
 
 
 def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -199,7 +295,9 @@ def grpo_loss(model: VelocityModel, rollout: Rollout, advantages: torch.Tensor, 
     null_t = cond_repeat(cond_expand_null(null_cond, B), T) if null_cond is not None else None
     kind, a = config.sde_kind, config.noise_scale
 
-    v = guided_velocity(model, x, sig, cond_t, null_t, config.guidance_scale)
+    chunked = model if config.chunk_size is None else (
+        lambda xs, ss, cs: _forward_rows(model, xs, ss, cs, config.chunk_size))
+    v = guided_velocity(chunked, x, sig, cond_t, null_t, config.guidance_scale)
     mean, std = step_distribution(kind, x, sig, sig_next, v, noise_scale=a)
     log_prob = gaussian_log_prob(x_next, mean, std)
     per_row, clipped = ppo_clip_loss(log_prob, old, advantages.float().repeat(T), config.clip_range)
@@ -208,7 +306,7 @@ def grpo_loss(model: VelocityModel, rollout: Rollout, advantages: torch.Tensor, 
         with torch.no_grad():
             v_ref = guided_velocity(reference, x, sig, cond_t, null_t, config.guidance_scale)
             mean_ref, _ = step_distribution(kind, x, sig, sig_next, v_ref, noise_scale=a)
-        kl = gaussian_kl(mean, mean_ref, std).mean()
+        kl = gaussian_kl(mean, mean_ref, kl_scale(kind, std, sig, sig_next, config.kl_form)).mean()
     else:
         kl = torch.zeros((), device=x.device)
     loss = policy_loss + config.beta * kl
@@ -235,6 +333,7 @@ def check_rewards(rewards: Any, batch: int, name: str, step: int) -> torch.Tenso
 
 
 __all__ = [
+    "KL_FORMS",
     "GRPOConfig",
     "GRPOOutput",
     "Rollout",
@@ -243,7 +342,10 @@ __all__ = [
     "gaussian_entropy",
     "gaussian_kl",
     "gaussian_log_prob",
+    "gather_prompt_advantages",
     "group_advantages",
+    "kl_scale",
+    "prompt_advantages",
     "grpo_loss",
     "ppo_clip_loss",
     "sample_with_log_probs",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 from torch import nn
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -68,13 +69,16 @@ def has_lora(transformer: nn.Module) -> bool:
     return bool(getattr(transformer, "peft_config", None))
 
 
-def save_lora(pipeline_class: type, transformer: nn.Module, path: str | Path) -> Path:
-    """Write the adapter of `transformer` into folder `path` for ``pipeline.load_lora_weights(path)``."""
+def save_lora(pipeline_class: type, transformer: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the adapter of `transformer` into folder `path` for ``pipeline.load_lora_weights(path)`` (its weights
+    cast to `dtype` if given)."""
     from peft.utils import get_peft_model_state_dict
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(transformer)
+    if dtype is not None:
+        state = {k: v.detach().to(dtype) for k, v in state.items()}
     metadata = transformer.peft_config["default"].to_dict()
     pipeline_class.save_lora_weights(
         str(path),

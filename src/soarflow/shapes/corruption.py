@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from .grammar import (
     COLORS,
@@ -17,8 +18,28 @@ from .grammar import (
 )
 from .scenes import Scene, allowed_colors, place_objects, rand_choice, rand_int
 
-# Pretraining noise rates (per item): see `corrupt` and `soarflow.shapes.datasets.ShapesDataset`.
+# Pretraining noise rates (per item) of the shipped base's corpus: see `corrupt` and `ShapesDataset`.
 P_CLUTTER, P_WRONG, P_INCOMPLETE, P_GENERIC, P_PREFIX = 0.25, 0.10, 0.18, 0.04, 0.25
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """Per-item rates of the pretraining corpus's noise (defaults: the shipped base's corpus). A noisier corpus
+    (more clutter, wrong and incomplete captions, as in web data) leaves more for a clean post-training to fix."""
+
+    clutter: float = P_CLUTTER
+    wrong: float = P_WRONG
+    incomplete: float = P_INCOMPLETE
+    generic: float = P_GENERIC
+    prefix: float = P_PREFIX
+
+    def __post_init__(self) -> None:
+        for name in ("clutter", "wrong", "incomplete", "generic", "prefix"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"corruption.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.generic + self.incomplete + self.wrong > 1.0:
+            raise ValueError(f"corruption.generic + incomplete + wrong must be <= 1 (one caption replacement per "
+                             f"item), got {self.generic + self.incomplete + self.wrong:g}")
 
 
 def mutate_word(rng: random.Random, caption: str) -> str:
@@ -42,12 +63,12 @@ def incomplete_caption(rng: random.Random, scene: Scene) -> str:
     return ObjectSpec(o.shape, o.color if rng.random() < 0.5 else None).phrase()
 
 
-def corrupt(rng: random.Random, scene: Scene, caption: str) -> tuple[Scene, str]:
-    """The pretraining corpus's web-like noise on one clean (scene, caption), in this order: with p=P_CLUTTER
-    1-2 unmentioned objects are added; the caption is replaced with p=P_GENERIC by a generic one, with
-    p=P_INCOMPLETE by an incomplete one, with p=P_WRONG by a partly wrong one (never naming a held-out
-    combination); finally with p=P_PREFIX a prefix ("a photo of", ...) is prepended."""
-    if rng.random() < P_CLUTTER and len(scene.objects) < 4:
+def corrupt(rng: random.Random, scene: Scene, caption: str, rates: Corruption = Corruption()) -> tuple[Scene, str]:
+    """The pretraining corpus's web-like noise on one clean (scene, caption), in this order: with p=clutter
+    1-2 unmentioned objects are added; the caption is replaced with p=generic by a generic one, with
+    p=incomplete by an incomplete one, with p=wrong by a partly wrong one (never naming a held-out
+    combination); finally with p=prefix a prefix ("a photo of", ...) is prepended."""
+    if rng.random() < rates.clutter and len(scene.objects) < 4:
         n = min(4 - len(scene.objects), rand_int(rng, 1, 2))
         items = []
         for _ in range(n):
@@ -57,16 +78,16 @@ def corrupt(rng: random.Random, scene: Scene, caption: str) -> tuple[Scene, str]
         if extra is not None:
             scene = Scene(scene.objects + extra, scene.background, scene.image_size)
     u = rng.random()
-    if u < P_GENERIC:
+    if u < rates.generic:
         caption = rand_choice(rng, GENERIC_CAPTIONS)
-    elif u < P_GENERIC + P_INCOMPLETE:
+    elif u < rates.generic + rates.incomplete:
         caption = incomplete_caption(rng, scene)
-    elif u < P_GENERIC + P_INCOMPLETE + P_WRONG:
+    elif u < rates.generic + rates.incomplete + rates.wrong:
         for _ in range(10):
             wrong = mutate_word(rng, caption)
             if not caption_held_out_combos(wrong):
                 caption = wrong
                 break
-    if rng.random() < P_PREFIX and caption not in GENERIC_CAPTIONS:
+    if rng.random() < rates.prefix and caption not in GENERIC_CAPTIONS:
         caption = f"{rand_choice(rng, PREFIXES)} {caption}"
     return scene, caption

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .corruption import corrupt
+from .corruption import Corruption, corrupt
 from .drawing import draw_scene, render, to_tensor
 from .grammar import FAMILIES, HELD_OUT_PROMPTS, SEEN_PROMPTS
 from .scenes import Scene, rand_choice, rand_int, scene_for_spec
@@ -59,7 +59,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     SPLITS = ("pretrain", "curated")
     DEFAULT_SIZES = {"pretrain": 200_000, "curated": 2_000}
 
-    def __init__(self, split: str = "pretrain", num_samples: int | None = None, seed: int = 0, image_size: int = 32):
+    def __init__(self, split: str = "pretrain", num_samples: int | None = None, seed: int = 0, image_size: int = 32,
+                 corruption: Corruption = Corruption()):
         if split not in self.SPLITS:
             raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
         if num_samples is not None and num_samples <= 0:
@@ -67,6 +68,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if image_size < 24:
             raise ValueError(f"image_size must be >= 24 pixels for classifiable shapes, got {image_size}")
         self.split, self.seed, self.image_size = split, int(seed), int(image_size)
+        self.corruption = corruption  # the pretrain split's noise rates (unused by curated)
         self.num_samples = int(num_samples or self.DEFAULT_SIZES[split])
 
     def __len__(self) -> int:
@@ -93,7 +95,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         scene = scene_for_spec(spec, rng, self.image_size, allow_held_out=False)
         caption = spec.text
         if self.split == "pretrain":
-            scene, caption = corrupt(rng, scene, caption)
+            scene, caption = corrupt(rng, scene, caption, self.corruption)
         return Sample(scene, caption, source)
 
     def __getitem__(self, i: int) -> dict:

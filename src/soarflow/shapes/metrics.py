@@ -78,8 +78,9 @@ def frechet_distance(images_a: torch.Tensor, images_b: torch.Tensor) -> float:
     return frechet_distance_from_features(features(images_a), features(images_b))
 
 
-def diversity(images: torch.Tensor, group_ids: Sequence[int] | torch.Tensor, space: str = "features") -> float:
-    """Mean within-group pairwise L2 distance, averaged over groups of >= 2 images (see module doc)."""
+def diversity_per_group(images: torch.Tensor, group_ids: Sequence[int] | torch.Tensor,
+                        space: str = "features") -> dict[int, float]:
+    """Mean within-group pairwise L2 distance of each group of >= 2 images, keyed by group id (sorted)."""
     images = validate_images(images)
     groups = torch.as_tensor(group_ids).reshape(-1)
     if groups.numel() != images.shape[0]:
@@ -90,17 +91,22 @@ def diversity(images: torch.Tensor, group_ids: Sequence[int] | torch.Tensor, spa
         vecs = images.reshape(images.shape[0], -1).double() / images[0].numel() ** 0.5
     else:
         raise ValueError(f"space must be 'features' or 'pixels', got {space!r}")
-    per_group = []
+    per_group = {}
     for g in torch.unique(groups):
         v = vecs[groups == g]
         if v.shape[0] < 2:
             continue
-        d = torch.cdist(v, v)
         n = v.shape[0]
-        per_group.append(d.sum() / (n * (n - 1)))
+        per_group[int(g)] = float(torch.cdist(v, v).sum() / (n * (n - 1)))
     if not per_group:
         raise ValueError("diversity needs at least one group with two or more images")
-    return float(torch.stack(per_group).mean())
+    return per_group
+
+
+def diversity(images: torch.Tensor, group_ids: Sequence[int] | torch.Tensor, space: str = "features") -> float:
+    """Mean within-group pairwise L2 distance, averaged over groups of >= 2 images (see module doc)."""
+    per_group = diversity_per_group(images, group_ids, space)
+    return float(sum(per_group.values()) / len(per_group))
 
 
 # ------------------------------------------------------------------------------------------ exposure bias

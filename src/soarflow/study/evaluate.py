@@ -9,7 +9,9 @@ per-sample flow-matching error at fixed noise :math:`z` and fixed levels :math:`
 :math:`\ell_i = \frac1J\sum_j \mathrm{mean}\,(v(x_{\sigma_j}, \sigma_j, c_i) - (z_i - x_{0,i}))^2` with
 :math:`x_\sigma = (1-\sigma)x_0 + \sigma z`, and the exposure gap at each setting.
 
-Per-image arrays (``per_image``) are what the paired bootstrap resamples.
+Per-image arrays (``per_image``; ``per_prompt`` for diversity, one value per prompt in prompt order) are what the
+report's intervals are computed from (:mod:`soarflow.study.stats`): images cluster by prompt, image i belonging to
+prompt ``i // images_per_prompt``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class ShapesStudyEval:
                                   for b in metrics["exposure_bias"]["bins"]],
                 "per_image": {"overall": [float(r.correct) for r in report.records],
                               "reward": [float(r.reward) for r in report.records]},
+                "per_prompt": {"diversity": [metrics["diversity_per_group"][g]
+                                             for g in sorted(metrics["diversity_per_group"])]},
                 "eval_seconds": round(time.perf_counter() - t0, 2),
             }
         return out

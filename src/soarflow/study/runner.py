@@ -9,12 +9,22 @@
   when it reaches ``budget.steps`` (equal steps) and when its clock first reaches ``budget.seconds`` (equal
   wall-clock), and every ``evaluation.every_steps`` steps on the small curve set; it stops once both are done.
 * Forward passes: a pre-forward hook on the trained model counts calls and rows during training only.
+* ``cells_dir`` (:mod:`soarflow.study.cache`): every finished cell is also written there in a compact form, and a
+  cell found there (same hash and config) is reused: a committed cache that survives a fresh machine. Weights and
+  run folders stay in ``<output_dir>``.
+* ``device``: ``cpu`` or ``cuda`` (train and evaluate there). A cell's hash covers the device when it is not the
+  CPU (its wall-clock arm and its arithmetic depend on it), so CPU and GPU cells never mix in one report.
+* ``jobs`` > 1 (:mod:`soarflow.study.parallel`): that many cells at once, each in its own worker process.
+* ``max_seconds``: no cell starts after the study has run this long (nor one predicted to end after it); cells
+  already running finish, the rest stay pending for the next invocation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -26,9 +36,15 @@ from typing import Any, Callable
 import torch
 
 from ..train.safety import Interrupted
-from .spec import BASE_ROW, Cell, StudySpec, expand_cells
+from .cache import load_committed, write_committed
+from .spec import BASE_ROW, Cell, StudySpec, expand_cells, identity_config
 
 RESULT = "result.json"
+DEVICES = ("cpu", "cuda")
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested device cannot run the cells that need running (e.g. --device cuda without a GPU)."""
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -45,17 +61,34 @@ def load_cached(out: Path, cell: Cell) -> dict | None:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         result = {}
-    if result.get("hash") != cell.hash or result.get("config") != cell.config:
+    if result.get("hash") != cell.hash or identity_config(result.get("config") or {}) != identity_config(cell.config):
         path.replace(path.with_name("result.mismatch.json"))  # kept for inspection, never reused
         return None
     return result if result.get("status") == "ok" else None
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(path)
+
+
+def read_result(out: Path, cell: Cell) -> dict | None:
+    """The record a worker wrote for `cell` (finished or failed), or None if there is none for this hash."""
+    try:
+        record = json.loads((cell_dir(out, cell) / RESULT).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("hash") == cell.hash else None
+
+
+def device_hashes(cells: list[Cell], device: str) -> None:
+    """Make each cell's hash cover the device (in place) when it is not the CPU; CPU hashes stay as they were."""
+    if device == "cpu":
+        return
+    for c in cells:
+        c.hash = hashlib.sha256(f"{c.hash}:{device}".encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- one cell
@@ -147,9 +180,10 @@ class CellRun:
 
 
 def run_cell(spec: StudySpec, cell: Cell, out: Path, evaluator, progress: Callable[[str], None],
-             keep_models: bool = False, save_arms: frozenset[str] = frozenset()) -> dict:
-    """Train (unless base) and evaluate one cell; returns its result record (status ok). ``save_arms``: arms
-    whose weights a chained row starts from (written to cells/<hash>/weights_<arm>)."""
+             keep_models: bool = False, save_arms: frozenset[str] = frozenset(), device: str = "cpu") -> dict:
+    """Train (unless base) and evaluate one cell on `device`; returns its result record (status ok).
+    ``save_arms``: arms whose weights a chained row starts from (written to cells/<hash>/weights_<arm>).
+    The trainer's accelerator picks the device (the runner hides CUDA for ``cpu``); the result is checked."""
     from accelerate.utils import set_seed
 
     from ..train import TrainConfig, build_task, train
@@ -166,7 +200,7 @@ def run_cell(spec: StudySpec, cell: Cell, out: Path, evaluator, progress: Callab
     t0 = time.perf_counter()
     task = build_task(cfg)
     if cell.row == BASE_ROW:
-        model = task.build_model().float().eval()
+        model = task.build_model().float().eval().to(device)
         counter = ForwardCounter(model)
         counter.active = False
         run = CellRun(spec, evaluator, counter, 1, progress)
@@ -194,6 +228,10 @@ def run_cell(spec: StudySpec, cell: Cell, out: Path, evaluator, progress: Callab
     finally:
         counter.handle.remove()
     trained = result.model
+    where = next(trained.parameters()).device.type
+    if where != device:
+        raise DeviceUnavailable(f"cell {cell.label} trained on {where}, not on the requested device {device!r} "
+                                f"(accelerate chose it; is ACCELERATE_USE_CPU or CUDA_VISIBLE_DEVICES set?)")
     for arm in spec.budget.arms:  # the step cap ended training before this arm's budget
         if arm not in run.arms:
             run.record_arm(arm, result.global_step, trained, capped=True)
@@ -273,15 +311,108 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_only: bool = False,
-              keep_models: bool = False, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Run every pending cell (cache: module docstring) and return all cell records (finished and failed)."""
-    from ..train import TrainConfig, build_task
+def failed_record(cell: Cell, error: str, run_info: dict | None = None, tb: str | None = None) -> dict:
+    record = {"row": cell.row, "seed": cell.seed, "hash": cell.hash, "config": cell.config, "status": "failed",
+              "error": error}
+    if tb:
+        record["traceback"] = tb
+    if run_info:
+        record["run"] = run_info
+    return record
 
+
+def build_study_evaluator(spec: StudySpec, first_config: dict, out: Path):
+    """The study's evaluator (the same for every cell; kind ``loss`` reads the first cell's task's data)."""
+    from ..train import TrainConfig, build_task
+    from .evaluate import build_evaluator
+
+    first = TrainConfig.from_dict({**first_config, "output_dir": str(out / "tmp")})
+    return build_evaluator(spec.evaluation, build_task(first) if spec.evaluation.kind == "loss" else None)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def execute_cell(spec: StudySpec, cell: Cell, out: Path, evaluator, log: Callable[[str], None], *,
+                 keep_models: bool = False, save_arms: frozenset[str] = frozenset(), cells_dir: Path | None = None,
+                 device: str = "cpu", run_info: dict | None = None, first_config: dict | None = None) -> dict:
+    """Run one cell and record it, finished or failed, in ``<out>/cells/<hash>/result.json`` (and, finished, in
+    `cells_dir`); returns the record. `evaluator` None: built here. A signal (Interrupted) records nothing."""
+    record: dict[str, Any] = {"row": cell.row, "seed": cell.seed, "hash": cell.hash, "config": cell.config}
+    run = {**(run_info or {}), "device": device}
+    try:
+        run.update(device_name=_device_name(device), threads=torch.get_num_threads())
+        if evaluator is None:
+            evaluator = build_study_evaluator(spec, first_config or cell.config, out)
+        record.update(run_cell(spec, cell, out, evaluator, log, keep_models, save_arms, device=device))
+        if cell.init_from is not None:
+            record["init_from"] = {"row": cell.init_from.row, "arm": cell.init_arm}
+        record["status"] = "ok"
+    except Interrupted:  # SIGTERM / Ctrl-C stop the whole study, not just this cell; the cell reruns next time
+        log("stopped by a signal; rerun the same command to continue")
+        raise
+    except Exception as err:  # a crashing cell is recorded and the study goes on
+        record.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        log(f"FAILED: {type(err).__name__}: {err}")
+    record["run"] = run
+    write_json(cell_dir(out, cell) / RESULT, record)
+    if cells_dir is not None and record["status"] == "ok":
+        write_committed(cells_dir, record)
+    return record
+
+
+class _DeviceEnv:
+    """In-process cells on the CPU: make accelerate pick the CPU even where a GPU is visible (restored after)."""
+
+    def __init__(self, device: str):
+        self.device, self.previous = device, None
+
+    def __enter__(self):
+        if self.device == "cpu":
+            self.previous = os.environ.get("ACCELERATE_USE_CPU")
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cpu":
+            if self.previous is None:
+                os.environ.pop("ACCELERATE_USE_CPU", None)
+            else:
+                os.environ["ACCELERATE_USE_CPU"] = self.previous
+
+
+def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_only: bool = False,
+              keep_models: bool = False, log: Callable[[str], None] | None = None, device: str = "cpu",
+              jobs: int = 1, cells_dir: Path | None = None, max_seconds: float | None = None,
+              quiet_workers: bool = False) -> list[dict]:
+    """Run every pending cell (cache, devices, jobs, time guard: module docstring) and return all cell records:
+    finished, failed, and (time guard) ``status: pending``."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    started = time.perf_counter()
     cells = expand_cells(spec)
+    device_hashes(cells, device)
     out.mkdir(parents=True, exist_ok=True)
-    done = {c.hash: r for c in cells if (r := load_cached(out, c)) is not None}
+    done: dict[str, dict] = {}
+    from_dir = 0
+    for c in cells:
+        r = load_cached(out, c)
+        if r is not None and cells_dir is not None and load_committed(cells_dir, c.hash, c.config) is None:
+            write_committed(cells_dir, r)  # finished before --cells_dir was given: committed now
+        if r is None and (r := load_committed(cells_dir, c.hash, c.config)) is not None:
+            from_dir += 1
+        if r is not None:
+            done[c.hash] = r
     save_arms: dict[str, set[str]] = {}
     for c in cells:
         if c.init_from is not None:
@@ -290,56 +421,129 @@ def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_onl
                 done.pop(c.init_from.hash, None)  # a cached source without its weights reruns first
     pending = [c for c in cells if c.hash not in done]
     num_cached = len(done)
-    log(f"[study {spec.name}] {len(cells)} cells ({len(done)} cached, {len(pending)} to run) -> {out}")
+    log(f"[study {spec.name}] {len(cells)} cells ({len(done)} cached"
+        + (f", {from_dir} of them from {cells_dir}" if from_dir else "") + f", {len(pending)} to run) -> {out}"
+        + (f" on {device}, {jobs} at once" if pending else ""))
+    if pending and device == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(f"--device cuda: no CUDA device is visible (torch.cuda.is_available() is False) and "
+                                f"{len(pending)} cell(s) must run; finished cells need no device")
 
-    first = TrainConfig.from_dict({**cells[0].config, "output_dir": str(out / "tmp")})
-    from .evaluate import build_evaluator
+    evaluator = None
 
-    evaluator = build_evaluator(spec.evaluation, build_task(first) if spec.evaluation.kind == "loss" else None)
+    def get_evaluator():
+        nonlocal evaluator
+        if evaluator is None:
+            evaluator = build_study_evaluator(spec, cells[0].config, out)
+        return evaluator
 
     predicted: dict[str, float] = {}
-    if pending and (estimate or estimate_only):
-        log(f"[study {spec.name}] estimating: timing each row (finished cells or a 3-step probe)")
-        timings = calibrate(spec, cells, out, evaluator, done, log)
-        base_eval = next(iter(timings.values()))["eval"] if timings else 0.0
-        for c in pending:
-            predicted[c.hash] = base_eval if c.row == BASE_ROW else cell_seconds(spec, timings[c.row])
-        total = sum(predicted.values())
-        log(f"[study {spec.name}] estimated total for {len(pending)} cells: {_fmt_s(total)} "
-            f"(per cell: " + ", ".join(f"{r} {_fmt_s(cell_seconds(spec, t))}" for r, t in timings.items()) + ")")
-        if estimate_only:
-            return [done.get(c.hash) or {"row": c.row, "seed": c.seed, "hash": c.hash, "status": "pending",
-                                         "estimated_seconds": predicted.get(c.hash)} for c in cells]
+    with _DeviceEnv(device):
+        if pending and (estimate or estimate_only):
+            log(f"[study {spec.name}] estimating: timing each row (finished cells or a 3-step probe)")
+            timings = calibrate(spec, cells, out, get_evaluator(), done, log)
+            base_eval = next(iter(timings.values()))["eval"] if timings else 0.0
+            for c in pending:
+                predicted[c.hash] = base_eval if c.row == BASE_ROW else cell_seconds(spec, timings[c.row])
+            total = sum(predicted.values())
+            log(f"[study {spec.name}] estimated total for {len(pending)} cells: {_fmt_s(total)}"
+                + (f" of cell time, about {_fmt_s(total / jobs)} with {jobs} at once" if jobs > 1 else "")
+                + " (per cell: " + ", ".join(f"{r} {_fmt_s(cell_seconds(spec, t))}" for r, t in timings.items()) + ")")
+            if estimate_only:
+                return [done.get(c.hash) or {"row": c.row, "seed": c.seed, "hash": c.hash, "status": "pending",
+                                             "estimated_seconds": predicted.get(c.hash)} for c in cells]
 
-    started = time.perf_counter()
-    finished_here = 0
+    loop_start = time.perf_counter()
     failed: dict[str, dict] = {}
-    for i, cell in enumerate(pending):
-        remaining = sum(predicted.get(c.hash, 0.0) for c in pending[i:])
-        if finished_here and not predicted:
-            remaining = (time.perf_counter() - started) / finished_here * (len(pending) - i)
-        eta = _fmt_s(remaining) if (predicted or finished_here) else "?"
-        prefix = f"[study {spec.name}] {num_cached + i}/{len(cells)} cells done, ETA {eta}, now: {cell.label}"
-        log(prefix)
-        record = {"row": cell.row, "seed": cell.seed, "hash": cell.hash, "config": cell.config}
-        try:
-            record.update(run_cell(spec, cell, out, evaluator, lambda msg: log(f"{prefix}: {msg}"), keep_models,
-                                   frozenset(save_arms.get(cell.hash, ()))))
-            if cell.init_from is not None:
-                record["init_from"] = {"row": cell.init_from.row, "arm": cell.init_arm}
-            record["status"] = "ok"
-        except Interrupted:  # SIGTERM / Ctrl-C stop the whole study, not just this cell; the cell reruns next time
-            log(f"[study {spec.name}] stopped by a signal in cell {cell.label}; rerun the same command to continue")
-            raise
-        except Exception as err:  # a crashing cell is recorded and the study goes on
-            record.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
-            log(f"[study {spec.name}] cell {cell.label} FAILED: {type(err).__name__}: {err}")
-        _write_json(cell_dir(out, cell) / RESULT, record)
-        (done if record["status"] == "ok" else failed)[cell.hash] = record
-        finished_here += 1
-    log(f"[study {spec.name}] {len(cells)}/{len(cells)} cells done in {_fmt_s(time.perf_counter() - started)}"
-        + (f" ({len(failed)} failed)" if failed else ""))
-    return [done.get(c.hash) or failed[c.hash] for c in cells]
+    observed: dict[str, float] = {}  # row -> wall seconds of its last cell finished here (contention included)
+    not_started: set[str] = set()
+    run_info = {"jobs": jobs}
+
+    def may_start(cell: Cell) -> bool:
+        if cell.init_from is not None and cell.init_from.hash in not_started:
+            not_started.add(cell.hash)
+            return False
+        if max_seconds is None:
+            return True
+        elapsed = time.perf_counter() - started
+        need = observed.get(cell.row, predicted.get(cell.hash, 0.0))
+        if elapsed + need > max_seconds:
+            log(f"[study {spec.name}] --max_seconds {max_seconds:g}: not starting {cell.label} ({_fmt_s(elapsed)} "
+                f"elapsed, {_fmt_s(need)} needed); it stays pending")
+            not_started.add(cell.hash)
+            return False
+        return True
+
+    def progress_prefix(cell: Cell, where: str = "") -> str:
+        finished = len(done) + len(failed) - num_cached
+        left = [c for c in pending if c.hash not in done and c.hash not in failed]
+        if predicted:
+            eta = _fmt_s(sum(predicted.get(c.hash, 0.0) for c in left) / jobs)
+        elif finished:
+            eta = _fmt_s((time.perf_counter() - loop_start) / finished * len(left))
+        else:
+            eta = "?"
+        return (f"[study {spec.name}] {len(done) + len(failed)}/{len(cells)} cells done, ETA {eta}, now: "
+                f"{cell.label}{where}")
+
+    def finish(cell: Cell, record: dict) -> None:
+        (done if record.get("status") == "ok" else failed)[cell.hash] = record
+        if record.get("wall_seconds") is not None:
+            observed[cell.row] = float(record["wall_seconds"])
+        if jobs > 1:
+            log(f"[study {spec.name}] {cell.label}: {record.get('status')}"
+                + (f" ({record['error']})" if record.get("error") else "")
+                + f"; {len(done) + len(failed)}/{len(cells)} cells done")
+
+    if jobs == 1:
+        with _DeviceEnv(device):
+            for cell in pending:
+                if not may_start(cell):
+                    continue
+                prefix = progress_prefix(cell)
+                log(prefix)
+                finish(cell, execute_cell(spec, cell, out, get_evaluator(), lambda msg, p=prefix: log(f"{p}: {msg}"),
+                                          keep_models=keep_models, save_arms=frozenset(save_arms.get(cell.hash, ())),
+                                          cells_dir=cells_dir, device=device, run_info=run_info))
+    else:
+        from .parallel import run_parallel
+
+        run_parallel(spec, pending, out, device=device, jobs=jobs, cells_dir=cells_dir, keep_models=keep_models,
+                     save_arms=save_arms, run_info=run_info, first_config=cells[0].config, may_start=may_start,
+                     on_start=lambda cell, slot: _logged(log, progress_prefix(cell, f" on {slot.describe()}"),
+                                                         f"[study {spec.name}] {cell.label} ({slot.describe()})"),
+                     on_finish=finish, log=log, quiet=quiet_workers)
+    left = [c for c in pending if c.hash not in done and c.hash not in failed]
+    log(f"[study {spec.name}] {len(cells) - len(left)}/{len(cells)} cells done in "
+        f"{_fmt_s(time.perf_counter() - loop_start)}" + (f" ({len(failed)} failed)" if failed else "")
+        + (f"; {len(left)} pending (--max_seconds {max_seconds:g}): rerun the same command to continue"
+           if left else ""))
+    return [done.get(c.hash) or failed.get(c.hash) or {"row": c.row, "seed": c.seed, "hash": c.hash,
+                                                        "status": "pending"} for c in cells]
+
+
+def _logged(log: Callable[[str], None], msg: str, prefix: str) -> str:
+    """Log a worker's start line; return the shorter prefix of its own progress lines."""
+    log(msg)
+    return prefix
+
+
+def run_configurations(records: list[dict]) -> str:
+    """How the finished cells were run, e.g. ``cuda (NVIDIA H100) x 8 jobs: 40 cells; cpu x 1 job: 2 cells``
+    (wall-clock arms compare only within one such configuration)."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        run = r.get("run") or {}
+        if "device" not in run:
+            counts["not recorded"] += 1
+            continue
+        name = f" ({run['device_name']})" if run.get("device_name") else ""
+        jobs = run.get("jobs", 1)
+        counts[f"{run['device']}{name} x {jobs} job{'s' * (jobs != 1)}"] += 1
+    return "; ".join(f"{k}: {n} cell{'s' * (n != 1)}" for k, n in counts.items())
 
 
 def spec_record(spec: StudySpec) -> dict:

@@ -10,10 +10,12 @@
     reference: sft                       # rows are compared to this row and to the base
     contrasts:                           # more paired comparisons, each [row, against]: a table of their own
       - [soar, sft_noise_matched]        # e.g. SOAR against its noise-level-matched control
+    primary: {row: soar, against: sft_noise_matched, setting: steps40_cfg4, arm: steps}   # the one pre-declared
+                                         # contrast the report leads with (metric: overall by default)
     rows:
       - {name: sft, set: {method: sft}}
       - {name: soar_k, set: {method: soar}, sweep: {soar.num_aux: [1, 2, 4]}}   # one row per value
-    quick: {seeds: [0], budget: {steps: 3}, evaluation: {...}, rows: [sft, soar_k*]}   # `--quick`
+    quick: {seeds: [0], budget: {steps: 3}, evaluation: {...}, rows: [sft, soar_k*], primary: {setting: ...}}
 
 A cell is (row, seed): its training config is ``base`` + the row's ``set`` (+ one sweep point) + the seed and
 the budget, validated with the trainer's own config checks (:func:`soarflow.train.config.from_dict`) before the
@@ -117,6 +119,23 @@ class EvalSpec:
         return [(n, float(c)) for n in self.num_steps for c in self.guidance_scales]
 
 
+# Per-image (per-prompt for diversity) metrics: the ones with intervals; the first is the kind's headline metric.
+INTERVAL_METRICS = {"shapes": ["overall", "reward", "diversity"], "loss": ["fm_loss"]}
+
+
+@dataclass
+class Primary:
+    """``primary:``: the study's one pre-declared contrast, ``row`` minus ``against`` at one evaluation
+    ``setting`` (e.g. steps40_cfg4) and budget ``arm`` (steps | seconds), on ``metric`` (default: the kind's
+    headline metric, overall or fm_loss). The report leads with it; every other interval is secondary."""
+
+    row: str
+    against: str
+    setting: str
+    arm: str
+    metric: str | None = None
+
+
 def setting_key(num_steps: int, guidance_scale: float) -> str:
     return f"steps{num_steps}_cfg{float(guidance_scale):g}"
 
@@ -156,6 +175,7 @@ class StudySpec:
     include_base: bool = True
     reference: str | None = "sft"
     contrasts: list[tuple[str, str]] = field(default_factory=list)  # (row, against): extra paired comparisons
+    primary: Primary | None = None
     source: str = ""
 
     def row_names(self) -> list[str]:
@@ -194,7 +214,7 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 STUDY_KEYS = {"name", "description", "base_config", "base", "seeds", "budget", "evaluation", "include_base",
-              "reference", "contrasts", "rows", "quick"}
+              "reference", "contrasts", "primary", "rows", "quick"}
 
 
 def load_study(path: str | Path, quick: bool = False, only: list[str] | None = None) -> StudySpec:
@@ -209,10 +229,10 @@ def load_study(path: str | Path, quick: bool = False, only: list[str] | None = N
         q = raw.get("quick") or {}
         if not isinstance(q, dict):
             raise ValueError(f"study file {path}: 'quick' must be a mapping")
-        bad = set(q) - {"seeds", "budget", "evaluation", "rows", "base"}
+        bad = set(q) - {"seeds", "budget", "evaluation", "rows", "base", "primary"}
         if bad:
             raise ValueError(f"study file {path}: unknown key(s) in 'quick': {', '.join(sorted(bad))}")
-        for key in ("seeds", "budget", "evaluation", "base"):
+        for key in ("seeds", "budget", "evaluation", "base", "primary"):
             if key in q:
                 raw[key] = _merge(raw.get(key) or {}, q[key]) if isinstance(q[key], dict) else q[key]
         if "rows" in q:
@@ -250,13 +270,47 @@ def load_study(path: str | Path, quick: bool = False, only: list[str] | None = N
     if reference is not None and reference not in [r.name for r in rows]:
         reference = None  # the reference row is filtered out (or absent): compare to the base only
     contrasts = _contrasts(raw.get("contrasts") or [], names, [r.name for r in rows] + [BASE_ROW] * include_base, path)
+    primary = _primary(raw.get("primary"), names, budget, evaluation, path)
     spec = StudySpec(name=str(raw.get("name") or path.stem), base=base, rows=rows, seeds=seeds, budget=budget,
                      evaluation=evaluation, include_base=include_base, reference=reference, contrasts=contrasts,
-                     source=str(path))
+                     primary=primary, source=str(path))
     if not spec.rows and not spec.include_base:
         raise ValueError(f"study file {path}: no rows to run")
     expand_cells(spec)  # validates every cell before anything runs
     return spec
+
+
+def _primary(item: Any, names: list[str], budget: Budget, evaluation: EvalSpec, path: Path) -> Primary | None:
+    """Validate ``primary`` against every row of the file, the evaluated settings, the budget arms and the kind's
+    interval metrics; errors name the key. (``--only`` may filter its rows out: the report then says so.)"""
+    if item is None:
+        return None
+    where = f"study file {path}: primary"
+    if not isinstance(item, dict):
+        raise ValueError(f"{where} must be a mapping {{row, against, setting, arm[, metric]}}, got {item!r}")
+    unknown = set(item) - {"row", "against", "setting", "arm", "metric"}
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: row, against, setting, arm, "
+                         "metric)")
+    for key in ("row", "against", "setting", "arm"):
+        if not isinstance(item.get(key), str):
+            raise ValueError(f"{where}.{key} is required (a string), got {item.get(key)!r}")
+    for key in ("row", "against"):
+        if item[key] not in names:
+            raise ValueError(f"{where}.{key}: unknown row {item[key]!r} (rows: {', '.join(names)})")
+    if item["row"] == item["against"]:
+        raise ValueError(f"{where}: row and against are the same row {item['row']!r}")
+    settings = [setting_key(n, w) for n, w in evaluation.settings]
+    if item["setting"] not in settings:
+        raise ValueError(f"{where}.setting: {item['setting']!r} is not evaluated (settings: {', '.join(settings)})")
+    if item["arm"] not in budget.arms:
+        raise ValueError(f"{where}.arm: {item['arm']!r} is not a budget arm (arms: {', '.join(budget.arms)})")
+    metrics = INTERVAL_METRICS[evaluation.kind]
+    metric = item.get("metric")
+    if metric is not None and metric not in metrics:
+        raise ValueError(f"{where}.metric: {metric!r} has no interval for kind {evaluation.kind!r} "
+                         f"(metrics: {', '.join(metrics)})")
+    return Primary(item["row"], item["against"], item["setting"], item["arm"], metric)
 
 
 def _contrasts(items: Any, names: list[str], kept: list[str], path: Path) -> list[tuple[str, str]]:
@@ -392,10 +446,41 @@ def _base_model_fingerprint(config: dict) -> str:
 _FINGERPRINTS: dict[str, str] = {}
 
 
+# Config keys added after cell hashes were first committed (format 1), with the value that reproduces what cells
+# did before the key existed. At that value a key is left out of a cell's identity, so adding a key does not
+# invalidate every cached and committed cell; any other value is part of the identity. A new training-config key
+# belongs here (tests/study/test_spec.py pins a reference hash).
+NEUTRAL_LATER_KEYS: dict[str, Any] = {
+    "checkpoint_model": True,      # checkpoints also hold a loadable model (exports only)
+    "ema_device": "accelerator",   # where the EMA shadow lives (same numbers)
+}
+
+
+def identity_config(config: dict) -> dict:
+    """The cell config as its identity (hash and cache check): keys of :data:`NEUTRAL_LATER_KEYS` at their
+    neutral values are left out. ``soar.reuse_main_output`` only picks the forward layout (the same loss and
+    gradients; tests/core/test_objective.py), and its default ``auto`` resolves by device type at run time; it
+    counts as ``true``, the value the key had before ``auto`` existed, so cells cached before stay valid and a cell
+    is the same cell on a CPU and on a GPU (as it always was: the device is not part of a cell's identity
+    either)."""
+    out = copy.deepcopy(config)
+    for dotted, neutral in NEUTRAL_LATER_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        section = out
+        for p in parents:
+            section = section.get(p) if isinstance(section, dict) else None
+        if isinstance(section, dict) and leaf in section and section[leaf] == neutral:
+            del section[leaf]
+    soar = out.get("soar")
+    if isinstance(soar, dict) and soar.get("reuse_main_output") == "auto":
+        soar["reuse_main_output"] = True
+    return out
+
+
 def cell_hash(spec: StudySpec, cell: Cell) -> str:
     """sha256 (16 hex) of everything that defines a cell's result: training config (or, for the base row, only
     the task/model/data), budget, evaluation, base checkpoint content."""
-    cfg = cell.config
+    cfg = identity_config(cell.config)
     if cell.row == BASE_ROW:
         cfg = {k: cfg[k] for k in ("task", "model", "data")}
         budget = None

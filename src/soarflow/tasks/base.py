@@ -21,6 +21,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..conditioning import cond_index
+
 
 class Task:
     @classmethod
@@ -44,6 +46,13 @@ class Task:
     def encode_batch(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, Any]:
         """Return `(x0, cond)` on `device`: clean latents/pixels and the model's condition."""
         raise NotImplementedError(f"{type(self).__name__}.encode_batch")
+
+    def encode_prompts(self, batch: Any, n: int, device: torch.device) -> tuple[tuple[int, ...], Any]:
+        """``(sample_shape, cond)``: the shape of one sample and the condition of the batch's first ``n`` rows, for
+        methods that generate their own samples (GRPO). Default: through `encode_batch`; latent tasks override it
+        to encode the text alone (and to accept prompt-only batches)."""
+        x0, cond = self.encode_batch(batch, device)
+        return tuple(x0.shape[1:]), cond_index(cond, torch.arange(n, device=x0.device))
 
     def null_cond(self, batch_size: int, device: torch.device) -> Any:
         """The unconditional condition (same structure as `cond`) for guidance and condition dropout."""

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from ..data import CACHE_DTYPES, IMAGE_FORMATS
+from ..models.diffusers_export import SAVE_DTYPES
 from ..models.diffusers_pipeline import DTYPES
 from ..models.lora import LoraSection
+from ..models.quantize import QuantizeSection
 from ..utils.config_parsing import from_dict
 
 
@@ -25,6 +28,12 @@ class DiffusersModelSection:
     # FLUX only (ignored by sd3): how guidance works in rollouts and validation
     guidance: Literal["cfg", "embedded"] = "cfg"
     embedded_guidance_scale: float = 3.5
+    # LoRA on a quantized frozen base (models/quantize.py), e.g. {backend: quanto, weights: int8}; null: unquantized
+    quantize_base: QuantizeSection | None = None
+    # what the saved model looks like (train/export.py)
+    save_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of the saved weights (checkpoints' model/ too)
+    save_single_file: bool = False  # full fine-tune: also one .safetensors of the transformer (single-file format)
+    save_comfyui_lora: bool = False  # LoRA: also the adapter in ComfyUI's key format (lora_transformer_*)
 
     def __post_init__(self) -> None:
         if not self.pretrained:
@@ -37,6 +46,19 @@ class DiffusersModelSection:
             raise ValueError(f"config key 'max_sequence_length': must be >= 1 (got {self.max_sequence_length})")
         if self.guidance not in ("cfg", "embedded"):
             raise ValueError(f"config key 'guidance': must be cfg or embedded (got {self.guidance!r})")
+        if self.quantize_base is not None and self.finetune != "lora":
+            raise ValueError("config key 'quantize_base': only a LoRA run trains on a quantized base (the frozen "
+                             "weights are quantized, the adapters are not); set finetune: lora or remove quantize_base")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"config key 'save_dtype': must be one of {', '.join(SAVE_DTYPES)} (got {self.save_dtype!r})")
+        if self.save_single_file and self.finetune != "full":
+            raise ValueError("config key 'save_single_file': applies to a full fine-tune (a LoRA run saves one "
+                             "adapter file already; see save_comfyui_lora)")
+        if self.save_comfyui_lora and self.finetune != "lora":
+            raise ValueError("config key 'save_comfyui_lora': applies to finetune: lora")
+
+
+DATA_FORMATS = (*IMAGE_FORMATS, "prompts")
 
 
 @dataclass
@@ -45,10 +67,16 @@ class DiffusersDataSection:
 
     FORMER_KEYS: ClassVar[dict[str, str]] = {"validation_cfg": "validation_guidance_scale"}
 
-    format: Literal["imagefolder", "soar_jsonl"] = "imagefolder"
-    path: str = ""  # imagefolder: the folder with metadata.jsonl; soar_jsonl: the JSONL file
+    format: Literal["imagefolder", "soar_jsonl", "hf_dataset", "parquet", "hf_streaming", "webdataset", "prompts"] = (
+        "imagefolder")
+    # folder (imagefolder, hf_dataset save_to_disk), JSONL (soar_jsonl), parquet file/folder/glob, hub id or local
+    # dataset (hf_streaming), tar shards (webdataset); prompts (method grpo only): a .txt file (one prompt per line)
+    # or .jsonl file (a "prompt" key per line), no images
+    path: str = ""
     image_dir: str | None = None  # soar_jsonl: folder of {md5}.jpg
-    caption_column: str = "text"  # imagefolder caption field
+    caption_column: str | None = None  # None: text (imagefolder, datasets), txt (webdataset member)
+    image_column: str = "image"  # datasets / parquet image column
+    split: str = "train"  # datasets split (DatasetDict folders, streaming)
     resolution: int = 512
     bucketing: bool = False  # aspect-ratio buckets of ~resolution^2 pixels
     bucket_divisor: int = 64
@@ -56,8 +84,9 @@ class DiffusersDataSection:
     random_flip: bool = False
     on_bad_sample: Literal["skip", "fail"] = "skip"
     max_samples: int | None = None  # use only the first N records
-    cache_dir: str | None = None  # cache VAE latents + text embeddings here (safetensors shards)
+    cache_dir: str | None = None  # encoder cache (fill it with `soarflow cache`): VAE latents + text embeddings
     cache_shard_size: int = 256
+    cache_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # stored precision of the cached encodings
     validation_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red apple on a table"])
     validation_num_steps: int = 28
     validation_guidance_scale: float | None = None  # None: the task's guidance_scale
@@ -65,10 +94,13 @@ class DiffusersDataSection:
     validation_resolution: int | None = None  # None: resolution
 
     def __post_init__(self) -> None:
-        if self.format not in ("imagefolder", "soar_jsonl"):
-            raise ValueError(f"config key 'format': must be imagefolder or soar_jsonl (got {self.format!r})")
+        if self.format not in DATA_FORMATS:
+            raise ValueError(f"config key 'format': must be one of {', '.join(DATA_FORMATS)} (got {self.format!r})")
         if not self.path:
-            raise ValueError("config key 'path': required — the image folder (imagefolder) or JSONL file (soar_jsonl)")
+            raise ValueError("config key 'path': required — the image folder (imagefolder), JSONL file (soar_jsonl), "
+                             "saved dataset, parquet, dataset id, tar shards or prompt file (prompts)")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"config key 'cache_dtype': must be one of {', '.join(CACHE_DTYPES)} (got {self.cache_dtype!r})")
         if self.format == "soar_jsonl" and not self.image_dir:
             raise ValueError("config key 'image_dir': required for format soar_jsonl (folder of {md5}.jpg)")
         if self.resolution < 8:

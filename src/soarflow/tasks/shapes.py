@@ -16,6 +16,7 @@ from torch import nn
 
 from ..models.embedded import ARCHITECTURES, build_model, load_shapes_model, load_state, read_checkpoint, save_checkpoint
 from ..shapes.generate import GUIDANCE_SCALE, encode_captions, generate_images, null_caption
+from ..shapes.corruption import Corruption
 from ..shapes.datasets import ShapesDataset
 from ..shapes.grammar import MAX_TOKENS, VOCAB
 from ..utils.config_parsing import from_dict
@@ -55,6 +56,8 @@ class ShapesDataSection:
     num_samples: int | None = None  # None: the split's default size
     seed: int = 0
     image_size: int = 32
+    # split "pretrain": per-item noise rates (clutter, wrong, incomplete, generic, prefix); {} = the shipped corpus
+    corruption: dict = field(default_factory=dict)
     validation_prompts: list[str] = field(
         default_factory=lambda: [
             "a red circle",
@@ -82,6 +85,7 @@ class ShapesTask(Task):
         self.data_config = data or ShapesDataSection()
         if self.data_config.split not in ("curated", "pretrain"):
             raise ValueError(f"data.split must be 'curated' or 'pretrain', got {self.data_config.split!r}")
+        self.corruption = from_dict(Corruption, dict(self.data_config.corruption), prefix="data.corruption")
 
     @classmethod
     def from_config(cls, model: dict | None = None, data: dict | None = None, train_config: Any = None) -> "ShapesTask":
@@ -118,7 +122,8 @@ class ShapesTask(Task):
     # -- data --------------------------------------------------------------------------------------
     def train_dataset(self) -> torch.utils.data.Dataset:
         d = self.data_config
-        return ShapesDataset(split=d.split, num_samples=d.num_samples, seed=d.seed, image_size=d.image_size)
+        return ShapesDataset(split=d.split, num_samples=d.num_samples, seed=d.seed, image_size=d.image_size,
+                             corruption=self.corruption)
 
     def collate(self, samples: Sequence[dict]) -> dict:
         return {"image": torch.stack([s["image"] for s in samples]), "caption": [s["caption"] for s in samples]}

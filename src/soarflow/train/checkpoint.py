@@ -95,6 +95,16 @@ def prune_checkpoints(output_dir: str | Path, limit: int | None) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- output dir
 
 
+def _auto_as_recorded(current: dict, previous: dict) -> dict:
+    """``soar.reuse_main_output: auto`` matches the layout a run recorded (config.yaml holds it resolved for the
+    device the run started on): the same command may rerun or resume the run. On the same device type it resolves
+    to the same layout; on another one the trainer records the switch (config.N.yaml)."""
+    soar, recorded = current.get("soar") or {}, (previous.get("soar") or {}).get("reuse_main_output")
+    if soar.get("reuse_main_output") == "auto" and isinstance(recorded, bool):
+        return {**current, "soar": {**soar, "reuse_main_output": recorded}}
+    return current
+
+
 def check_output_dir(config: TrainConfig, resume_from: Path | None) -> None:
     """Refuse to start a run that would mix with (or overwrite) another run's files in `output_dir`.
 
@@ -120,7 +130,8 @@ def check_output_dir(config: TrainConfig, resume_from: Path | None) -> None:
         return
     previous = upgrade_former_names(TrainConfig, _read_yaml(cfg_file))  # written before a key was renamed
     ignored = NON_DEFINING_KEYS | LOCATION_KEYS
-    diffs = [d for d in config_differences(previous, config.to_dict()) if d.split(":")[0] not in ignored]
+    diffs = [d for d in config_differences(previous, _auto_as_recorded(config.to_dict(), previous))
+             if d.split(":")[0] not in ignored]
     resume_cmd = f"soarflow train --config {cfg_file} --output_dir {out} --resume_from_checkpoint latest"
     if config.resume_from_checkpoint is None:
         if diffs:

@@ -19,6 +19,7 @@ The general-purpose half (YAML and dotted overrides into typed dataclasses, erro
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any, Literal, Sequence
 import yaml
 
 from ..methods import GRPOConfig, InputPerturbationConfig, ScheduledSamplingConfig
-from ..objective import SOARConfig
+from ..objective import SOARConfig, resolve_layout
 from ..utils import config_parsing
 from ..utils.config_parsing import as_dict, config_differences, from_dict, parse_overrides  # noqa: F401
 from ..utils.config_parsing import upgrade_former_names  # noqa: F401
@@ -37,7 +38,7 @@ TASK_NAMES = ("shapes", "sd3", "flux")
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-REPORT_TO = ("tensorboard", "none")
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
 METHOD_NAMES = ("sft", "soar", "grpo", "scheduled_sampling", "input_perturbation")
 # Sections that belong to one method (soar: is shared: its `shift` is every method's time shift).
 METHOD_SECTIONS = ("grpo", "scheduled_sampling", "input_perturbation")
@@ -57,7 +58,7 @@ WEIGHTING_SCHEME_TO_OBJECTIVE = {
 NON_DEFINING_KEYS = frozenset({
     "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
     "validation_steps", "report_to", "logging_steps", "dataloader_num_workers", "show_progress",
-    "skip_nonfinite_steps", "max_train_seconds", "write_manifest",
+    "skip_nonfinite_steps", "max_train_seconds", "write_manifest", "ema_device", "checkpoint_model",
 })
 # Keys that say where a run lives or how it was started, not what it is: ignored when comparing a resumed run's
 # config with the one in its folder (a run may be moved or its folder spelled differently).
@@ -98,9 +99,12 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "autocast precision of the forward passes")
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N steps (0: never)")
     checkpoints_total_limit: int | None = _f(None, "keep at most this many checkpoints (null: all)")
+    checkpoint_model: bool = _f(True, "also write the model as the final save does (EMA weights, the task's format: "
+                                      "diffusers loads it) into every checkpoint-N/model")
     resume_from_checkpoint: str | None = _f(None, "null, 'latest', or a checkpoint folder")
     validation_steps: int = _f(0, "write a validation grid every N steps and at the end (0: never)")
-    report_to: Literal["tensorboard", "none"] = _f("tensorboard", "metric logger")
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = _f(
+        "tensorboard", "metrics and validation images to: tensorboard | wandb | all (both) | none")
     logging_steps: int = _f(1, "log metrics every N steps")
     dataloader_num_workers: int = _f(0, "DataLoader worker processes")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
@@ -113,6 +117,9 @@ class TrainConfig:
                                       "(pretraining: 0.25, keeps the high-noise levels in the mix)")
     use_ema: bool = _f(False, "keep an EMA of the trainable weights; the final model gets the EMA weights")
     ema_decay: float = _f(0.999, "EMA decay (diffusers EMAModel's rule; warms up as (1+m)/(10+m), m = n - 1)")
+    ema_device: Literal["accelerator", "cpu"] = _f("accelerator", "where the EMA weights live: accelerator (the "
+                                                   "training device) or cpu (host memory; updated from the device "
+                                                   "weights after every step)")
     cond_dropout: float = _f(0.0, "probability of training a sample on the null condition")
     show_progress: bool = _f(True, "tqdm progress bar")
     write_manifest: bool = _f(False, "soarflow train/pretrain: write manifest.json beside the final model (command, "
@@ -174,6 +181,7 @@ class TrainConfig:
         need(self.logit_std > 0, "logit_std", "must be > 0")
         need(0 <= self.uniform_fraction <= 1, "uniform_fraction", "must be in [0, 1]")
         need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+        need(self.ema_device in ("accelerator", "cpu"), "ema_device", "must be accelerator or cpu")
         need(0 <= self.cond_dropout < 1, "cond_dropout", "must be in [0, 1)")
         # The objective's t density, weighting and dropout are these top-level keys (shared by every method).
         density, weighting = WEIGHTING_SCHEME_TO_OBJECTIVE[self.weighting_scheme]
@@ -219,6 +227,15 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         check_method_keys(d)
         return from_dict(cls, d)
+
+
+def resolved_for_device(config: TrainConfig, device: Any) -> TrainConfig:
+    """A copy of ``config`` with the device-dependent defaults made concrete (``soar.reuse_main_output: auto``,
+    :func:`soarflow.objective.resolve_layout`): what the run computes on ``device``, for config.yaml and the
+    manifest. ``config`` itself is not changed."""
+    resolved = copy.copy(config)
+    resolved.soar = resolve_layout(config.soar, device)
+    return resolved
 
 
 def check_method_keys(d: Any) -> None:

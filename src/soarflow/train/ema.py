@@ -8,6 +8,12 @@ written with `EMAModel` resume here. It is written out because pretraining the e
 core install, where diffusers is an optional extra; torch's `swa_utils.AveragedModel` would deep-copy the whole
 module (a LoRA run's frozen base weights too). Only parameters with ``requires_grad`` are tracked, so a LoRA run
 averages just the adapter weights. Accelerate checkpoints it through `register_for_checkpointing`.
+
+With ``device="cpu"`` (config ``ema_device: cpu``) the shadow weights live in host memory and each update reads the
+device parameters across: :math:`\bar\theta_{cpu} \leftarrow \bar\theta_{cpu} - (1 - d_n)(\bar\theta_{cpu} -
+\theta_{dev \to cpu})`, the same arithmetic in the same dtype, so the result equals the on-device EMA to float
+rounding; the accelerator holds no second copy of the trainable weights (at the cost of one device-to-host copy of
+them per optimizer step).
 """
 
 from __future__ import annotations
@@ -24,13 +30,18 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 class EMA:
-    """Shadow copies of a list of parameters (on their device), averaged by :meth:`step`."""
+    """Shadow copies of a list of parameters (on their device, or on `device`), averaged by :meth:`step`."""
 
-    def __init__(self, params: list[nn.Parameter], decay: float):
+    def __init__(self, params: list[nn.Parameter], decay: float, device: torch.device | str | None = None):
         self.decay = decay
+        self.device = None if device is None else torch.device(device)
         self.optimization_step = 0  # updates done (EMAModel's name, kept for its checkpoints)
-        self.shadow_params = [p.detach().clone() for p in params]
+        self.shadow_params = [self._here(p) for p in params]
         self._stored: list[torch.Tensor] = []
+
+    def _here(self, p: torch.Tensor) -> torch.Tensor:
+        """A detached copy of `p` where the shadow weights live."""
+        return p.detach().clone() if self.device is None else p.detach().to(self.device, copy=True)
 
     def current_decay(self) -> float:
         m = self.optimization_step - 1  # the update being made is number optimization_step
@@ -41,7 +52,7 @@ class EMA:
         self.optimization_step += 1
         one_minus_decay = 1.0 - self.current_decay()
         for s, p in zip(self.shadow_params, params):
-            s.sub_(one_minus_decay * (s - p.detach()))
+            s.sub_(one_minus_decay * (s - p.detach().to(s.device)))
 
     @torch.no_grad()
     def copy_to(self, params: list[nn.Parameter]) -> None:
@@ -49,7 +60,7 @@ class EMA:
             p.copy_(s)
 
     def store(self, params: list[nn.Parameter]) -> None:
-        self._stored = [p.detach().clone() for p in params]
+        self._stored = [self._here(p) for p in params]
 
     @torch.no_grad()
     def restore(self, params: list[nn.Parameter]) -> None:
@@ -78,11 +89,12 @@ class EMA:
             copy_full_into(s, saved)  # each process keeps its shard of a sharded parameter's EMA
 
 
-def create_ema(model: nn.Module, decay: float) -> EMA:
-    """An EMA of `model`'s trainable parameters (shadow copies live on the parameters' device). The trainer builds
-    it after ``accelerator.prepare``: under FSDP2 each process then averages its own shards (the update is
-    elementwise, so the shards' EMAs are the shards of the whole EMA)."""
-    return EMA(trainable_parameters(model), decay=decay)
+def create_ema(model: nn.Module, decay: float, device: str | None = None) -> EMA:
+    """An EMA of `model`'s trainable parameters; the shadow copies live on the parameters' device, or on `device`
+    (config ``ema_device``: ``cpu``; ``accelerator`` or None: the parameters' device). The trainer builds it after
+    ``accelerator.prepare``: under FSDP2 each process then averages its own shards (the update is elementwise, so
+    the shards' EMAs are the shards of the whole EMA)."""
+    return EMA(trainable_parameters(model), decay=decay, device=None if device in (None, "accelerator") else device)
 
 
 def update_ema(ema: EMA, model: nn.Module) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .config import TrainConfig, resolved_for_device
+
 MANIFEST_FILE = "manifest.json"
 
 
@@ -31,7 +33,7 @@ def write_manifest(cfg: Any, result: Any, task: Any, command: str, args: dict[st
     if args is not None:
         manifest["args"] = args
     manifest.update({
-        "config": cfg.to_dict(),
+        "config": (resolved_for_device(cfg, device) if isinstance(cfg, TrainConfig) else cfg).to_dict(),
         "steps": result.global_step,
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_loss_ema": final_loss_ema(result.history),

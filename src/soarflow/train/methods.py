@@ -197,16 +197,21 @@ class ScheduledSamplingMethod(MainTermMethod):
 
 
 def resolve_reward(spec: str, kwargs: dict[str, Any], task_name: str) -> tuple[Callable, str]:
-    """The reward callable named by ``grpo.reward`` (and its display name)."""
+    """The reward callable ``reward(images in [-1, 1] (B, 3, H, W), prompts) -> (B,)`` named by ``grpo.reward``
+    (and its display name): ``auto`` (the task's default: shapes only), ``package.module:callable`` (a factory
+    or class called with ``grpo.reward_kwargs`` when they are given or it is a class), or a bare scorer name of
+    ``soarflow eval`` (``soarflow.scorers.build_scorer(name, **reward_kwargs)``)."""
     if spec == "auto":
         if task_name != "shapes":
-            raise ValueError(f"config key 'grpo.reward': task {task_name!r} has no default reward; name one as "
-                             "'package.module:callable' (e.g. soarflow.scorers:CLIPScorer.from_pretrained with "
-                             "grpo.reward_kwargs: {path: ...})")
+            raise ValueError(f"config key 'grpo.reward': task {task_name!r} has no default reward; name a scorer of "
+                             "`soarflow eval` (e.g. clip_score) or a 'package.module:callable' (e.g. "
+                             "soarflow.scorers:CLIPScorer.from_pretrained with grpo.reward_kwargs: {path: ...})")
         spec = "soarflow.shapes:reward"
     module_name, sep, attr = spec.partition(":")
-    if not sep or not attr:
-        raise ValueError(f"config key 'grpo.reward': expected 'package.module:callable', got {spec!r}")
+    if not sep:
+        return _scorer_by_name(spec, kwargs), spec
+    if not attr:
+        raise ValueError(f"config key 'grpo.reward': expected 'package.module:callable' or a scorer name, got {spec!r}")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
@@ -220,6 +225,33 @@ def resolve_reward(spec: str, kwargs: dict[str, Any], task_name: str) -> tuple[C
     if not callable(obj):
         raise ValueError(f"config key 'grpo.reward': {spec} is not callable")
     return obj, spec
+
+
+def _scorer_by_name(name: str, kwargs: dict[str, Any]) -> Callable:
+    """A scorer of ``soarflow eval`` by name, through the scorer registry (``soarflow.scorers.build_scorer``)."""
+    scorers = importlib.import_module("soarflow.scorers")
+    build = getattr(scorers, "build_scorer", None)
+    if build is None:
+        raise ValueError(f"config key 'grpo.reward': {name!r} is not 'package.module:callable', and this soarflow has "
+                         "no scorer registry (soarflow.scorers.build_scorer) to look the name up in")
+    try:
+        scorer = build(name, **kwargs)
+    except (KeyError, ValueError, ImportError, OSError) as err:  # unknown name, missing package or weights
+        raise ValueError(f"config key 'grpo.reward': {err}") from None
+    if not callable(scorer):
+        raise ValueError(f"config key 'grpo.reward': scorer {name!r} is not callable as scorer(images, prompts)")
+    return scorer
+
+
+def _accepts_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` can be called with the keyword ``name``."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 @contextmanager
@@ -244,7 +276,8 @@ def decode_images(task: Any, x: torch.Tensor, device: torch.device) -> torch.Ten
 
 class GRPOMethod(TrainMethod):
     """Flow-GRPO (:mod:`soarflow.methods.grpo`). Each micro-batch of B rows takes the first B/G captions of the
-    data batch, samples G images for each with the SDE sampler, scores them and trains on T steps per image.
+    data batch, samples G images for each with the SDE sampler, scores them, computes per-prompt advantages over the
+    prompts and rewards gathered from every process (Flow-GRPO's stat tracker) and trains on T steps per image.
     The KL reference is the model at the start of training: for a LoRA model without ``init_from``, the
     transformer with its adapters disabled; otherwise a frozen copy."""
 
@@ -262,6 +295,7 @@ class GRPOMethod(TrainMethod):
             self.reward, self.reward_name = resolve_reward(config.grpo.reward, dict(config.grpo.reward_kwargs), config.task)
         self.reference: Callable | None = None
         self._cache: dict[int, tuple] = {}
+        self._reward_takes_metadata = _accepts_keyword(self.reward, "metadata")
 
     def setup(self, model, task, device):
         if self.grpo.beta == 0:
@@ -276,30 +310,41 @@ class GRPOMethod(TrainMethod):
             frozen = copy.deepcopy(model).requires_grad_(False).eval()
             self.reference = frozen
 
-    def _prompts(self, batch: Any, b: int) -> list[str]:
+    def _captions(self, batch: Any) -> list[str]:
         captions = batch.get("caption") if isinstance(batch, dict) else None
         if captions is None:
             raise ValueError("grpo: the task's batches carry no 'caption' list, which the reward needs")
-        return [str(c) for c in list(captions)[: b // self.grpo.group_size]]
+        return [str(c) for c in list(captions)]
 
     @torch.no_grad()
     def _rollout(self, model, task, batch, ctx: StepContext):
         g = self.grpo.group_size
-        x0, cond = task.encode_batch(batch, ctx.device)
-        b = x0.shape[0]
+        captions = self._captions(batch)
+        b = len(captions)
         if b % g:
             raise ValueError(f"train_batch_size {b} is not a multiple of grpo.group_size {g}")
-        pick = torch.arange(b // g, device=ctx.device).repeat_interleave(g)  # G copies of each of the first B/G
-        prompts = [p for p in self._prompts(batch, b) for _ in range(g)]
+        # the first B/G prompts, G rows each; the task encodes their text only (no image is encoded)
+        shape, cond = task.encode_prompts(batch, b // g, ctx.device)
+        pick = torch.arange(b // g, device=ctx.device).repeat_interleave(g)
+        prompts = [p for p in captions[: b // g] for _ in range(g)]
         cond = cond_index(cond, pick)
         null = task.null_cond(b, ctx.device)
-        noise = torch.randn(x0.shape, generator=ctx.local, device=ctx.device, dtype=torch.float32).to(x0.dtype)
+        noise = torch.randn((b, *shape), generator=ctx.local, device=ctx.device, dtype=torch.float32)
         rollout = grpo_math.sample_with_log_probs(model, noise, cond, null_cond=null, config=self.grpo,
                                                   shift=self.objective.shift, generator=ctx.local)
         images = decode_images(task, rollout.images, ctx.device)
-        rewards = grpo_math.check_rewards(self.reward(images, prompts), b, self.reward_name, ctx.step)
+        metadata = batch.get("metadata") if isinstance(batch, dict) else None
+        if metadata is not None and self._reward_takes_metadata and all(m is not None for m in metadata[: b // g]):
+            # a .jsonl prompt file's lines (e.g. GenEval's include clauses) for rewards that read them
+            meta = [m for m in list(metadata)[: b // g] for _ in range(g)]
+            raw = self.reward(images, prompts, metadata=meta)
+        else:
+            raw = self.reward(images, prompts)
+        rewards = grpo_math.check_rewards(raw, b, self.reward_name, ctx.step)
         rewards = rewards.to(ctx.device)
-        adv = grpo_math.group_advantages(rewards, g, self.grpo.adv_clip_max)
+        # Flow-GRPO's stat tracker: per-prompt mean (and std) over the prompts and rewards of every process
+        adv = grpo_math.gather_prompt_advantages(prompts, rewards, self.grpo.adv_clip_max,
+                                                 global_std=self.grpo.global_std)
         return rollout, cond, null, rewards, adv
 
     def compute_loss(self, model, task, batch, ctx):
@@ -383,7 +428,8 @@ SHAPES_RECIPES: dict[str, dict[str, Any]] = {
     "soar": {"soar.num_aux": 4, "soar.rollout_steps": 40, "soar.guidance_scale": SHAPES_GUIDANCE_SCALE,
              "soar.num_rollout_paths": 1},
     "grpo": {"grpo.group_size": 4, "grpo.num_steps": 10, "grpo.train_timesteps": 3,
-             "grpo.guidance_scale": SHAPES_GUIDANCE_SCALE, "grpo.beta": 0.04, "grpo.sample_reuse": 1,
+             "grpo.guidance_scale": SHAPES_GUIDANCE_SCALE, "grpo.beta": 0.04, "grpo.kl_form": "release",
+             "grpo.global_std": True, "grpo.sample_reuse": 1,
              "cond_dropout": 0.0},
     "scheduled_sampling": {"scheduled_sampling.max_step_offset": 3, "scheduled_sampling.num_steps": 40,
                            "scheduled_sampling.guidance_scale": SHAPES_GUIDANCE_SCALE},

@@ -31,8 +31,8 @@ from torch import nn
 
 from ..tasks.registry import build_task
 from . import checkpoint as ckpt
-from . import distributed, safety
-from .config import TrainConfig
+from . import distributed, export, safety, trackers
+from .config import TrainConfig, resolved_for_device
 from .ema import copy_ema_to, create_ema, ema_weights, trainable_parameters, update_ema
 from .methods import StepContext, TrainMethod, build_method, compute_loss, load_init_weights, resolve_init_from  # noqa: F401
 
@@ -141,7 +141,7 @@ def _make_accelerator(config: TrainConfig, output_dir: Path):
     return Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="tensorboard" if config.report_to == "tensorboard" else None,
+        log_with=trackers.log_with(config.report_to),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
 
@@ -192,7 +192,7 @@ def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: P
     validation/step_XXXXXX.png and tensorboard and returns the path (None elsewhere). Called on the processes
     :func:`distributed.validates` names (all of them when the weights are sharded). Runs under `fork_rng` so
     validation never changes the training randomness."""
-    from ..utils.images import save_image_grid, to_uint8
+    from ..utils.images import save_image_grid
 
     path = output_dir / "validation" / f"step_{step:06d}.png"
     was_training = model.training
@@ -207,9 +207,7 @@ def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: P
     if not distributed.writes_files(accelerator):
         return None
     save_image_grid(images, captions, path)
-    if any(t.name == "tensorboard" for t in accelerator.trackers):
-        accelerator.get_tracker("tensorboard").log_images({"validation": to_uint8(images)}, step=step,
-                                                          dataformats="NHWC")
+    trackers.log_validation_images(accelerator, images, captions, step)
     return path
 
 
@@ -239,6 +237,7 @@ def train(config: TrainConfig, task: Any = None, model: nn.Module | None = None,
         resolve_init_from(config.init_from)  # fail before any work on a missing path
     task = task if task is not None else build_task(config)
     method = build_method(config, reward)  # with its reward resolved: fails before any work
+    trackers.check_installed(config.report_to)
 
     process_type = _process_state_type()
     accelerator = _make_accelerator(config, output_dir)
@@ -273,7 +272,7 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
     # after prepare: FSDP2 replaces the parameters by this process's shards (DTensors), which the optimizer, the
     # gradient clipping and the EMA must use; with DDP they are the same objects as before
     params = trainable_parameters(unwrapped)
-    ema = create_ema(unwrapped, config.ema_decay) if config.use_ema else None
+    ema = create_ema(unwrapped, config.ema_decay, config.ema_device) if config.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     ckpt.register_trainable_state_hooks(accelerator, layout)
@@ -320,15 +319,18 @@ def _build_model(config: TrainConfig, task, model: nn.Module | None, device: tor
     return model
 
 
+
 def _start_outputs(config: TrainConfig, accelerator, output_dir: Path) -> None:
     """config.yaml and the trackers, once every process has checked output_dir."""
+    # config.yaml and the tracker record the layout `soar.reuse_main_output: auto` resolves to on this device type,
+    # so `soarflow train --config <run>/config.yaml` computes the same thing on any device
+    recorded = resolved_for_device(config, accelerator.device)
     accelerator.wait_for_everyone()  # every process has checked output_dir before anything is written
     if distributed.writes_files(accelerator):
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(config, output_dir)
+        _write_config(recorded, output_dir)
     accelerator.wait_for_everyone()
-    if config.report_to == "tensorboard":
-        accelerator.init_trackers("soarflow", config=_tracker_config(config))
+    trackers.init_trackers(accelerator, config.report_to, _tracker_config(recorded), output_dir)
 
 
 class _Loop:
@@ -471,10 +473,18 @@ class _Loop:
         """checkpoint-{step} (every process calls it), after checking that the weights are finite."""
         tensors = list(self.params) + (list(self.ema.shadow_params) if self.ema is not None else [])
         self.guard.check_weights(tensors, step, "the weights are non-finite", finite=self.finite)
-        self.guard.last_good = ckpt.save_checkpoint(self.accelerator, self.output_dir, step,
-                                                    self.config.checkpoints_total_limit,
-                                                    state={"skipped_nonfinite_steps": self.guard.skipped})
-        return self.guard.last_good
+        path = ckpt.save_checkpoint(self.accelerator, self.output_dir, step, self.config.checkpoints_total_limit,
+                                    state={"skipped_nonfinite_steps": self.guard.skipped})
+        if self.config.checkpoint_model and self.layout.sharded:  # gathered, with the EMA weights swapped in
+            with torch.no_grad(), ema_weights(self.ema, self.unwrapped):
+                whole = distributed.gathered_model(self.accelerator, self.layout, self.model, self.task.build_model)
+            if distributed.writes_files(self.accelerator):
+                self.task.save_model(whole, path / ckpt.MODEL_DIR)
+            self.accelerator.wait_for_everyone()
+        elif self.config.checkpoint_model:
+            export.export_checkpoint_model(self.accelerator, self.task, self.unwrapped, self.ema, path)
+        self.guard.last_good = path
+        return path
 
 
 def _save_final(config: TrainConfig, task, accelerator, loop: _Loop) -> Path:
