@@ -25,7 +25,7 @@ RUN = ["--max_train_steps", "3", "--report_to", "none", "--show_progress", "fals
        "2", "--use_ema", "--ema_decay", "0.9", "--max_grad_norm", "1.0", "--validation_steps", "2"]
 
 
-def launch(out: Path, mode: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(out: Path, mode: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
