@@ -61,8 +61,8 @@ def test_sd3_full_and_lora_under_fsdp2_save_what_diffusers_loads(tmp_path):
     sd3 = build_tiny_sd3_pipeline(tmp_path / "pipe", variant="sd3")
     images = make_imagefolder(tmp_path / "imgs", sizes=((32, 32),))
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    _launch("cli", fsdp, *_args(fsdp / "full", sd3, images, "full"), "::", *_args(fsdp / "lora", sd3, images, "lora"))
-    for finetune in ("full", "lora"):  # the same runs under DDP, one launch each (DDP cannot start a second run)
+    for finetune in ("full", "lora"):  # each run in fresh processes, under FSDP2 and then under DDP
+        _launch("cli", fsdp, *_args(fsdp / finetune, sd3, images, finetune))
         _launch("ddp-cli", ddp, *_args(ddp / finetune, sd3, images, finetune))
 
     # full fine-tune: the gathered transformer folder equals the DDP run's and loads into the pipeline
