@@ -175,17 +175,26 @@ def _named_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def register_trainable_state_hooks(accelerator: Any) -> None:
-    """Make ``save_state``/``load_state`` store the model as its trainable parameters only (safetensors)."""
+def register_trainable_state_hooks(accelerator: Any, layout: Any = None) -> None:
+    """Make ``save_state``/``load_state`` store the model as its trainable parameters only (safetensors).
+
+    With sharded weights (FSDP2, ZeRO-3; `layout` from :func:`soarflow.train.distributed.layout_of`) accelerate
+    saves and restores the model's shards itself; the hook still writes the gathered whole trainable tensors (every
+    process takes part in the gathering), so that every checkpoint holds them in the same file."""
+    from .distributed import layout_of, trainable_state
+
+    layout = layout if layout is not None else layout_of(accelerator)
 
     def save_hook(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
         weights.clear()  # accelerate would otherwise also write the full state dict
+        if not (accelerator.is_main_process or layout.sharded):
+            return
+        tensors = {}
+        for i, model in enumerate(models):
+            prefix = f"{i}." if len(models) > 1 else ""
+            for name, t in trainable_state(accelerator, layout, model).items():
+                tensors[prefix + name] = t
         if accelerator.is_main_process:
-            tensors = {}
-            for i, model in enumerate(models):
-                prefix = f"{i}." if len(models) > 1 else ""
-                for name, p in _named_trainable(accelerator.unwrap_model(model)).items():
-                    tensors[prefix + name] = p.detach().to("cpu").contiguous()
             save_file(tensors, os.path.join(output_dir, TRAINABLE_FILE))
 
     def load_hook(models: list[nn.Module], input_dir: str) -> None:

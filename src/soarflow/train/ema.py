@@ -69,7 +69,12 @@ class EMA:
         self._stored = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "optimization_step": self.optimization_step, "shadow_params": self.shadow_params}
+        """Whole tensors: FSDP2 shards are gathered (every process calls it), so a checkpoint holds the same EMA
+        whatever the sharding."""
+        from .distributed import full_tensor
+
+        shadow = [full_tensor(s) for s in self.shadow_params]
+        return {"decay": self.decay, "optimization_step": self.optimization_step, "shadow_params": shadow}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -78,13 +83,17 @@ class EMA:
             raise ValueError(f"EMA state holds {len(shadow)} parameters, the model has {len(self.shadow_params)}")
         self.decay = float(state["decay"])
         self.optimization_step = int(state["optimization_step"])
+        from .distributed import copy_full_into
+
         for s, saved in zip(self.shadow_params, shadow):
-            s.copy_(saved)
+            copy_full_into(s, saved)  # each process keeps its shard of a sharded parameter's EMA
 
 
 def create_ema(model: nn.Module, decay: float, device: str | None = None) -> EMA:
     """An EMA of `model`'s trainable parameters; the shadow copies live on the parameters' device, or on `device`
-    (config ``ema_device``: ``cpu``; ``accelerator`` or None: the parameters' device)."""
+    (config ``ema_device``: ``cpu``; ``accelerator`` or None: the parameters' device). The trainer builds it after
+    ``accelerator.prepare``: under FSDP2 each process then averages its own shards (the update is elementwise, so
+    the shards' EMAs are the shards of the whole EMA)."""
     return EMA(trainable_parameters(model), decay=decay, device=None if device in (None, "accelerator") else device)
 
 

@@ -14,12 +14,15 @@ With several processes the flags are combined (all-reduce) every step, so every 
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # Exit status of `soarflow train` after a signal-triggered stop with a checkpoint saved (BSD EX_TEMPFAIL:
 # "try again later"); a job script may requeue on it and resume with --resume_from_checkpoint latest.
@@ -79,7 +82,8 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads, 2.0)
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: reduce the shards' partial norms
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
@@ -96,3 +100,57 @@ def step_flags(accelerator, nonfinite: torch.Tensor, stop: bool) -> tuple[bool, 
         flags = accelerator.reduce(flags, reduction="sum")
     bad, stopped = flags.tolist()
     return bad > 0, stopped > 0
+
+
+def diverged_message(step: int, last_good: Path | None, what: str, budget: int = 0) -> str:
+    """The :class:`Diverged` text: what went wrong at `step` and how to go on from the last good checkpoint."""
+    where = (f"the last good checkpoint is {last_good}; resume from it with a lower learning_rate into a new folder: "
+             f"--resume_from_checkpoint {last_good.resolve()} --output_dir <new folder> --learning_rate <lower>"
+             if last_good is not None else "no checkpoint was saved before it; lower learning_rate and start again")
+    allowed = f" (skip_nonfinite_steps: {budget} skipped steps allowed, all used)" if budget else ""
+    return f"training diverged at step {step}: {what}{allowed}; {where}"
+
+
+class StepGuard:
+    """The skip / diverge decision of a run, made once per optimizer step by :meth:`decide`.
+
+    Every micro-batch's loss is recorded (:meth:`saw_loss`); at the optimizer step the gradient norm joins it. A
+    non-finite value on any process skips the update while fewer than `budget` steps were skipped
+    (``skip_nonfinite_steps``), else raises :class:`Diverged` naming `last_good`. `check_grads` is False under
+    fp16 loss scaling (inf gradients are the scaler's business). Where an update cannot be skipped
+    (`can_skip` False: DeepSpeed steps its optimizer inside ``backward``) a non-finite step raises at once.
+    """
+
+    def __init__(self, budget: int, device, *, check_grads: bool = True, can_skip: bool = True,
+                 skipped: int = 0, last_good: Path | None = None):
+        self.budget, self.check_grads, self.can_skip = budget, check_grads, can_skip
+        self.skipped, self.last_good = skipped, last_good
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def saw_loss(self, loss: torch.Tensor) -> None:
+        self._nonfinite = self._nonfinite | ~torch.isfinite(loss.detach())
+
+    def decide(self, accelerator, norm: torch.Tensor | float | None, stop_requested: bool, step: int) -> tuple[bool, bool]:
+        """(skip this update, stop after this step) for optimizer step `step` (1-based), alike on every process:
+        the gradients are all-reduced and the flags combined. `norm` None: unknown (not checked)."""
+        if self.check_grads and norm is not None:
+            self._nonfinite = self._nonfinite | ~torch.isfinite(torch.as_tensor(norm, device=self._nonfinite.device))
+        skip, stop = step_flags(accelerator, self._nonfinite, stop_requested)
+        self._nonfinite = torch.zeros_like(self._nonfinite)
+        if not skip:
+            return False, stop
+        if not self.can_skip or self.skipped >= self.budget:
+            budget = self.budget if self.can_skip else 0
+            what = "non-finite loss or gradient norm" + ("" if self.can_skip else
+                                                         " (this backend cannot skip an update)")
+            raise Diverged(diverged_message(step, self.last_good, what, budget), step, self.last_good)
+        self.skipped += 1
+        logger.warning("step %d: non-finite loss or gradient norm; update skipped (%d of %d allowed by "
+                       "skip_nonfinite_steps)", step, self.skipped, self.budget)
+        return True, stop
+
+    def check_weights(self, tensors: Iterable[torch.Tensor], step: int, what: str,
+                      finite: Callable[[Iterable[torch.Tensor]], bool] = all_finite) -> None:
+        """Raise :class:`Diverged` unless every value of `tensors` is finite (before a save)."""
+        if not finite(tensors):
+            raise Diverged(diverged_message(step, self.last_good, what), step, self.last_good)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..tasks.registry import build_task
 from . import checkpoint as ckpt
-from . import export, safety, trackers
+from . import distributed, export, safety, trackers
 from .config import TrainConfig, resolved_for_device
 from .ema import copy_ema_to, create_ema, ema_weights, trainable_parameters, update_ema
 from .methods import StepContext, TrainMethod, build_method, compute_loss, load_init_weights, resolve_init_from  # noqa: F401
@@ -146,13 +146,25 @@ def _make_accelerator(config: TrainConfig, output_dir: Path):
     )
 
 
-def _reset_accelerate_state() -> None:
+def _process_state_type():
+    """The launch's distributed type before an `Accelerator` turns it into FSDP / DEEPSPEED (it starts the
+    process group exactly as `Accelerator()` would)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).distributed_type
+
+
+def _reset_accelerate_state(process_type=None) -> None:
     """Let a later `train()` in the same process use other accelerate settings (e.g. mixed precision). The
-    process group (PartialState) is kept."""
-    from accelerate.state import AcceleratorState, GradientState
+    process group (PartialState) is kept, with its distributed type as the launch set it (`process_type`):
+    accelerate overwrites it with FSDP / DEEPSPEED, and a second `Accelerator` would then get no plugin."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    if process_type is not None and PartialState._shared_state:
+        PartialState._shared_state["distributed_type"] = process_type
 
 
 def _tracker_config(config: TrainConfig) -> dict[str, Any]:
@@ -175,9 +187,11 @@ def _tracker_config(config: TrainConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: Path) -> Path:
-    """Main process: sample the task's validation grid (EMA weights if any) into validation/step_XXXXXX.png
-    and tensorboard. Runs under `fork_rng` so validation never changes the training randomness."""
+def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: Path) -> Path | None:
+    """Sample the task's validation grid (EMA weights if any); the main process writes it to
+    validation/step_XXXXXX.png and tensorboard and returns the path (None elsewhere). Called on the processes
+    :func:`distributed.validates` names (all of them when the weights are sharded). Runs under `fork_rng` so
+    validation never changes the training randomness."""
     from ..utils.images import save_image_grid
 
     path = output_dir / "validation" / f"step_{step:06d}.png"
@@ -189,6 +203,9 @@ def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: P
             images, captions = task.validation_images(model, accelerator.device)
         finally:
             model.train(was_training)
+            distributed.reshard(model)  # before the EMA's weights are swapped out again
+    if not distributed.writes_files(accelerator):
+        return None
     save_image_grid(images, captions, path)
     trackers.log_validation_images(accelerator, images, captions, step)
     return path
@@ -222,25 +239,73 @@ def train(config: TrainConfig, task: Any = None, model: nn.Module | None = None,
     method = build_method(config, reward)  # with its reward resolved: fails before any work
     trackers.check_installed(config.report_to)
 
+    process_type = _process_state_type()
     accelerator = _make_accelerator(config, output_dir)
     try:
         with safety.StopSignals() as signals:
             return _run(config, task, model, method, accelerator, output_dir, resume_from, signals, step_callback)
     finally:
         accelerator.end_training()
-        _reset_accelerate_state()
+        _reset_accelerate_state(process_type)
 
 
 def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path, resume_from: Path | None,
          signals: safety.StopSignals, step_callback=None) -> TrainResult:
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     start_time = time.perf_counter()
     set_seed(config.seed)  # model initialisation (when the task builds it)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
+    world = accelerator.num_processes
+    layout = distributed.layout_of(accelerator)
+    distributed.check_supported(layout, accelerator, config)
 
+    model = _build_model(config, task, model, accelerator.device)
+    dataset = task.train_dataset()
+    batches_per_epoch = len(dataset) // (config.train_batch_size * world)
+    if batches_per_epoch == 0:
+        raise ValueError(f"train_batch_size: {config.train_batch_size} x {world} process(es) exceeds the dataset size "
+                         f"{len(dataset)}")
+    optimizer = _make_optimizer(config, trainable_parameters(model))
+    lr_scheduler = _make_scheduler(config, optimizer, world)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    # after prepare: FSDP2 replaces the parameters by this process's shards (DTensors), which the optimizer, the
+    # gradient clipping and the EMA must use; with DDP they are the same objects as before
+    params = trainable_parameters(unwrapped)
+    ema = create_ema(unwrapped, config.ema_decay, config.ema_device) if config.use_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    ckpt.register_trainable_state_hooks(accelerator, layout)
+    method.setup(unwrapped, task, accelerator.device)  # before a checkpoint is restored: a KL reference is the start model
+
+    global_step = 0
+    if resume_from is not None:
+        global_step = ckpt.load_checkpoint(accelerator, resume_from)
+        logger.info("resumed from %s at step %d", resume_from, global_step)
+    _start_outputs(config, accelerator, output_dir)
+
+    loop = _Loop(config, task, method, accelerator, layout, output_dir, signals, step_callback,
+                 model=model, unwrapped=unwrapped, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                 ema=ema, dataset=dataset, batches_per_epoch=batches_per_epoch, global_step=global_step,
+                 resume_from=resume_from)
+    loop.run()
+    model_path = _save_final(config, task, accelerator, loop)
+    return TrainResult(
+        model=unwrapped,
+        global_step=loop.global_step,
+        wall_time_s=time.perf_counter() - start_time,
+        history=loop.history,
+        output_dir=output_dir,
+        model_path=model_path,
+        resumed_from=resume_from,
+        num_processes=world,
+        validation_images=loop.grids,
+        data_summary=task.data_summary(),
+    )
+
+
+def _build_model(config: TrainConfig, task, model: nn.Module | None, device: torch.device) -> nn.Module:
+    """The task's model (or the one passed in) with init_from, gradient checkpointing, on `device`, in train mode."""
     if model is None:
         model = task.build_model()
     if config.init_from:
@@ -249,177 +314,197 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
         task.enable_gradient_checkpointing(model)
     model.to(device)
     model.train()
-    params = trainable_parameters(model)
-    if not params:
+    if not trainable_parameters(model):
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
-    dataset = task.train_dataset()
-    batches_per_epoch = len(dataset) // (config.train_batch_size * world)
-    if batches_per_epoch == 0:
-        raise ValueError(f"train_batch_size: {config.train_batch_size} x {world} process(es) exceeds the dataset size "
-                         f"{len(dataset)}")
+    return model
 
-    optimizer = _make_optimizer(config, params)
-    lr_scheduler = _make_scheduler(config, optimizer, world)
-    ema = create_ema(model, config.ema_decay, config.ema_device) if config.use_ema else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ckpt.register_trainable_state_hooks(accelerator)
-    unwrapped = accelerator.unwrap_model(model)
-    method.setup(unwrapped, task, device)  # before a checkpoint is restored: a KL reference is the start model
 
-    global_step = 0
-    if resume_from is not None:
-        global_step = ckpt.load_checkpoint(accelerator, resume_from)
-        logger.info("resumed from %s at step %d", resume_from, global_step)
 
+def _start_outputs(config: TrainConfig, accelerator, output_dir: Path) -> None:
+    """config.yaml and the trackers, once every process has checked output_dir."""
     # config.yaml and the tracker record the layout `soar.reuse_main_output: auto` resolves to on this device type,
     # so `soarflow train --config <run>/config.yaml` computes the same thing on any device
-    recorded = resolved_for_device(config, device)
+    recorded = resolved_for_device(config, accelerator.device)
     accelerator.wait_for_everyone()  # every process has checked output_dir before anything is written
-    if accelerator.is_main_process:
+    if distributed.writes_files(accelerator):
         output_dir.mkdir(parents=True, exist_ok=True)
         _write_config(recorded, output_dir)
     accelerator.wait_for_everyone()
     trackers.init_trackers(accelerator, config.report_to, _tracker_config(recorded), output_dir)
 
-    history: list[dict[str, float]] = []
-    grids: list[Path] = []
-    accum = config.gradient_accumulation_steps
-    micro = global_step * accum
-    shared = torch.Generator(device=device)
-    local = torch.Generator(device=device)
-    progress = tqdm(total=config.max_train_steps, initial=global_step, desc=f"{config.method} ({config.task})",
-                    disable=not (config.show_progress and accelerator.is_local_main_process), dynamic_ncols=True)
-    step_metrics: list[dict[str, float]] = []
-    grad_norm = float("nan")
-    skipped = int(ckpt.read_trainer_state(resume_from).get("skipped_nonfinite_steps", 0)) if resume_from else 0
-    last_good = resume_from  # newest checkpoint known to hold finite weights
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any micro-batch loss of this step non-finite
-    # fp16 loss scaling produces inf gradients on purpose and skips those steps itself
-    check_grads = accelerator.scaler is None
 
-    def save(step: int) -> Path:
-        tensors = list(params) + (list(ema.shadow_params) if ema is not None else [])
-        if not safety.all_finite(tensors):
-            raise safety.Diverged(_diverged_message(step, last_good, "the weights are non-finite"), step, last_good)
-        path = ckpt.save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit,
-                                    state={"skipped_nonfinite_steps": skipped})
-        if config.checkpoint_model:
-            export.export_checkpoint_model(accelerator, task, unwrapped, ema, path)
+class _Loop:
+    """The optimizer-step loop of one `train()` call: its counters, the step's data and what follows each step
+    (logging, checkpoints, stops, validation)."""
+
+    def __init__(self, config: TrainConfig, task, method: TrainMethod, accelerator, layout: distributed.Layout,
+                 output_dir: Path, signals: safety.StopSignals, step_callback, *, model, unwrapped, params, optimizer,
+                 lr_scheduler, ema, dataset, batches_per_epoch: int, global_step: int, resume_from: Path | None):
+        self.config, self.task, self.method, self.accelerator, self.layout = config, task, method, accelerator, layout
+        self.output_dir, self.signals, self.step_callback = output_dir, signals, step_callback
+        self.model, self.unwrapped, self.params, self.ema = model, unwrapped, params, ema
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.dataset, self.batches_per_epoch = dataset, batches_per_epoch
+        self.global_step = global_step
+        self.micro = global_step * config.gradient_accumulation_steps
+        self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
+        self.history: list[dict[str, float]] = []
+        self.grids: list[Path] = []
+        self.shared = torch.Generator(device=self.device)
+        self.local = torch.Generator(device=self.device)
+        self.step_metrics: list[dict[str, float]] = []
+        self.grad_norm = float("nan")
+        skipped = int(ckpt.read_trainer_state(resume_from).get("skipped_nonfinite_steps", 0)) if resume_from else 0
+        # fp16 loss scaling produces inf gradients on purpose and skips those steps itself
+        self.guard = safety.StepGuard(config.skip_nonfinite_steps, self.device, check_grads=accelerator.scaler is None,
+                                      can_skip=layout.can_skip_updates, skipped=skipped, last_good=resume_from)
+        self.step_start = 0.0
+        self.loop_start = 0.0
+        self.progress = None
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        self.progress = tqdm(total=config.max_train_steps, initial=self.global_step,
+                             desc=f"{config.method} ({config.task})", dynamic_ncols=True,
+                             disable=not (config.show_progress and self.accelerator.is_local_main_process))
+        stopped = False  # step_callback returned False, or max_train_seconds is reached
+        self.loop_start = time.perf_counter()
+        while self.global_step < config.max_train_steps and not stopped:
+            epoch, offset = divmod(self.micro, self.batches_per_epoch)
+            for batch in _epoch_loader(self.dataset, self.task, config, epoch, offset, self.rank, self.world):
+                skip, stop_now = self._micro_step(batch)
+                if not self.accelerator.sync_gradients:
+                    continue
+                stopped = self._after_step(epoch, skip, stop_now)
+                if self.global_step >= config.max_train_steps or stopped:
+                    break
+        self.progress.close()
+
+    def _micro_step(self, batch) -> tuple[bool, bool]:
+        """Forward/backward of one micro-batch; at the last one of a step, the skip decision and the update.
+        Returns (update skipped, stop requested) — both False between optimizer steps."""
+        accelerator, config = self.accelerator, self.config
+        if not self.step_metrics:
+            self.step_start = time.perf_counter()  # seconds per optimizer step: its micro-batches' work
+        self.shared.manual_seed(_seed(config.seed, self.micro, 0))
+        self.local.manual_seed(_seed(config.seed, self.micro, 1 + self.rank))
+        skip = stop_now = False
+        with accelerator.accumulate(self.model):
+            out = self.method.compute_loss(self.model, self.task, batch,
+                                           StepContext(self.device, self.shared, self.local, self.rank, self.world,
+                                                       self.global_step, self.micro))
+            self.guard.saw_loss(out.loss)
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients:
+                if config.max_grad_norm is not None:
+                    norm = accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+                else:
+                    norm = safety.grad_norm(self.params)
+                # every process decides alike: gradients are all-reduced, flags are combined
+                norm = distributed.scalar(norm)  # None under DeepSpeed before its first step
+                skip, stop_now = self.guard.decide(accelerator, norm, self.signals.received is not None,
+                                                   self.global_step + 1)
+                self.grad_norm = float("nan") if norm is None else float(norm)
+            if not skip:
+                self.optimizer.step()
+                self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.micro += 1
+        self.step_metrics.append(out.metrics)
+        return skip, stop_now
+
+    def _after_step(self, epoch: int, skip: bool, stop_now: bool) -> bool:
+        """EMA, logging, checkpoint, stop and validation after optimizer step ``global_step``; True to end."""
+        config, accelerator = self.config, self.accelerator
+        self.global_step += 1
+        step = self.global_step
+        if self.ema is not None and not skip:
+            update_ema(self.ema, self.unwrapped)
+        if step % config.logging_steps == 0 or step == config.max_train_steps:
+            self._log(epoch)
+        self.step_metrics = []
+        self.progress.update(1)
+
+        saved_now = False
+        if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+            self.save(step)
+            saved_now = True
+        if stop_now:
+            self.progress.close()
+            if not saved_now:
+                self.save(step)
+            name = self.signals.received or "a stop signal (another process)"
+            raise safety.Interrupted(
+                f"stopped by {name} after step {step}; saved {self.guard.last_good}. Continue with: "
+                f"soarflow train --config {self.output_dir / ckpt.CONFIG_FILE} --resume_from_checkpoint latest",
+                step, self.guard.last_good, name)
+        stopped = self.step_callback is not None and self.step_callback(step, self.unwrapped) is False
+        stopped = _out_of_time(accelerator, config.max_train_seconds, self.loop_start) or stopped
+        is_last = step >= config.max_train_steps or stopped
+        if config.validation_steps and (step % config.validation_steps == 0 or is_last):
+            if distributed.validates(self.layout, accelerator):
+                grid = _validate(accelerator, self.task, self.unwrapped, self.ema, step, self.output_dir)
+                if grid is not None:
+                    self.grids.append(grid)
+            accelerator.wait_for_everyone()
+        return stopped
+
+    def _log(self, epoch: int) -> None:
+        lr = self.lr_scheduler.get_last_lr()[0]
+        method = self.method
+        entry = _reduce_metrics(self.accelerator, self.step_metrics, method.metric_keys, method.summed_keys)
+        entry.update(step=self.global_step, lr=lr, epoch=epoch, step_time_s=time.perf_counter() - self.step_start)
+        if self.config.max_grad_norm is not None:
+            entry["grad_norm"] = self.grad_norm
+        if self.guard.skipped:
+            entry["skipped_nonfinite_steps"] = self.guard.skipped
+        self.history.append(entry)
+        self.accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=self.global_step)
+        self.progress.set_postfix(**{k: f"{entry[k]:.4f}" for k in method.progress_keys}, lr=f"{lr:.2e}",
+                                  refresh=False)
+
+    def finite(self, tensors) -> bool:
+        return distributed.all_finite(self.accelerator, tensors)
+
+    def save(self, step: int) -> Path:
+        """checkpoint-{step} (every process calls it), after checking that the weights are finite."""
+        tensors = list(self.params) + (list(self.ema.shadow_params) if self.ema is not None else [])
+        self.guard.check_weights(tensors, step, "the weights are non-finite", finite=self.finite)
+        path = ckpt.save_checkpoint(self.accelerator, self.output_dir, step, self.config.checkpoints_total_limit,
+                                    state={"skipped_nonfinite_steps": self.guard.skipped})
+        if self.config.checkpoint_model and self.layout.sharded:  # gathered, with the EMA weights swapped in
+            with torch.no_grad(), ema_weights(self.ema, self.unwrapped):
+                whole = distributed.gathered_model(self.accelerator, self.layout, self.model, self.task.build_model)
+            if distributed.writes_files(self.accelerator):
+                self.task.save_model(whole, path / ckpt.MODEL_DIR)
+            self.accelerator.wait_for_everyone()
+        elif self.config.checkpoint_model:
+            export.export_checkpoint_model(self.accelerator, self.task, self.unwrapped, self.ema, path)
+        self.guard.last_good = path
         return path
 
-    stopped = False  # step_callback returned False, or max_train_seconds is reached
-    loop_start = time.perf_counter()
-    while global_step < config.max_train_steps and not stopped:
-        epoch, offset = divmod(micro, batches_per_epoch)
-        loader = _epoch_loader(dataset, task, config, epoch, offset, rank, world)
-        for batch in loader:
-            if not step_metrics:
-                step_start = time.perf_counter()  # seconds per optimizer step: its micro-batches' work
-            shared.manual_seed(_seed(config.seed, micro, 0))
-            local.manual_seed(_seed(config.seed, micro, 1 + rank))
-            with accelerator.accumulate(model):
-                out = method.compute_loss(model, task, batch, StepContext(device, shared, local, rank, world,
-                                                                           global_step, micro))
-                nonfinite = nonfinite | ~torch.isfinite(out.loss.detach())
-                accelerator.backward(out.loss)
-                skip = False
-                if accelerator.sync_gradients:
-                    if config.max_grad_norm is not None:
-                        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                    else:
-                        norm = safety.grad_norm(params)
-                    if check_grads:
-                        nonfinite = nonfinite | ~torch.isfinite(torch.as_tensor(norm))
-                    # every process decides alike: gradients are all-reduced, flags are combined
-                    skip, stop_now = safety.step_flags(accelerator, nonfinite, signals.received is not None)
-                    grad_norm = float(norm)
-                    nonfinite = torch.zeros_like(nonfinite)
-                    if skip:
-                        if skipped >= config.skip_nonfinite_steps:
-                            raise safety.Diverged(_diverged_message(global_step + 1, last_good,
-                                                                    "non-finite loss or gradient norm",
-                                                                    config.skip_nonfinite_steps), global_step + 1,
-                                                  last_good)
-                        skipped += 1
-                        logger.warning("step %d: non-finite loss or gradient norm; update skipped (%d of %d "
-                                       "allowed by skip_nonfinite_steps)", global_step + 1, skipped,
-                                       config.skip_nonfinite_steps)
-                if not skip:
-                    optimizer.step()
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            step_metrics.append(out.metrics)
-            if not accelerator.sync_gradients:
-                continue
 
-            global_step += 1
-            if ema is not None and not skip:
-                update_ema(ema, unwrapped)
-            lr = lr_scheduler.get_last_lr()[0]
-            if global_step % config.logging_steps == 0 or global_step == config.max_train_steps:
-                entry = _reduce_metrics(accelerator, step_metrics, method.metric_keys, method.summed_keys)
-                entry.update(step=global_step, lr=lr, epoch=epoch, step_time_s=time.perf_counter() - step_start)
-                if config.max_grad_norm is not None:
-                    entry["grad_norm"] = grad_norm
-                if skipped:
-                    entry["skipped_nonfinite_steps"] = skipped
-                history.append(entry)
-                accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=global_step)
-                progress.set_postfix(**{k: f"{entry[k]:.4f}" for k in method.progress_keys}, lr=f"{lr:.2e}",
-                                     refresh=False)
-            step_metrics = []
-            progress.update(1)
-
-            saved_now = False
-            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                last_good, saved_now = save(global_step), True
-            if stop_now:
-                progress.close()
-                if not saved_now:
-                    last_good = save(global_step)
-                name = signals.received or "a stop signal (another process)"
-                raise safety.Interrupted(
-                    f"stopped by {name} after step {global_step}; saved {last_good}. Continue with: "
-                    f"soarflow train --config {output_dir / ckpt.CONFIG_FILE} --resume_from_checkpoint latest",
-                    global_step, last_good, name)
-            stopped = step_callback is not None and step_callback(global_step, unwrapped) is False
-            stopped = _out_of_time(accelerator, config.max_train_seconds, loop_start) or stopped
-            is_last = global_step >= config.max_train_steps or stopped
-            if config.validation_steps and (global_step % config.validation_steps == 0 or is_last):
-                if accelerator.is_main_process:
-                    grids.append(_validate(accelerator, task, unwrapped, ema, global_step, output_dir))
-                accelerator.wait_for_everyone()
-            if is_last:
-                break
-    progress.close()
-
+def _save_final(config: TrainConfig, task, accelerator, loop: _Loop) -> Path:
+    """Put the EMA weights in (if any), check they are finite and write ``output_dir/model`` (whole weights,
+    gathered when sharded); returns its path."""
     accelerator.wait_for_everyone()
-    if ema is not None:
-        copy_ema_to(ema, unwrapped)
+    if loop.ema is not None:
+        copy_ema_to(loop.ema, loop.unwrapped)
+    output_dir = loop.output_dir
     model_path = output_dir / ckpt.MODEL_DIR
-    if not safety.all_finite(trainable_parameters(unwrapped)):
-        raise safety.Diverged(_diverged_message(global_step, last_good, "the final weights are non-finite"),
-                              global_step, last_good)
-    if accelerator.is_main_process:
-        written = task.save_model(unwrapped, model_path)
+    loop.guard.check_weights(trainable_parameters(loop.unwrapped), loop.global_step,
+                             "the final weights are non-finite", finite=loop.finite)
+    # sharded weights are gathered into a freshly built model on the main process (collective)
+    whole = distributed.gathered_model(accelerator, loop.layout, loop.model, task.build_model)
+    if distributed.writes_files(accelerator):
+        written = task.save_model(whole, model_path)
         # the task picks the format: a folder, or a file with its own extension (model.safetensors)
         model_path = Path(written) if written is not None else (ckpt.find_final_model(output_dir) or model_path)
     accelerator.wait_for_everyone()
-    return TrainResult(
-        model=unwrapped,
-        global_step=global_step,
-        wall_time_s=time.perf_counter() - start_time,
-        history=history,
-        output_dir=output_dir,
-        model_path=model_path,
-        resumed_from=resume_from,
-        num_processes=world,
-        validation_images=grids,
-        data_summary=task.data_summary(),
-    )
+    return model_path
 
 
 def _out_of_time(accelerator, max_seconds: float | None, start: float) -> bool:
@@ -430,14 +515,6 @@ def _out_of_time(accelerator, max_seconds: float | None, start: float) -> bool:
     if accelerator.num_processes > 1:
         late = accelerator.reduce(late, reduction="sum")
     return bool(late > 0)
-
-
-def _diverged_message(step: int, last_good: Path | None, what: str, budget: int = 0) -> str:
-    where = (f"the last good checkpoint is {last_good}; resume from it with a lower learning_rate into a new folder: "
-             f"--resume_from_checkpoint {last_good.resolve()} --output_dir <new folder> --learning_rate <lower>"
-             if last_good is not None else "no checkpoint was saved before it; lower learning_rate and start again")
-    allowed = f" (skip_nonfinite_steps: {budget} skipped steps allowed, all used)" if budget else ""
-    return f"training diverged at step {step}: {what}{allowed}; {where}"
 
 
 def _reduce_metrics(accelerator, per_micro: list[dict[str, float]], keys=METRIC_KEYS,

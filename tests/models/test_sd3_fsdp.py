@@ -1,0 +1,94 @@
+"""SD3 (tiny, from tests/diffusers_testing.py) under accelerate's FSDP2 plugin with 2 CPU processes, through
+`soarflow train` (tests/train/fsdp_worker.py keeps FSDP on CPU devices): each JointTransformerBlock is its own
+FSDP unit; full fine-tuning and LoRA (frozen base and trainable adapters in the same units) train with EMA and
+validation, and the gathered saves hold the weights of the same runs under DDP and load into diffusers' pipeline.
+(DDP, not one process: the SD3 task draws the VAE posterior sample with each process's own generator, so only runs
+with the same number of processes see the same latents.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from soarflow.models.lora import LORA_WEIGHTS  # noqa: E402
+
+WORKER = Path(__file__).resolve().parents[1] / "train" / "fsdp_worker.py"
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(mode: str, out: Path, *args: str) -> None:
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP", FSDP_TRANSFORMER_CLS_TO_WRAP="JointTransformerBlock")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(_port()), str(WORKER), str(out), mode, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "2 process(es)" in proc.stdout + proc.stderr
+
+
+def _args(out: Path, sd3: Path, images: Path, finetune: str) -> list[str]:
+    return ["--task", "sd3", "--method", "soar", "--output_dir", str(out), "--train_batch_size", "1",
+            "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2", "--report_to", "none",
+            "--show_progress", "false", "--learning_rate", "1e-3", "--soar.num_aux", "2", "--soar.rollout_steps", "3",
+            "--use_ema", "--ema_decay", "0.5",
+            f"--model.pretrained={sd3}", "--model.max_sequence_length=8", f"--model.finetune={finetune}",
+            "--model.lora={rank: 4, alpha: 8}", f"--data.path={images}", "--data.resolution=32",
+            "--data.validation_num_steps=2", "--data.validation_prompts=['a red circle']"]
+
+
+@pytest.mark.slow
+def test_sd3_full_and_lora_under_fsdp2_save_what_diffusers_loads(tmp_path):
+    sd3 = build_tiny_sd3_pipeline(tmp_path / "pipe", variant="sd3")
+    images = make_imagefolder(tmp_path / "imgs", sizes=((32, 32),))
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    for finetune in ("full", "lora"):  # each run in fresh processes, under FSDP2 and then under DDP
+        _launch("cli", fsdp, *_args(fsdp / finetune, sd3, images, finetune))
+        _launch("ddp-cli", ddp, *_args(ddp / finetune, sd3, images, finetune))
+
+    # full fine-tune: the gathered transformer folder equals the DDP run's and loads into the pipeline
+    transformer = SD3Transformer2DModel.from_pretrained(str(fsdp / "full" / "model" / "transformer"))
+    expected = SD3Transformer2DModel.from_pretrained(str(ddp / "full" / "model" / "transformer")).state_dict()
+    assert transformer.state_dict().keys() == expected.keys()
+    for name, w in transformer.state_dict().items():
+        torch.testing.assert_close(w, expected[name], rtol=1e-4, atol=1e-5)
+    base = SD3Transformer2DModel.from_pretrained(str(sd3), subfolder="transformer")
+    assert not torch.equal(base.pos_embed.proj.weight, transformer.pos_embed.proj.weight)
+    assert (fsdp / "full" / "validation" / "step_000002.png").is_file()
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3), transformer=transformer)
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=8,
+                 output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+    # LoRA: only the adapters were saved, equal to the DDP run's, and load_lora_weights takes them
+    saved = load_file(str(fsdp / "lora" / "model" / LORA_WEIGHTS))
+    expected = load_file(str(ddp / "lora" / "model" / LORA_WEIGHTS))
+    assert saved.keys() == expected.keys() and saved
+    for k, v in expected.items():
+        torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=1e-5)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at 0: training moved it
+    ckpt = load_file(str(fsdp / "lora" / "checkpoint-2" / "trainable_params.safetensors"))
+    assert ckpt and all("lora_" in k for k in ckpt)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3))
+    pipe.load_lora_weights(str(fsdp / "lora" / "model"))
+    image = pipe("a dog", num_inference_steps=2, height=32, width=32, max_sequence_length=8, output_type="pt").images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
