@@ -34,14 +34,42 @@ def _config(work: Path, family: str, cached: bool, steps: int):
     from soarflow.train import load_config
 
     extra = [f"--data.cache_dir={work / 'cache'}"] if cached else []
-    return load_config(None, [
-        "--task", family, "--method", "soar", "--output_dir", str(work / f"run-{family}-{int(cached)}-{time.time_ns()}"),
-        "--train_batch_size", "4", "--max_train_steps", str(steps), "--logging_steps", "1", "--validation_steps", "0",
-        "--checkpointing_steps", "0", "--report_to", "none", "--show_progress", "false",
-        "--soar.num_aux", "2", "--soar.rollout_steps", "4", "--soar.guidance_scale", "2.0",
-        f"--model.pretrained={work / family}", "--model.max_sequence_length=32",
-        f"--data.path={work / 'imgs'}", "--data.resolution=32", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            "--task",
+            family,
+            "--method",
+            "soar",
+            "--output_dir",
+            str(work / f"run-{family}-{int(cached)}-{time.time_ns()}"),
+            "--train_batch_size",
+            "4",
+            "--max_train_steps",
+            str(steps),
+            "--logging_steps",
+            "1",
+            "--validation_steps",
+            "0",
+            "--checkpointing_steps",
+            "0",
+            "--report_to",
+            "none",
+            "--show_progress",
+            "false",
+            "--soar.num_aux",
+            "2",
+            "--soar.rollout_steps",
+            "4",
+            "--soar.guidance_scale",
+            "2.0",
+            f"--model.pretrained={work / family}",
+            "--model.max_sequence_length=32",
+            f"--data.path={work / 'imgs'}",
+            "--data.resolution=32",
+            *extra,
+        ],
+    )
 
 
 def child(mode: str, family: str, work: Path, steps: int) -> dict:
@@ -63,8 +91,11 @@ def child(mode: str, family: str, work: Path, steps: int) -> dict:
         task = build_task(cfg)
         result = train(cfg, task=task)
         times = [h["step_time_s"] for h in result.history[1:]]
-        out.update(s_per_step=statistics.median(times), losses=[h["loss"] for h in result.history],
-                   encoders_loaded=task.pipeline.loaded)
+        out.update(
+            s_per_step=statistics.median(times),
+            losses=[h["loss"] for h in result.history],
+            encoders_loaded=task.pipeline.loaded,
+        )
     out["seconds"] = time.perf_counter() - start
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -98,12 +129,16 @@ def main() -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
         for family in ("sd3", "flux"):
             for mode in ("uncached", "fill", "cached"):
-                proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", mode, family,
-                                       str(work)], env=env, capture_output=True, text=True)
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--steps", str(args.steps), "--child", mode, family, str(work)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
                     raise SystemExit(f"{family} {mode} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-                results.append(json.loads(line[len("RESULT "):]))
+                results.append(json.loads(line[len("RESULT ") :]))
                 print(json.dumps(results[-1]), flush=True)
     Path(args.out).write_text(json.dumps({"steps": args.steps, "images": args.images, "results": results}, indent=1))
 

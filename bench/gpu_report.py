@@ -34,8 +34,14 @@ def sections(work: str) -> list[dict]:
             for line in fh:
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) >= 3:
-                    out.append({"section": parts[0], "rc": parts[1], "seconds": parts[2],
-                                "note": parts[3] if len(parts) > 3 else ""})
+                    out.append(
+                        {
+                            "section": parts[0],
+                            "rc": parts[1],
+                            "seconds": parts[2],
+                            "note": parts[3] if len(parts) > 3 else "",
+                        }
+                    )
     except OSError:
         pass
     return out
@@ -48,14 +54,20 @@ def layout_table(step_cost: dict) -> list[str]:
     if not ks:
         return []
     variants = list(next(iter(ks.values()))["median_s"])
-    lines = [f"Forward layouts (bench/step_cost.py, model {step_cost.get('model')}, batch {step_cost.get('batch')}, "
-             f"{step_cost.get('device_name')}); the default resolved to **{step_cost.get('default_layout')}**. "
-             "Median ms per step:", "",
-             "| K | " + " | ".join(variants) + " | max abs loss diff between layouts |",
-             "|---" * (len(variants) + 2) + "|"]
+    lines = [
+        f"Forward layouts (bench/step_cost.py, model {step_cost.get('model')}, batch {step_cost.get('batch')}, "
+        f"{step_cost.get('device_name')}); the default resolved to **{step_cost.get('default_layout')}**. "
+        "Median ms per step:",
+        "",
+        "| K | " + " | ".join(variants) + " | max abs loss diff between layouts |",
+        "|---" * (len(variants) + 2) + "|",
+    ]
     for k, r in ks.items():
-        lines.append(f"| {k} | " + " | ".join(f"{r['median_s'][v] * 1e3:.1f}" for v in variants)
-                     + f" | {r['max_abs_loss_diff']:.1e} |")
+        lines.append(
+            f"| {k} | "
+            + " | ".join(f"{r['median_s'][v] * 1e3:.1f}" for v in variants)
+            + f" | {r['max_abs_loss_diff']:.1e} |"
+        )
     return lines
 
 
@@ -70,18 +82,34 @@ def build(work: str) -> tuple[dict, str]:
         meta = meta or data.get("meta", {})
         rows += data.get("rows", [])
     secs = sections(work)
-    summary = {"env": env, "sections": secs, "step_cost": step_cost, "scale_meta": meta, "scale_rows": rows,
-               "ratios": scale.ratios(rows)}
-    md = ["# bench/gpu_all.sh summary", "",
-          f"Machine: {env.get('device') or 'no GPU'} ({env.get('nvidia_smi', '')}); torch {env.get('torch')}, "
-          f"CUDA {env.get('cuda')}; diffusers {env.get('diffusers')}, bitsandbytes {env.get('bitsandbytes')}; "
-          f"{env.get('date')}.", "", "| section | exit | seconds | note |", "|---|---|---|---|"]
+    summary = {
+        "env": env,
+        "sections": secs,
+        "step_cost": step_cost,
+        "scale_meta": meta,
+        "scale_rows": rows,
+        "ratios": scale.ratios(rows),
+    }
+    md = [
+        "# bench/gpu_all.sh summary",
+        "",
+        f"Machine: {env.get('device') or 'no GPU'} ({env.get('nvidia_smi', '')}); torch {env.get('torch')}, "
+        f"CUDA {env.get('cuda')}; diffusers {env.get('diffusers')}, bitsandbytes {env.get('bitsandbytes')}; "
+        f"{env.get('date')}.",
+        "",
+        "| section | exit | seconds | note |",
+        "|---|---|---|---|",
+    ]
     md += [f"| {s['section']} | {s['rc']} | {s['seconds']} | {s['note']} |" for s in secs]
     if step_cost:
         md += [""] + layout_table(step_cost)
     if rows:
-        md += ["", "## Scale (bench/scale.py parts: " + ", ".join(os.path.basename(p) for p in parts) + ")", "",
-               scale.markdown(meta, rows)]
+        md += [
+            "",
+            "## Scale (bench/scale.py parts: " + ", ".join(os.path.basename(p) for p in parts) + ")",
+            "",
+            scale.markdown(meta, rows),
+        ]
     return summary, "\n".join(md) + "\n"
 
 

@@ -18,7 +18,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 
 from soarflow.models.embedded import load_shapes_model
 from soarflow.shapes.generate import generate_images
@@ -48,18 +47,39 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     bench = ShapesEval(prompts_per_family=args.prompts_per_family, images_per_prompt=args.images_per_prompt, seed=0)
     prompts = [q.text for q in bench.prompts for _ in range(args.images_per_prompt)]
-    base_overrides = [f"--output_dir={out / 'run'}", "--report_to=none", "--validation_steps=0",
-                      f"--checkpointing_steps={args.every}", "--show_progress=false", "--logging_steps=1",
-                      f"--grpo.reward={args.reward}", *args.overrides]
+    base_overrides = [
+        f"--output_dir={out / 'run'}",
+        "--report_to=none",
+        "--validation_steps=0",
+        f"--checkpointing_steps={args.every}",
+        "--show_progress=false",
+        "--logging_steps=1",
+        f"--grpo.reward={args.reward}",
+        *args.overrides,
+    ]
     cfg = load_config("configs/shapes_grpo.yaml", base_overrides + ["--max_train_steps=1"])
     reward_fn = shapes_reward if args.reward == "auto" else resolve_reward(args.reward, {}, "shapes")[0]
     guidance = cfg.grpo.guidance_scale
     base = load_shapes_model("base")
-    curve = [{"step": 0, "ode_reward": ode_reward(base, prompts, reward_fn, args.eval_steps, guidance),
-              f"ode_reward_{args.final_eval_steps}": ode_reward(base, prompts, reward_fn, args.final_eval_steps, guidance)}]
-    print(json.dumps({"images": len(prompts), "config": {k: v for k, v in cfg.to_dict().items()
-                                                          if k in ("learning_rate", "train_batch_size")},
-                      "grpo": cfg.to_dict()["grpo"]}), flush=True)
+    curve = [
+        {
+            "step": 0,
+            "ode_reward": ode_reward(base, prompts, reward_fn, args.eval_steps, guidance),
+            f"ode_reward_{args.final_eval_steps}": ode_reward(
+                base, prompts, reward_fn, args.final_eval_steps, guidance
+            ),
+        }
+    ]
+    print(
+        json.dumps(
+            {
+                "images": len(prompts),
+                "config": {k: v for k, v in cfg.to_dict().items() if k in ("learning_rate", "train_batch_size")},
+                "grpo": cfg.to_dict()["grpo"],
+            }
+        ),
+        flush=True,
+    )
     print(json.dumps(curve[-1]), flush=True)
     history: list[dict] = []
     start = time.perf_counter()
@@ -69,18 +89,24 @@ def main() -> None:
         result = train(cfg)
         seg = result.history
         history += seg
-        point = {"step": step, "ode_reward": ode_reward(result.model, prompts, reward_fn, args.eval_steps, guidance),
-                 "train_reward_mean_segment": sum(h["reward_mean"] for h in seg) / len(seg),
-                 "kl_last": seg[-1]["kl"], "clip_frac_mean": sum(h["clip_frac"] for h in seg) / len(seg),
-                 "s_per_step": sum(h["step_time_s"] for h in seg) / len(seg),
-                 "elapsed_s": round(time.perf_counter() - start, 1)}
+        point = {
+            "step": step,
+            "ode_reward": ode_reward(result.model, prompts, reward_fn, args.eval_steps, guidance),
+            "train_reward_mean_segment": sum(h["reward_mean"] for h in seg) / len(seg),
+            "kl_last": seg[-1]["kl"],
+            "clip_frac_mean": sum(h["clip_frac"] for h in seg) / len(seg),
+            "s_per_step": sum(h["step_time_s"] for h in seg) / len(seg),
+            "elapsed_s": round(time.perf_counter() - start, 1),
+        }
         if step + args.every > args.steps:
-            point[f"ode_reward_{args.final_eval_steps}"] = ode_reward(result.model, prompts, reward_fn,
-                                                                      args.final_eval_steps, guidance)
+            point[f"ode_reward_{args.final_eval_steps}"] = ode_reward(
+                result.model, prompts, reward_fn, args.final_eval_steps, guidance
+            )
         curve.append(point)
         print(json.dumps(curve[-1]), flush=True)
-        (out / "curve.json").write_text(json.dumps({"images": len(prompts), "args": vars(args), "curve": curve,
-                                                    "history": history}, indent=1))
+        (out / "curve.json").write_text(
+            json.dumps({"images": len(prompts), "args": vars(args), "curve": curve, "history": history}, indent=1)
+        )
 
 
 if __name__ == "__main__":

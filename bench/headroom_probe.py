@@ -44,8 +44,9 @@ def cluster_bootstrap(a: np.ndarray, b: np.ndarray, groups: np.ndarray, n: int =
 def evaluate(model, bench: ShapesEval, real, steps: int, guidance: float, seed: int):
     prompts = bench.image_prompts()
     groups = [p.index for p in bench.prompts for _ in range(bench.images_per_prompt)]
-    metrics, images, report = evaluate_setting(model, prompts, groups, real, num_steps=steps, guidance_scale=guidance,
-                                               seed=seed, exposure_images=8, shift=1.0)
+    metrics, images, report = evaluate_setting(
+        model, prompts, groups, real, num_steps=steps, guidance_scale=guidance, seed=seed, exposure_images=8, shift=1.0
+    )
     single = [i for i, p in enumerate(prompts) if bench.prompts[groups[i]].family == "single_object"]
     found = detect(images[single]) if single else []
     colors = Counter(o.color for objs in found for o in objs if o.shape != "unknown")
@@ -56,7 +57,9 @@ def evaluate(model, bench: ShapesEval, real, steps: int, guidance: float, seed: 
         "fd": metrics["frechet_distance"],
         "diversity": metrics["diversity"],
         "correct": np.array([float(r.correct) for r in report.records]),
-        "single_empty": empty, "single_n": len(single), "single_colors": dict(colors),
+        "single_empty": empty,
+        "single_n": len(single),
+        "single_colors": dict(colors),
     }, np.array(groups)
 
 
@@ -75,11 +78,21 @@ def main() -> None:
 
     raw = yaml.safe_load(Path(args.config).read_text())
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    raw = with_overrides(raw, {"output_dir": f"/tmp/headroom/{args.name}", "report_to": "none",
-                               "checkpointing_steps": 0, "validation_steps": 0, "show_progress": False, **overrides})
+    raw = with_overrides(
+        raw,
+        {
+            "output_dir": f"/tmp/headroom/{args.name}",
+            "report_to": "none",
+            "checkpointing_steps": 0,
+            "validation_steps": 0,
+            "show_progress": False,
+            **overrides,
+        },
+    )
     config = TrainConfig.from_dict(raw)
-    bench = ShapesEval(prompts_per_family=args.prompts_per_family, images_per_prompt=args.images_per_prompt,
-                       seed=args.eval_seed)
+    bench = ShapesEval(
+        prompts_per_family=args.prompts_per_family, images_per_prompt=args.images_per_prompt, seed=args.eval_seed
+    )
     real = render(bench.image_prompts(), seed=args.eval_seed + 1)
     task = build_task(config)
 
@@ -100,9 +113,17 @@ def main() -> None:
         trained, _ = evaluate(result.model.float().eval(), bench, real, args.steps, args.guidance, args.eval_seed)
     diff, lo, hi = cluster_bootstrap(trained["correct"], base["correct"], groups)
     line = {
-        "name": args.name, "overrides": overrides, "train_seconds": round(train_s, 1), "steps": result.global_step,
-        "eval": {"prompts_per_family": args.prompts_per_family, "images_per_prompt": args.images_per_prompt,
-                 "seed": args.eval_seed, "num_steps": args.steps, "guidance": args.guidance},
+        "name": args.name,
+        "overrides": overrides,
+        "train_seconds": round(train_s, 1),
+        "steps": result.global_step,
+        "eval": {
+            "prompts_per_family": args.prompts_per_family,
+            "images_per_prompt": args.images_per_prompt,
+            "seed": args.eval_seed,
+            "num_steps": args.steps,
+            "guidance": args.guidance,
+        },
         "base": {k: v for k, v in base.items() if k != "correct"},
         "trained": {k: v for k, v in trained.items() if k != "correct"},
         "diff_overall": [round(diff, 4), round(lo, 4), round(hi, 4)],
@@ -111,10 +132,13 @@ def main() -> None:
     with open(args.out, "a") as f:
         f.write(json.dumps(line) + "\n")
     fam = " ".join(f"{k[:6]} {base['per_family'][k]:.2f}->{trained['per_family'][k]:.2f}" for k in base["per_family"])
-    print(f"{args.name}: overall {base['overall']:.3f} -> {trained['overall']:.3f}  diff {diff:+.3f} "
-          f"[{lo:+.3f}, {hi:+.3f}]  FD {base['fd']:.2f} -> {trained['fd']:.2f}  div {base['diversity']:.2f} -> "
-          f"{trained['diversity']:.2f}  | {fam} | single empty {base['single_empty']}->{trained['single_empty']}"
-          f"/{trained['single_n']} colors {trained['single_colors']}  ({train_s:.0f}s train)", flush=True)
+    print(
+        f"{args.name}: overall {base['overall']:.3f} -> {trained['overall']:.3f}  diff {diff:+.3f} "
+        f"[{lo:+.3f}, {hi:+.3f}]  FD {base['fd']:.2f} -> {trained['fd']:.2f}  div {base['diversity']:.2f} -> "
+        f"{trained['diversity']:.2f}  | {fam} | single empty {base['single_empty']}->{trained['single_empty']}"
+        f"/{trained['single_n']} colors {trained['single_colors']}  ({train_s:.0f}s train)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

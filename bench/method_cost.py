@@ -31,16 +31,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for m in METHODS:
-                cfg = method_config(m, {"output_dir": str(Path(tmp) / f"{m}_{r}"), "train_batch_size": args.batch,
-                                        "max_train_steps": args.steps, "report_to": "none", "show_progress": False,
-                                        "checkpointing_steps": 0, "validation_steps": 0, "seed": r})
+                cfg = method_config(
+                    m,
+                    {
+                        "output_dir": str(Path(tmp) / f"{m}_{r}"),
+                        "train_batch_size": args.batch,
+                        "max_train_steps": args.steps,
+                        "report_to": "none",
+                        "show_progress": False,
+                        "checkpointing_steps": 0,
+                        "validation_steps": 0,
+                        "seed": r,
+                    },
+                )
                 hist = train(cfg).history
                 times[m] += [h["step_time_s"] for h in hist[1:]]  # the first step includes warm-up
                 forwards[m] = (hist[-1]["forwards_per_sample"], hist[-1]["grad_forwards_per_sample"])
     sft = statistics.median(times["sft"])
-    rows = {m: {"forwards_per_sample": forwards[m][0], "grad_forwards_per_sample": forwards[m][1],
-                "s_per_step_median": statistics.median(times[m]), "time_vs_sft": statistics.median(times[m]) / sft}
-            for m in METHODS}
+    rows = {
+        m: {
+            "forwards_per_sample": forwards[m][0],
+            "grad_forwards_per_sample": forwards[m][1],
+            "s_per_step_median": statistics.median(times[m]),
+            "time_vs_sft": statistics.median(times[m]) / sft,
+        }
+        for m in METHODS
+    }
     print(json.dumps({"batch": args.batch, "rounds": args.rounds, "steps": args.steps, "methods": rows}, indent=1))
 
 

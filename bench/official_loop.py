@@ -33,11 +33,23 @@ def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
-def official_step(model: Any, x0: torch.Tensor, cond: Any, null_cond: Any, *, num_aux: int = 6,
-                  lambda_aux: float = 1.0, guidance_scale: float = 4.5, rollout_steps: int = 40, shift: float = 3.0,
-                  sigma_floor: float = 1e-3, generator: torch.Generator | None = None,
-                  noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                  aux_sigmas: torch.Tensor | None = None) -> torch.Tensor:
+def official_step(
+    model: Any,
+    x0: torch.Tensor,
+    cond: Any,
+    null_cond: Any,
+    *,
+    num_aux: int = 6,
+    lambda_aux: float = 1.0,
+    guidance_scale: float = 4.5,
+    rollout_steps: int = 40,
+    shift: float = 3.0,
+    sigma_floor: float = 1e-3,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    aux_sigmas: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Run the release's forward/backward passes for one micro-batch; gradients accumulate into ``.grad``.
 
     ``noise`` (shape of x0), ``t`` (B,) and ``aux_sigmas`` (K, B) override the random draws (logit-normal t,
@@ -56,8 +68,9 @@ def official_step(model: Any, x0: torch.Tensor, cond: Any, null_cond: Any, *, nu
 
     # 1. the rollout: autograd on (as released), output detached
     if guidance_scale != 1.0:
-        v = model(torch.cat([x_t, x_t]), torch.cat([sigma0, sigma0]),
-                  cond_cat([cond_expand_null(null_cond, batch), cond])).detach()
+        v = model(
+            torch.cat([x_t, x_t]), torch.cat([sigma0, sigma0]), cond_cat([cond_expand_null(null_cond, batch), cond])
+        ).detach()
         v_u, v_c = v[:batch], v[batch:]
         v_g = v_u + guidance_scale * (v_c - v_u)
     else:

@@ -40,13 +40,33 @@ from scale_report import markdown, ratios  # noqa: E402
 
 # Published transformer configs (diffusers config.json of stabilityai/stable-diffusion-3.5-medium and
 # black-forest-labs/FLUX.1-dev), written out so that nothing is downloaded.
-SD35M = dict(num_layers=24, num_attention_heads=24, attention_head_dim=64, joint_attention_dim=4096,
-             caption_projection_dim=1536, pooled_projection_dim=2048, in_channels=16, out_channels=16,
-             patch_size=2, sample_size=128, pos_embed_max_size=384, qk_norm="rms_norm",
-             dual_attention_layers=tuple(range(13)))
-FLUX1DEV = dict(num_layers=19, num_single_layers=38, num_attention_heads=24, attention_head_dim=128,
-                joint_attention_dim=4096, pooled_projection_dim=768, in_channels=64, patch_size=1,
-                guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+SD35M = dict(
+    num_layers=24,
+    num_attention_heads=24,
+    attention_head_dim=64,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    in_channels=16,
+    out_channels=16,
+    patch_size=2,
+    sample_size=128,
+    pos_embed_max_size=384,
+    qk_norm="rms_norm",
+    dual_attention_layers=tuple(range(13)),
+)
+FLUX1DEV = dict(
+    num_layers=19,
+    num_single_layers=38,
+    num_attention_heads=24,
+    attention_head_dim=128,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    in_channels=64,
+    patch_size=1,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
 TEXT_LEN = {"sd3m": 77 + 256, "flux": 512}
 LATENT_CHANNELS = 16  # both VAEs; FLUX packs 2x2 patches into 64 channels
 
@@ -75,9 +95,10 @@ class Case:
             m += f" ({self.layout})"
         q = f" q={self.quant}" if self.quant else ""
         ckpt = "on" if self.grad_ckpt else "off"
-        return (f"{self.arch} {self.resolution}px b{self.batch} {self.finetune}{q} gc={ckpt} "
-                f"{m} chunk={self.aux_chunk or '-'} {self.optimizer}")
-
+        return (
+            f"{self.arch} {self.resolution}px b{self.batch} {self.finetune}{q} gc={ckpt} "
+            f"{m} chunk={self.aux_chunk or '-'} {self.optimizer}"
+        )
 
 
 def scaled(config: dict, scale: float, arch: str) -> dict:
@@ -103,8 +124,11 @@ def _classes(arch: str):
     from soarflow.tasks.flux import FluxVelocity
     from soarflow.tasks.sd3 import SD3Velocity
 
-    return ((SD3Transformer2DModel, SD3Velocity, SD35M) if arch == "sd3m"
-            else (FluxTransformer2DModel, FluxVelocity, FLUX1DEV))
+    return (
+        (SD3Transformer2DModel, SD3Velocity, SD35M)
+        if arch == "sd3m"
+        else (FluxTransformer2DModel, FluxVelocity, FLUX1DEV)
+    )
 
 
 def _construct(cls, cfg: dict, device, dtype: torch.dtype):
@@ -154,8 +178,15 @@ def quantized_transformer(cls, cfg: dict, quant: str, device: torch.device, work
     return model.to(device) if backend != "bitsandbytes" else model  # bitsandbytes loads onto the GPU itself
 
 
-def build(arch: str, scale: float, finetune: str, device: torch.device, lora_rank: int, quant: str | None = None,
-          workdir: str | None = None):
+def build(
+    arch: str,
+    scale: float,
+    finetune: str,
+    device: torch.device,
+    lora_rank: int,
+    quant: str | None = None,
+    workdir: str | None = None,
+):
     """The velocity model (soarflow's SD3/FLUX wrappers), built directly on ``device``."""
     from soarflow.models.lora import LoraSection, add_lora
 
@@ -213,8 +244,9 @@ def run_case(case: Case, model, cfg: dict, args, device: torch.device) -> dict:
     x0, cond, null = batch_for(case.arch, cfg, case.resolution, case.batch, text_len, device)
     # FLUX-dev is guidance-distilled: its rollout uses the embedded guidance (guidance_scale 1), as the trainer does.
     w = 1.0 if case.arch == "flux" else 4.5
-    objective = SOARConfig(num_aux=case.k, guidance_scale=w, aux_chunk_size=case.aux_chunk,
-                           reuse_main_output=LAYOUTS[case.layout])
+    objective = SOARConfig(
+        num_aux=case.k, guidance_scale=w, aux_chunk_size=case.aux_chunk, reuse_main_output=LAYOUTS[case.layout]
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(case.optimizer, params)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -223,8 +255,17 @@ def run_case(case: Case, model, cfg: dict, args, device: torch.device) -> dict:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             if case.method == "official":  # the release's loop: its backward passes run inside
-                official_step(model, x0, cond, null, num_aux=case.k, guidance_scale=w, rollout_steps=40,
-                              shift=objective.shift, generator=gen)
+                official_step(
+                    model,
+                    x0,
+                    cond,
+                    null,
+                    num_aux=case.k,
+                    guidance_scale=w,
+                    rollout_steps=40,
+                    shift=objective.shift,
+                    generator=gen,
+                )
             else:
                 if case.method == "sft":
                     out = sft_loss(model, x0, cond, config=objective.replace(num_aux=0), generator=gen)
@@ -257,7 +298,7 @@ def run_case(case: Case, model, cfg: dict, args, device: torch.device) -> dict:
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     elif args.isolate_child:
         row["peak_rss_growth_mib"] = (_peak_rss_kib() - rss0) / 1024
-    del opt
+    opt = None  # free the optimizer state before the next case (the closures above are done with it)
     return row
 
 
@@ -307,6 +348,7 @@ def cases(args) -> list[Case]:
                     for quant in quants if ft == "lora" else [None]:
                         for ckpt in [bool(int(v)) for v in args.grad_ckpt.split(",")]:
                             for opt in opts:
+
                                 def add(method, k, chunk):
                                     out.append(Case(arch, res, ft, ckpt, method, k, chunk, opt, batch, quant))
 
@@ -315,17 +357,30 @@ def cases(args) -> list[Case]:
                                     for chunk in _chunks(args.aux_chunks):
                                         add("soar", k, chunk)
                                     for layout in layouts:
-                                        out.append(Case(arch, res, ft, ckpt, "soar", k, None, opt, batch, quant,
-                                                        layout))
+                                        out.append(
+                                            Case(arch, res, ft, ckpt, "soar", k, None, opt, batch, quant, layout)
+                                        )
                                     if args.official:
                                         add("official", k, None)
 
     def priority(c: Case) -> tuple:
         res_rank = sorted({int(r) for r in args.resolutions.split(",")}).index(c.resolution)
-        group = 0 if (c.arch == "sd3m" and res_rank == 0) else 1 if (c.arch == "flux" and c.finetune == "lora"
-                                                                     and res_rank == 0) else 2
-        return (group, res_rank, c.arch != "sd3m", c.finetune != "lora", c.quant is not None,
-                c.optimizer != "adamw", batches.index(c.batch))
+        group = (
+            0
+            if (c.arch == "sd3m" and res_rank == 0)
+            else 1
+            if (c.arch == "flux" and c.finetune == "lora" and res_rank == 0)
+            else 2
+        )
+        return (
+            group,
+            res_rank,
+            c.arch != "sd3m",
+            c.finetune != "lora",
+            c.quant is not None,
+            c.optimizer != "adamw",
+            batches.index(c.batch),
+        )
 
     return sorted(out, key=priority)  # stable: a group's SFT, SOAR and official rows stay together
 
@@ -381,31 +436,52 @@ def main() -> None:
     ap.add_argument("--aux-chunks", default="none", help="aux_chunk_size values, e.g. none,2")
     ap.add_argument("--batch", type=int, default=1, help="micro-batch (images), when --batches is not given")
     ap.add_argument("--batches", default=None, help="micro-batches per GPU to run, e.g. 1,4")
-    ap.add_argument("--official", action="store_true",
-                    help="also time the official release's loop (bench/official_loop.py) at each K, as the anchor")
-    ap.add_argument("--optimizers", default="auto",
-                    help="adamw,adamw8bit (bitsandbytes); auto: adamw, plus adamw8bit on CUDA when installed")
-    ap.add_argument("--quantize-base", default="",
-                    help="LoRA on a quantized base too, as backend:weights (model.quantize_base), e.g. "
-                         "bitsandbytes:nf4,quanto:int8; skipped with a message where this checkout lacks the key")
-    ap.add_argument("--layouts", default="auto",
-                    help="SOAR forward layouts to time: auto (the default, by device type), reuse, fused")
+    ap.add_argument(
+        "--official",
+        action="store_true",
+        help="also time the official release's loop (bench/official_loop.py) at each K, as the anchor",
+    )
+    ap.add_argument(
+        "--optimizers",
+        default="auto",
+        help="adamw,adamw8bit (bitsandbytes); auto: adamw, plus adamw8bit on CUDA when installed",
+    )
+    ap.add_argument(
+        "--quantize-base",
+        default="",
+        help="LoRA on a quantized base too, as backend:weights (model.quantize_base), e.g. "
+        "bitsandbytes:nf4,quanto:int8; skipped with a message where this checkout lacks the key",
+    )
+    ap.add_argument(
+        "--layouts",
+        default="auto",
+        help="SOAR forward layouts to time: auto (the default, by device type), reuse, fused",
+    )
     ap.add_argument("--text-len", type=int, default=None, help="text tokens (default: SD3 333, FLUX 512)")
     ap.add_argument("--lora-rank", type=int, default=32)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration (at most)")
-    ap.add_argument("--case-seconds", type=float, default=float("inf"),
-                    help="stop timing a configuration after this many seconds of timed steps (at least one step)")
+    ap.add_argument(
+        "--case-seconds",
+        type=float,
+        default=float("inf"),
+        help="stop timing a configuration after this many seconds of timed steps (at least one step)",
+    )
     ap.add_argument("--max-seconds", type=float, default=float("inf"), help="skip configurations after this")
-    ap.add_argument("--memory-gib", type=float, default=None,
-                    help="skip full fine-tunes whose weights+gradients+optimizer state exceed this (default on "
-                         "CUDA: the device's memory)")
+    ap.add_argument(
+        "--memory-gib",
+        type=float,
+        default=None,
+        help="skip full fine-tunes whose weights+gradients+optimizer state exceed this (default on "
+        "CUDA: the device's memory)",
+    )
     ap.add_argument("--workdir", default="/tmp/soarflow_scale_models", help="where a quantized base is saved")
     ap.add_argument("--isolate", action="store_true", help="CPU: each configuration in a fresh subprocess (RSS)")
     ap.add_argument("--isolate-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write JSON here (rewritten after every configuration)")
     ap.add_argument("--markdown", default=None, help="write the ratio table (markdown) here at the end")
-    ap.add_argument("--report-from", default=None,
-                    help="no run: merge these comma-separated JSON files into --out and --markdown")
+    ap.add_argument(
+        "--report-from", default=None, help="no run: merge these comma-separated JSON files into --out and --markdown"
+    )
     args = ap.parse_args()
     if args.report_from:
         report([p for p in args.report_from.split(",") if p], args.out, args.markdown)
@@ -425,11 +501,19 @@ def main() -> None:
         return
 
     start = time.perf_counter()
-    meta = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "scale": args.scale, "batch": args.batch,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "threads": torch.get_num_threads(),
-            "bitsandbytes": _has_bitsandbytes(), "argv": sys.argv[1:],
-            "default_layout": layout_name(resolve_layout(SOARConfig(), device))}
+    meta = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "scale": args.scale,
+        "batch": args.batch,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "threads": torch.get_num_threads(),
+        "bitsandbytes": _has_bitsandbytes(),
+        "argv": sys.argv[1:],
+        "default_layout": layout_name(resolve_layout(SOARConfig(), device)),
+    }
     rows: list[dict] = []
     models: dict[tuple, tuple] = {}
     params: dict[str, int] = {}
@@ -451,8 +535,9 @@ def main() -> None:
         if time.perf_counter() - start > args.max_seconds:
             row["status"] = "skipped"
         elif case.finetune == "full" and args.memory_gib and need > args.memory_gib:
-            row["status"] = (f"skipped: weights, gradients and optimizer state alone need {need:.0f} GiB "
-                             f"> {args.memory_gib:.0f} GiB")
+            row["status"] = (
+                f"skipped: weights, gradients and optimizer state alone need {need:.0f} GiB > {args.memory_gib:.0f} GiB"
+            )
         elif case.quant and no_quant:
             row["status"] = f"skipped: {no_quant}"
         if "status" in row:
@@ -462,9 +547,24 @@ def main() -> None:
         key = (case.arch, case.finetune, case.quant)
         try:
             if args.isolate and device.type == "cpu":
-                cmd = [sys.executable, __file__, "--device", "cpu", "--scale", str(args.scale), "--steps",
-                       str(args.steps), "--lora-rank", str(args.lora_rank), "--workdir", args.workdir,
-                       "--case-seconds", str(args.case_seconds), "--isolate-child", json.dumps(asdict(case))]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--device",
+                    "cpu",
+                    "--scale",
+                    str(args.scale),
+                    "--steps",
+                    str(args.steps),
+                    "--lora-rank",
+                    str(args.lora_rank),
+                    "--workdir",
+                    args.workdir,
+                    "--case-seconds",
+                    str(args.case_seconds),
+                    "--isolate-child",
+                    json.dumps(asdict(case)),
+                ]
                 if args.text_len:
                     cmd += ["--text-len", str(args.text_len)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -477,8 +577,9 @@ def main() -> None:
                     models.clear()  # one model at a time: free the previous one first
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                    models[key] = build(case.arch, args.scale, case.finetune, device, args.lora_rank, case.quant,
-                                        args.workdir)
+                    models[key] = build(
+                        case.arch, args.scale, case.finetune, device, args.lora_rank, case.quant, args.workdir
+                    )
                 model, cfg = models[key]
                 row.update(run_case(case, model, cfg, args, device))
             row["status"] = "ok"
@@ -493,8 +594,13 @@ def main() -> None:
             gc.collect()  # the exception's frames are gone now; free their tensors before the next configuration
             torch.cuda.empty_cache()
         rows.append(row)
-        peak = (f"{row['peak_gib']:.1f} GiB" if "peak_gib" in row else
-                f"{row['peak_rss_growth_mib']:.0f} MiB" if "peak_rss_growth_mib" in row else "-")
+        peak = (
+            f"{row['peak_gib']:.1f} GiB"
+            if "peak_gib" in row
+            else f"{row['peak_rss_growth_mib']:.0f} MiB"
+            if "peak_rss_growth_mib" in row
+            else "-"
+        )
         shown = f"{row['s_per_step']:>8.3f}" if row["status"] == "ok" else f"{row['status'][:60]}"
         print(f"{case.name:<78} {shown} {peak:>10}", flush=True)
         write()
@@ -505,9 +611,11 @@ def main() -> None:
         with open(args.markdown, "w") as f:
             f.write(markdown(meta, rows))
     for r in ratios(rows):
-        print(f"{r['arch']} {r['resolution']}px b{r['batch']} {r['finetune']}{' ' + r['quant'] if r['quant'] else ''} "
-              f"{r['optimizer']} K={r['k']}: SOAR/SFT {r['soar_over_sft'] or float('nan'):.2f}, "
-              f"soarflow/official {r['soarflow_over_official'] or float('nan'):.2f}")
+        print(
+            f"{r['arch']} {r['resolution']}px b{r['batch']} {r['finetune']}{' ' + r['quant'] if r['quant'] else ''} "
+            f"{r['optimizer']} K={r['k']}: SOAR/SFT {r['soar_over_sft'] or float('nan'):.2f}, "
+            f"soarflow/official {r['soarflow_over_official'] or float('nan'):.2f}"
+        )
     print(f"{len(rows)} configurations, {skipped} skipped; {meta['wall_s']:.0f} s")
 
 

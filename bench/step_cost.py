@@ -70,8 +70,12 @@ def build_model(kind: str, device):
             # 1.28M-parameter MMDiT the CPU tables were measured on, "unet" the shipped base's architecture.
             model = build_embedded(kind, {"vocab_size": len(VOCAB), "max_tokens": MAX_TOKENS}).to(device)
             tokens = tokenize(["a red circle to the left of a blue square"])
-            return kind, model, lambda b: {"tokens": tokens.repeat(b, 1).to(device)}, \
-                lambda b: {"tokens": torch.zeros_like(tokens).repeat(b, 1).to(device)}
+            return (
+                kind,
+                model,
+                lambda b: {"tokens": tokens.repeat(b, 1).to(device)},
+                lambda b: {"tokens": torch.zeros_like(tokens).repeat(b, 1).to(device)},
+            )
     model = SmallTransformer().to(device)
     g = torch.Generator().manual_seed(0)
     c = torch.randn(1, 32, generator=g).to(device)
@@ -129,8 +133,10 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     default_layout = layout_name(resolve_layout(SOARConfig(), device))
-    print(f"model={name} params={params / 1e6:.2f}M device={device} ({dev_name}) batch={B} "
-          f"threads={torch.get_num_threads()} default layout={default_layout}")
+    print(
+        f"model={name} params={params / 1e6:.2f}M device={device} ({dev_name}) batch={B} "
+        f"threads={torch.get_num_threads()} default layout={default_layout}"
+    )
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
@@ -158,9 +164,19 @@ def main() -> None:
         sync(device)
         return time.perf_counter() - t0
 
-    results = {"device": str(device), "device_name": dev_name, "torch": torch.__version__,
-               "cuda": torch.version.cuda, "model": name, "params": params, "batch": B,
-               "threads": torch.get_num_threads(), "default_layout": default_layout, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "ks": {}}
+    results = {
+        "device": str(device),
+        "device_name": dev_name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "model": name,
+        "params": params,
+        "batch": B,
+        "threads": torch.get_num_threads(),
+        "default_layout": default_layout,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "ks": {},
+    }
     g = torch.Generator(device="cpu").manual_seed(1)
     noise = torch.randn(x0.shape, generator=g).to(device)
     t_fixed = torch.rand(B, generator=g).to(device) * 0.9 + 0.05
@@ -172,8 +188,9 @@ def main() -> None:
         # identical loss on fixed draws, for every variant
         aux = s1 + torch.rand(k, B, generator=g).to(device) * (1 - s1)
         fixed = dict(noise=noise, t=t_fixed, aux_sigmas=aux)
-        losses = {v: soar_loss(model, x0, cond, null_cond=null, config=config(k, v), **fixed).loss.item()
-                  for v in variants}
+        losses = {
+            v: soar_loss(model, x0, cond, null_cond=null, config=config(k, v), **fixed).loss.item() for v in variants
+        }
         dloss = max(losses.values()) - min(losses.values())
         steps = {"sft": train_step(lambda: sft_loss(model, x0, cond, config=SOARConfig(num_aux=0)))}
         for v in variants:
@@ -194,9 +211,15 @@ def main() -> None:
         row += f" {d_sft:>11.2f} {floor:>6.2f} {old_floor:>9.2f} {d_loop:>12.2f} {dloss:>10.1e}"
         print(row, flush=True)
         results["ks"][str(k)] = {
-            "times_s": times, "median_s": med, "losses_fixed_draws": losses, "max_abs_loss_diff": dloss,
-            "default_over_sft": d_sft, "default_over_sft_rounds": ratio_rounds, "default_over_loop": d_loop,
-            "floor": floor, "old_floor": old_floor,
+            "times_s": times,
+            "median_s": med,
+            "losses_fixed_draws": losses,
+            "max_abs_loss_diff": dloss,
+            "default_over_sft": d_sft,
+            "default_over_sft_rounds": ratio_rounds,
+            "default_over_loop": d_loop,
+            "floor": floor,
+            "old_floor": old_floor,
         }
         if device.type == "cuda":
             peaks = {}

@@ -215,8 +215,13 @@ def build_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     tokenizer = build_clip_tokenizer()
     text = _clip_text_config(len(tokenizer)).to_dict()
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
-        patch_size=8, projection_dim=32,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
     ).to_dict()
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -227,8 +232,12 @@ def build_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def make_imagefolder(root: str | Path, captions: Sequence[str] = CAPTIONS[:4], sizes: Sequence[tuple[int, int]] = ((40, 48),),
-                     seed: int = 0) -> Path:
+def make_imagefolder(
+    root: str | Path,
+    captions: Sequence[str] = CAPTIONS[:4],
+    sizes: Sequence[tuple[int, int]] = ((40, 48),),
+    seed: int = 0,
+) -> Path:
     """An imagefolder dataset (``metadata.jsonl`` + PNGs of smooth random colour fields) of `captions`;
     image i has size ``sizes[i % len(sizes)]`` as (height, width)."""
     import json

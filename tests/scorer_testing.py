@@ -35,8 +35,10 @@ def open_clip_missing() -> str | None:
     open_clip colour classifier). CI installs ``.[diffusers,dev]`` without the ``eval`` extra: there ``torch==2.13.0``
     is a local CPU build, and the torchvision that open-clip-torch pulls from PyPI is built for the CUDA torch, so its
     C ops (``torchvision::nms``) fail to load and break transformers' imports too."""
-    why = ("needs open_clip (extra 'eval'), not installed in CI: open-clip-torch pulls a PyPI torchvision built for "
-           "the CUDA torch, whose C ops do not load against the CPU torch==2.13.0")
+    why = (
+        "needs open_clip (extra 'eval'), not installed in CI: open-clip-torch pulls a PyPI torchvision built for "
+        "the CUDA torch, whose C ops do not load against the CPU torch==2.13.0"
+    )
     if importlib.util.find_spec("open_clip") is None:
         return why
     try:
@@ -93,11 +95,19 @@ def build_tiny_image_reward(seed: int = 0, tokenizer=None):
 
     tokenizer = tokenizer or build_clip_tokenizer()
     torch.manual_seed(seed)
-    vision = BlipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-                              image_size=32, patch_size=8)
-    text = BlipTextConfig(vocab_size=len(tokenizer), hidden_size=32, encoder_hidden_size=32, intermediate_size=37,
-                          num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64,
-                          pad_token_id=tokenizer.pad_token_id)
+    vision = BlipVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    text = BlipTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        encoder_hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return BlipReward.from_configs(vision, text), tokenizer
 
 
@@ -116,11 +126,11 @@ def fake_detector(image: np.ndarray) -> dict:
     out: dict = {}
     for qy in range(2):
         for qx in range(2):
-            q = image[qy * h // 2:(qy + 1) * h // 2, qx * w // 2:(qx + 1) * w // 2]
+            q = image[qy * h // 2 : (qy + 1) * h // 2, qx * w // 2 : (qx + 1) * w // 2]
             m = float(q.mean())
             box = np.array([qx * w / 2, qy * h / 2, (qx + 1) * w / 2, (qy + 1) * h / 2])
             mask = np.zeros((h, w), dtype=bool)
-            mask[qy * h // 2:(qy + 1) * h // 2, qx * w // 2:(qx + 1) * w // 2] = True
+            mask[qy * h // 2 : (qy + 1) * h // 2, qx * w // 2 : (qx + 1) * w // 2] = True
             out.setdefault(COCO_CLASSES[int(m) % 80], []).append((box, 0.3 + m / 300, mask))
     return out
 
@@ -139,8 +149,14 @@ def build_standins(root: Path, device: str = "cpu") -> dict:
     """Every scorer of `soarflow eval` at toy size, through the same classes (and loaders where they are local);
     all but ``hpsv2`` where open_clip does not import (`open_clip_missing`). GenEval's colour classifier is the
     pixel-only `fake_colors`, so GenEval needs no open_clip here."""
-    from soarflow.scorers import (AestheticScorer, GenEvalScorer, ImageRewardScorer, OCRScorer, PickScoreScorer,
-                                  build_scorer)
+    from soarflow.scorers import (
+        AestheticScorer,
+        GenEvalScorer,
+        ImageRewardScorer,
+        OCRScorer,
+        PickScoreScorer,
+        build_scorer,
+    )
 
     root = Path(root)
     clip = root / "clip"

@@ -47,7 +47,9 @@ def layer_of(module: str) -> int:
     for i, (_, names) in enumerate(LAYERS):
         if top in names:
             return i
-    raise ValueError(f"soarflow.{top} has no layer: add it to LAYERS in tests/test_layers.py (and docs/architecture.md)")
+    raise ValueError(
+        f"soarflow.{top} has no layer: add it to LAYERS in tests/test_layers.py (and docs/architecture.md)"
+    )
 
 
 def _is_module(dotted: str) -> bool:
@@ -71,8 +73,9 @@ def imported_modules(source: str, module: str, is_package: bool = False) -> list
             if target.split(".")[0] != "soarflow":
                 continue
             # `from pkg import name`: the submodule pkg.name when there is one, else pkg itself
-            found += [(f"{target}.{a.name}" if _is_module(f"{target}.{a.name}") else target, node.lineno)
-                      for a in node.names]
+            found += [
+                (f"{target}.{a.name}" if _is_module(f"{target}.{a.name}") else target, node.lineno) for a in node.names
+            ]
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _MODULE_STRING.fullmatch(node.value):
             found.append((node.value.split(":")[0], node.lineno))
     return sorted(found, key=lambda item: item[1])
@@ -85,8 +88,10 @@ def upward_imports(source: str, module: str, path: str, is_package: bool = False
     for target, line in imported_modules(source, module, is_package):
         layer = layer_of(target)
         if layer > own and (module, target) not in ALLOWED:
-            out.append(f"{path}:{line}: {module} (layer '{LAYERS[own][0]}') imports {target} "
-                       f"(layer '{LAYERS[layer][0]}', higher)")
+            out.append(
+                f"{path}:{line}: {module} (layer '{LAYERS[own][0]}') imports {target} "
+                f"(layer '{LAYERS[layer][0]}', higher)"
+            )
     return out
 
 
@@ -122,19 +127,25 @@ def test_allowlist_names_real_edges():
 def test_checker_catches_upward_imports_of_every_kind():
     source = (
         "import torch\n"
-        "from ..flow import interpolate\n"             # down: fine
-        "from .lora import add_lora\n"                 # same layer: fine
+        "from ..flow import interpolate\n"  # down: fine
+        "from .lora import add_lora\n"  # same layer: fine
         "def build():\n"
-        "    from ..train.trainer import train\n"      # function level, relative
-        "    import soarflow.commands.demo\n"          # absolute
-        "    from soarflow import tasks\n"             # a subpackage by name
+        "    from ..train.trainer import train\n"  # function level, relative
+        "    import soarflow.commands.demo\n"  # absolute
+        "    from soarflow import tasks\n"  # a subpackage by name
         "TASK = 'soarflow.tasks.shapes:ShapesTask'\n"  # what importlib would import
     )
     problems = upward_imports(source, "soarflow.models.unet", "soarflow/models/unet.py")
     assert len(problems) == 4, problems
-    assert problems[0] == ("soarflow/models/unet.py:5: soarflow.models.unet (layer 'models') imports "
-                           "soarflow.train.trainer (layer 'training', higher)")
+    assert problems[0] == (
+        "soarflow/models/unet.py:5: soarflow.models.unet (layer 'models') imports "
+        "soarflow.train.trainer (layer 'training', higher)"
+    )
     assert [p.split(" imports ")[1].split()[0] for p in problems] == [
-        "soarflow.train.trainer", "soarflow.commands.demo", "soarflow.tasks", "soarflow.tasks.shapes"]
+        "soarflow.train.trainer",
+        "soarflow.commands.demo",
+        "soarflow.tasks",
+        "soarflow.tasks.shapes",
+    ]
     assert upward_imports("from .. import __version__\n", "soarflow.cli", "soarflow/cli.py") == []
     assert upward_imports("from . import flow\n", "soarflow", "soarflow/__init__.py", is_package=True) == []

@@ -13,10 +13,20 @@ __version__ = "0.1.0"
 
 # Imported on first use (PEP 562), so `soarflow --help` and `import soarflow` do not load torch.
 _LAZY = {
-    "interpolate": "flow", "sample_t": "flow", "shift_sigma": "flow", "sigma_schedule": "flow",
-    "velocity_target": "flow", "x0_from_velocity": "flow",
-    "ObjectiveOutput": "objective", "SOARConfig": "objective", "sft_loss": "objective", "soar_loss": "objective",
-    "guided_velocity": "sampling", "integrate": "sampling", "sample_euler": "sampling", "sample_sde": "sampling",
+    "interpolate": "flow",
+    "sample_t": "flow",
+    "shift_sigma": "flow",
+    "sigma_schedule": "flow",
+    "velocity_target": "flow",
+    "x0_from_velocity": "flow",
+    "ObjectiveOutput": "objective",
+    "SOARConfig": "objective",
+    "sft_loss": "objective",
+    "soar_loss": "objective",
+    "guided_velocity": "sampling",
+    "integrate": "sampling",
+    "sample_euler": "sampling",
+    "sample_sde": "sampling",
 }
 
 __all__ = list(_LAZY)

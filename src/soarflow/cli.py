@@ -6,15 +6,33 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("soarflow.commands.demo:main", "base -> SFT, SOAR (or --methods ...) post-training -> ShapesEval report (CPU, minutes)"),
+    "demo": (
+        "soarflow.commands.demo:main",
+        "base -> SFT, SOAR (or --methods ...) post-training -> ShapesEval report (CPU, minutes)",
+    ),
     "pretrain": ("soarflow.commands.pretrain:main", "pretrain the embedded model on the ShapesEval corpus"),
-    "train": ("soarflow.commands.train:main_train", "train a model with any method (sft, soar, grpo, ...) from a YAML config + overrides"),
-    "cache": ("soarflow.commands.cache:main", "encode a training config's data (VAE latents, text embeddings) into data.cache_dir before training"),
+    "train": (
+        "soarflow.commands.train:main_train",
+        "train a model with any method (sft, soar, grpo, ...) from a YAML config + overrides",
+    ),
+    "cache": (
+        "soarflow.commands.cache:main",
+        "encode a training config's data (VAE latents, text embeddings) into data.cache_dir before training",
+    ),
     "sample": ("soarflow.commands.sample:main", "generate images from a trained checkpoint"),
-    "eval": ("soarflow.commands.eval:main", "generate a prompt suite (GenEval, DrawBench, OCR, ...) and score it with the paper's metrics"),
+    "eval": (
+        "soarflow.commands.eval:main",
+        "generate a prompt suite (GenEval, DrawBench, OCR, ...) and score it with the paper's metrics",
+    ),
     "eval-shapes": ("soarflow.commands.eval_shapes:main", "score images or a checkpoint on ShapesEval"),
-    "study": ("soarflow.commands.study:main", "run a grid of methods x settings x seeds with cached cells and statistics"),
-    "study-report": ("soarflow.commands.study_report:main", "rebuild a study report's intervals from its per_image.npz"),
+    "study": (
+        "soarflow.commands.study:main",
+        "run a grid of methods x settings x seeds with cached cells and statistics",
+    ),
+    "study-report": (
+        "soarflow.commands.study_report:main",
+        "rebuild a study report's intervals from its per_image.npz",
+    ),
 }
 
 

@@ -33,7 +33,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -79,39 +79,49 @@ class SOARConfig:
     guidance_scale: float = _key(4.5, "guidance scale of the rollout step (1 = conditional velocity only)")
     num_rollout_paths: int = _key(1, "M: path 0 is the ODE step, paths 1..M-1 are stochastic")
     rollout_kind: Literal["euler_noise", "constant_sde", "flow_sde", "cps"] = _key(
-        "flow_sde", "step of the stochastic paths (soarflow.sampling; official 'sde' = cps, noise scale 1)")
+        "flow_sde", "step of the stochastic paths (soarflow.sampling; official 'sde' = cps, noise scale 1)"
+    )
     rollout_noise_scale: float = _key(0.5, "noise scale of the stochastic paths")
     sigma_upper: Literal["one", "ratio"] = _key("one", "upper bound of sigma': 1 or min(ratio * sigma0, 1)")
     sigma_upper_ratio: float = _key(1.5, "ratio for sigma_upper='ratio'")
     sigma_floor: float = _key(1e-3, "sigma' >= floor, so v_corr = (z_aux - x0) / sigma' stays finite")
     shift: float = _key(3.0, "time shift s: sigma(t) = s t / (1 + (s - 1) t) (SD3.5: 3); every method's")
     t_density: Literal["logit_normal", "uniform", "mode", "cosmap"] = _key(
-        "logit_normal", "density of the training time t", set_by="weighting_scheme")
+        "logit_normal", "density of the training time t", set_by="weighting_scheme"
+    )
     logit_mean: float = _key(0.0, "mean of the logit-normal t density", set_by="logit_mean")
     logit_std: float = _key(1.0, "std of the logit-normal t density", set_by="logit_std")
     mode_scale: float = _key(1.29, "scale of the 'mode' t density", set_by="mode_scale")
-    uniform_fraction: float = _key(0.0, "share of t drawn from U(0, 1) instead of t_density (flow.sample_t)",
-                                   set_by="uniform_fraction")
+    uniform_fraction: float = _key(
+        0.0, "share of t drawn from U(0, 1) instead of t_density (flow.sample_t)", set_by="uniform_fraction"
+    )
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = _key("none", "SD3 loss weighting", set_by="weighting_scheme")
-    cond_dropout: float = _key(0.0, "probability of training a sample on null_cond (enables guidance)",
-                               set_by="cond_dropout")
+    cond_dropout: float = _key(
+        0.0, "probability of training a sample on null_cond (enables guidance)", set_by="cond_dropout"
+    )
     aux_chunk_size: int | None = _key(None, "max rows per forward; larger fused batches run checkpointed in chunks")
-    fuse_forward: bool = _key(True, "one fused forward for the main and auxiliary terms (false: one per term, "
-                                    "as in the reference code)")
+    fuse_forward: bool = _key(
+        True, "one fused forward for the main and auxiliary terms (false: one per term, as in the reference code)"
+    )
     # --- speed: layout of the gradient forwards (identical loss; see docs/objective.md "Cost")
     reuse_main_output: bool | Literal["auto"] = _key(
-        "auto", "the main term's output is the rollout's conditional velocity (saves B rows): true ('reuse' "
-                "layout), false ('fused'; 'loop' with fuse_forward: false) or auto (by device type: resolve_layout)")
+        "auto",
+        "the main term's output is the rollout's conditional velocity (saves B rows): true ('reuse' "
+        "layout), false ('fused'; 'loop' with fuse_forward: false) or auto (by device type: resolve_layout)",
+    )
     forward_batch_size: int | Literal["auto", "probe"] | None = _key(
-        "auto", "rows per forward call of the gradient terms: auto (one call), probe (timed once), N, null")
+        "auto", "rows per forward call of the gradient terms: auto (one call), probe (timed once), N, null"
+    )
     # --- controls (issue 12): what SOAR's gain is made of
     points_per_sample: int = _key(1, "method sft: P standard draws (fresh noise and t) per image (compute-matched SFT)")
     rollout: Literal["guided", "none"] = _key("guided", "none: z' = x_sigma1 exactly, no deviation (control)")
     aux_noise: Literal["shared", "fresh"] = _key("shared", "fresh (with rollout none): noise-level-matched SFT")
     aux_sigma_density: Literal["uniform", "t_density"] = _key(
-        "uniform", "sigma' ~ U[sigma1, upper] (paper) or the training t density restricted to it")
+        "uniform", "sigma' ~ U[sigma1, upper] (paper) or the training t density restricted to it"
+    )
     cond_dropout_mode: Literal["per_sample", "per_batch"] = _key(
-        "per_sample", "condition dropout per sample, or one draw for the whole batch")
+        "per_sample", "condition dropout per sample, or one draw for the whole batch"
+    )
     rollout_uses_dropped_cond: bool = _key(False, "a dropped sample rolls out unconditionally (official order)")
 
     # Former names, still read from config files with a warning (soarflow.train.config.rename_former_keys).
@@ -136,8 +146,10 @@ class SOARConfig:
         if not isinstance(self.num_rollout_paths, int) or self.num_rollout_paths < 1:
             raise bad("num_rollout_paths", "must be an integer >= 1")
         if self.rollout_kind not in STEP_KINDS or self.rollout_kind == "ode":
-            raise bad("rollout_kind", "must be one of euler_noise, constant_sde, flow_sde, cps"
-                      + renamed_kind_hint(self.rollout_kind))
+            raise bad(
+                "rollout_kind",
+                "must be one of euler_noise, constant_sde, flow_sde, cps" + renamed_kind_hint(self.rollout_kind),
+            )
         if not self.rollout_noise_scale >= 0:
             raise bad("rollout_noise_scale", "must be >= 0")
         if self.sigma_upper not in ("one", "ratio"):
@@ -155,7 +167,9 @@ class SOARConfig:
         if not 0 <= self.uniform_fraction <= 1:
             raise bad("uniform_fraction", "must be in [0, 1]")
         if self.uniform_fraction > 0 and self.aux_sigma_density == "t_density":
-            raise bad("uniform_fraction", "aux_sigma_density='t_density' needs the plain t_density (uniform_fraction 0)")
+            raise bad(
+                "uniform_fraction", "aux_sigma_density='t_density' needs the plain t_density (uniform_fraction 0)"
+            )
         if self.weighting not in WEIGHTINGS:
             raise bad("weighting", f"must be one of {WEIGHTINGS}")
         if not 0 <= self.cond_dropout < 1:
@@ -165,7 +179,9 @@ class SOARConfig:
         if self.reuse_main_output not in (True, False, "auto"):
             raise bad("reuse_main_output", "must be true, false or 'auto'")
         fbs = self.forward_batch_size
-        if not (fbs is None or fbs in ("auto", "probe") or (isinstance(fbs, int) and not isinstance(fbs, bool) and fbs >= 1)):
+        if not (
+            fbs is None or fbs in ("auto", "probe") or (isinstance(fbs, int) and not isinstance(fbs, bool) and fbs >= 1)
+        ):
             raise bad("forward_batch_size", "must be 'auto', 'probe', None or an integer >= 1")
         if not isinstance(self.points_per_sample, int) or self.points_per_sample < 1:
             raise bad("points_per_sample", "must be an integer >= 1")
@@ -247,8 +263,9 @@ class ObjectiveOutput:
 
 def _check_inputs(x0: torch.Tensor, cond: Any, noise, t) -> int:
     if not isinstance(x0, torch.Tensor) or x0.ndim < 2:
-        raise ValueError(f"x0: expected a tensor with a batch dimension, got {type(x0).__name__} "
-                         f"{tuple(getattr(x0, 'shape', ()))}")
+        raise ValueError(
+            f"x0: expected a tensor with a batch dimension, got {type(x0).__name__} {tuple(getattr(x0, 'shape', ()))}"
+        )
     batch = x0.shape[0]
     cb = cond_batch_size(cond)
     if cb is not None and cb != batch:
@@ -291,6 +308,7 @@ class Draws:
 
     def rows(self, index: slice) -> "Draws":
         """The draws of rows ``index`` of the batch (a process's share of a global batch)."""
+
         def take(name: str) -> torch.Tensor | None:
             value = getattr(self, name)
             if value is None:
@@ -326,9 +344,16 @@ def draw_randomness(
         return torch.randn(lead + shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
 
     def times(n: int) -> torch.Tensor:
-        return sample_t(n, density=config.t_density, logit_mean=config.logit_mean, logit_std=config.logit_std,
-                        mode_scale=config.mode_scale, uniform_fraction=config.uniform_fraction, generator=generator,
-                        device=device)
+        return sample_t(
+            n,
+            density=config.t_density,
+            logit_mean=config.logit_mean,
+            logit_std=config.logit_std,
+            mode_scale=config.mode_scale,
+            uniform_fraction=config.uniform_fraction,
+            generator=generator,
+            device=device,
+        )
 
     noise = normal() if noise is None else noise.to(device=device, dtype=dtype)
     t = times(batch) if t is None else t.to(device=device, dtype=torch.float32)
@@ -505,7 +530,9 @@ def rollout_sigmas(t: torch.Tensor, config: SOARConfig) -> tuple[torch.Tensor, t
     :math:`\sigma'`: :math:`\sigma_{up} = 1` (``sigma_upper="one"``) or :math:`\min(r\sigma_0, 1)` (``"ratio"``)."""
     sigma0 = shift_sigma(t, config.shift)
     sigma1 = shift_sigma((t - 1.0 / config.rollout_steps).clamp_min(0.0), config.shift)
-    upper = torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
+    upper = (
+        torch.ones_like(sigma0) if config.sigma_upper == "one" else (config.sigma_upper_ratio * sigma0).clamp(max=1.0)
+    )
     return sigma0, sigma1, upper
 
 
@@ -538,7 +565,9 @@ def aux_sigma_levels(t: torch.Tensor, u: torch.Tensor, config: SOARConfig, ode_o
         K, batch = u.shape[1:]
         ode_override = ode_override.to(device=u.device, dtype=torch.float32)
         if tuple(ode_override.shape) != (K, batch):
-            raise ValueError(f"aux_sigmas: expected shape ({K}, {batch}) = (num_aux, B), got {tuple(ode_override.shape)}")
+            raise ValueError(
+                f"aux_sigmas: expected shape ({K}, {batch}) = (num_aux, B), got {tuple(ode_override.shape)}"
+            )
         _, sigma1, upper = rollout_sigmas(t, config)
         tol = 1e-5
         if bool((ode_override < sigma1 - tol).any()) or bool((ode_override > upper + tol).any()):
@@ -552,14 +581,17 @@ def aux_sigma_levels(t: torch.Tensor, u: torch.Tensor, config: SOARConfig, ode_o
 
 def _resolve_draws(draws, config, x0, generator, noise, t, sft: bool) -> Draws:
     if draws is None:
-        return draw_randomness(config, x0.shape, generator=generator, device=x0.device, dtype=x0.dtype, noise=noise,
-                               t=t, sft=sft)
+        return draw_randomness(
+            config, x0.shape, generator=generator, device=x0.device, dtype=x0.dtype, noise=noise, t=t, sft=sft
+        )
     if noise is not None or t is not None:
         raise ValueError("draws: given together with noise / t; pass one or the other")
     P = config.points_per_sample if sft else 1
     if tuple(draws.noise.shape) != (P, *x0.shape) or tuple(draws.t.shape) != (P, x0.shape[0]):
-        raise ValueError(f"draws: noise {tuple(draws.noise.shape)} / t {tuple(draws.t.shape)} do not match "
-                         f"(P={P}, x0 shape {tuple(x0.shape)})")
+        raise ValueError(
+            f"draws: noise {tuple(draws.noise.shape)} / t {tuple(draws.t.shape)} do not match "
+            f"(P={P}, x0 shape {tuple(x0.shape)})"
+        )
     return draws
 
 
@@ -628,7 +660,7 @@ def _guided_from_main(model, v_main, x_t, sigma0, rollout_cond, null_cond, need_
     v = model(torch.cat(xs), torch.cat(ss), cond_cat(cs))
     if idx.numel():
         v_cond = v_cond.clone()
-        v_cond[idx] = v[v.shape[0] - idx.numel():]
+        v_cond[idx] = v[v.shape[0] - idx.numel() :]
     if guidance_scale == 1.0:
         return v_cond
     v_uncond = v[:batch]
@@ -655,11 +687,14 @@ def soar_loss(
     if config.is_sft:
         if aux_sigmas is not None and aux_sigmas.numel() > 0:
             raise ValueError("aux_sigmas: given, but the config has no auxiliary term (num_aux or lambda_aux is 0)")
-        return sft_loss(model, x0, cond, config=config, null_cond=null_cond, generator=generator, noise=noise, t=t,
-                        draws=draws)
+        return sft_loss(
+            model, x0, cond, config=config, null_cond=null_cond, generator=generator, noise=noise, t=t, draws=draws
+        )
     if config.points_per_sample != 1:
-        raise ValueError(f"points_per_sample: {config.points_per_sample} draws per image is an SFT control; "
-                         "SOAR uses 1 (set num_aux=0 or method sft)")
+        raise ValueError(
+            f"points_per_sample: {config.points_per_sample} draws per image is an SFT control; "
+            "SOAR uses 1 (set num_aux=0 or method sft)"
+        )
 
     batch = _check_inputs(x0, cond, noise, t)
     config = resolve_layout(config, x0.device)
@@ -682,8 +717,18 @@ def soar_loss(
             rollout_cond = train_cond if config.rollout_uses_dropped_cond else cond
             # rows whose main term saw the null condition but whose rollout uses the caption need their own v_c
             need_cond = dropped & (not config.rollout_uses_dropped_cond)
-            z_paths = rollout(model, x_t, sigma0, sigma1, rollout_cond, null_cond, config, draws.path_noise,
-                              v_main=v_main, need_cond=need_cond)
+            z_paths = rollout(
+                model,
+                x_t,
+                sigma0,
+                sigma1,
+                rollout_cond,
+                null_cond,
+                config,
+                draws.path_noise,
+                v_main=v_main,
+                need_cond=need_cond,
+            )
         else:
             z_paths = x_sigma1[None]
         deviation = per_sample_mse(z_paths[0], x_sigma1).sqrt().mean()
@@ -712,9 +757,19 @@ def soar_loss(
 
 
 @torch.no_grad()
-def rollout(model: VelocityModel, x_t, sigma0, sigma1, cond, null_cond, config: SOARConfig,
-            path_noise: torch.Tensor | None = None, *, v_main: torch.Tensor | None = None,
-            need_cond: torch.Tensor | None = None) -> torch.Tensor:
+def rollout(
+    model: VelocityModel,
+    x_t,
+    sigma0,
+    sigma1,
+    cond,
+    null_cond,
+    config: SOARConfig,
+    path_noise: torch.Tensor | None = None,
+    *,
+    v_main: torch.Tensor | None = None,
+    need_cond: torch.Tensor | None = None,
+) -> torch.Tensor:
     r"""The rolled-out states :math:`z'` (M, B, ...): one gradient-free step of the inference schedule from
     :math:`x_{\sigma_0}` to :math:`\sigma_1` with the guided velocity :math:`v = v_u + w(v_c - v_u)`.
 
@@ -731,8 +786,14 @@ def rollout(model: VelocityModel, x_t, sigma0, sigma1, cond, null_cond, config: 
     return torch.stack(paths)
 
 
-def aux_points(z_paths: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigma1: torch.Tensor,
-               sig_aux: torch.Tensor, fresh_noise: torch.Tensor | None = None):
+def aux_points(
+    z_paths: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigma1: torch.Tensor,
+    sig_aux: torch.Tensor,
+    fresh_noise: torch.Tensor | None = None,
+):
     r"""Re-noise each path's :math:`z'` toward the same endpoint :math:`z_1`:
     :math:`z_{aux} = (1-\alpha) z' + \alpha z_1`, :math:`\alpha = (\sigma' - \sigma_1)/(1 - \sigma_1)`
     (:func:`renoise`), for the K levels ``sig_aux`` (M, K, B) of each path. With ``fresh_noise`` (M, K, B, ...)
@@ -765,10 +826,12 @@ def _main_and_aux_velocities(model, v_main, x_t, sigma0, train_cond, z_aux, s_au
         v_all = _forward_rows(model, x_all, s_all, c_all, config.aux_chunk_size, micro)
         return v_all[:batch], v_all[batch:]
     v_main = model(x_t, sigma0, train_cond)
-    v_aux = torch.cat([
-        model(z_aux[i : i + batch], s_aux[i : i + batch], cond_index(aux_cond, slice(i, i + batch)))
-        for i in range(0, z_aux.shape[0], batch)
-    ])
+    v_aux = torch.cat(
+        [
+            model(z_aux[i : i + batch], s_aux[i : i + batch], cond_index(aux_cond, slice(i, i + batch)))
+            for i in range(0, z_aux.shape[0], batch)
+        ]
+    )
     return v_main, v_aux
 
 

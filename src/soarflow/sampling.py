@@ -183,7 +183,13 @@ def sample_euler(
     """Deterministic N-step Euler sampler from ``noise`` (sigma = 1) on the shifted grid ``sigma_schedule(N, shift)``."""
     sigmas = sigma_schedule(num_steps, shift, device=noise.device)
     return integrate(
-        model, noise, sigmas, cond, null_cond=null_cond, guidance_scale=guidance_scale, return_trajectory=return_trajectory
+        model,
+        noise,
+        sigmas,
+        cond,
+        null_cond=null_cond,
+        guidance_scale=guidance_scale,
+        return_trajectory=return_trajectory,
     )
 
 

@@ -43,22 +43,39 @@ def repo_copy(tmp_path):
     (root / "bench" / "gpu_claim_study.sh").write_text(
         'mkdir -p "$OUT" && echo "$STUDY_DEVICE $STUDY_MAX_SECONDS $STUDY_HARD_SECONDS $STUDY_JOBS $STUDY_ARGS '
         '$CELLS_DIR" > "$OUT/claim.txt"\n'
-        'echo cells > "$OUT/cells.tar.gz"; echo "# report" > "$OUT/report.md"; echo claim study ran\n')
+        'echo cells > "$OUT/cells.tar.gz"; echo "# report" > "$OUT/report.md"; echo claim study ran\n'
+    )
     (root / "bench" / "gpu_fsdp_check.sh").write_text(  # outlasts its budget
-        'mkdir -p "$OUT"; echo "fsdp check started smoke=$GPU_CHECK_CPU_SMOKE" > "$OUT/env.txt"; sleep 30\n')
+        'mkdir -p "$OUT"; echo "fsdp check started smoke=$GPU_CHECK_CPU_SMOKE" > "$OUT/env.txt"; sleep 30\n'
+    )
     return root
 
 
 def test_tiny_mode_runs_the_sections_and_returns_few_files(tmp_path, repo_copy):
     out, work = tmp_path / "out", tmp_path / "work"
-    res = run(env={"SOARFLOW_GPU_TINY": "1", "OUT": str(out), "GPU_WORK": str(work), "GPU_CLAIM_S": "100",
-                   "GPU_SECTIONS": "env,claim,layout,fsdp", "GPU_FSDP_S": "2", "GPU_LAYOUT_S": "500",
-                   "GPU_TOTAL_S": "900"},  # generous: a loaded CI core must not hit the tiny budgets
-              cwd_script=repo_copy / "bench" / "gpu_all.sh")
+    res = run(
+        env={
+            "SOARFLOW_GPU_TINY": "1",
+            "OUT": str(out),
+            "GPU_WORK": str(work),
+            "GPU_CLAIM_S": "100",
+            "GPU_SECTIONS": "env,claim,layout,fsdp",
+            "GPU_FSDP_S": "2",
+            "GPU_LAYOUT_S": "500",
+            "GPU_TOTAL_S": "900",
+        },  # generous: a loaded CI core must not hit the tiny budgets
+        cwd_script=repo_copy / "bench" / "gpu_all.sh",
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     # what the device tool returns: at most 8 files; here 6 (the claim study's archive and report among them)
-    assert sorted(p.name for p in out.iterdir()) == ["claim_cells.tar.gz", "claim_report.md", "gpu_all.log",
-                                                     "gpu_all.tar.gz", "gpu_summary.json", "gpu_summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "claim_cells.tar.gz",
+        "claim_report.md",
+        "gpu_all.log",
+        "gpu_all.tar.gz",
+        "gpu_summary.json",
+        "gpu_summary.md",
+    ]
     summary = json.loads((out / "gpu_summary.json").read_text())
     status = {s["section"]: s for s in summary["sections"]}
     assert list(status) == ["env", "claim", "layout", "fsdp"]  # in this order
@@ -67,7 +84,13 @@ def test_tiny_mode_runs_the_sections_and_returns_few_files(tmp_path, repo_copy):
     # the claim study gets a budget it ends within (cell starts stop at 60 %, hard stop 45 s before the end),
     # one worker, --quick and a scratch cell cache in tiny mode; the FSDP check its CPU smoke mode
     assert (work / "claim_study" / "claim.txt").read_text().split() == [
-        "cpu", "50", "55", "1", "--quick", str(work / "claim_cells")]
+        "cpu",
+        "50",
+        "55",
+        "1",
+        "--quick",
+        str(work / "claim_cells"),
+    ]
     assert (work / "fsdp" / "env.txt").read_text().strip() == "fsdp check started smoke=1"
     # the layout section: the default resolves to reuse on a CPU, and every layout gives the same loss
     sc = summary["step_cost"]
@@ -85,8 +108,10 @@ def test_missing_scripts_of_other_branches_are_skipped_with_a_message(tmp_path, 
     (repo_copy / "bench" / "gpu_claim_study.sh").unlink()
     (repo_copy / "bench" / "gpu_fsdp_check.sh").unlink()
     out = tmp_path / "out"
-    res = run(env={"SOARFLOW_GPU_TINY": "1", "OUT": str(out), "GPU_WORK": str(tmp_path / "w"),
-                   "GPU_SECTIONS": "claim,fsdp"}, cwd_script=repo_copy / "bench" / "gpu_all.sh")
+    res = run(
+        env={"SOARFLOW_GPU_TINY": "1", "OUT": str(out), "GPU_WORK": str(tmp_path / "w"), "GPU_SECTIONS": "claim,fsdp"},
+        cwd_script=repo_copy / "bench" / "gpu_all.sh",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     log = (out / "gpu_all.log").read_text()
     assert "bench/gpu_claim_study.sh is not in this checkout" in log

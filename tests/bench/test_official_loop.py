@@ -48,8 +48,19 @@ def test_the_ported_loop_has_soarflows_loss_and_gradient(guidance):
     torch.manual_seed(0)
     model = Toy()
     x0, cond, null, noise, t, aux = draws(8, 3.0)
-    loss = official.official_step(model, x0, cond, null, num_aux=K, guidance_scale=guidance, rollout_steps=8,
-                                  shift=3.0, noise=noise, t=t, aux_sigmas=aux)
+    loss = official.official_step(
+        model,
+        x0,
+        cond,
+        null,
+        num_aux=K,
+        guidance_scale=guidance,
+        rollout_steps=8,
+        shift=3.0,
+        noise=noise,
+        t=t,
+        aux_sigmas=aux,
+    )
     # the release's structure: rollout (2B rows with CFG, autograd on), base term, K aux terms of B rows
     assert model.calls == [(2 * B if guidance != 1 else B, True)] + [(B, True)] * (1 + K)
     ported = [p.grad.clone() for p in model.parameters()]

@@ -111,8 +111,15 @@ def test_stochastic_steps_zero_noise_limits_and_finiteness(kind):
 def test_sde_sampler_runs_and_ends_deterministically():
     model = ToyVelocity(6, 3)
     c, null = torch.randn(4, 3), torch.zeros(1, 3)
-    a = sample_sde(model, torch.randn(4, 6), c, null_cond=null, num_steps=5, guidance_scale=2.0,
-                   generator=torch.Generator().manual_seed(0))
+    a = sample_sde(
+        model,
+        torch.randn(4, 6),
+        c,
+        null_cond=null,
+        num_steps=5,
+        guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert a.shape == (4, 6) and torch.isfinite(a).all()
     with pytest.raises(ValueError, match="cond"):
         integrate(model, torch.randn(4, 6), sigma_schedule(3), c[:2])

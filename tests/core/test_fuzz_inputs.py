@@ -19,8 +19,9 @@ from soarflow.models.embedded import resolve_checkpoint
 from soarflow.commands.eval_shapes import read_png
 from soarflow.train.config import load_config
 
-SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                        HealthCheck.too_slow])
+SETTINGS = dict(
+    deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 def _png() -> bytes:

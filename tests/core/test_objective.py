@@ -110,13 +110,13 @@ def test_fused_equals_per_point_loop(chunk, rows, reuse):
     torch.manual_seed(0)
     model = ToyVelocity(D, C)
     x0, cond, null, noise, t = make_batch()
-    base = SOARConfig(num_aux=4, rollout_steps=8, aux_chunk_size=chunk, forward_batch_size=rows,
-                      reuse_main_output=reuse)
+    base = SOARConfig(
+        num_aux=4, rollout_steps=8, aux_chunk_size=chunk, forward_batch_size=rows, reuse_main_output=reuse
+    )
     aux = aux_sigmas_for(t, base)
     fused = soar_loss(model, x0, cond, null_cond=null, config=base, noise=noise, t=t, aux_sigmas=aux)
     loop_cfg = base.replace(fuse_forward=False, reuse_main_output=False)
-    loop = soar_loss(model, x0, cond, null_cond=null, config=loop_cfg, noise=noise, t=t,
-                     aux_sigmas=aux)
+    loop = soar_loss(model, x0, cond, null_cond=null, config=loop_cfg, noise=noise, t=t, aux_sigmas=aux)
     torch.testing.assert_close(fused.loss, loop.loss, rtol=1e-6, atol=1e-7)
     for g1, g2 in zip(grads(model, fused.loss), grads(model, loop.loss)):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
@@ -205,9 +205,17 @@ def test_t0_below_one_step_reaches_sigma_zero_and_drops_stochastic_paths():
     model = RecordingModel(ToyVelocity(D, C))
     x0, cond, null, noise, _ = make_batch()
     t = torch.tensor([0.01, 0.02, 0.5, 0.6, 0.7])  # first two below 1/N = 0.05
-    cfg = SOARConfig(num_aux=2, rollout_steps=20, num_rollout_paths=3, rollout_kind="constant_sde", reuse_main_output=False,
-                     forward_batch_size=None)
-    out = soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, generator=torch.Generator().manual_seed(0))
+    cfg = SOARConfig(
+        num_aux=2,
+        rollout_steps=20,
+        num_rollout_paths=3,
+        rollout_kind="constant_sde",
+        reuse_main_output=False,
+        forward_batch_size=None,
+    )
+    out = soar_loss(
+        model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, generator=torch.Generator().manual_seed(0)
+    )
     # ODE path: 2 points x 5 samples; stochastic paths: 2 paths x 2 points x 3 samples
     assert out.num_aux_points == 2 * 5 + 2 * 2 * 3
     s = model.calls[1]["sigma"][B:]
@@ -232,8 +240,15 @@ def test_sigma_upper_ratio_bounds_aux_sigmas():
     model = RecordingModel(ToyVelocity(D, C))
     x0, cond, null, noise, t = make_batch()
     t = torch.full((B,), 0.2)
-    cfg = SOARConfig(num_aux=50, sigma_upper="ratio", sigma_upper_ratio=1.5, shift=1.0, rollout_steps=10,
-                     reuse_main_output=False, forward_batch_size=None)
+    cfg = SOARConfig(
+        num_aux=50,
+        sigma_upper="ratio",
+        sigma_upper_ratio=1.5,
+        shift=1.0,
+        rollout_steps=10,
+        reuse_main_output=False,
+        forward_batch_size=None,
+    )
     soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, generator=torch.Generator().manual_seed(1))
     s = model.calls[1]["sigma"][B:]
     assert float(s.min()) >= 0.1 - 1e-6 and float(s.max()) <= 0.3 + 1e-6
@@ -257,8 +272,14 @@ def test_image_latents_and_token_sequences_with_dict_cond(shape):
     cond = {"emb": torch.randn(B, 7, 5, generator=g), "pooled": torch.randn(B, 9, generator=g)}
     null = {"emb": torch.zeros(1, 7, 5), "pooled": torch.zeros(1, 9)}
     model = DictModel()
-    out = soar_loss(model, x0, cond, null_cond=null, config=SOARConfig(num_aux=2, cond_dropout=0.3),
-                    generator=torch.Generator().manual_seed(0))
+    out = soar_loss(
+        model,
+        x0,
+        cond,
+        null_cond=null,
+        config=SOARConfig(num_aux=2, cond_dropout=0.3),
+        generator=torch.Generator().manual_seed(0),
+    )
     out.loss.backward()
     assert model.w.grad is not None and torch.isfinite(model.w.grad).all()
     assert out.num_aux_points == 2 * B
@@ -268,8 +289,9 @@ def test_bf16_inputs():
     torch.manual_seed(0)
     model = ToyVelocity(D, C).to(torch.bfloat16)
     x0, cond, null, *_ = make_batch(dtype=torch.bfloat16)
-    out = soar_loss(model, x0, cond, null_cond=null, config=SOARConfig(num_aux=2),
-                    generator=torch.Generator().manual_seed(0))
+    out = soar_loss(
+        model, x0, cond, null_cond=null, config=SOARConfig(num_aux=2), generator=torch.Generator().manual_seed(0)
+    )
     assert out.loss.dtype == torch.float32 and math.isfinite(float(out.loss.detach()))
     out.loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
@@ -293,11 +315,28 @@ def test_seeded_calls_are_reproducible_and_diagnostics_sane():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("num_aux", -1), ("lambda_aux", -0.1), ("rollout_steps", 0), ("num_rollout_paths", 0),
-     ("rollout_kind", "ode"), ("sigma_upper", "two"), ("sigma_upper_ratio", 0.5), ("sigma_floor", 0.0),
-     ("t_density", "normal"), ("weighting", "snr"), ("cond_dropout", 1.0), ("aux_chunk_size", 0), ("shift", 0.0),
-     ("forward_batch_size", 0), ("forward_batch_size", "fast"), ("points_per_sample", 0), ("rollout", "exact"),
-     ("aux_noise", "new"), ("aux_sigma_density", "beta"), ("cond_dropout_mode", "per_token")],
+    [
+        ("num_aux", -1),
+        ("lambda_aux", -0.1),
+        ("rollout_steps", 0),
+        ("num_rollout_paths", 0),
+        ("rollout_kind", "ode"),
+        ("sigma_upper", "two"),
+        ("sigma_upper_ratio", 0.5),
+        ("sigma_floor", 0.0),
+        ("t_density", "normal"),
+        ("weighting", "snr"),
+        ("cond_dropout", 1.0),
+        ("aux_chunk_size", 0),
+        ("shift", 0.0),
+        ("forward_batch_size", 0),
+        ("forward_batch_size", "fast"),
+        ("points_per_sample", 0),
+        ("rollout", "exact"),
+        ("aux_noise", "new"),
+        ("aux_sigma_density", "beta"),
+        ("cond_dropout_mode", "per_token"),
+    ],
 )
 def test_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -324,11 +363,14 @@ def test_bad_inputs_name_the_argument():
         soar_loss(model, torch.randn(5), cond, null_cond=null, config=cfg)
 
 
-@pytest.mark.parametrize("cfg", [
-    SOARConfig(num_aux=2, num_rollout_paths=3, rollout_kind="cps", cond_dropout=0.4, rollout_steps=4),
-    SOARConfig(num_aux=0, points_per_sample=3, cond_dropout=0.4),
-    SOARConfig(num_aux=2, rollout="none", aux_noise="fresh", cond_dropout=0.4, cond_dropout_mode="per_batch"),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SOARConfig(num_aux=2, num_rollout_paths=3, rollout_kind="cps", cond_dropout=0.4, rollout_steps=4),
+        SOARConfig(num_aux=0, points_per_sample=3, cond_dropout=0.4),
+        SOARConfig(num_aux=2, rollout="none", aux_noise="fresh", cond_dropout=0.4, cond_dropout_mode="per_batch"),
+    ],
+)
 def test_global_draws_sliced_per_process_give_the_global_loss(cfg):
     """The trainer's scheme: one draw for the global batch, each process takes its rows. Every random number
     (noise, t, dropout, stochastic paths, sigma', fresh aux noise) is then the same as on one process, so the
@@ -347,8 +389,9 @@ def test_global_draws_sliced_per_process_give_the_global_loss(cfg):
     torch.testing.assert_close(total / terms, whole.loss)
 
 
-@pytest.mark.parametrize("device,expected", [("cpu", "reuse"), ("cuda", "fused"), ("cuda:1", "fused"),
-                                             ("mps", "reuse"), ("meta", "reuse")])
+@pytest.mark.parametrize(
+    "device,expected", [("cpu", "reuse"), ("cuda", "fused"), ("cuda:1", "fused"), ("mps", "reuse"), ("meta", "reuse")]
+)
 def test_auto_layout_resolves_by_device_type(device, expected):
     auto = SOARConfig(num_aux=2)
     assert auto.reuse_main_output == "auto" and layout_name(auto) == "auto"

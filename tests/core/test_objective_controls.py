@@ -85,16 +85,31 @@ def test_reuse_and_dropout_order_match_reference(rollout_dropped, mode, w):
     torch.manual_seed(0)
     model = ToyVelocity(D, C)
     x0, cond, null, noise, t = make_batch()
-    cfg = SOARConfig(num_aux=3, rollout_steps=8, guidance_scale=w, cond_dropout=0.5, cond_dropout_mode=mode,
-                     rollout_uses_dropped_cond=rollout_dropped)
+    cfg = SOARConfig(
+        num_aux=3,
+        rollout_steps=8,
+        guidance_scale=w,
+        cond_dropout=0.5,
+        cond_dropout_mode=mode,
+        rollout_uses_dropped_cond=rollout_dropped,
+    )
     aux = fixed_aux(t, cfg)
     seed = 11 if mode == "per_sample" else 3  # seed 3 drops the whole batch, seed 11 some rows only
     drop = drop_mask(seed, 0.5, mode)
     assert 0 < int(drop.sum()) < B if mode == "per_sample" else bool(drop.all())
     for reuse in (True, False):
         ref = reference(model, x0, cond, null, cfg, noise, t, aux, drop=drop)
-        out = soar_loss(model, x0, cond, null_cond=null, config=cfg.replace(reuse_main_output=reuse), noise=noise,
-                        t=t, aux_sigmas=aux, generator=torch.Generator().manual_seed(seed))
+        out = soar_loss(
+            model,
+            x0,
+            cond,
+            null_cond=null,
+            config=cfg.replace(reuse_main_output=reuse),
+            noise=noise,
+            t=t,
+            aux_sigmas=aux,
+            generator=torch.Generator().manual_seed(seed),
+        )
         assert_same(model, out.loss, ref)
 
 
@@ -103,8 +118,19 @@ def test_default_rollout_with_undropped_caption_differs_from_the_official_order(
     model = ToyVelocity(D, C)
     x0, cond, null, noise, t = make_batch()
     cfg = SOARConfig(num_aux=2, rollout_steps=4, cond_dropout=0.5, cond_dropout_mode="per_batch")
-    a, b = (soar_loss(model, x0, cond, null_cond=null, config=cfg.replace(rollout_uses_dropped_cond=r),
-                      noise=noise, t=t, generator=torch.Generator().manual_seed(3)).loss for r in (False, True))
+    a, b = (
+        soar_loss(
+            model,
+            x0,
+            cond,
+            null_cond=null,
+            config=cfg.replace(rollout_uses_dropped_cond=r),
+            noise=noise,
+            t=t,
+            generator=torch.Generator().manual_seed(3),
+        ).loss
+        for r in (False, True)
+    )
     assert abs(float((a - b).detach())) > 1e-4  # the knob changes the rollout of a dropped batch
 
 
@@ -114,11 +140,21 @@ def test_reuse_fallback_forward_only_for_dropped_rows():
     x0, cond, null, noise, t = make_batch()
     cfg = SOARConfig(num_aux=2, cond_dropout=0.5, forward_batch_size=None)
     n_drop = int(drop_mask(11, 0.5, "per_sample").sum())
-    soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, generator=torch.Generator().manual_seed(11))
+    soar_loss(
+        model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, generator=torch.Generator().manual_seed(11)
+    )
     assert [(c["rows"], c["grad"]) for c in model.calls] == [(B, True), (B + n_drop, False), (2 * B, True)]
     model.calls.clear()
-    soar_loss(model, x0, cond, null_cond=null, config=cfg.replace(rollout_uses_dropped_cond=True), noise=noise, t=t,
-              generator=torch.Generator().manual_seed(11))
+    soar_loss(
+        model,
+        x0,
+        cond,
+        null_cond=null,
+        config=cfg.replace(rollout_uses_dropped_cond=True),
+        noise=noise,
+        t=t,
+        generator=torch.Generator().manual_seed(11),
+    )
     assert [(c["rows"], c["grad"]) for c in model.calls] == [(B, True), (B, False), (2 * B, True)]
 
 
@@ -129,8 +165,9 @@ def test_per_batch_dropout_in_sft_is_all_or_nothing():
     seen = set()
     for seed in range(12):
         model.calls.clear()
-        out = sft_loss(model, x0, cond, config=cfg, null_cond=null, noise=noise, t=t,
-                       generator=torch.Generator().manual_seed(seed))
+        out = sft_loss(
+            model, x0, cond, config=cfg, null_cond=null, noise=noise, t=t, generator=torch.Generator().manual_seed(seed)
+        )
         expected = drop_mask(seed, 0.5, "per_batch")
         c = torch.where(expected[:, None], null.expand(B, C), cond)
         s = shift_sigma(t, cfg.shift)[:, None]
@@ -170,8 +207,17 @@ def test_fresh_noise_is_noise_level_matched_sft():
     x0, cond, null, noise, t = make_batch()
     cfg = SOARConfig(num_aux=3, rollout_steps=8, rollout="none", aux_noise="fresh", lambda_aux=0.5)
     aux = fixed_aux(t, cfg)
-    out = soar_loss(model, x0, cond, null_cond=None, config=cfg, noise=noise, t=t, aux_sigmas=aux,
-                    generator=torch.Generator().manual_seed(4))
+    out = soar_loss(
+        model,
+        x0,
+        cond,
+        null_cond=None,
+        config=cfg,
+        noise=noise,
+        t=t,
+        aux_sigmas=aux,
+        generator=torch.Generator().manual_seed(4),
+    )
     g = torch.Generator().manual_seed(4)
     torch.rand((1, 3, B), generator=g)  # the sigma' uniforms (overridden by aux)
     fresh = torch.randn((1, 3, B, D), generator=g)[0]
@@ -204,7 +250,8 @@ def test_points_per_sample_is_the_mean_over_fresh_draws(P):
     # soar_loss with no aux term is this SFT; with aux points it refuses P > 1
     torch.testing.assert_close(
         soar_loss(model, x0, cond, null_cond=None, config=cfg, generator=torch.Generator().manual_seed(7)).loss,
-        out.loss)
+        out.loss,
+    )
     if P > 1:
         with pytest.raises(ValueError, match="points_per_sample"):
             soar_loss(model, x0, cond, null_cond=None, config=cfg.replace(num_aux=2, rollout="none"))
@@ -216,8 +263,9 @@ def test_points_per_sample_with_dropout_takes_a_per_row_null_cond():
     x0, cond, *_ = make_batch()
     null_one = torch.zeros(1, C)
     cfg = SOARConfig(num_aux=0, points_per_sample=3, cond_dropout=0.5)
-    per_row = sft_loss(model, x0, cond, config=cfg, null_cond=null_one.expand(B, C).clone(),
-                       generator=torch.Generator().manual_seed(3))
+    per_row = sft_loss(
+        model, x0, cond, config=cfg, null_cond=null_one.expand(B, C).clone(), generator=torch.Generator().manual_seed(3)
+    )
     single = sft_loss(model, x0, cond, config=cfg, null_cond=null_one, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(per_row.loss, single.loss)
 
@@ -244,15 +292,25 @@ def test_t_density_aux_sigmas_follow_the_restricted_training_density(density):
 
 
 def test_logit_normal_t_density_matches_the_closed_form_and_ratio_bound():
-    cfg = SOARConfig(aux_sigma_density="t_density", logit_mean=0.3, logit_std=0.8, rollout_steps=5,
-                     sigma_upper="ratio", sigma_upper_ratio=1.5, shift=3.0)
+    cfg = SOARConfig(
+        aux_sigma_density="t_density",
+        logit_mean=0.3,
+        logit_std=0.8,
+        rollout_steps=5,
+        sigma_upper="ratio",
+        sigma_upper_ratio=1.5,
+        shift=3.0,
+    )
     t0 = torch.tensor([0.3, 0.6, 0.9])
     u = torch.rand(7, 3, generator=torch.Generator().manual_seed(2))
     got = aux_sigmas_from_uniform(t0, cfg, u)
     s0 = shift_sigma(t0, 3.0)
     up = (1.5 * s0).clamp(max=1.0)
     t1, t_up = t0 - 0.2, up / (3.0 - 2.0 * up)
-    cdf = lambda tt: torch.special.ndtr((torch.logit(tt.double()) - 0.3) / 0.8)
+
+    def cdf(tt):
+        return torch.special.ndtr((torch.logit(tt.double()) - 0.3) / 0.8)
+
     a, b = cdf(t1), cdf(t_up)
     expected = shift_sigma(torch.sigmoid(0.3 + 0.8 * torch.special.ndtri(a + u.double() * (b - a))), 3.0)
     torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-5)
@@ -264,8 +322,9 @@ def test_t_density_in_the_loss_and_the_trainer_draw():
 
     model = RecordingModel(ToyVelocity(D, C))
     x0, cond, null, noise, t = make_batch()
-    cfg = SOARConfig(num_aux=4, aux_sigma_density="t_density", rollout="none", reuse_main_output=False,
-                     forward_batch_size=None)
+    cfg = SOARConfig(
+        num_aux=4, aux_sigma_density="t_density", rollout="none", reuse_main_output=False, forward_batch_size=None
+    )
     soar_loss(model, x0, cond, null_cond=null, config=cfg, noise=noise, t=t, generator=torch.Generator().manual_seed(5))
     u = torch.rand((1, 4, B), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(model.calls[0]["sigma"][B:], aux_sigmas_from_uniform(t, cfg, u)[0].flatten())
@@ -279,10 +338,13 @@ def test_t_density_in_the_loss_and_the_trainer_draw():
 # ------------------------------------------------------------------ bad combinations
 
 
-@pytest.mark.parametrize("changes,field", [
-    (dict(rollout="none", num_rollout_paths=2), "rollout"),
-    (dict(aux_noise="fresh"), "aux_noise"),
-])
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        (dict(rollout="none", num_rollout_paths=2), "rollout"),
+        (dict(aux_noise="fresh"), "aux_noise"),
+    ],
+)
 def test_bad_combinations_name_the_field(changes, field):
     with pytest.raises(ValueError, match=f"soar.{field}"):
         SOARConfig(**changes)

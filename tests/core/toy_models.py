@@ -24,6 +24,12 @@ class RecordingModel(nn.Module):
         self.calls = []
 
     def forward(self, x, sigma, cond):
-        self.calls.append({"rows": x.shape[0], "grad": torch.is_grad_enabled(), "x": x.detach().clone(),
-                           "sigma": sigma.detach().clone()})
+        self.calls.append(
+            {
+                "rows": x.shape[0],
+                "grad": torch.is_grad_enabled(),
+                "x": x.detach().clone(),
+                "sigma": sigma.detach().clone(),
+            }
+        )
         return self.inner(x, sigma, cond)

@@ -109,8 +109,10 @@ def test_soar_jsonl_reader(tmp_path):
 
     with pytest.raises(ValueError, match="data.image_dir"):
         SD3Task.from_config({"pretrained": str(tmp_path)}, {"format": "soar_jsonl", "path": str(jsonl)})
-    task = SD3Task.from_config({"pretrained": str(tmp_path)}, {"format": "soar_jsonl", "path": str(jsonl),
-                                                               "image_dir": str(image_dir), "resolution": 32})
+    task = SD3Task.from_config(
+        {"pretrained": str(tmp_path)},
+        {"format": "soar_jsonl", "path": str(jsonl), "image_dir": str(image_dir), "resolution": 32},
+    )
     ds = task.train_dataset()
     assert len(ds) == 1 and ds[0]["caption"] == "a tall photo" and ds[0]["pixel_values"].shape == (3, 32, 32)
 
@@ -207,8 +209,9 @@ def test_task_batch_indices_group_buckets(tmp_path):
     (root / "metadata.jsonl").write_text("\n".join(rows))
     pipe = tmp_path / "pipe"
     pipe.mkdir()
-    task = SD3Task.from_config({"pretrained": str(pipe)}, {"path": str(root), "resolution": 32, "bucketing": True,
-                                                           "bucket_divisor": 8})
+    task = SD3Task.from_config(
+        {"pretrained": str(pipe)}, {"path": str(root), "resolution": 32, "bucketing": True, "bucket_divisor": 8}
+    )
     ds = task.train_dataset()
     batches = task.batch_indices(ds, 2, seed=0, epoch=0)
     assert len(batches) == 2  # 3 wide -> one full batch, 2 tall -> one, 1 square -> none (drop_last per bucket)
@@ -226,7 +229,8 @@ def test_task_counts_bad_samples_in_its_summary(folder, tmp_path):
     assert len(ds) == 3 and task.data_summary().startswith("bad samples skipped: 3")
     ds[2]  # broken.png, replaced by the next readable image
     assert task.data_summary().startswith("bad samples skipped: 4") and "missing.png" in task.data_summary()
-    strict = SD3Task.from_config({"pretrained": str(tmp_path)},
-                                 {"path": str(folder), "resolution": 32, "on_bad_sample": "fail"})
+    strict = SD3Task.from_config(
+        {"pretrained": str(tmp_path)}, {"path": str(folder), "resolution": 32, "on_bad_sample": "fail"}
+    )
     with pytest.raises(ValueError, match="metadata.jsonl:6"):
         strict.train_dataset()

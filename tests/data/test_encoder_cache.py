@@ -42,15 +42,48 @@ def images(tmp_path):
 
 
 def config(tmp_path, name, task, pipe, images, *extra):
-    return load_config(None, [
-        "--task", task, "--method", "soar", "--output_dir", str(tmp_path / name), "--seed", "3",
-        "--train_batch_size", "2", "--max_train_steps", "2", "--logging_steps", "1", "--validation_steps", "2",
-        "--checkpointing_steps", "0", "--report_to", "none", "--show_progress", "false", "--learning_rate", "1e-3",
-        "--soar.num_aux", "2", "--soar.rollout_steps", "4", "--soar.guidance_scale", "2.0",
-        f"--model.pretrained={pipe}", "--model.max_sequence_length=8",
-        f"--data.path={images}", "--data.resolution=32", "--data.validation_num_steps=2",
-        "--data.validation_prompts=['a red circle', 'a blue square']", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            "--task",
+            task,
+            "--method",
+            "soar",
+            "--output_dir",
+            str(tmp_path / name),
+            "--seed",
+            "3",
+            "--train_batch_size",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--logging_steps",
+            "1",
+            "--validation_steps",
+            "2",
+            "--checkpointing_steps",
+            "0",
+            "--report_to",
+            "none",
+            "--show_progress",
+            "false",
+            "--learning_rate",
+            "1e-3",
+            "--soar.num_aux",
+            "2",
+            "--soar.rollout_steps",
+            "4",
+            "--soar.guidance_scale",
+            "2.0",
+            f"--model.pretrained={pipe}",
+            "--model.max_sequence_length=8",
+            f"--data.path={images}",
+            "--data.resolution=32",
+            "--data.validation_num_steps=2",
+            "--data.validation_prompts=['a red circle', 'a blue square']",
+            *extra,
+        ],
+    )
 
 
 def forbid_encoders_and_images(monkeypatch):
@@ -64,6 +97,7 @@ def forbid_encoders_and_images(monkeypatch):
     def forbidden(what):
         def fail(*args, **kwargs):
             raise AssertionError(f"{what} was used although the encoder cache is complete")
+
         return fail
 
     for cls in (transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection, transformers.T5EncoderModel):
@@ -82,12 +116,14 @@ def losses(result):
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_training_on_a_complete_cache_builds_no_encoder_and_matches_the_uncached_loss(
-        tmp_path, images, sd3_path, flux_path, family, monkeypatch):
+    tmp_path, images, sd3_path, flux_path, family, monkeypatch
+):
     pipe = sd3_path if family == "sd3" else flux_path
     plain = train(config(tmp_path, "plain", family, pipe, images))
 
-    cached_cfg = config(tmp_path, "cached", family, pipe, images, f"--data.cache_dir={tmp_path / 'cache'}",
-                        "--data.cache_dtype=float32")
+    cached_cfg = config(
+        tmp_path, "cached", family, pipe, images, f"--data.cache_dir={tmp_path / 'cache'}", "--data.cache_dtype=float32"
+    )
     (tmp_path / "cached.yaml").write_text(cached_cfg.to_yaml())
     assert cache_main(["--config", str(tmp_path / "cached.yaml"), "--batch_size", "3"]) == 0
     with monkeypatch.context() as m:
@@ -111,8 +147,9 @@ def shards(root, kind):
 
 
 def test_cache_is_bf16_keyed_by_content_and_resumes(tmp_path, sd3_path, images):
-    cfg = config(tmp_path, "r", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'cache'}",
-                 "--data.cache_shard_size=2")
+    cfg = config(
+        tmp_path, "r", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'cache'}", "--data.cache_shard_size=2"
+    )
     task, report = fill(cfg)
     # 4 captions + 1 more validation prompt ("a red circle" is both) + "" ; 4 images
     assert (report.text_encoded, report.latents_encoded, report.text_checked) == (6, 4, 0)
@@ -151,8 +188,11 @@ def test_corrupt_shards_and_entries_are_found_and_reencoded_or_refused(tmp_path,
     name1 = latent_key(records[1].sha256, 32, 32)
 
     # 1. a NaN in a newer copy of an entry: training refuses it with its name, `soarflow cache` re-encodes it
-    good = {k[len(name1) + 1:]: v for k, v in load_file(str(_entry_shard(cache_dir, "latent", name1))).items()
-            if k.startswith(name1 + "/")}
+    good = {
+        k[len(name1) + 1 :]: v
+        for k, v in load_file(str(_entry_shard(cache_dir, "latent", name1))).items()
+        if k.startswith(name1 + "/")
+    }
     bad = {f"{name1}/{k}": v.clone() for k, v in good.items()}
     bad[f"{name1}/latent_mean"][0, 0, 0] = float("nan")
     folder = shards(cache_dir, "latent")[0].parent
@@ -197,8 +237,9 @@ def test_unreadable_image_is_a_bad_sample_and_left_out_of_training(tmp_path, sd3
     trainer_task = build_task(cfg)
     ds = trainer_task.train_dataset()
     assert len(ds) == 3 and not ds.pixels and "img_003.png" in trainer_task.data_summary()
-    strict = config(tmp_path, "u2", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'cache2'}",
-                    "--data.on_bad_sample=fail")
+    strict = config(
+        tmp_path, "u2", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'cache2'}", "--data.on_bad_sample=fail"
+    )
     with pytest.raises(ValueError, match="img_003.png"):
         fill(strict)
 
@@ -234,24 +275,49 @@ def test_two_processes_share_the_work_and_write_the_same_entries(tmp_path, sd3_p
     import subprocess
     import sys
 
-    cfg = config(tmp_path, "p2", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'two'}",
-                 "--data.cache_dtype=float32")
+    cfg = config(
+        tmp_path, "p2", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'two'}", "--data.cache_dtype=float32"
+    )
     (tmp_path / "two.yaml").write_text(cfg.to_yaml())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "soarflow", "cache", "--config", str(tmp_path / "two.yaml"), "--batch_size", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "soarflow",
+        "cache",
+        "--config",
+        str(tmp_path / "two.yaml"),
+        "--batch_size",
+        "2",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 0: text 3 encoded" in proc.stdout and "rank 1: text 3 encoded" in proc.stdout
     assert "complete" in proc.stdout
-    assert {p.name.rsplit("-", 1)[1] for p in shards(tmp_path / "two", "latent")} == {"r0.safetensors", "r1.safetensors"}
+    assert {p.name.rsplit("-", 1)[1] for p in shards(tmp_path / "two", "latent")} == {
+        "r0.safetensors",
+        "r1.safetensors",
+    }
 
-    one = config(tmp_path, "p1", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'one'}",
-                 "--data.cache_dtype=float32")
+    one = config(
+        tmp_path, "p1", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'one'}", "--data.cache_dtype=float32"
+    )
     fill(one)
     for kind in ("text", "latent"):
         a = {k: v for p in shards(tmp_path / "two", kind) for k, v in load_file(str(p)).items()}

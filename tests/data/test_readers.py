@@ -149,8 +149,10 @@ def test_hf_image_paths_must_stay_inside_the_dataset(tmp_path):
     folder.mkdir()
     (folder / "inside.png").write_bytes(png((8, 8), 1))
     # an Image column holding paths only (no embedded bytes), as the hub's parquet files may
-    image = pa.array([{"bytes": None, "path": "inside.png"}, {"bytes": None, "path": "../outside.png"}],
-                     type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    image = pa.array(
+        [{"bytes": None, "path": "inside.png"}, {"bytes": None, "path": "../outside.png"}],
+        type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    )
     pq.write_table(pa.table({"image": image, "text": ["inside", "outside"]}), str(folder / "p.parquet"))
     recs = read_records(DataSource("parquet", str(folder)), BadSampleLog())
     assert recs[0].image.read()[:4] == b"\x89PNG"
@@ -172,7 +174,7 @@ def write_shards(folder, with_corrupt=False):
         samples.append({"__key__": "s998", "txt": "no image at all"})
     for shard in range(2):
         with wds.TarWriter(str(folder / f"shard-{shard:03d}.tar")) as sink:
-            for sample in samples[shard * 2: shard * 2 + 2] if shard == 0 else samples[2:]:
+            for sample in samples[shard * 2 : shard * 2 + 2] if shard == 0 else samples[2:]:
                 sink.write(sample)
     return folder
 
@@ -253,8 +255,10 @@ def test_sizes_are_read_once_so_bucketing_opens_no_image_later(tmp_path, monkeyp
     monkeypatch.setattr(Image, "open", counting_open)
 
     def task():
-        return SD3Task.from_config({"pretrained": str(pipe)}, {"format": "webdataset", "path": str(folder),
-                                                               "resolution": 32, "bucketing": True, "bucket_divisor": 8})
+        return SD3Task.from_config(
+            {"pretrained": str(pipe)},
+            {"format": "webdataset", "path": str(folder), "resolution": 32, "bucketing": True, "bucket_divisor": 8},
+        )
 
     first = task()
     ds = first.train_dataset()

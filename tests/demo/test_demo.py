@@ -8,13 +8,16 @@ import torch
 from soarflow.commands.demo import main
 
 METHODS = ("base", "sft", "soar")  # the default --methods, plus the base
-from soarflow.models.embedded import build_model, save_checkpoint
+from soarflow.models.embedded import save_checkpoint
 from soarflow.tasks.shapes import ShapesModelSection, ShapesTask, ShapesDataSection
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    task = ShapesTask(ShapesModelSection(pretrained=None, architecture="mmdit", hidden_size=32, depth=1, num_heads=2), ShapesDataSection())
+    task = ShapesTask(
+        ShapesModelSection(pretrained=None, architecture="mmdit", hidden_size=32, depth=1, num_heads=2),
+        ShapesDataSection(),
+    )
     torch.manual_seed(0)
     model = task.build_model()
     with torch.no_grad():
@@ -25,8 +28,15 @@ def tiny_base(tmp_path_factory):
 
 def demo_args(base, out, **extra):
     args = {
-        "base": base, "output_dir": out, "max_train_steps": 2, "train_batch_size": 4, "num_aux": 2,
-        "rollout_steps": 5, "prompts_per_family": 1, "images_per_prompt": 2, "eval_num_steps": 4,
+        "base": base,
+        "output_dir": out,
+        "max_train_steps": 2,
+        "train_batch_size": 4,
+        "num_aux": 2,
+        "rollout_steps": 5,
+        "prompts_per_family": 1,
+        "images_per_prompt": 2,
+        "eval_num_steps": 4,
     }
     args.update(extra)
     return [f"--{k}={v}" for k, v in args.items()]
@@ -40,7 +50,14 @@ def test_demo_writes_a_complete_report_and_refuses_a_different_run(tiny_base, tm
     for method in METHODS:
         m = report["methods"][method]["metrics"]["4"]
         assert 0 <= m["shapes_eval"]["overall"] <= 1
-        assert set(m["shapes_eval"]["per_family"]) == {"single_object", "two_objects", "counting", "colors", "position", "color_attr"}
+        assert set(m["shapes_eval"]["per_family"]) == {
+            "single_object",
+            "two_objects",
+            "counting",
+            "colors",
+            "position",
+            "color_attr",
+        }
         assert m["frechet_distance"] >= 0 and m["diversity"] >= 0
         assert len(m["exposure_bias"]["bins"]) >= 1
         assert (out / f"samples_{method}.png").stat().st_size > 0
@@ -105,8 +122,12 @@ def test_quick_demo_runs_the_readme_command_on_the_shipped_base(tmp_path):
 
     assert base_checkpoint_path().is_file(), "the shipped base checkpoint is missing from the package"
     out = tmp_path / "quick"
-    proc = subprocess.run([sys.executable, "-m", "soarflow", "demo", "--quick", "--output_dir", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "soarflow", "demo", "--quick", "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["max_train_steps"] == 20 and report["settings"]["base"] == "base"

@@ -98,6 +98,9 @@ def test_the_shipped_yaml_is_the_demo_recipe(tmp_path, monkeypatch, method):
     monkeypatch.setattr(train_module, "train", lambda cfg: seen.append(cfg))
     demo.post_train(method, demo.DemoSettings(), tmp_path / "run")
     yaml_cfg = load_config(f"configs/shapes_{method}.yaml")
-    diffs = [d for d in config_differences(yaml_cfg.to_dict(), seen[0].to_dict())
-             if d.split(":")[0] not in NON_DEFINING_KEYS | LOCATION_KEYS]
+    diffs = [
+        d
+        for d in config_differences(yaml_cfg.to_dict(), seen[0].to_dict())
+        if d.split(":")[0] not in NON_DEFINING_KEYS | LOCATION_KEYS
+    ]
     assert diffs == []

@@ -30,8 +30,12 @@ class Affine(torch.nn.Module):
 
 def _data(b=6, dim=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, dim, generator=g), torch.randn(b, dim, generator=g), torch.randn(b, dim, generator=g),
-            torch.rand(b, generator=g) * 0.8)
+    return (
+        torch.randn(b, dim, generator=g),
+        torch.randn(b, dim, generator=g),
+        torch.randn(b, dim, generator=g),
+        torch.rand(b, generator=g) * 0.8,
+    )
 
 
 def test_rollout_reaches_sigma_t_by_k_explicit_euler_steps():
@@ -51,8 +55,9 @@ def test_rollout_reaches_sigma_t_by_k_explicit_euler_steps():
 def test_scheduled_sampling_with_no_offset_is_sft_and_otherwise_uses_the_flow_target():
     model, cfg = Affine(seed=1), ScheduledSamplingConfig(max_step_offset=2, num_steps=8)
     x0, z1, cond, t = _data(seed=1)
-    zero = scheduled_sampling_loss(model, x0, cond, noise=z1, t=t, offsets=torch.zeros(6, dtype=torch.long),
-                                   null_cond=None, config=cfg, shift=1.0)
+    zero = scheduled_sampling_loss(
+        model, x0, cond, noise=z1, t=t, offsets=torch.zeros(6, dtype=torch.long), null_cond=None, config=cfg, shift=1.0
+    )
     ref = sft_loss(model, x0, cond, config=SOARConfig(num_aux=0, shift=1.0), noise=z1, t=t)
     torch.testing.assert_close(zero.loss, ref.loss)
 
@@ -68,8 +73,11 @@ def test_scheduled_sampling_with_no_offset_is_sft_and_otherwise_uses_the_flow_ta
 
 def test_offset_distribution_strategies_probability_cap_and_ramp():
     g = torch.Generator().manual_seed(0)
-    for strategy, probs in (("uniform", [1 / 3] * 3), ("biased_early", [3 / 6, 2 / 6, 1 / 6]),
-                            ("biased_late", [1 / 6, 2 / 6, 3 / 6])):
+    for strategy, probs in (
+        ("uniform", [1 / 3] * 3),
+        ("biased_early", [3 / 6, 2 / 6, 1 / 6]),
+        ("biased_late", [1 / 6, 2 / 6, 3 / 6]),
+    ):
         cfg = ScheduledSamplingConfig(max_step_offset=3, strategy=strategy, num_steps=10)
         torch.testing.assert_close(cfg.offset_probs(), torch.tensor(probs, dtype=torch.float64))
         k = draw_offsets(torch.zeros(30000), cfg, 1.0, g)
@@ -81,7 +89,9 @@ def test_offset_distribution_strategies_probability_cap_and_ramp():
     assert cfg.probability_at(0) == 0 and cfg.probability_at(50) == 0.25 and cfg.probability_at(500) == 0.5
     t = torch.tensor([0.0, 0.75, 0.85, 0.95, 1.0])
     assert max_offsets(t, 10).tolist() == [10, 2, 1, 0, 0]  # the rollout never starts above sigma = 1
-    assert (draw_offsets(t, ScheduledSamplingConfig(max_step_offset=3, num_steps=10), 1.0, g) <= max_offsets(t, 10)).all()
+    assert (
+        draw_offsets(t, ScheduledSamplingConfig(max_step_offset=3, num_steps=10), 1.0, g) <= max_offsets(t, 10)
+    ).all()
 
 
 def test_scheduled_sampling_config_errors():

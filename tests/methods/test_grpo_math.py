@@ -138,8 +138,15 @@ def test_rollout_log_probs_are_those_of_the_recorded_transitions(kind):
     model = Linear()
     cfg = GRPOConfig(group_size=2, num_steps=5, sde_kind=kind, guidance_scale=2.0)
     cond, null = _rand(4, 6, seed=11), torch.zeros(1, 6)
-    roll = sample_with_log_probs(model, _rand(4, 6, seed=12), cond, null_cond=null, config=cfg, shift=3.0,
-                                 generator=torch.Generator().manual_seed(0))
+    roll = sample_with_log_probs(
+        model,
+        _rand(4, 6, seed=12),
+        cond,
+        null_cond=null,
+        config=cfg,
+        shift=3.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert roll.states.shape == (6, 4, 6) and roll.log_probs.shape == (4, 4)
     for i in range(4):
         x, s, sn = roll.states[i], roll.sigmas[i].expand(4), roll.sigmas[i + 1].expand(4)
@@ -149,7 +156,9 @@ def test_rollout_log_probs_are_those_of_the_recorded_transitions(kind):
         torch.testing.assert_close(roll.log_probs[i], ref, rtol=1e-4, atol=1e-4)
     # the last step is the Euler step: deterministic
     s, v = roll.sigmas[4].expand(4), None
-    v = model(roll.states[4], s, null.expand(4, 6)) + 2.0 * (model(roll.states[4], s, cond) - model(roll.states[4], s, null.expand(4, 6)))
+    v = model(roll.states[4], s, null.expand(4, 6)) + 2.0 * (
+        model(roll.states[4], s, cond) - model(roll.states[4], s, null.expand(4, 6))
+    )
     torch.testing.assert_close(roll.images, roll.states[4] + (0 - roll.sigmas[4]) * v)
 
 
@@ -157,8 +166,15 @@ def test_grpo_loss_on_policy_ratio_one_kl_zero_for_identical_reference_and_gradi
     model = Linear(seed=1)
     cfg = GRPOConfig(group_size=2, num_steps=6, train_timesteps=3, guidance_scale=1.0, beta=0.5)
     cond = _rand(4, 6, seed=13)
-    roll = sample_with_log_probs(model, _rand(4, 6, seed=14), cond, null_cond=None, config=cfg, shift=1.0,
-                                 generator=torch.Generator().manual_seed(1))
+    roll = sample_with_log_probs(
+        model,
+        _rand(4, 6, seed=14),
+        cond,
+        null_cond=None,
+        config=cfg,
+        shift=1.0,
+        generator=torch.Generator().manual_seed(1),
+    )
     steps = choose_timesteps(4, cfg, torch.Generator().manual_seed(2), "cpu")
     assert steps.shape == (3, 4) and all(len(set(steps[:, b].tolist())) == 3 for b in range(4))
     assert int(steps.max()) <= 4  # only the S-1 = 5 stochastic steps
@@ -181,8 +197,15 @@ def test_grpo_loss_on_policy_ratio_one_kl_zero_for_identical_reference_and_gradi
 
     # zero advantages and beta 0: zero gradient
     model.zero_grad()
-    out = grpo_loss(model, roll, torch.zeros(4), steps, cond, null_cond=None, config=cfg.__class__(
-        group_size=2, num_steps=6, train_timesteps=3, guidance_scale=1.0, beta=0.0))
+    out = grpo_loss(
+        model,
+        roll,
+        torch.zeros(4),
+        steps,
+        cond,
+        null_cond=None,
+        config=cfg.__class__(group_size=2, num_steps=6, train_timesteps=3, guidance_scale=1.0, beta=0.0),
+    )
     out.loss.backward()
     assert model.w.grad.abs().max() == 0
 

@@ -122,8 +122,10 @@ def _release_mean(model, x, sigma, sigma_next, sigma_max, cond, w, a):
     v = [u + w * (c - u) for u, c in zip(v_u, v_c)]
     std_dev_t = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * a
     dt = sigma_next - sigma
-    mean = [xi * (1 + std_dev_t**2 / (2 * sigma) * dt) + vi * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
-            for xi, vi in zip(x, v)]
+    mean = [
+        xi * (1 + std_dev_t**2 / (2 * sigma) * dt) + vi * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+        for xi, vi in zip(x, v)
+    ]
     return mean, std_dev_t, dt
 
 
@@ -133,8 +135,15 @@ def test_kl_term_matches_a_release_step_by_hand(form):
     cfg = GRPOConfig(group_size=2, num_steps=4, train_timesteps=1, guidance_scale=2.0, beta=0.04, kl_form=form)
     cond = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.5, -0.4]])
     null = torch.zeros(1, 3)
-    roll = sample_with_log_probs(policy, torch.randn(2, 3, generator=torch.Generator().manual_seed(3)), cond,
-                                 null_cond=null, config=cfg, shift=1.0, generator=torch.Generator().manual_seed(4))
+    roll = sample_with_log_probs(
+        policy,
+        torch.randn(2, 3, generator=torch.Generator().manual_seed(3)),
+        cond,
+        null_cond=null,
+        config=cfg,
+        shift=1.0,
+        generator=torch.Generator().manual_seed(4),
+    )
     steps = torch.tensor([[0, 2]])  # image 0 trained at sigma 1 -> 0.75, image 1 at 0.5 -> 0.25
     out = grpo_loss(policy, roll, torch.zeros(2), steps, cond, null_cond=null, config=cfg, reference=ref)
     sigmas = [1.0, 0.75, 0.5, 0.25, 0.0]
@@ -155,9 +164,15 @@ def test_chunked_loss_forward_gives_the_same_loss_and_gradient():
     model = Linear(seed=5)
     base = dict(group_size=2, num_steps=5, train_timesteps=3, guidance_scale=2.0, beta=0.0)
     cond, null = torch.randn(4, 3, generator=torch.Generator().manual_seed(6)), torch.zeros(1, 3)
-    roll = sample_with_log_probs(model, torch.randn(4, 3, generator=torch.Generator().manual_seed(7)), cond,
-                                 null_cond=null, config=GRPOConfig(**base), shift=1.0,
-                                 generator=torch.Generator().manual_seed(8))
+    roll = sample_with_log_probs(
+        model,
+        torch.randn(4, 3, generator=torch.Generator().manual_seed(7)),
+        cond,
+        null_cond=null,
+        config=GRPOConfig(**base),
+        shift=1.0,
+        generator=torch.Generator().manual_seed(8),
+    )
     steps = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1]])
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     grads, losses = [], []

@@ -9,9 +9,23 @@ from soarflow.models.mmdit import MMDiT, MMDiTConfig
 from soarflow.models.unet import UNet, UNetConfig
 
 TINY = {
-    "mmdit": (MMDiT, MMDiTConfig(image_size=8, patch_size=4, hidden_size=32, depth=2, num_heads=2, vocab_size=10, max_tokens=5)),
-    "unet": (UNet, UNetConfig(image_size=8, channels=[8, 16], attention_levels=[1], num_heads=2, groups=4, text_dim=16,
-                              vocab_size=10, max_tokens=5)),
+    "mmdit": (
+        MMDiT,
+        MMDiTConfig(image_size=8, patch_size=4, hidden_size=32, depth=2, num_heads=2, vocab_size=10, max_tokens=5),
+    ),
+    "unet": (
+        UNet,
+        UNetConfig(
+            image_size=8,
+            channels=[8, 16],
+            attention_levels=[1],
+            num_heads=2,
+            groups=4,
+            text_dim=16,
+            vocab_size=10,
+            max_tokens=5,
+        ),
+    ),
 }
 
 

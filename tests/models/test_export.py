@@ -38,12 +38,36 @@ def images(tmp_path_factory):
 
 
 def _run(tmp_path, name, path, images, *extra):
-    return train(load_config(None, [
-        "--task", "sd3", "--method", "sft", "--output_dir", str(tmp_path / name), "--train_batch_size", "2",
-        "--max_train_steps", "2", "--checkpointing_steps", "1", "--report_to", "none", "--show_progress", "false",
-        "--learning_rate", "1e-2", f"--model.pretrained={path}", "--model.max_sequence_length=8",
-        f"--data.path={images}", "--data.resolution=32", *extra,
-    ]))
+    return train(
+        load_config(
+            None,
+            [
+                "--task",
+                "sd3",
+                "--method",
+                "sft",
+                "--output_dir",
+                str(tmp_path / name),
+                "--train_batch_size",
+                "2",
+                "--max_train_steps",
+                "2",
+                "--checkpointing_steps",
+                "1",
+                "--report_to",
+                "none",
+                "--show_progress",
+                "false",
+                "--learning_rate",
+                "1e-2",
+                f"--model.pretrained={path}",
+                "--model.max_sequence_length=8",
+                f"--data.path={images}",
+                "--data.resolution=32",
+                *extra,
+            ],
+        )
+    )
 
 
 def _dtypes(file):
@@ -52,13 +76,31 @@ def _dtypes(file):
 
 
 def _latents(pipe, **kw):
-    return pipe(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="latent",
-                max_sequence_length=8, generator=torch.Generator().manual_seed(0), **kw).images
+    return pipe(
+        prompt="a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="latent",
+        max_sequence_length=8,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    ).images
 
 
 def test_full_finetune_bf16_single_file_and_every_checkpoint_load_in_diffusers(tmp_path, sd35_path, images):
-    result = _run(tmp_path, "full", sd35_path, images, "--model.finetune=full", "--model.save_dtype=bf16",
-                  "--model.save_single_file=true", "--use_ema", "--ema_decay", "0.5")
+    result = _run(
+        tmp_path,
+        "full",
+        sd35_path,
+        images,
+        "--model.finetune=full",
+        "--model.save_dtype=bf16",
+        "--model.save_single_file=true",
+        "--use_ema",
+        "--ema_decay",
+        "0.5",
+    )
     model_dir = result.model_path
     # save_dtype: the diffusers folder holds bf16 weights, equal to the trained (EMA) weights rounded to bf16
     assert _dtypes(model_dir / "transformer" / "diffusion_pytorch_model.safetensors") == {"BF16"}
@@ -103,8 +145,11 @@ def _randomize_lora(model, seed=0):
 def _comfy_to_diffusers_by_comfyui_rule(comfy: dict, transformer) -> dict:
     """ComfyUI's loader for SD3 maps 'lora_transformer_' + module path with '.' -> '_' to each diffusers module,
     and applies alpha / rank * up @ down (rank = rows of lora_down); written out here as a diffusers LoRA."""
-    names = {"lora_transformer_" + n.replace(".", "_"): n for n, m in transformer.named_modules()
-             if isinstance(m, torch.nn.Linear)}
+    names = {
+        "lora_transformer_" + n.replace(".", "_"): n
+        for n, m in transformer.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
     out = {}
     for key in {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in comfy}:
         assert key in names, key
@@ -116,8 +161,15 @@ def _comfy_to_diffusers_by_comfyui_rule(comfy: dict, transformer) -> dict:
 
 
 def test_comfyui_lora_sd3_and_a_mid_run_lora_checkpoint(tmp_path, sd35_path, images):
-    result = _run(tmp_path, "lora", sd35_path, images, "--model.finetune=lora", "--model.lora={rank: 4, alpha: 8}",
-                  "--model.save_comfyui_lora=true")
+    result = _run(
+        tmp_path,
+        "lora",
+        sd35_path,
+        images,
+        "--model.finetune=lora",
+        "--model.lora={rank: 4, alpha: 8}",
+        "--model.save_comfyui_lora=true",
+    )
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd35_path))
     base = _latents(pipe)
     pipe.load_lora_weights(str(tmp_path / "lora" / "checkpoint-1" / "model"))  # a mid-run checkpoint
@@ -140,9 +192,17 @@ def test_comfyui_lora_sd3_and_a_mid_run_lora_checkpoint(tmp_path, sd35_path, ima
 
 def test_comfyui_lora_flux_converts_back_with_diffusers_kohya_converter(tmp_path, images):
     path = build_tiny_flux_pipeline(tmp_path / "flux")
-    task = FluxTask.from_config({"pretrained": str(path), "max_sequence_length": 8, "finetune": "lora",
-                                 "lora": {"rank": 4, "alpha": 2}, "guidance": "embedded",
-                                 "save_comfyui_lora": True}, {"path": str(images), "resolution": 32})
+    task = FluxTask.from_config(
+        {
+            "pretrained": str(path),
+            "max_sequence_length": 8,
+            "finetune": "lora",
+            "lora": {"rank": 4, "alpha": 2},
+            "guidance": "embedded",
+            "save_comfyui_lora": True,
+        },
+        {"path": str(images), "resolution": 32},
+    )
     model = task.build_model()
     _randomize_lora(model)
     saved = task.save_model(model, tmp_path / "model")
@@ -168,8 +228,10 @@ def test_comfyui_lora_flux_converts_back_with_diffusers_kohya_converter(tmp_path
 
 def test_lora_to_comfyui_keys_and_alpha():
     a, b = torch.randn(4, 16), torch.randn(16, 4)
-    out = lora_to_comfyui({"transformer_blocks.0.attn.to_out.0.lora_A.weight": a,
-                           "transformer_blocks.0.attn.to_out.0.lora_B.weight": b}, alpha=8)
+    out = lora_to_comfyui(
+        {"transformer_blocks.0.attn.to_out.0.lora_A.weight": a, "transformer_blocks.0.attn.to_out.0.lora_B.weight": b},
+        alpha=8,
+    )
     name = "lora_transformer_transformer_blocks_0_attn_to_out_0"
     assert set(out) == {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"}
     assert torch.equal(out[f"{name}.lora_down.weight"], a) and torch.equal(out[f"{name}.lora_up.weight"], b)

@@ -40,20 +40,46 @@ def images(tmp_path_factory):
 
 
 def make_task(path, images, train_config=None, **model):
-    return FluxTask.from_config({"pretrained": str(path), "max_sequence_length": 8, **model},
-                                {"path": str(images), "resolution": 32, "validation_prompts": ["a red circle"],
-                                 "validation_num_steps": 2}, train_config)
+    return FluxTask.from_config(
+        {"pretrained": str(path), "max_sequence_length": 8, **model},
+        {"path": str(images), "resolution": 32, "validation_prompts": ["a red circle"], "validation_num_steps": 2},
+        train_config,
+    )
 
 
 def run_config(tmp_path, name, path, images, *extra):
-    return load_config(None, [
-        "--task", "flux", "--output_dir", str(tmp_path / name), "--train_batch_size", "2",
-        "--max_train_steps", "2", "--checkpointing_steps", "1", "--report_to", "none", "--show_progress", "false",
-        "--learning_rate", "1e-3", "--soar.num_aux", "2", "--soar.rollout_steps", "4",
-        f"--model.pretrained={path}", "--model.max_sequence_length=8",
-        f"--data.path={images}", "--data.resolution=32", "--data.validation_num_steps=2",
-        "--data.validation_prompts=['a red circle']", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            "--task",
+            "flux",
+            "--output_dir",
+            str(tmp_path / name),
+            "--train_batch_size",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--show_progress",
+            "false",
+            "--learning_rate",
+            "1e-3",
+            "--soar.num_aux",
+            "2",
+            "--soar.rollout_steps",
+            "4",
+            f"--model.pretrained={path}",
+            "--model.max_sequence_length=8",
+            f"--data.path={images}",
+            "--data.resolution=32",
+            "--data.validation_num_steps=2",
+            "--data.validation_prompts=['a red circle']",
+            *extra,
+        ],
+    )
 
 
 def test_packing_matches_the_pipeline_layout():
@@ -61,7 +87,9 @@ def test_packing_matches_the_pipeline_layout():
     packed = pack_latents(x)
     torch.testing.assert_close(packed, FluxPipeline._pack_latents(x, 2, 4, 6, 8))
     torch.testing.assert_close(unpack_latents(packed, 6, 8), x)
-    torch.testing.assert_close(image_ids(6, 8, "cpu"), FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32))
+    torch.testing.assert_close(
+        image_ids(6, 8, "cpu"), FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32)
+    )
     with pytest.raises(ValueError, match="even"):
         pack_latents(torch.randn(1, 4, 5, 8))
 
@@ -77,9 +105,14 @@ def test_velocity_and_embedded_guidance(dev_path, images):
     assert task.null_cond(2, CPU)["guidance"].shape == (2,)
     sigma = torch.tensor([0.3, 0.9])
     direct = model.transformer(
-        hidden_states=pack_latents(x0), encoder_hidden_states=cond["encoder_hidden_states"],
-        pooled_projections=cond["pooled_projections"], timestep=sigma, guidance=cond["guidance"],
-        img_ids=image_ids(32, 32, "cpu"), txt_ids=torch.zeros(8, 3)).sample
+        hidden_states=pack_latents(x0),
+        encoder_hidden_states=cond["encoder_hidden_states"],
+        pooled_projections=cond["pooled_projections"],
+        timestep=sigma,
+        guidance=cond["guidance"],
+        img_ids=image_ids(32, 32, "cpu"),
+        txt_ids=torch.zeros(8, 3),
+    ).sample
     v = model(x0, sigma, cond)
     torch.testing.assert_close(v, unpack_latents(direct, 32, 32))
     other = model(x0, sigma, {**cond, "guidance": torch.full((2,), 1.0)})
@@ -95,8 +128,10 @@ def test_guidance_mode_is_checked(dev_path, plain_path, images):
     # embedded guidance: validation guides with the embedded scale, stated, not silently replaced
     assert make_task(dev_path, images, guidance="embedded").validation_guidance_scale == 1.0
     with pytest.raises(ValueError, match="data.validation_guidance_scale"):
-        FluxTask.from_config({"pretrained": str(dev_path), "guidance": "embedded"},
-                             {"path": str(images), "validation_guidance_scale": 4.5})
+        FluxTask.from_config(
+            {"pretrained": str(dev_path), "guidance": "embedded"},
+            {"path": str(images), "validation_guidance_scale": 4.5},
+        )
     with pytest.raises(ValueError, match="model.guidance"):
         make_task(plain_path, images, guidance="embedded").build_model()
     plain = make_task(plain_path, images, guidance="cfg")
@@ -104,18 +139,39 @@ def test_guidance_mode_is_checked(dev_path, plain_path, images):
     batch = plain.collate([plain.train_dataset()[0]])
     x0, cond = plain.encode_batch(batch, CPU)
     assert "guidance" not in cond
-    out = soar_loss(model, x0, cond, null_cond=plain.null_cond(1, CPU),
-                    config=SOARConfig(num_aux=1, rollout_steps=4, guidance_scale=3.0))
+    out = soar_loss(
+        model,
+        x0,
+        cond,
+        null_cond=plain.null_cond(1, CPU),
+        config=SOARConfig(num_aux=1, rollout_steps=4, guidance_scale=3.0),
+    )
     assert torch.isfinite(out.loss)
 
 
 def test_lora_soar_with_embedded_guidance_trains_resumes_and_loads(tmp_path, dev_path, images):
-    args = ("--model.finetune=lora", "--model.guidance=embedded", "--model.lora={rank: 4, alpha: 4}",
-            "--soar.guidance_scale", "1", "--validation_steps", "2")
+    args = (
+        "--model.finetune=lora",
+        "--model.guidance=embedded",
+        "--model.lora={rank: 4, alpha: 4}",
+        "--soar.guidance_scale",
+        "1",
+        "--validation_steps",
+        "2",
+    )
     result = train(run_config(tmp_path, "lora", dev_path, images, *args))
     assert result.global_step == 2 and result.history[-1]["num_aux_points"] == 4
-    resumed = train(run_config(tmp_path, "resumed", dev_path, images, *args,
-                               "--resume_from_checkpoint", str(tmp_path / "lora" / "checkpoint-1")))
+    resumed = train(
+        run_config(
+            tmp_path,
+            "resumed",
+            dev_path,
+            images,
+            *args,
+            "--resume_from_checkpoint",
+            str(tmp_path / "lora" / "checkpoint-1"),
+        )
+    )
     a = {n: p for n, p in result.model.named_parameters() if p.requires_grad}
     b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
     assert a.keys() == b.keys() and all("lora_" in n for n in a)
@@ -134,8 +190,9 @@ def test_lora_soar_with_embedded_guidance_trains_resumes_and_loads(tmp_path, dev
     ours = result.model(x, sigma, cond)
     theirs = FluxVelocity(pipe.transformer)(x, sigma, cond)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
-    image = pipe("a dog", num_inference_steps=2, height=32, width=32, max_sequence_length=8, guidance_scale=3.5,
-                 output_type="pt").images
+    image = pipe(
+        "a dog", num_inference_steps=2, height=32, width=32, max_sequence_length=8, guidance_scale=3.5, output_type="pt"
+    ).images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
 
 
@@ -147,14 +204,43 @@ def test_full_sft_with_cfg_saves_a_transformer_the_pipeline_uses(tmp_path, plain
     assert not torch.equal(transformer.x_embedder.weight, base.x_embedder.weight)
     torch.testing.assert_close(transformer.x_embedder.weight, result.model.transformer.x_embedder.weight.detach())
     pipe = FluxPipeline.from_pretrained(str(plain_path), transformer=transformer)
-    image = pipe("a cat", negative_prompt="", true_cfg_scale=2.0, num_inference_steps=2, height=32, width=32,
-                 max_sequence_length=8, output_type="pt").images
+    image = pipe(
+        "a cat",
+        negative_prompt="",
+        true_cfg_scale=2.0,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        max_sequence_length=8,
+        output_type="pt",
+    ).images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
 
     from soarflow.commands.sample import main
 
     out = tmp_path / "samples"
-    assert main(["--model", str(model_dir), "--prompt", "a cat", "--output_dir", str(out), "--guidance_scale", "2",
-                 "--num_inference_steps", "2", "--height", "32", "--width", "32", "--max_sequence_length", "8"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(model_dir),
+                "--prompt",
+                "a cat",
+                "--output_dir",
+                str(out),
+                "--guidance_scale",
+                "2",
+                "--num_inference_steps",
+                "2",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--max_sequence_length",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert (out / "000.png").is_file()
     assert main(["--model", str(tmp_path / "nowhere"), "--prompt", "x", "--output_dir", str(out)]) == 2

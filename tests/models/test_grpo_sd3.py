@@ -21,14 +21,43 @@ def brightness(images: torch.Tensor, prompts) -> torch.Tensor:
 def test_tiny_sd3_lora_grpo_run(tmp_path):
     sd3 = build_tiny_sd3_pipeline(tmp_path / "pipe", variant="sd3")
     images = make_imagefolder(tmp_path / "imgs", sizes=((32, 32),))
-    cfg = load_config(None, [
-        "--task", "sd3", "--method", "grpo", "--output_dir", str(tmp_path / "run"), "--train_batch_size", "4",
-        "--max_train_steps", "2", "--checkpointing_steps", "0", "--report_to", "none", "--show_progress", "false",
-        "--learning_rate", "1e-2", "--grpo.group_size", "2", "--grpo.num_steps", "3", "--grpo.train_timesteps", "1",
-        "--grpo.guidance_scale", "2.0",
-        f"--model.pretrained={sd3}", "--model.max_sequence_length=8", "--model.finetune=lora",
-        "--model.lora={rank: 4, alpha: 8}", f"--data.path={images}", "--data.resolution=32",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "--task",
+            "sd3",
+            "--method",
+            "grpo",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--train_batch_size",
+            "4",
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "0",
+            "--report_to",
+            "none",
+            "--show_progress",
+            "false",
+            "--learning_rate",
+            "1e-2",
+            "--grpo.group_size",
+            "2",
+            "--grpo.num_steps",
+            "3",
+            "--grpo.train_timesteps",
+            "1",
+            "--grpo.guidance_scale",
+            "2.0",
+            f"--model.pretrained={sd3}",
+            "--model.max_sequence_length=8",
+            "--model.finetune=lora",
+            "--model.lora={rank: 4, alpha: 8}",
+            f"--data.path={images}",
+            "--data.resolution=32",
+        ],
+    )
     with pytest.raises(ValueError, match="config key 'grpo.reward': task 'sd3' has no default reward"):
         train(cfg)
     result = train(cfg, reward=brightness)  # any callable reward(images, prompts) -> (B,)

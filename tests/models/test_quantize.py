@@ -17,7 +17,11 @@ from soarflow.tasks.sd3 import SD3Task  # noqa: E402
 from soarflow.train import load_config, train  # noqa: E402
 
 CPU = torch.device("cpu")
-BACKENDS = [("quanto", "int8", "optimum.quanto"), ("quanto", "float8", "optimum.quanto"), ("torchao", "int8", "torchao")]
+BACKENDS = [
+    ("quanto", "int8", "optimum.quanto"),
+    ("quanto", "float8", "optimum.quanto"),
+    ("torchao", "int8", "torchao"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +36,15 @@ def images(tmp_path_factory):
 
 def _task(sd3_path, images, backend, weights):
     return SD3Task.from_config(
-        {"pretrained": str(sd3_path), "max_sequence_length": 8, "finetune": "lora", "lora": {"rank": 4},
-         "quantize_base": {"backend": backend, "weights": weights}},
-        {"path": str(images), "resolution": 32})
+        {
+            "pretrained": str(sd3_path),
+            "max_sequence_length": 8,
+            "finetune": "lora",
+            "lora": {"rank": 4},
+            "quantize_base": {"backend": backend, "weights": weights},
+        },
+        {"path": str(images), "resolution": 32},
+    )
 
 
 def _frozen_linear_weights_are_quantized(model) -> bool:
@@ -76,20 +86,44 @@ def test_adapter_trained_on_a_quantized_base_loads_onto_the_unquantized_pipeline
     pytest.importorskip("optimum.quanto")
     from diffusers import StableDiffusion3Pipeline
 
-    config = load_config(None, [
-        "--task", "sd3", "--method", "sft", "--output_dir", str(tmp_path / "run"), "--train_batch_size", "2",
-        "--max_train_steps", "2", "--checkpointing_steps", "0", "--report_to", "none", "--show_progress", "false",
-        "--learning_rate", "1e-2", f"--model.pretrained={sd3_path}", "--model.max_sequence_length=8",
-        "--model.finetune=lora", "--model.lora={rank: 4}", "--model.quantize_base={backend: quanto, weights: int8}",
-        f"--data.path={images}", "--data.resolution=32",
-    ])
+    config = load_config(
+        None,
+        [
+            "--task",
+            "sd3",
+            "--method",
+            "sft",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--train_batch_size",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "0",
+            "--report_to",
+            "none",
+            "--show_progress",
+            "false",
+            "--learning_rate",
+            "1e-2",
+            f"--model.pretrained={sd3_path}",
+            "--model.max_sequence_length=8",
+            "--model.finetune=lora",
+            "--model.lora={rank: 4}",
+            "--model.quantize_base={backend: quanto, weights: int8}",
+            f"--data.path={images}",
+            "--data.resolution=32",
+        ],
+    )
     result = train(config)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
 
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_path))
     assert not is_quantized(pipe.transformer)
-    kw = dict(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="latent",
-              max_sequence_length=8)
+    kw = dict(
+        prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="latent", max_sequence_length=8
+    )
     before = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
     pipe.load_lora_weights(str(result.model_path))
     after = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
@@ -97,8 +131,11 @@ def test_adapter_trained_on_a_quantized_base_loads_onto_the_unquantized_pipeline
     assert (after - before).abs().max() > 1e-4  # the adapter is applied
 
 
-GPU_BACKENDS = [("bitsandbytes", "nf4", "bitsandbytes"), ("bitsandbytes", "int8", "bitsandbytes"),
-                ("torchao", "float8", "torchao")]
+GPU_BACKENDS = [
+    ("bitsandbytes", "nf4", "bitsandbytes"),
+    ("bitsandbytes", "int8", "bitsandbytes"),
+    ("torchao", "float8", "torchao"),
+]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="these backends quantize on a CUDA GPU only")

@@ -39,25 +39,60 @@ def model_section(path, **kw):
 
 
 def data_section(images, **kw):
-    return {"path": str(images), "resolution": 32, "validation_prompts": ["a red circle"], "validation_num_steps": 2, **kw}
+    return {
+        "path": str(images),
+        "resolution": 32,
+        "validation_prompts": ["a red circle"],
+        "validation_num_steps": 2,
+        **kw,
+    }
 
 
 def make_task(sd3_path, images, model=None, data=None, train_config=None):
-    return SD3Task.from_config(model_section(sd3_path, **(model or {})), data_section(images, **(data or {})), train_config)
+    return SD3Task.from_config(
+        model_section(sd3_path, **(model or {})), data_section(images, **(data or {})), train_config
+    )
 
 
 def run_config(tmp_path, name, sd3_path, images, *extra, finetune="full", method="soar"):
-    return load_config(None, [
-        "--task", "sd3", "--method", method, "--output_dir", str(tmp_path / name),
-        "--train_batch_size", "2", "--max_train_steps", "2", "--checkpointing_steps", "1",
-        "--report_to", "none", "--show_progress", "false", "--learning_rate", "1e-3",
-        "--soar.num_aux", "2", "--soar.rollout_steps", "4", "--soar.guidance_scale", "2.0",
-        f"--model.pretrained={sd3_path}", "--model.max_sequence_length=8", f"--model.finetune={finetune}",
-        "--model.lora={rank: 4, alpha: 8}",
-        f"--data.path={images}", "--data.resolution=32", "--data.validation_num_steps=2",
-        "--data.validation_prompts=['a red circle']",
-        *extra,
-    ])
+    return load_config(
+        None,
+        [
+            "--task",
+            "sd3",
+            "--method",
+            method,
+            "--output_dir",
+            str(tmp_path / name),
+            "--train_batch_size",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--show_progress",
+            "false",
+            "--learning_rate",
+            "1e-3",
+            "--soar.num_aux",
+            "2",
+            "--soar.rollout_steps",
+            "4",
+            "--soar.guidance_scale",
+            "2.0",
+            f"--model.pretrained={sd3_path}",
+            "--model.max_sequence_length=8",
+            f"--model.finetune={finetune}",
+            "--model.lora={rank: 4, alpha: 8}",
+            f"--data.path={images}",
+            "--data.resolution=32",
+            "--data.validation_num_steps=2",
+            "--data.validation_prompts=['a red circle']",
+            *extra,
+        ],
+    )
 
 
 def test_velocity_is_the_transformer_at_timestep_1000_sigma(sd3_path, images):
@@ -69,13 +104,18 @@ def test_velocity_is_the_transformer_at_timestep_1000_sigma(sd3_path, images):
     assert x0.shape == (2, 4, 32, 32)
     assert cond["encoder_hidden_states"].shape == (2, 77 + 8, 32) and cond["pooled_projections"].shape == (2, 64)
     sigma = torch.tensor([0.25, 0.8])
-    direct = model.transformer(hidden_states=x0, encoder_hidden_states=cond["encoder_hidden_states"],
-                               pooled_projections=cond["pooled_projections"], timestep=sigma * 1000).sample
+    direct = model.transformer(
+        hidden_states=x0,
+        encoder_hidden_states=cond["encoder_hidden_states"],
+        pooled_projections=cond["pooled_projections"],
+        timestep=sigma * 1000,
+    ).sample
     torch.testing.assert_close(model(x0, sigma, cond), direct)
     # the condition is the pipeline's own prompt encoding; the null condition is the empty prompt's
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_path), transformer=None)
-    embeds, _, pooled, _ = pipe.encode_prompt(batch["caption"], None, None, do_classifier_free_guidance=False,
-                                              max_sequence_length=8)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        batch["caption"], None, None, do_classifier_free_guidance=False, max_sequence_length=8
+    )
     torch.testing.assert_close(cond["encoder_hidden_states"], embeds)
     torch.testing.assert_close(cond["pooled_projections"], pooled)
     null = task.null_cond(3, CPU)
@@ -153,8 +193,18 @@ def test_full_finetune_soar_trains_resumes_and_loads_into_a_pipeline(tmp_path, s
     assert not torch.equal(base.pos_embed.proj.weight, trained.pos_embed.proj.weight)
 
     # resume from step 1 into a new folder: the same final weights as the uninterrupted run
-    resumed = train(run_config(tmp_path, "resumed", sd3_path, images, "--validation_steps", "2",
-                               "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-1")))
+    resumed = train(
+        run_config(
+            tmp_path,
+            "resumed",
+            sd3_path,
+            images,
+            "--validation_steps",
+            "2",
+            "--resume_from_checkpoint",
+            str(tmp_path / "full" / "checkpoint-1"),
+        )
+    )
     assert resumed.global_step == 2
     for name, w in _weights(result.model).items():
         torch.testing.assert_close(_weights(resumed.model)[name], w, rtol=1e-4, atol=1e-6)
@@ -167,8 +217,15 @@ def test_full_finetune_soar_trains_resumes_and_loads_into_a_pipeline(tmp_path, s
     for name, p in trained.named_parameters():
         torch.testing.assert_close(transformer.state_dict()[name], p.detach())
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_path), transformer=transformer)
-    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=8,
-                 output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        max_sequence_length=8,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
 
     # load_model_weights restores the saved weights into a freshly built model
@@ -179,8 +236,9 @@ def test_full_finetune_soar_trains_resumes_and_loads_into_a_pipeline(tmp_path, s
 
 
 def test_lora_sft_saves_diffusers_lora_that_pipeline_loads(tmp_path, sd3_path, images):
-    result = train(run_config(tmp_path, "lora", sd3_path, images, "--gradient_checkpointing", finetune="lora",
-                              method="sft"))
+    result = train(
+        run_config(tmp_path, "lora", sd3_path, images, "--gradient_checkpointing", finetune="lora", method="sft")
+    )
     assert result.model.transformer.gradient_checkpointing
     model_dir = result.output_dir / "model"
     assert (model_dir / LORA_WEIGHTS).is_file()
@@ -195,8 +253,12 @@ def test_lora_sft_saves_diffusers_lora_that_pipeline_loads(tmp_path, sd3_path, i
     cond = task.encode_text(["a red circle"], CPU)
     sigma = torch.tensor([0.6])
     ours = result.model(x, sigma, cond)
-    theirs = pipe.transformer(hidden_states=x, encoder_hidden_states=cond["encoder_hidden_states"],
-                              pooled_projections=cond["pooled_projections"], timestep=sigma * 1000).sample
+    theirs = pipe.transformer(
+        hidden_states=x,
+        encoder_hidden_states=cond["encoder_hidden_states"],
+        pooled_projections=cond["pooled_projections"],
+        timestep=sigma * 1000,
+    ).sample
     base = SD3Velocity(SD3Transformer2DModel.from_pretrained(str(sd3_path), subfolder="transformer"))(x, sigma, cond)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)  # alpha/rank scale survives the round trip
     assert not torch.allclose(base, ours, atol=1e-6)
@@ -213,11 +275,49 @@ def test_lora_sft_saves_diffusers_lora_that_pipeline_loads(tmp_path, sd3_path, i
     from soarflow.commands.sample import main
 
     out = tmp_path / "samples"
-    assert main(["--model", str(result.output_dir), "--prompt", "a cat", "--output_dir", str(out),
-                 "--num_inference_steps", "2", "--height", "32", "--width", "32", "--max_sequence_length", "8"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(result.output_dir),
+                "--prompt",
+                "a cat",
+                "--output_dir",
+                str(out),
+                "--num_inference_steps",
+                "2",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--max_sequence_length",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert (out / "000.png").is_file()
-    assert main(["--model", str(result.output_dir / "checkpoint-2"), "--prompt", "a cat", "--output_dir", str(out),
-                 "--num_inference_steps", "2", "--height", "32", "--width", "32", "--max_sequence_length", "8"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(result.output_dir / "checkpoint-2"),
+                "--prompt",
+                "a cat",
+                "--output_dir",
+                str(out),
+                "--num_inference_steps",
+                "2",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--max_sequence_length",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert (out / "001.png").is_file()  # earlier samples are kept
     assert json.loads((out / "prompts.json").read_text()) == {"000.png": "a cat", "001.png": "a cat"}
 
@@ -225,13 +325,28 @@ def test_lora_sft_saves_diffusers_lora_that_pipeline_loads(tmp_path, sd3_path, i
     from soarflow.commands.eval import build_parser, run
 
     (tmp_path / "p.txt").write_text("a cat\n")
-    common = ["--suite", "file", "--prompts_file", str(tmp_path / "p.txt"), "--num_inference_steps", "2",
-              "--height", "32", "--width", "32", "--max_sequence_length", "8"]
+    common = [
+        "--suite",
+        "file",
+        "--prompts_file",
+        str(tmp_path / "p.txt"),
+        "--num_inference_steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--max_sequence_length",
+        "8",
+    ]
     mean = {"mean": lambda images, prompts: images.mean((1, 2, 3))}
-    lora = run(build_parser().parse_args(["--model", str(result.output_dir), "--output_dir", str(tmp_path / "e1"),
-                                          *common]), mean)
-    base = run(build_parser().parse_args(["--model", str(sd3_path), "--output_dir", str(tmp_path / "e2"), *common]),
-               mean)
+    lora = run(
+        build_parser().parse_args(["--model", str(result.output_dir), "--output_dir", str(tmp_path / "e1"), *common]),
+        mean,
+    )
+    base = run(
+        build_parser().parse_args(["--model", str(sd3_path), "--output_dir", str(tmp_path / "e2"), *common]), mean
+    )
     assert lora["images"][0]["file"] == base["images"][0]["file"] == "images/00000_0000.png"
     assert lora["images"][0]["scores"]["mean"] != base["images"][0]["scores"]["mean"]
 
@@ -278,12 +393,21 @@ def test_config_errors_name_the_key(sd3_path, images):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         SD3Task.from_config(model_section(images), data_section(images)).build_model()
     with pytest.raises(ValueError, match="target_modules"):
-        SD3Task.from_config(model_section(sd3_path, finetune="lora", lora={"target_modules": ["nope"]}),
-                            data_section(images)).build_model()
+        SD3Task.from_config(
+            model_section(sd3_path, finetune="lora", lora={"target_modules": ["nope"]}), data_section(images)
+        ).build_model()
 
 
-@pytest.mark.parametrize("name", ["sd35_medium_soar", "sd35_medium_sft", "sd35_medium_soar_lora_24gb",
-                                  "flux_dev_soar_lora", "sd35_medium_grpo_geneval"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sd35_medium_soar",
+        "sd35_medium_sft",
+        "sd35_medium_soar_lora_24gb",
+        "flux_dev_soar_lora",
+        "sd35_medium_grpo_geneval",
+    ],
+)
 def test_shipped_recipes_are_valid_configs(name):
     from pathlib import Path
 
@@ -308,8 +432,10 @@ def test_shipped_accelerate_configs_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
     root = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
-    kinds = {name: str(load_config_from_file(str(root / f"{name}.yaml")).distributed_type).split(".")[-1]
-             for name in ("ddp_8gpu", "fsdp_8gpu", "deepspeed_zero2_8gpu")}
+    kinds = {
+        name: str(load_config_from_file(str(root / f"{name}.yaml")).distributed_type).split(".")[-1]
+        for name in ("ddp_8gpu", "fsdp_8gpu", "deepspeed_zero2_8gpu")
+    }
     assert kinds == {"ddp_8gpu": "MULTI_GPU", "fsdp_8gpu": "FSDP", "deepspeed_zero2_8gpu": "DEEPSPEED"}
 
 
@@ -339,13 +465,49 @@ def test_two_process_ddp_lora_run_with_gradient_checkpointing(tmp_path, sd3_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "soarflow", "train", "--task", "sd3", "--output_dir", str(tmp_path / "ddp"), "--train_batch_size", "1",
-           "--max_train_steps", "2", "--checkpointing_steps", "2", "--report_to", "none", "--show_progress", "false",
-           "--soar.num_aux", "2", "--soar.rollout_steps", "4", "--gradient_checkpointing",
-           f"--model.pretrained={sd3_path}", "--model.max_sequence_length=8", "--model.finetune=lora",
-           f"--data.path={images}", "--data.resolution=32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "soarflow",
+        "train",
+        "--task",
+        "sd3",
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        "--train_batch_size",
+        "1",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--show_progress",
+        "false",
+        "--soar.num_aux",
+        "2",
+        "--soar.rollout_steps",
+        "4",
+        "--gradient_checkpointing",
+        f"--model.pretrained={sd3_path}",
+        "--model.max_sequence_length=8",
+        "--model.finetune=lora",
+        f"--data.path={images}",
+        "--data.resolution=32",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout + proc.stderr

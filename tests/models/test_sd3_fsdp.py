@@ -36,24 +36,77 @@ def _port() -> int:
 
 
 def _launch(mode: str, out: Path, *args: str) -> None:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP", FSDP_TRANSFORMER_CLS_TO_WRAP="JointTransformerBlock")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(_port()), str(WORKER), str(out), mode, *args]
+    env = dict(
+        os.environ,
+        ACCELERATE_USE_CPU="1",
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
+        FSDP_TRANSFORMER_CLS_TO_WRAP="JointTransformerBlock",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_port()),
+        str(WORKER),
+        str(out),
+        mode,
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "2 process(es)" in proc.stdout + proc.stderr
 
 
 def _args(out: Path, sd3: Path, images: Path, finetune: str) -> list[str]:
-    return ["--task", "sd3", "--method", "soar", "--output_dir", str(out), "--train_batch_size", "1",
-            "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2", "--report_to", "none",
-            "--show_progress", "false", "--learning_rate", "1e-3", "--soar.num_aux", "2", "--soar.rollout_steps", "3",
-            "--use_ema", "--ema_decay", "0.5",
-            f"--model.pretrained={sd3}", "--model.max_sequence_length=8", f"--model.finetune={finetune}",
-            "--model.lora={rank: 4, alpha: 8}", f"--data.path={images}", "--data.resolution=32",
-            "--data.validation_num_steps=2", "--data.validation_prompts=['a red circle']"]
+    return [
+        "--task",
+        "sd3",
+        "--method",
+        "soar",
+        "--output_dir",
+        str(out),
+        "--train_batch_size",
+        "1",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        "--validation_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--show_progress",
+        "false",
+        "--learning_rate",
+        "1e-3",
+        "--soar.num_aux",
+        "2",
+        "--soar.rollout_steps",
+        "3",
+        "--use_ema",
+        "--ema_decay",
+        "0.5",
+        f"--model.pretrained={sd3}",
+        "--model.max_sequence_length=8",
+        f"--model.finetune={finetune}",
+        "--model.lora={rank: 4, alpha: 8}",
+        f"--data.path={images}",
+        "--data.resolution=32",
+        "--data.validation_num_steps=2",
+        "--data.validation_prompts=['a red circle']",
+    ]
 
 
 @pytest.mark.slow
@@ -75,8 +128,15 @@ def test_sd3_full_and_lora_under_fsdp2_save_what_diffusers_loads(tmp_path):
     assert not torch.equal(base.pos_embed.proj.weight, transformer.pos_embed.proj.weight)
     assert (fsdp / "full" / "validation" / "step_000002.png").is_file()
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3), transformer=transformer)
-    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=8,
-                 output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        max_sequence_length=8,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
 
     # LoRA: only the adapters were saved, equal to the DDP run's, and load_lora_weights takes them

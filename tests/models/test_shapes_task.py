@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from soarflow.models.embedded import build_model, load_shapes_model, save_checkpoint
+from soarflow.models.embedded import load_shapes_model, save_checkpoint
 from soarflow.shapes.generate import generate_images
 from soarflow.tasks.shapes import ShapesDataSection, ShapesModelSection, ShapesTask
 from soarflow.shapes import MAX_TOKENS, VOCAB
@@ -83,7 +83,9 @@ def test_pretrained_path_and_errors(tmp_path):
 def test_from_config_names_bad_keys():
     with pytest.raises(ValueError, match="model.hiden_size"):
         ShapesTask.from_config(model={"hiden_size": 3}, data={})
-    task = ShapesTask.from_config(model={"pretrained": None, "architecture": "mmdit", "depth": 1}, data={"split": "pretrain", "num_samples": 10})
+    task = ShapesTask.from_config(
+        model={"pretrained": None, "architecture": "mmdit", "depth": 1}, data={"split": "pretrain", "num_samples": 10}
+    )
     assert task.model_config.depth == 1 and len(task.train_dataset()) == 10
 
 
@@ -105,8 +107,11 @@ def test_shipped_base_manifest_is_reproducible_by_its_command():
     assert parsed == manifest["args"]
     architecture, config, state, _ = read_checkpoint(path)
     assert architecture == manifest["args"]["architecture"]
-    keys = ("channels", "num_res_blocks", "attention_levels", "text_dim", "text_layers", "num_heads") if architecture == "unet" \
+    keys = (
+        ("channels", "num_res_blocks", "attention_levels", "text_dim", "text_layers", "num_heads")
+        if architecture == "unet"
         else ("hidden_size", "depth", "num_heads", "patch_size")
+    )
     assert {k: getattr(config, k) for k in keys} == {k: manifest["args"][k] for k in keys}
     assert sum(v.numel() for v in state.values()) == manifest["parameters"]
     assert 0 <= manifest["shapes_eval"]["overall"] <= 1 and manifest["steps"] == manifest["args"]["max_train_steps"]

@@ -1,6 +1,6 @@
 """Run by the eval tests (directly or under `accelerate launch`): `soarflow eval` with every scorer stand-in.
 
-    python eval_worker.py STANDIN_ROOT -- <soarflow eval arguments>
+python eval_worker.py STANDIN_ROOT -- <soarflow eval arguments>
 """
 
 import sys
@@ -16,7 +16,7 @@ from scorer_testing import build_standins  # noqa: E402
 from soarflow.commands.eval import build_parser, run  # noqa: E402
 
 if __name__ == "__main__":
-    root, rest = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
+    root, rest = sys.argv[1], sys.argv[sys.argv.index("--") + 1 :]
     args = build_parser().parse_args(rest)
     names = args.scorers.split(",") if args.scorers else None
     standins = build_standins(Path(root))

@@ -52,8 +52,13 @@ def test_evaluate_generates_in_batches_and_summarises(clip_path):
         return torch.tensor([float(len(p)) for p in prompts])
 
     prompts = ["a", "bb", "ccc"]
-    out = evaluate(generate, prompts, {"len": length_scorer, "clip": CLIPScorer.from_pretrained(clip_path)},
-                   batch_size=4, images_per_prompt=2)
+    out = evaluate(
+        generate,
+        prompts,
+        {"len": length_scorer, "clip": CLIPScorer.from_pretrained(clip_path)},
+        batch_size=4,
+        images_per_prompt=2,
+    )
     assert [len(c) for c in calls] == [4, 2]
     assert out["len"]["per_prompt"] == [1.0, 2.0, 3.0] and out["len"]["mean"] == 2.0
     assert len(out["clip"]["per_prompt"]) == 3

@@ -24,12 +24,20 @@ from soarflow.scorers import SCORER_NAMES  # noqa: E402
 WORKER = Path(__file__).with_name("eval_worker.py")
 GEN = ["--num_inference_steps", "2", "--guidance_scale", "2.0", "--seed", "3"]
 # prompts every stand-in can score: quoted text for OCR, GenEval metadata for the detector
-LINES = [{"prompt": 'a photo of a bench with "soar" written on it', "tag": "single_object",
-          "include": [{"class": "bench", "count": 1}]},
-         {"prompt": 'a photo of two clocks and the word "flow"', "tag": "counting",
-          "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}]},
-         {"prompt": 'a red circle saying "hi"', "tag": "colors",
-          "include": [{"class": "cup", "count": 1, "color": "red"}]}]
+LINES = [
+    {
+        "prompt": 'a photo of a bench with "soar" written on it',
+        "tag": "single_object",
+        "include": [{"class": "bench", "count": 1}],
+    },
+    {
+        "prompt": 'a photo of two clocks and the word "flow"',
+        "tag": "counting",
+        "include": [{"class": "clock", "count": 2}],
+        "exclude": [{"class": "clock", "count": 3}],
+    },
+    {"prompt": 'a red circle saying "hi"', "tag": "colors", "include": [{"class": "cup", "count": 1, "color": "red"}]},
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,27 +64,66 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_one_and_two_processes_give_the_same_numbers(setup):
     root, scorers = setup
-    args = ["--model", str(root / "sd3"), "--suite", "file", "--prompts_file", str(root / "prompts.jsonl"),
-            "--num_images_per_prompt", "2", "--batch_size", "3", *GEN]
+    args = [
+        "--model",
+        str(root / "sd3"),
+        "--suite",
+        "file",
+        "--prompts_file",
+        str(root / "prompts.jsonl"),
+        "--num_images_per_prompt",
+        "2",
+        "--batch_size",
+        "3",
+        *GEN,
+    ]
     one = run(build_parser().parse_args([*args, "--output_dir", str(root / "one")]), scorers)
     # every scorer; HPSv2.1 only where open_clip imports (the worker builds the same stand-ins)
     expected = set(SCORER_NAMES) - ({"hpsv2"} if open_clip_missing() else set())
     assert set(scorers) == expected
     assert one["num_processes"] == 1 and set(one["summary"]) == expected
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(WORKER), str(root / "standins"), "--",
-           *args, "--batch_size", "2", "--output_dir", str(root / "two")]
+    env = dict(
+        os.environ,
+        ACCELERATE_USE_CPU="1",
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(WORKER),
+        str(root / "standins"),
+        "--",
+        *args,
+        "--batch_size",
+        "2",
+        "--output_dir",
+        str(root / "two"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # each process generated its own prompts: 0 and 2 on process 0, 1 on process 1
     assert "[process 0] generated 4 image(s)" in proc.stderr and "[process 1] generated 2 image(s)" in proc.stderr
     two = json.loads((root / "two" / "results.json").read_text())
     assert two["num_processes"] == 2
-    assert [r["file"] for r in two["images"]] == [r["file"] for r in one["images"]] == [
-        f"images/{i:05d}_{k:04d}.png" for i in range(3) for k in range(2)]
+    assert (
+        [r["file"] for r in two["images"]]
+        == [r["file"] for r in one["images"]]
+        == [f"images/{i:05d}_{k:04d}.png" for i in range(3) for k in range(2)]
+    )
     for a, b in zip(one["images"], two["images"]):
         assert np.array_equal(pixels(root / "one" / a["file"]), pixels(root / "two" / b["file"]))
         assert a["scores"].keys() == b["scores"].keys()
@@ -87,25 +134,41 @@ def test_one_and_two_processes_give_the_same_numbers(setup):
         assert one["summary"][name]["mean"] == pytest.approx(two["summary"][name]["mean"], abs=1e-5)
     assert one["summary"]["geneval"]["per_tag"].keys() == {"single_object", "counting", "colors", "overall"}
     # the images differ from each other (seeds per prompt and image)
-    assert not np.array_equal(pixels(root / "one" / "images/00000_0000.png"), pixels(root / "one" / "images/00000_0001.png"))
+    assert not np.array_equal(
+        pixels(root / "one" / "images/00000_0000.png"), pixels(root / "one" / "images/00000_0001.png")
+    )
     table = (root / "two" / "results.md").read_text().splitlines()
-    assert table[0] == ("| model | suite | GenEval | OCR | PickScore | ClipScore | HPSv2.1 | Aesthetic | "
-                        "ImageReward |")
+    assert table[0] == ("| model | suite | GenEval | OCR | PickScore | ClipScore | HPSv2.1 | Aesthetic | ImageReward |")
     assert f"{two['summary']['pickscore']['mean']:.2f}" in table[2]
 
 
 def test_geneval_layout_and_resume(setup):
     root, scorers = setup
     out = root / "geneval"
-    argv = ["--model", str(root / "sd3"), "--suite", "geneval", "--max_prompts", "2", "--num_images_per_prompt", "2",
-            "--output_dir", str(out), *GEN]
+    argv = [
+        "--model",
+        str(root / "sd3"),
+        "--suite",
+        "geneval",
+        "--max_prompts",
+        "2",
+        "--num_images_per_prompt",
+        "2",
+        "--output_dir",
+        str(out),
+        *GEN,
+    ]
     names = {k: scorers[k] for k in ("geneval", "clip")}
     first = run(build_parser().parse_args(argv), names)
     meta = json.loads((out / "00001" / "metadata.jsonl").read_text())  # GenEval reads it with json.load
     assert meta == {"tag": "single_object", "include": [{"class": "cow", "count": 1}], "prompt": "a photo of a cow"}
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
-    assert files == ["00000/samples/0000.png", "00000/samples/0001.png", "00001/samples/0000.png",
-                     "00001/samples/0001.png"]
+    assert files == [
+        "00000/samples/0000.png",
+        "00000/samples/0001.png",
+        "00001/samples/0000.png",
+        "00001/samples/0001.png",
+    ]
     index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert [(r["prompt_index"], r["image_index"]) for r in index] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     before = {f: pixels(out / f) for f in files}
@@ -126,14 +189,28 @@ def test_geneval_layout_and_resume(setup):
 def test_missing_scorer_package_fails_before_generating(setup, capsys, monkeypatch):
     root, _ = setup
     monkeypatch.setitem(sys.modules, "mmdet", None)
-    code = main(["--model", str(root / "sd3"), "--suite", "geneval", "--max_prompts", "1",
-                 "--output_dir", str(root / "nommdet"), *GEN])
+    code = main(
+        [
+            "--model",
+            str(root / "sd3"),
+            "--suite",
+            "geneval",
+            "--max_prompts",
+            "1",
+            "--output_dir",
+            str(root / "nommdet"),
+            *GEN,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == ["soarflow eval: error: scorer 'geneval' needs the package 'mmdet': pip install mmdet "
-                                 "(GenEval's environment: mmdet 2.x with mmcv-full)"]
+    assert code == 2 and err == [
+        "soarflow eval: error: scorer 'geneval' needs the package 'mmdet': pip install mmdet "
+        "(GenEval's environment: mmdet 2.x with mmcv-full)"
+    ]
     assert not (root / "nommdet").exists()
-    code = main(["--model", str(root / "missing"), "--suite", "geneval", "--output_dir", str(root / "x"),
-                 "--skip_scoring"])
+    code = main(
+        ["--model", str(root / "missing"), "--suite", "geneval", "--output_dir", str(root / "x"), "--skip_scoring"]
+    )
     assert code == 2 and "--model not found" in capsys.readouterr().err
 
 
@@ -142,8 +219,22 @@ def test_a_flux_pipeline_folder(tmp_path):
     build_tiny_flux_pipeline(tmp_path / "flux")
     (tmp_path / "p.txt").write_text("a red circle\n")
     mean = {"mean": lambda images, prompts: images.mean((1, 2, 3))}
-    argv = ["--model", str(tmp_path / "flux"), "--suite", "file", "--prompts_file", str(tmp_path / "p.txt"),
-            "--num_inference_steps", "2", "--height", "32", "--width", "32", "--max_sequence_length", "8"]
+    argv = [
+        "--model",
+        str(tmp_path / "flux"),
+        "--suite",
+        "file",
+        "--prompts_file",
+        str(tmp_path / "p.txt"),
+        "--num_inference_steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--max_sequence_length",
+        "8",
+    ]
     a = run(build_parser().parse_args([*argv, "--output_dir", str(tmp_path / "a"), "--guidance_scale", "1.0"]), mean)
     b = run(build_parser().parse_args([*argv, "--output_dir", str(tmp_path / "b"), "--guidance_scale", "9.0"]), mean)
     assert pixels(tmp_path / "a" / "images/00000_0000.png").shape == (32, 32, 3)

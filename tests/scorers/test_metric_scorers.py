@@ -14,20 +14,38 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 from scorer_testing import build_standins, build_tiny_image_reward, fake_detector, open_clip_missing  # noqa: E402
-from soarflow.scorers import (AestheticScorer, GenEvalScorer, HPSv2Scorer, ImageRewardScorer, OCRScorer,  # noqa: E402
-                              PickScoreScorer, SCORER_NAMES, build_scorer)
+from soarflow.scorers import (
+    AestheticScorer,
+    GenEvalScorer,
+    HPSv2Scorer,
+    ImageRewardScorer,
+    OCRScorer,  # noqa: E402
+    PickScoreScorer,
+    SCORER_NAMES,
+    build_scorer,
+)
 from soarflow.scorers.geneval import judge, relations, select_objects, summarize  # noqa: E402
 from soarflow.scorers.images import clip_pixels  # noqa: E402
 from soarflow.scorers.ocr import easyocr_reader, ocr_score, paddleocr_reader, target_text  # noqa: E402
 from soarflow.scorers.registry import check_packages  # noqa: E402
 
-PROMPTS = ['a photo of a bench and a sports ball', 'a sign that says "SOAR"', "a photo of a cow",
-           'the word "flow" in neon', "a photo of a bicycle"]
+PROMPTS = [
+    "a photo of a bench and a sports ball",
+    'a sign that says "SOAR"',
+    "a photo of a cow",
+    'the word "flow" in neon',
+    "a photo of a bicycle",
+]
 OCR_PROMPTS = ['a sign that says "soar"'] * 5
 needs_open_clip = pytest.mark.skipif(open_clip_missing() is not None, reason=str(open_clip_missing()))
 ALL_SCORERS = [pytest.param(n, marks=needs_open_clip) if n == "hpsv2" else n for n in SCORER_NAMES]
-GENEVAL_PROMPTS = ["a photo of a bench", "a photo of a cow", "a photo of a bicycle", "a photo of three buses",
-                   "a photo of a bench and a sports ball"]
+GENEVAL_PROMPTS = [
+    "a photo of a bench",
+    "a photo of a cow",
+    "a photo of a bicycle",
+    "a photo of three buses",
+    "a photo of a bench and a sports ball",
+]
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +121,16 @@ def test_aesthetic_is_the_head_on_the_normalised_embedding(scorers):
         e = getattr(e, "pooler_output", e)
         expected = aes.head(e / e.norm(dim=-1, keepdim=True)).squeeze(-1)
     torch.testing.assert_close(aes(x, PROMPTS), expected)
-    assert [type(m).__name__ for m in aes.head.layers] == ["Linear", "Dropout", "Linear", "Dropout", "Linear",
-                                                            "Dropout", "Linear", "Linear"]
+    assert [type(m).__name__ for m in aes.head.layers] == [
+        "Linear",
+        "Dropout",
+        "Linear",
+        "Dropout",
+        "Linear",
+        "Dropout",
+        "Linear",
+        "Linear",
+    ]
 
 
 def test_image_reward_standardises_the_head_on_the_cls_feature():
@@ -115,8 +141,9 @@ def test_image_reward_standardises_the_head_on_the_cls_feature():
     assert tokens["input_ids"].shape == (5, 35)
     with torch.no_grad():
         img = reward.vision(pixel_values=clip_pixels(x, 32)).last_hidden_state
-        h = reward.text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                        encoder_hidden_states=img).last_hidden_state[:, 0]
+        h = reward.text(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], encoder_hidden_states=img
+        ).last_hidden_state[:, 0]
         expected = (reward.head(h).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
     torch.testing.assert_close(scorer(x, PROMPTS), expected)
     # the prompt matters: the text encoder reads it with cross-attention to the image
@@ -210,15 +237,21 @@ def test_geneval_position_and_colour():
     assert relations(dog_right, bear) == {"right of"} and relations(dog_left, bear) == {"left of"}
     assert relations(det([0, 0, 20, 20]), det([0, 50, 20, 70])) == {"above"}
     assert relations(det([0, 0, 20, 20]), det([2, 2, 22, 22])) == set()  # overlapping: too close to tell
-    meta = {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
-                                           {"class": "dog", "count": 1, "position": ["right of", 0]}]}
+    meta = {
+        "tag": "position",
+        "include": [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}],
+    }
     assert judge(img, {"teddy bear": [bear], "dog": [dog_right]}, meta, None)[0]
     ok, why = judge(img, {"teddy bear": [bear], "dog": [dog_left]}, meta, None)
     assert not ok and why == ["expected dog right of target"]
-    assert judge(img, {"dog": [dog_right]}, meta, None)[1] == ["expected teddy bear>=1, found 0",
-                                                               "no target for dog to be right of"]
-    meta = {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"},
-                                             {"class": "vase", "count": 1, "color": "blue"}]}
+    assert judge(img, {"dog": [dog_right]}, meta, None)[1] == [
+        "expected teddy bear>=1, found 0",
+        "no target for dog to be right of",
+    ]
+    meta = {
+        "tag": "color_attr",
+        "include": [{"class": "car", "count": 1, "color": "red"}, {"class": "vase", "count": 1, "color": "blue"}],
+    }
     objects = {"car": [det([0, 0, 5, 5])], "vase": [det([10, 10, 20, 20])]}
     assert judge(img, objects, meta, lambda im, objs, name: {"car": ["red"], "vase": ["blue"]}[name])[0]
     assert not judge(img, objects, meta, lambda im, objs, name: ["red"])[0]
@@ -245,8 +278,16 @@ def test_geneval_scorer_looks_up_its_metadata():
 # ---------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("name, module", [("hpsv2", "open_clip"), ("imagereward", "ImageReward"),
-                                          ("geneval", "mmdet"), ("ocr", "easyocr"), ("clip", "transformers")])
+@pytest.mark.parametrize(
+    "name, module",
+    [
+        ("hpsv2", "open_clip"),
+        ("imagereward", "ImageReward"),
+        ("geneval", "mmdet"),
+        ("ocr", "easyocr"),
+        ("clip", "transformers"),
+    ],
+)
 def test_a_missing_package_is_named_in_one_line(monkeypatch, name, module):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
     with pytest.raises(ImportError) as err:
@@ -260,7 +301,10 @@ def test_a_missing_package_is_named_in_one_line(monkeypatch, name, module):
 
 def test_missing_weights_are_named_in_one_line(tmp_path, root, scorers):
     cases = [
-        (lambda: AestheticScorer.from_pretrained(root / "clip", head=tmp_path / "head.pth"), "scorer 'aesthetic': head weights"),
+        (
+            lambda: AestheticScorer.from_pretrained(root / "clip", head=tmp_path / "head.pth"),
+            "scorer 'aesthetic': head weights",
+        ),
         (lambda: build_scorer("clip", path=str(tmp_path / "clip")), "CLIP model folder (config.json)"),
         (lambda: PickScoreScorer.from_pretrained(tmp_path / "pick"), "scorer 'pickscore'"),
     ]

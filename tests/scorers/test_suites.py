@@ -7,8 +7,15 @@ from collections import Counter
 
 import pytest
 
-from soarflow.scorers.suites import (COCO_CLASSES, GENEVAL_COUNTS, PromptRecord, generate_geneval, load_suite,
-                                     read_geneval_metadata, read_prompt_file)
+from soarflow.scorers.suites import (
+    COCO_CLASSES,
+    GENEVAL_COUNTS,
+    PromptRecord,
+    generate_geneval,
+    load_suite,
+    read_geneval_metadata,
+    read_prompt_file,
+)
 
 
 def test_geneval_generator_matches_the_published_suite():
@@ -17,10 +24,15 @@ def test_geneval_generator_matches_the_published_suite():
     assert Counter(r.tag for r in records) == GENEVAL_COUNTS
     assert sum(GENEVAL_COUNTS.values()) == 553
     # the published evaluation_metadata.jsonl starts with these three lines
-    assert records[0].metadata == {"tag": "single_object", "include": [{"class": "bench", "count": 1}],
-                                   "prompt": "a photo of a bench"}
+    assert records[0].metadata == {
+        "tag": "single_object",
+        "include": [{"class": "bench", "count": 1}],
+        "prompt": "a photo of a bench",
+    }
     assert [r.prompt for r in records[1:3]] == ["a photo of a cow", "a photo of a bicycle"]
-    assert sorted(r.metadata["include"][0]["class"] for r in records if r.tag == "single_object") == sorted(COCO_CLASSES)
+    assert sorted(r.metadata["include"][0]["class"] for r in records if r.tag == "single_object") == sorted(
+        COCO_CLASSES
+    )
     assert len({json.dumps(r.metadata, sort_keys=True) for r in records}) == 553  # duplicates dropped
 
 
@@ -44,11 +56,20 @@ def test_geneval_lines_follow_the_format_of_each_tag():
 
 
 def test_geneval_metadata_file_is_read_as_given(tmp_path):
-    lines = [{"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}],
-              "prompt": "a photo of two clocks", "extra": [1, 2]},
-             {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
-                                             {"class": "dog", "count": 1, "position": ["right of", 0]}],
-              "prompt": "a photo of a dog right of a teddy bear"}]
+    lines = [
+        {
+            "tag": "counting",
+            "include": [{"class": "clock", "count": 2}],
+            "exclude": [{"class": "clock", "count": 3}],
+            "prompt": "a photo of two clocks",
+            "extra": [1, 2],
+        },
+        {
+            "tag": "position",
+            "include": [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}],
+            "prompt": "a photo of a dog right of a teddy bear",
+        },
+    ]
     path = tmp_path / "evaluation_metadata.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     records = load_suite("geneval", path)

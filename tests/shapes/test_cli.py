@@ -20,7 +20,9 @@ def test_cli_scores_real_renders(real_dir, tmp_path, capsys):
     files = sorted(p.name for p in real_dir.iterdir())
     assert len(files) == 48 and files[0] == "0000_0.png" and files[-1] == "0023_1.png"
     out_json, out_jsonl, sheet = tmp_path / "s.json", tmp_path / "r.jsonl", tmp_path / "sheet.png"
-    rc = main(["--images", str(real_dir), *SMALL, "--json", str(out_json), "--jsonl", str(out_jsonl), "--sheet", str(sheet)])
+    rc = main(
+        ["--images", str(real_dir), *SMALL, "--json", str(out_json), "--jsonl", str(out_jsonl), "--sheet", str(sheet)]
+    )
     assert rc == 0
     assert "overall" in capsys.readouterr().out
     summary = json.loads(out_json.read_text())
@@ -72,11 +74,25 @@ def test_flags_use_underscores_and_the_old_hyphenated_spellings_still_work(tmp_p
     help_text = build_parser().format_help()
     assert "--guidance_scale" in help_text and "--prompts_per_family" in help_text
     assert not [flag for flag in OLD_FLAGS if flag in help_text]  # hidden aliases, not listed
-    old = ["--prompts-per-family", "2", "--images-per-prompt=3", "--num-steps", "5", "--cfg-scale", "2.5",
-           "--batch-size", "8"]
+    old = [
+        "--prompts-per-family",
+        "2",
+        "--images-per-prompt=3",
+        "--num-steps",
+        "5",
+        "--cfg-scale",
+        "2.5",
+        "--batch-size",
+        "8",
+    ]
     args = build_parser().parse_args([_new_spelling(a) for a in ["--real", *old]])
-    assert (args.prompts_per_family, args.images_per_prompt, args.num_steps, args.guidance_scale,
-            args.batch_size) == (2, 3, 5, 2.5, 8)
+    assert (args.prompts_per_family, args.images_per_prompt, args.num_steps, args.guidance_scale, args.batch_size) == (
+        2,
+        3,
+        5,
+        2.5,
+        8,
+    )
     assert main(["--list-prompts", *old]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 12  # 2 prompts per family
     assert main(["--write-real", str(tmp_path / "real"), "--prompts-per-family", "1", "--images-per-prompt", "1"]) == 0

@@ -86,20 +86,61 @@ def tiny_run(tmp_path_factory):
     from soarflow.train import load_config, train
 
     out = tmp_path_factory.mktemp("run") / "run"
-    train(load_config(None, [
-        "--task", "shapes", "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "1",
-        "--train_batch_size", "4", "--report_to", "none", "--show_progress", "false", "--method", "sft",
-        "--model.pretrained", "null", "--model.architecture", "mmdit", "--model.hidden_size", "32", "--model.depth", "1", "--model.num_heads", "2",
-        "--data.num_samples", "8", "--learning_rate", "1e-3"]))
+    train(
+        load_config(
+            None,
+            [
+                "--task",
+                "shapes",
+                "--output_dir",
+                str(out),
+                "--max_train_steps",
+                "2",
+                "--checkpointing_steps",
+                "1",
+                "--train_batch_size",
+                "4",
+                "--report_to",
+                "none",
+                "--show_progress",
+                "false",
+                "--method",
+                "sft",
+                "--model.pretrained",
+                "null",
+                "--model.architecture",
+                "mmdit",
+                "--model.hidden_size",
+                "32",
+                "--model.depth",
+                "1",
+                "--model.num_heads",
+                "2",
+                "--data.num_samples",
+                "8",
+                "--learning_rate",
+                "1e-3",
+            ],
+        )
+    )
     return out
 
 
 @pytest.mark.parametrize("which", ["run", "checkpoint-1", "file"])
 def test_run_and_checkpoint_folders_resolve_to_their_model(tiny_run, tmp_path, capsys, which):
-    target = {"run": tiny_run, "checkpoint-1": tiny_run / "checkpoint-1",
-              "file": tiny_run / "model.safetensors"}[which]
-    args = ["--checkpoint", str(target), "--prompts_per_family", "1", "--images_per_prompt", "2", "--num_steps", "2",
-            "--json", str(tmp_path / "s.json")]
+    target = {"run": tiny_run, "checkpoint-1": tiny_run / "checkpoint-1", "file": tiny_run / "model.safetensors"}[which]
+    args = [
+        "--checkpoint",
+        str(target),
+        "--prompts_per_family",
+        "1",
+        "--images_per_prompt",
+        "2",
+        "--num_steps",
+        "2",
+        "--json",
+        str(tmp_path / "s.json"),
+    ]
     assert main(args) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert "2 Euler steps, guidance 4.0" in err

@@ -72,9 +72,13 @@ def test_exposure_bias_with_guidance(real):
         uncond = xx / sigma.view(-1, 1, 1, 1)
         return torch.where(c[:, :1, None, None] > 0, exact, uncond)
 
-    rep = exposure_bias(model, x0, cond, null_cond=null, guidance_scale=1.0, num_steps=8, generator=torch.Generator().manual_seed(1))
+    rep = exposure_bias(
+        model, x0, cond, null_cond=null, guidance_scale=1.0, num_steps=8, generator=torch.Generator().manual_seed(1)
+    )
     assert abs(rep.mean_gap) < 1e-6
-    rep = exposure_bias(model, x0, cond, null_cond=null, guidance_scale=2.0, num_steps=8, generator=torch.Generator().manual_seed(1))
+    rep = exposure_bias(
+        model, x0, cond, null_cond=null, guidance_scale=2.0, num_steps=8, generator=torch.Generator().manual_seed(1)
+    )
     assert rep.guidance_scale == 2.0 and rep.mean_gap != 0
     with pytest.raises(ValueError, match="null_cond"):
         exposure_bias(model, x0, cond, guidance_scale=2.0)

@@ -54,7 +54,9 @@ def test_judging_catches_wrong_images():
     assert "found 3 red circles, expected 2" in rep.records[0].reason
     assert accuracy("three red circles", "three red circles").overall == 1
     assert accuracy("a red circle", "a blue circle").overall == 0
-    assert accuracy("a red circle to the left of a blue square", "a red circle to the right of a blue square").overall == 0
+    assert (
+        accuracy("a red circle to the left of a blue square", "a red circle to the right of a blue square").overall == 0
+    )
     assert accuracy("a red circle above a blue square", "a red circle below a blue square").overall == 0
     # color binding: the same two colors and shapes, swapped
     rep = accuracy("a red circle and a blue square", "a blue circle and a red square")

@@ -46,13 +46,19 @@ def test_parse_prompt_round_trip_and_families():
         for p in prompts:
             assert parse_prompt(p.text) == p and p.family == family
     spec = parse_prompt("three yellow circles")
-    assert (spec.family, spec.count, spec.objects[0].shape, spec.objects[0].color) == ("counting", 3, "circle", "yellow")
+    assert (spec.family, spec.count, spec.objects[0].shape, spec.objects[0].color) == (
+        "counting",
+        3,
+        "circle",
+        "yellow",
+    )
     spec = parse_prompt("a red circle to the left of a blue square")
     assert spec.relation == "to the left of" and spec.objects[1].color == "blue"
 
 
 @pytest.mark.parametrize(
-    "bad", ["a purple circle", "a circle and a circle", "", "two circle", "a red circle above a red circle", "five circles"]
+    "bad",
+    ["a purple circle", "a circle and a circle", "", "two circle", "a red circle above a red circle", "five circles"],
 )
 def test_parse_prompt_rejects_out_of_grammar(bad):
     with pytest.raises(ValueError, match="not in the ShapesEval grammar"):
@@ -181,8 +187,9 @@ def test_corruption_rates_control_the_pretraining_noise():
     from soarflow.shapes.grammar import parse_prompt
 
     clean = ShapesDataset("pretrain", num_samples=300, seed=3, corruption=Corruption(0, 0, 0, 0, 0))
-    noisy = ShapesDataset("pretrain", num_samples=300, seed=3, corruption=Corruption(clutter=1.0, wrong=1.0,
-                                                                                      incomplete=0, generic=0))
+    noisy = ShapesDataset(
+        "pretrain", num_samples=300, seed=3, corruption=Corruption(clutter=1.0, wrong=1.0, incomplete=0, generic=0)
+    )
     # no noise: every caption is a grammar prompt and the scene holds exactly its objects
     for i in range(60):
         s = clean.sample(i)

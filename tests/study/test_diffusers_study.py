@@ -18,10 +18,16 @@ def test_sd3_study_with_loss_evaluation(tmp_path):
     images = make_imagefolder(tmp_path / "imgs", sizes=((32, 32),))
     study = {
         "name": "sd3",
-        "base": {"task": "sd3", "train_batch_size": 2, "learning_rate": 1e-3, "soar.num_aux": 1,
-                 "soar.rollout_steps": 4, "soar.guidance_scale": 2.0,
-                 "model": {"pretrained": str(pipe), "max_sequence_length": 8},
-                 "data": {"path": str(images), "resolution": 32, "validation_prompts": ["a red circle"]}},
+        "base": {
+            "task": "sd3",
+            "train_batch_size": 2,
+            "learning_rate": 1e-3,
+            "soar.num_aux": 1,
+            "soar.rollout_steps": 4,
+            "soar.guidance_scale": 2.0,
+            "model": {"pretrained": str(pipe), "max_sequence_length": 8},
+            "data": {"path": str(images), "resolution": 32, "validation_prompts": ["a red circle"]},
+        },
         "seeds": [0],
         "budget": {"steps": 1},
         "evaluation": {"kind": "loss", "num_steps": [8], "guidance_scales": [2.0], "num_samples": 3, "shift": 3.0},

@@ -26,8 +26,10 @@ from soarflow.train.safety import Interrupted
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    task = ShapesTask(ShapesModelSection(pretrained=None, architecture="mmdit", hidden_size=32, depth=1, num_heads=2),
-                      ShapesDataSection())
+    task = ShapesTask(
+        ShapesModelSection(pretrained=None, architecture="mmdit", hidden_size=32, depth=1, num_heads=2),
+        ShapesDataSection(),
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
     task.save_model(task.build_model(), path)
@@ -37,12 +39,25 @@ def tiny_base(tmp_path_factory):
 def write_study(tmp_path, base, rows, **extra):
     study = {
         "name": "t",
-        "base": {"task": "shapes", "train_batch_size": 4, "learning_rate": 1e-3, "model.pretrained": str(base),
-                 "soar.num_aux": 2, "soar.rollout_steps": 5, "soar.guidance_scale": 2.0, "soar.shift": 1.0},
+        "base": {
+            "task": "shapes",
+            "train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "model.pretrained": str(base),
+            "soar.num_aux": 2,
+            "soar.rollout_steps": 5,
+            "soar.guidance_scale": 2.0,
+            "soar.shift": 1.0,
+        },
         "seeds": [0],
         "budget": {"steps": 2},
-        "evaluation": {"num_steps": [3], "guidance_scales": [2.0], "prompts_per_family": 1, "images_per_prompt": 2,
-                       "exposure_images": 4},
+        "evaluation": {
+            "num_steps": [3],
+            "guidance_scales": [2.0],
+            "prompts_per_family": 1,
+            "images_per_prompt": 2,
+            "exposure_images": 4,
+        },
         "rows": rows,
     }
     study.update(extra)
@@ -75,8 +90,10 @@ def test_slots_pin_each_worker_to_its_own_cores_or_share_the_gpus(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ workers
 def test_jobs_2_gives_the_equal_steps_results_of_jobs_1_and_chained_rows_wait(tmp_path, tiny_base):
-    rows = [{"name": "sft", "set": {"method": "sft"}},
-            {"name": "sft_then_ip", "set": {"method": "input_perturbation"}, "init_from_row": "sft"}]
+    rows = [
+        {"name": "sft", "set": {"method": "sft"}},
+        {"name": "sft_then_ip", "set": {"method": "input_perturbation"}, "init_from_row": "sft"},
+    ]
     spec = load_study(write_study(tmp_path, tiny_base, rows))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each worker: the same arithmetic
@@ -85,8 +102,9 @@ def test_jobs_2_gives_the_equal_steps_results_of_jobs_1_and_chained_rows_wait(tm
     finally:
         torch.set_num_threads(threads)
     lines = []
-    parallel = run_study(spec, tmp_path / "two", estimate=False, log=lines.append, device="cpu", jobs=2,
-                         quiet_workers=True)
+    parallel = run_study(
+        spec, tmp_path / "two", estimate=False, log=lines.append, device="cpu", jobs=2, quiet_workers=True
+    )
     assert [r["status"] for r in parallel] == ["ok"] * 3, [r.get("error") for r in parallel]
     assert per_image(parallel) == per_image(serial)
     assert [r["hash"] for r in parallel] == [r["hash"] for r in serial]  # jobs do not enter the hash
@@ -97,8 +115,11 @@ def test_jobs_2_gives_the_equal_steps_results_of_jobs_1_and_chained_rows_wait(tm
     assert chained["init_from"] == {"row": "sft", "arm": "steps"}
     # the chained cell started only after its source finished
     order = [m for m in lines if "now: sft seed 0" in m or "now: sft_then_ip" in m or "sft seed 0: ok" in m]
-    assert [("now: sft seed" in m, "sft seed 0: ok" in m, "sft_then_ip" in m) for m in order] == \
-        [(True, False, False), (False, True, False), (False, False, True)]
+    assert [("now: sft seed" in m, "sft seed 0: ok" in m, "sft_then_ip" in m) for m in order] == [
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+    ]
     assert "on worker" in next(m for m in lines if "now: base" in m)
     assert run_configurations(parallel).startswith("cpu (") and "x 2 jobs: 3 cells" in run_configurations(parallel)
 
@@ -123,17 +144,37 @@ def _sleep(job):
 
 
 def _fake_run(tmp_path, tiny_base, monkeypatch, worker, **kw):
-    spec = load_study(write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
-                                                        {"name": "ip", "set": {"method": "input_perturbation"},
-                                                         "init_from_row": "sft"}], include_base=False))
+    spec = load_study(
+        write_study(
+            tmp_path,
+            tiny_base,
+            [
+                {"name": "sft", "set": {"method": "sft"}},
+                {"name": "ip", "set": {"method": "input_perturbation"}, "init_from_row": "sft"},
+            ],
+            include_base=False,
+        )
+    )
     cells = expand_cells(spec)
     monkeypatch.setattr(parallel_mod.multiprocessing, "get_context", _fork_context())
     monkeypatch.setattr(parallel_mod, "cell_worker", worker)
     finished = []
-    run_parallel(spec, cells, tmp_path / "out", device="cpu", jobs=2, cells_dir=None, keep_models=False,
-                 save_arms={}, run_info={"jobs": 2}, first_config=cells[0].config,
-                 may_start=kw.get("may_start", lambda c: True), on_start=lambda c, s: c.label,
-                 on_finish=lambda c, r: finished.append(r), log=quiet)
+    run_parallel(
+        spec,
+        cells,
+        tmp_path / "out",
+        device="cpu",
+        jobs=2,
+        cells_dir=None,
+        keep_models=False,
+        save_arms={},
+        run_info={"jobs": 2},
+        first_config=cells[0].config,
+        may_start=kw.get("may_start", lambda c: True),
+        on_start=lambda c, s: c.label,
+        on_finish=lambda c, r: finished.append(r),
+        log=quiet,
+    )
     return cells, finished
 
 
@@ -164,11 +205,26 @@ def test_a_worker_that_dies_is_a_failed_cell_and_a_signal_stops_every_worker(tmp
 
 # ------------------------------------------------------------------------------------------------ cells_dir
 def test_compact_cell_files_round_floats_and_store_pass_fail_as_ints(tmp_path):
-    record = {"row": "sft", "seed": 0, "hash": "ab" * 8, "status": "ok", "config": {"learning_rate": 1.234567891e-4},
-              "history": [{"loss": 0.5}] * 100, "wall_seconds": 12.3456789,
-              "arms": {"steps": {"train_seconds": 1.23456789, "metrics": {"s": {
-                  "overall": 0.6458333333333334,
-                  "per_image": {"overall": [1.0, 0.0, 1.0], "reward": [0.3333333333333333, 1.0, 0.5]}}}}}}
+    record = {
+        "row": "sft",
+        "seed": 0,
+        "hash": "ab" * 8,
+        "status": "ok",
+        "config": {"learning_rate": 1.234567891e-4},
+        "history": [{"loss": 0.5}] * 100,
+        "wall_seconds": 12.3456789,
+        "arms": {
+            "steps": {
+                "train_seconds": 1.23456789,
+                "metrics": {
+                    "s": {
+                        "overall": 0.6458333333333334,
+                        "per_image": {"overall": [1.0, 0.0, 1.0], "reward": [0.3333333333333333, 1.0, 0.5]},
+                    }
+                },
+            }
+        },
+    }
     c = compact(record)
     assert "history" not in c and c["config"] == record["config"]  # the config stays exact
     metrics = c["arms"]["steps"]["metrics"]["s"]
@@ -188,8 +244,24 @@ def test_cells_dir_is_reused_from_a_fresh_output_dir_without_training(tmp_path, 
     rows = [{"name": "sft", "set": {"method": "sft"}}, {"name": "soar", "set": {"method": "soar"}}]
     path = write_study(tmp_path, tiny_base, rows, contrasts=[["soar", "sft"]])
     cells_dir = tmp_path / "docs" / "cells"
-    assert main(["--config", str(path), "--output_dir", str(tmp_path / "a"), "--cells_dir", str(cells_dir),
-                 "--no_estimate", "--num_resamples", "200", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(path),
+                "--output_dir",
+                str(tmp_path / "a"),
+                "--cells_dir",
+                str(cells_dir),
+                "--no_estimate",
+                "--num_resamples",
+                "200",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     first = json.loads((tmp_path / "a" / "results.json").read_text())
     files = sorted(cells_dir.glob("*.json"))
     assert sorted(f.stem for f in files) == sorted(c["hash"] for c in first["cells"]) and len(files) == 3
@@ -205,14 +277,30 @@ def test_cells_dir_is_reused_from_a_fresh_output_dir_without_training(tmp_path, 
 
     monkeypatch.setattr(soarflow.train, "train", no_training)
     monkeypatch.setattr(runner_mod, "run_cell", no_training)  # the base row evaluates without training
-    assert main(["--config", str(path), "--output_dir", str(tmp_path / "b"), "--cells_dir", str(cells_dir),
-                 "--no_estimate", "--num_resamples", "200"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(path),
+                "--output_dir",
+                str(tmp_path / "b"),
+                "--cells_dir",
+                str(cells_dir),
+                "--no_estimate",
+                "--num_resamples",
+                "200",
+            ]
+        )
+        == 0
+    )
     second = json.loads((tmp_path / "b" / "results.json").read_text())
     assert not (tmp_path / "b" / "cells").exists()
     a, b = (r["summary"]["steps"]["steps3_cfg2"] for r in (first, second))
     for row in ("base", "sft", "soar"):  # committed floats have 6 significant digits
         assert b[row]["overall"]["mean"] == pytest.approx(a[row]["overall"]["mean"], abs=1e-6)
-    assert b["soar"]["compare"]["sft"]["overall"]["diff"] == pytest.approx(a["soar"]["compare"]["sft"]["overall"]["diff"])
+    assert b["soar"]["compare"]["sft"]["overall"]["diff"] == pytest.approx(
+        a["soar"]["compare"]["sft"]["overall"]["diff"]
+    )
     assert "cpu" in second["machine"] and second["run"]["cells_dir"] == str(cells_dir)
 
 
@@ -228,8 +316,10 @@ def test_cells_finished_before_cells_dir_are_committed_on_the_next_run(tmp_path,
 
 # ------------------------------------------------------------------------------------------------ device, time
 def test_the_device_enters_the_hash_and_cuda_without_a_gpu_is_refused(tmp_path, tiny_base, capsys):
-    rows = [{"name": "sft", "set": {"method": "sft"}}, {"name": "ip", "set": {"method": "input_perturbation"},
-                                                          "init_from_row": "sft"}]
+    rows = [
+        {"name": "sft", "set": {"method": "sft"}},
+        {"name": "ip", "set": {"method": "input_perturbation"}, "init_from_row": "sft"},
+    ]
     path = write_study(tmp_path, tiny_base, rows)
     cpu, cuda = expand_cells(load_study(path)), expand_cells(load_study(path))
     device_hashes(cpu, "cpu")

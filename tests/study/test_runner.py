@@ -19,7 +19,10 @@ from soarflow.study.runner import run_study
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    task = ShapesTask(ShapesModelSection(pretrained=None, architecture="mmdit", hidden_size=32, depth=1, num_heads=2), ShapesDataSection())
+    task = ShapesTask(
+        ShapesModelSection(pretrained=None, architecture="mmdit", hidden_size=32, depth=1, num_heads=2),
+        ShapesDataSection(),
+    )
     torch.manual_seed(0)
     model = task.build_model()
     path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
@@ -30,12 +33,25 @@ def tiny_base(tmp_path_factory):
 def write_study(tmp_path, base, rows, **extra):
     study = {
         "name": "t",
-        "base": {"task": "shapes", "train_batch_size": 4, "learning_rate": 1e-3, "model.pretrained": str(base),
-                 "soar.num_aux": 2, "soar.rollout_steps": 5, "soar.guidance_scale": 2.0, "soar.shift": 1.0},
+        "base": {
+            "task": "shapes",
+            "train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "model.pretrained": str(base),
+            "soar.num_aux": 2,
+            "soar.rollout_steps": 5,
+            "soar.guidance_scale": 2.0,
+            "soar.shift": 1.0,
+        },
         "seeds": [0],
         "budget": {"steps": 2},
-        "evaluation": {"num_steps": [3], "guidance_scales": [2.0], "prompts_per_family": 1, "images_per_prompt": 2,
-                       "exposure_images": 4},
+        "evaluation": {
+            "num_steps": [3],
+            "guidance_scales": [2.0],
+            "prompts_per_family": 1,
+            "images_per_prompt": 2,
+            "exposure_images": 4,
+        },
         "rows": rows,
     }
     study.update(extra)
@@ -49,8 +65,11 @@ def quiet(msg):
 
 
 def test_grid_is_validated_before_anything_runs_naming_row_and_key(tmp_path, tiny_base):
-    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
-                                             {"name": "new", "set": {"method": "no_such_method"}}])
+    path = write_study(
+        tmp_path,
+        tiny_base,
+        [{"name": "sft", "set": {"method": "sft"}}, {"name": "new", "set": {"method": "no_such_method"}}],
+    )
     with pytest.raises(ValueError, match=r"study row 'new': config key 'method'.*no_such_method"):
         load_study(path)
     path = write_study(tmp_path, tiny_base, [{"name": "k", "set": {"soar.num_auxx": 2}}])
@@ -59,8 +78,12 @@ def test_grid_is_validated_before_anything_runs_naming_row_and_key(tmp_path, tin
     assert main(["--config", str(path), "--output_dir", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()  # nothing ran, nothing written
     # one image per prompt leaves ShapesEval's diversity undefined: refused before any cell trains
-    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}}],
-                       evaluation={"num_steps": [3], "guidance_scales": [2.0], "images_per_prompt": 1})
+    path = write_study(
+        tmp_path,
+        tiny_base,
+        [{"name": "sft", "set": {"method": "sft"}}],
+        evaluation={"num_steps": [3], "guidance_scales": [2.0], "images_per_prompt": 1},
+    )
     with pytest.raises(ValueError, match=r"evaluation.images_per_prompt must be >= 2 for kind 'shapes'.*got 1"):
         load_study(path)
     # a contrast must name rows of the file
@@ -71,31 +94,51 @@ def test_grid_is_validated_before_anything_runs_naming_row_and_key(tmp_path, tin
     rows = [{"name": "sft", "set": {"method": "sft"}}, {"name": "soar", "set": {"method": "soar"}}]
     good = {"row": "soar", "against": "sft", "setting": "steps3_cfg2", "arm": "steps"}
     assert load_study(write_study(tmp_path, tiny_base, rows, primary=good)).primary.against == "sft"
-    for bad, message in [({**good, "row": "soarr"}, r"primary.row: unknown row 'soarr'"),
-                         ({**good, "setting": "steps40_cfg4"}, r"primary.setting: 'steps40_cfg4' is not evaluated"),
-                         ({**good, "arm": "seconds"}, r"primary.arm: 'seconds' is not a budget arm"),
-                         ({**good, "metric": "frechet_distance"}, r"primary.metric: 'frechet_distance' has no interval"),
-                         ({k: v for k, v in good.items() if k != "arm"}, r"primary.arm is required"),
-                         ({**good, "against": "soar"}, r"primary: row and against are the same row"),
-                         ({**good, "arms": "steps"}, r"primary: unknown key\(s\) arms")]:
+    for bad, message in [
+        ({**good, "row": "soarr"}, r"primary.row: unknown row 'soarr'"),
+        ({**good, "setting": "steps40_cfg4"}, r"primary.setting: 'steps40_cfg4' is not evaluated"),
+        ({**good, "arm": "seconds"}, r"primary.arm: 'seconds' is not a budget arm"),
+        ({**good, "metric": "frechet_distance"}, r"primary.metric: 'frechet_distance' has no interval"),
+        ({k: v for k, v in good.items() if k != "arm"}, r"primary.arm is required"),
+        ({**good, "against": "soar"}, r"primary: row and against are the same row"),
+        ({**good, "arms": "steps"}, r"primary: unknown key\(s\) arms"),
+    ]:
         with pytest.raises(ValueError, match=message):
             load_study(write_study(tmp_path, tiny_base, rows, primary=bad))
     # --only runs a subset, and a pattern that matches nothing is an error
-    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
-                                             {"name": "new", "set": {"method": "no_such_method"}}])
+    path = write_study(
+        tmp_path,
+        tiny_base,
+        [{"name": "sft", "set": {"method": "sft"}}, {"name": "new", "set": {"method": "no_such_method"}}],
+    )
     assert [r.name for r in load_study(path, only=["sft"]).rows] == ["sft"]
     with pytest.raises(ValueError, match="--only 'zzz' matches no row"):
         load_study(path, only=["zzz"])
 
 
 def test_sweeps_expand_to_named_rows_and_hashes_follow_the_config(tmp_path, tiny_base):
-    path = write_study(tmp_path, tiny_base, [
-        {"name": "soar", "set": {"method": "soar"}, "sweep": {"soar.num_aux": [1, 2], "soar.lambda_aux": [0.5]}},
-        {"name": "v", "set": {"method": "soar"}, "sweep_mode": "one_at_a_time",
-         "sweep": {"soar.num_aux": [1, 3], "soar.rollout_cfg": [1.0]}}], seeds=[0, 1])
+    path = write_study(
+        tmp_path,
+        tiny_base,
+        [
+            {"name": "soar", "set": {"method": "soar"}, "sweep": {"soar.num_aux": [1, 2], "soar.lambda_aux": [0.5]}},
+            {
+                "name": "v",
+                "set": {"method": "soar"},
+                "sweep_mode": "one_at_a_time",
+                "sweep": {"soar.num_aux": [1, 3], "soar.rollout_cfg": [1.0]},
+            },
+        ],
+        seeds=[0, 1],
+    )
     spec = load_study(path)
-    assert [r.name for r in spec.rows] == ["soar[num_aux=1,lambda_aux=0.5]", "soar[num_aux=2,lambda_aux=0.5]",
-                                           "v[num_aux=1]", "v[num_aux=3]", "v[rollout_cfg=1.0]"]
+    assert [r.name for r in spec.rows] == [
+        "soar[num_aux=1,lambda_aux=0.5]",
+        "soar[num_aux=2,lambda_aux=0.5]",
+        "v[num_aux=1]",
+        "v[num_aux=3]",
+        "v[rollout_cfg=1.0]",
+    ]
     cells = expand_cells(spec)
     assert len(cells) == 1 + 5 * 2 and cells[0].row == "base" and cells[0].seed is None
     assert cells[1].config["soar"]["num_aux"] == 1 and cells[1].config["soar"]["lambda_aux"] == 0.5
@@ -110,8 +153,9 @@ def test_the_auto_layout_keeps_cell_hashes_and_caches_of_before(tmp_path, tiny_b
     assert default[1].config["soar"]["reuse_main_output"] == "auto"
     hashes = {}
     for value in (True, False):
-        pinned = write_study(tmp_path, tiny_base, [{"name": "soar", "set": {"method": "soar",
-                                                                            "soar.reuse_main_output": value}}])
+        pinned = write_study(
+            tmp_path, tiny_base, [{"name": "soar", "set": {"method": "soar", "soar.reuse_main_output": value}}]
+        )
         hashes[value] = expand_cells(load_study(pinned))[1].hash
     assert default[1].hash == hashes[True] != hashes[False]
     # a result cached before 'auto' existed (config says true) is still this cell's result
@@ -145,8 +189,10 @@ def test_cache_resume_added_rows_mismatch_and_failed_cells(tmp_path, tiny_base, 
     run_study(load_study(write_study(tmp_path, tiny_base, rows)), out, estimate=False, log=quiet)
     assert ran == []
     # adding a row runs only that row; a cell that crashes is recorded and the study goes on
-    rows += [{"name": "broken", "set": {"method": "sft", "data.num_samples": 2}},  # batch 4 > 2 samples
-             {"name": "soar", "set": {"method": "soar"}}]
+    rows += [
+        {"name": "broken", "set": {"method": "sft", "data.num_samples": 2}},  # batch 4 > 2 samples
+        {"name": "soar", "set": {"method": "soar"}},
+    ]
     records = run_study(load_study(write_study(tmp_path, tiny_base, rows)), out, estimate=False, log=quiet)
     assert ran == ["broken seed 0", "soar seed 0"]
     broken = next(r for r in records if r["row"] == "broken")
@@ -169,13 +215,22 @@ def test_cache_resume_added_rows_mismatch_and_failed_cells(tmp_path, tiny_base, 
 
 
 def test_equal_wall_clock_arm_and_report_files(tmp_path, tiny_base, capsys):
-    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
-                                             {"name": "soar", "set": {"method": "soar"}}],
-                       budget={"steps": 1, "seconds": 0.05, "max_steps": 50},
-                       evaluation={"num_steps": [3], "guidance_scales": [1.0, 2.0], "prompts_per_family": 1,
-                                   "images_per_prompt": 2, "exposure_images": 4, "every_steps": 1},
-                       contrasts=[["sft", "soar"]],
-                       primary={"row": "soar", "against": "sft", "setting": "steps3_cfg2", "arm": "seconds"})
+    path = write_study(
+        tmp_path,
+        tiny_base,
+        [{"name": "sft", "set": {"method": "sft"}}, {"name": "soar", "set": {"method": "soar"}}],
+        budget={"steps": 1, "seconds": 0.05, "max_steps": 50},
+        evaluation={
+            "num_steps": [3],
+            "guidance_scales": [1.0, 2.0],
+            "prompts_per_family": 1,
+            "images_per_prompt": 2,
+            "exposure_images": 4,
+            "every_steps": 1,
+        },
+        contrasts=[["sft", "soar"]],
+        primary={"row": "soar", "against": "sft", "setting": "steps3_cfg2", "arm": "seconds"},
+    )
     out = tmp_path / "o"
     assert main(["--config", str(path), "--output_dir", str(out), "--num_resamples", "200"]) == 0
     assert "estimated total for 3 cells" in capsys.readouterr().err
@@ -197,19 +252,27 @@ def test_equal_wall_clock_arm_and_report_files(tmp_path, tiny_base, capsys):
     # the report leads with the primary contrast; every other interval carries a Holm-adjusted p
     assert report.index("## Primary contrast") < report.index("## Secondary comparisons") < report.index("## Contrasts")
     primary = results["primary"]
-    assert (primary["row"], primary["against"], primary["arm"], primary["setting"]) == ("soar", "sft", "seconds",
-                                                                                      "steps3_cfg2")
+    assert (primary["row"], primary["against"], primary["arm"], primary["setting"]) == (
+        "soar",
+        "sft",
+        "seconds",
+        "steps3_cfg2",
+    )
     assert primary["interval"] == results["summary"]["seconds"]["steps3_cfg2"]["soar"]["compare"]["sft"]["overall"]
     assert "p_holm" not in primary["interval"] and primary["mde_80"] >= 0 and primary["family_size"] > 0
     secondary = results["summary"]["steps"]["steps3_cfg2"]["soar"]["compare"]["sft"]
-    assert {"overall", "reward", "diversity"} <= set(secondary) and secondary["overall"]["p_holm"] >= secondary["overall"]["p"]
+    assert {"overall", "reward", "diversity"} <= set(secondary) and secondary["overall"]["p_holm"] >= secondary[
+        "overall"
+    ]["p"]
     # per_image.npz rebuilds every interval with the same numbers, without the cells
     from soarflow.commands.study_report import main as report_main
     from soarflow.study.report import load_per_image
 
     store = load_per_image(out / "per_image.npz")
     entry = store["entries"][("steps", "steps3_cfg2", "soar")]
-    assert entry["overall"].dtype == "uint8" and entry["overall"].shape == (1, 12) and entry["reward"].dtype == "float16"
+    assert (
+        entry["overall"].dtype == "uint8" and entry["overall"].shape == (1, 12) and entry["reward"].dtype == "float16"
+    )
     assert entry["diversity"].shape == (1, 6) and list(store["groups"]) == [i // 2 for i in range(12)]
     rebuilt = tmp_path / "rebuilt"
     assert report_main([str(out), "--config", str(path), "--output_dir", str(rebuilt), "--num_resamples", "200"]) == 0
@@ -247,8 +310,10 @@ def test_a_signal_stops_the_study_and_keeps_finished_cells(tmp_path, tiny_base, 
 
 def test_a_chained_row_starts_from_its_source_cells_weights(tmp_path, tiny_base, monkeypatch):
     """SOAR -> GRPO: `init_from_row` starts each cell from the same seed's source cell at its arm's evaluation."""
-    rows = [{"name": "sft", "set": {"method": "sft"}},
-            {"name": "sft_then_ip", "set": {"method": "input_perturbation"}, "init_from_row": "sft"}]
+    rows = [
+        {"name": "sft", "set": {"method": "sft"}},
+        {"name": "sft_then_ip", "set": {"method": "input_perturbation"}, "init_from_row": "sft"},
+    ]
     path = write_study(tmp_path, tiny_base, rows, seeds=[0, 1], include_base=False)
     spec = load_study(path)
     cells = expand_cells(spec)
@@ -258,7 +323,9 @@ def test_a_chained_row_starts_from_its_source_cells_weights(tmp_path, tiny_base,
     # the source's hash is part of the chained cell's: same config without the chain hashes differently
     unchained = [rows[0], {"name": "sft_then_ip", "set": rows[1]["set"]}]
     (tmp_path / "plain").mkdir()
-    plain = expand_cells(load_study(write_study(tmp_path / "plain", tiny_base, unchained, seeds=[0, 1], include_base=False)))
+    plain = expand_cells(
+        load_study(write_study(tmp_path / "plain", tiny_base, unchained, seeds=[0, 1], include_base=False))
+    )
     assert {c.hash for c in chained}.isdisjoint({c.hash for c in plain})
     assert [c.hash for c in cells if c.row == "sft"] == [c.hash for c in plain if c.row == "sft"]
 
@@ -280,13 +347,21 @@ def test_a_chained_row_starts_from_its_source_cells_weights(tmp_path, tiny_base,
     assert sorted(loaded) == sorted(str(p) for p in sources) and all(p.is_file() for p in sources)
     # a chained row names an earlier, unchained row
     (tmp_path / "bad").mkdir()
-    bad = write_study(tmp_path / "bad", tiny_base, [{"name": "a", "set": {"method": "sft"}, "init_from_row": "b"},
-                                            {"name": "b", "set": {"method": "sft"}}])
+    bad = write_study(
+        tmp_path / "bad",
+        tiny_base,
+        [{"name": "a", "set": {"method": "sft"}, "init_from_row": "b"}, {"name": "b", "set": {"method": "sft"}}],
+    )
     with pytest.raises(ValueError, match="study row 'a': init_from_row 'b' must name a row listed before it"):
         load_study(bad)
-    bad = write_study(tmp_path / "bad", tiny_base, [{"name": "a", "set": {"method": "sft"}},
-                                            {"name": "b", "set": {"method": "sft"}, "init_from_row": "a",
-                                             "init_from_arm": "seconds"}])
+    bad = write_study(
+        tmp_path / "bad",
+        tiny_base,
+        [
+            {"name": "a", "set": {"method": "sft"}},
+            {"name": "b", "set": {"method": "sft"}, "init_from_row": "a", "init_from_arm": "seconds"},
+        ],
+    )
     with pytest.raises(ValueError, match=r"study row 'b': init_from_arm must be one of \['steps'\]"):
         load_study(bad)
     # --only keeps the source row of a chained row
@@ -294,8 +369,12 @@ def test_a_chained_row_starts_from_its_source_cells_weights(tmp_path, tiny_base,
 
 
 def test_former_evaluation_key_names_still_load_with_a_warning(tmp_path, tiny_base):
-    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}}],
-                       evaluation={"num_steps": [3], "cfg_scales": [1.0, 2.0], "curve_cfg_scale": 2.0})
+    path = write_study(
+        tmp_path,
+        tiny_base,
+        [{"name": "sft", "set": {"method": "sft"}}],
+        evaluation={"num_steps": [3], "cfg_scales": [1.0, 2.0], "curve_cfg_scale": 2.0},
+    )
     with pytest.warns(FutureWarning, match="guidance_scales"):
         spec = load_study(path)
     assert spec.evaluation.guidance_scales == [1.0, 2.0] and spec.evaluation.curve_guidance_scale == 2.0
@@ -311,27 +390,58 @@ def _fake_records(spec, rng, num_images):
             passed = (rng.random(num_images) < 1 / (1 + np.exp(-skill - rng.normal(0, 1, num_images)))).astype(float)
             reward = np.clip(passed * 0.5 + rng.random(num_images) * 0.5, 0, 1)
             metrics[f"steps{n}_cfg{w:g}"] = {
-                "overall": passed.mean(), "reward": reward.mean(), "seen": 0.5, "held_out": 0.5,
-                "frechet_distance": rng.random() * 10, "diversity": rng.random(), "exposure_gap": rng.random(),
-                "per_family": {"single": 0.5}, "exposure_bins": [{"sigma_low": 0.0, "sigma_high": 1.0, "gap": 0.1}],
+                "overall": passed.mean(),
+                "reward": reward.mean(),
+                "seen": 0.5,
+                "held_out": 0.5,
+                "frechet_distance": rng.random() * 10,
+                "diversity": rng.random(),
+                "exposure_gap": rng.random(),
+                "per_family": {"single": 0.5},
+                "exposure_bins": [{"sigma_low": 0.0, "sigma_high": 1.0, "gap": 0.1}],
                 "per_image": {"overall": passed.tolist(), "reward": reward.tolist()},
-                "per_prompt": {"diversity": rng.random(num_images // 2).tolist()}}
-        arm = {"step": 2, "train_seconds": 1.0, "capped": False, "forwards_per_step": 1.0,
-               "sample_forwards_per_image": 1.0, "metrics": metrics}
-        records.append({"row": cell.row, "seed": cell.seed, "hash": cell.hash, "status": "ok", "wall_seconds": 1.0,
-                        "arms": {a: arm for a in spec.budget.arms}, "curve": []})
+                "per_prompt": {"diversity": rng.random(num_images // 2).tolist()},
+            }
+        arm = {
+            "step": 2,
+            "train_seconds": 1.0,
+            "capped": False,
+            "forwards_per_step": 1.0,
+            "sample_forwards_per_image": 1.0,
+            "metrics": metrics,
+        }
+        records.append(
+            {
+                "row": cell.row,
+                "seed": cell.seed,
+                "hash": cell.hash,
+                "status": "ok",
+                "wall_seconds": 1.0,
+                "arms": {a: arm for a in spec.budget.arms},
+                "curve": [],
+            }
+        )
     return records
 
 
 def test_rebuild_from_per_image_data_gives_the_same_intervals(tmp_path, tiny_base):
     from soarflow.study.report import PER_IMAGE_FILE, markdown, rebuild, save_per_image
 
-    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}},
-                                             {"name": "soar", "set": {"method": "soar"}}],
-                       seeds=[0, 1, 2], contrasts=[["sft", "soar"]],
-                       evaluation={"num_steps": [3], "guidance_scales": [1.0, 2.0], "prompts_per_family": 4,
-                                   "images_per_prompt": 2, "exposure_images": 4},
-                       primary={"row": "soar", "against": "sft", "setting": "steps3_cfg2", "arm": "steps"})
+    path = write_study(
+        tmp_path,
+        tiny_base,
+        [{"name": "sft", "set": {"method": "sft"}}, {"name": "soar", "set": {"method": "soar"}}],
+        seeds=[0, 1, 2],
+        contrasts=[["sft", "soar"]],
+        evaluation={
+            "num_steps": [3],
+            "guidance_scales": [1.0, 2.0],
+            "prompts_per_family": 4,
+            "images_per_prompt": 2,
+            "exposure_images": 4,
+        },
+        primary={"row": "soar", "against": "sft", "setting": "steps3_cfg2", "arm": "steps"},
+    )
     spec = load_study(path)
     results = aggregate(spec, _fake_records(spec, np.random.default_rng(0), 96), num_resamples=300)
     store = results.pop("_per_image")

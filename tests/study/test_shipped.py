@@ -10,8 +10,13 @@ from soarflow.study import load_study
 from soarflow.commands.study import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-STUDIES = ["study_claim.yaml", "study_knobs.yaml", "study_methods.yaml", "study_claim_focus.yaml",
-           "study_claim_powered.yaml"]
+STUDIES = [
+    "study_claim.yaml",
+    "study_knobs.yaml",
+    "study_methods.yaml",
+    "study_claim_focus.yaml",
+    "study_claim_powered.yaml",
+]
 # every shipped study file; study_headroom compares SFT with the base at equal steps only
 ALL_STUDIES = STUDIES + ["study_headroom.yaml"]
 

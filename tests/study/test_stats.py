@@ -7,8 +7,18 @@ import time
 import numpy as np
 import pytest
 
-from soarflow.study.stats import (DiffCI, cluster_bootstrap, cluster_means, contains_zero, crossed_diff,
-                                  diff_interval, holm, mean_std, t_ppf, t_sf)
+from soarflow.study.stats import (
+    DiffCI,
+    cluster_bootstrap,
+    cluster_means,
+    contains_zero,
+    crossed_diff,
+    diff_interval,
+    holm,
+    mean_std,
+    t_ppf,
+    t_sf,
+)
 
 
 def test_student_t_matches_scipy():
@@ -55,8 +65,11 @@ def test_paired_variance_is_the_crossed_anova_by_hand():
     x = rng.normal(0, 1, (4, 1)) + rng.normal(0, 1, (1, 30)) + rng.normal(0, 0.5, (4, 30))
     s, p = x.shape
     row, col, g = x.mean(1), x.mean(0), x.mean()
-    ms = [p * ((row - g) ** 2).sum() / (s - 1), s * ((col - g) ** 2).sum() / (p - 1),
-          ((x - row[:, None] - col[None, :] + g) ** 2).sum() / ((s - 1) * (p - 1))]
+    ms = [
+        p * ((row - g) ** 2).sum() / (s - 1),
+        s * ((col - g) ** 2).sum() / (p - 1),
+        ((x - row[:, None] - col[None, :] + g) ** 2).sum() / ((s - 1) * (p - 1)),
+    ]
     assert ms[0] > ms[2] and ms[1] > ms[2]
     var = (ms[0] + ms[1] - ms[2]) / (s * p)
     df = (ms[0] + ms[1] - ms[2]) ** 2 / (ms[0] ** 2 / (s - 1) + ms[1] ** 2 / (p - 1) + ms[2] ** 2 / ((s - 1) * (p - 1)))
@@ -114,8 +127,17 @@ def _sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
-def null_coverage(num_studies: int, *, unpaired: bool, seed: int, sd_seed: float = 0.3, mu: float = 0.4,
-                  sd_prompt: float = 1.5, sd_method_prompt: float = 0.5, seeds: int = 3) -> float:
+def null_coverage(
+    num_studies: int,
+    *,
+    unpaired: bool,
+    seed: int,
+    sd_seed: float = 0.3,
+    mu: float = 0.4,
+    sd_prompt: float = 1.5,
+    sd_method_prompt: float = 0.5,
+    seeds: int = 3,
+) -> float:
     """Fraction of simulated null studies whose 95% interval contains 0. Each study: 48 prompts x 2 images,
     pass/fail drawn from p = sigmoid(mu + seed effect + prompt effect + method x prompt effect); row A has `seeds`
     training seeds. Paired: row B is another method with the same seeds, drawn from the same distribution.
@@ -154,5 +176,5 @@ def test_the_95_interval_covers_0_in_93_to_97_percent_of_null_studies(unpaired):
 
 
 def test_mean_std():
-    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
     assert mean_std([4.0]) == (4.0, 0.0)

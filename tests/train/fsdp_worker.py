@@ -53,14 +53,32 @@ def run_toy(out: Path, overrides: list[str]) -> None:
     cfg = load_config(None, ["--output_dir", str(out / "run"), *overrides])
     result = train(cfg, task=ToyTask())
     sharded = all(isinstance(p, DTensor) for p in result.model.parameters())
-    resumed = train(load_config(None, ["--output_dir", str(out / "resumed"), *overrides,
-                                       "--resume_from_checkpoint", str(out / "run" / "checkpoint-1")]), task=ToyTask())
+    resumed = train(
+        load_config(
+            None,
+            [
+                "--output_dir",
+                str(out / "resumed"),
+                *overrides,
+                "--resume_from_checkpoint",
+                str(out / "run" / "checkpoint-1"),
+            ],
+        ),
+        task=ToyTask(),
+    )
     if os.environ.get("RANK", "0") != "0":
         return
-    (out / "result.json").write_text(json.dumps({
-        "history": result.history, "resumed_history": resumed.history, "num_processes": result.num_processes,
-        "sharded": sharded, "validation_images": [str(p) for p in result.validation_images],
-    }))
+    (out / "result.json").write_text(
+        json.dumps(
+            {
+                "history": result.history,
+                "resumed_history": resumed.history,
+                "num_processes": result.num_processes,
+                "sharded": sharded,
+                "validation_images": [str(p) for p in result.validation_images],
+            }
+        )
+    )
 
 
 def main() -> None:

@@ -26,15 +26,23 @@ def main() -> None:
 
     def recording(prompts, rewards, clip, eps=1e-4, *, global_std=False):
         adv = gather(prompts, rewards, clip, eps, global_std=global_std)
-        calls.append({"prompts": list(prompts), "rewards": rewards.double().tolist(), "advantages": adv.tolist(),
-                      "clip": clip, "global_std": global_std})
+        calls.append(
+            {
+                "prompts": list(prompts),
+                "rewards": rewards.double().tolist(),
+                "advantages": adv.tolist(),
+                "clip": clip,
+                "global_std": global_std,
+            }
+        )
         return adv
 
     grpo_math.gather_prompt_advantages = recording
     result = train(load_config(None, ["--output_dir", str(out / "run"), *overrides]))
     rank = os.environ.get("RANK", "0")
-    (out / f"rank{rank}.json").write_text(json.dumps({"calls": calls, "num_processes": result.num_processes,
-                                                      "history": result.history}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps({"calls": calls, "num_processes": result.num_processes, "history": result.history})
+    )
 
 
 if __name__ == "__main__":

@@ -20,15 +20,33 @@ def write(tmp_path, text: str):
 
 
 def test_yaml_and_overrides(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 method: sft
 learning_rate: 1e-4          # PyYAML reads this as a string; the float field converts it
 train_batch_size: 4
 soar: {num_aux: 3, guidance_scale: 2}
 model: {rank: 8}
-""")
-    cfg = load_config(path, ["--soar.num_aux", "4", "--learning_rate=2e-5", "--use_ema", "--max_grad_norm", "null",
-                             "--model.alpha", "16", "--data.prompts", "[a, b]", "--method", "soar"])
+""",
+    )
+    cfg = load_config(
+        path,
+        [
+            "--soar.num_aux",
+            "4",
+            "--learning_rate=2e-5",
+            "--use_ema",
+            "--max_grad_norm",
+            "null",
+            "--model.alpha",
+            "16",
+            "--data.prompts",
+            "[a, b]",
+            "--method",
+            "soar",
+        ],
+    )
     assert cfg.method == "soar" and cfg.learning_rate == 2e-5 and cfg.train_batch_size == 4
     assert cfg.soar.num_aux == 4 and cfg.soar.guidance_scale == 2.0 and isinstance(cfg.soar.guidance_scale, float)
     assert cfg.use_ema is True and cfg.max_grad_norm is None
@@ -43,24 +61,27 @@ def test_round_trip_through_yaml(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["--soar.num_auxx", "4"], "unknown config key 'soar.num_auxx' (did you mean 'soar.num_aux'?)"),
-    (["--learning_rat", "1"], "unknown config key 'learning_rat'"),
-    (["--train_batch_size", "four"], "config key 'train_batch_size': expected int"),
-    (["--use_ema", "maybe"], "config key 'use_ema': expected bool"),
-    (["--mixed_precision", "fp8"], "config key 'mixed_precision': must be one of no, fp16, bf16"),
-    (["--learning_rate", "-1"], "config key 'learning_rate': must be > 0"),
-    (["--soar.num_aux", "-1"], "config key 'soar.num_aux': must be an integer >= 0"),
-    (["--soar.sigma_floor", "2"], "config key 'soar.sigma_floor'"),
-    (["--cond_dropout", "1.5"], "config key 'cond_dropout'"),
-    (["--checkpoints_total_limit", "0"], "config key 'checkpoints_total_limit'"),
-    (["--task", "sdxl"], "config key 'task'"),
-    (["--soar", "3"], "config key 'soar': expected a section"),
-    (["--soar.cond_dropout", "0.1"], "config key 'soar.cond_dropout' is set by the top-level key 'cond_dropout'"),
-    (["--soar.t_density", "uniform"], "config key 'soar.t_density' is set by the top-level key 'weighting_scheme'"),
-    (["--max_train_steps"], "needs a value"),
-    (["oops"], "expected a --key"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["--soar.num_auxx", "4"], "unknown config key 'soar.num_auxx' (did you mean 'soar.num_aux'?)"),
+        (["--learning_rat", "1"], "unknown config key 'learning_rat'"),
+        (["--train_batch_size", "four"], "config key 'train_batch_size': expected int"),
+        (["--use_ema", "maybe"], "config key 'use_ema': expected bool"),
+        (["--mixed_precision", "fp8"], "config key 'mixed_precision': must be one of no, fp16, bf16"),
+        (["--learning_rate", "-1"], "config key 'learning_rate': must be > 0"),
+        (["--soar.num_aux", "-1"], "config key 'soar.num_aux': must be an integer >= 0"),
+        (["--soar.sigma_floor", "2"], "config key 'soar.sigma_floor'"),
+        (["--cond_dropout", "1.5"], "config key 'cond_dropout'"),
+        (["--checkpoints_total_limit", "0"], "config key 'checkpoints_total_limit'"),
+        (["--task", "sdxl"], "config key 'task'"),
+        (["--soar", "3"], "config key 'soar': expected a section"),
+        (["--soar.cond_dropout", "0.1"], "config key 'soar.cond_dropout' is set by the top-level key 'cond_dropout'"),
+        (["--soar.t_density", "uniform"], "config key 'soar.t_density' is set by the top-level key 'weighting_scheme'"),
+        (["--max_train_steps"], "needs a value"),
+        (["oops"], "expected a --key"),
+    ],
+)
 def test_errors_name_the_key(overrides, key):
     with pytest.raises(ValueError) as err:
         load_config(None, overrides)
@@ -68,12 +89,15 @@ def test_errors_name_the_key(overrides, key):
 
 
 def test_former_key_names_still_load_with_a_warning_naming_the_new_key(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 method: grpo
 train_batch_size: 4
 soar: {rollout_cfg: 2, rollout_kind: sde}
 grpo: {cfg_scale: 3, noise_level: 0.5}
-""")
+""",
+    )
     with pytest.warns(FutureWarning) as caught:
         cfg = load_config(path)
     assert (cfg.soar.guidance_scale, cfg.soar.rollout_kind) == (2.0, "constant_sde")
@@ -83,10 +107,17 @@ grpo: {cfg_scale: 3, noise_level: 0.5}
         assert new in said
     # a command-line override with the former name overrides the file's current key
     with pytest.warns(FutureWarning, match="now .soar.guidance_scale."):
-        assert load_config(write(tmp_path, "soar: {guidance_scale: 2}\n"), ["--soar.rollout_cfg", "5"]).soar.guidance_scale == 5
+        assert (
+            load_config(write(tmp_path, "soar: {guidance_scale: 2}\n"), ["--soar.rollout_cfg", "5"]).soar.guidance_scale
+            == 5
+        )
     with pytest.warns(FutureWarning, match="scheduled_sampling.guidance_scale"):
-        assert load_config(None, ["--method", "scheduled_sampling", "--scheduled_sampling.rollout_cfg", "3"]
-                           ).scheduled_sampling.guidance_scale == 3
+        assert (
+            load_config(
+                None, ["--method", "scheduled_sampling", "--scheduled_sampling.rollout_cfg", "3"]
+            ).scheduled_sampling.guidance_scale
+            == 3
+        )
     # both names at once: an error naming the new key
     with pytest.raises(ValueError, match="former name of 'soar.guidance_scale'; set only 'soar.guidance_scale'"):
         load_config(write(tmp_path, "soar: {guidance_scale: 2, rollout_cfg: 3}\n"))
@@ -138,21 +169,44 @@ def test_from_dict_for_task_sections():
         from_dict(_Section, [1], prefix="data")
 
 
-@pytest.mark.parametrize("scheme, density, weighting", [
-    ("logit_normal", "logit_normal", "none"), ("mode", "mode", "none"),
-    ("sigma_sqrt", "uniform", "sigma_sqrt"), ("cosmap", "uniform", "cosmap"), ("none", "uniform", "none"),
-])
+@pytest.mark.parametrize(
+    "scheme, density, weighting",
+    [
+        ("logit_normal", "logit_normal", "none"),
+        ("mode", "mode", "none"),
+        ("sigma_sqrt", "uniform", "sigma_sqrt"),
+        ("cosmap", "uniform", "cosmap"),
+        ("none", "uniform", "none"),
+    ],
+)
 def test_soar_section_takes_weighting_scheme_and_shared_keys(scheme, density, weighting):
-    cfg = load_config(None, ["--weighting_scheme", scheme, "--logit_std", "0.5", "--cond_dropout", "0.1",
-                             "--soar.num_aux", "2", "--soar.shift", "1"])
+    cfg = load_config(
+        None,
+        [
+            "--weighting_scheme",
+            scheme,
+            "--logit_std",
+            "0.5",
+            "--cond_dropout",
+            "0.1",
+            "--soar.num_aux",
+            "2",
+            "--soar.shift",
+            "1",
+        ],
+    )
     obj = cfg.soar
     assert (obj.t_density, obj.weighting) == (density, weighting)
     assert obj.logit_std == 0.5 and obj.cond_dropout == 0.1 and obj.num_aux == 2 and obj.shift == 1.0
 
 
 def test_parse_overrides_and_differences():
-    assert parse_overrides(["--a", "1", "--b=x=y", "--flag", "--c", "-2"]) == [("a", "1"), ("b", "x=y"), ("flag", None),
-                                                                              ("c", "-2")]
+    assert parse_overrides(["--a", "1", "--b=x=y", "--flag", "--c", "-2"]) == [
+        ("a", "1"),
+        ("b", "x=y"),
+        ("flag", None),
+        ("c", "-2"),
+    ]
     a, b = TrainConfig().to_dict(), TrainConfig(learning_rate=2e-4, max_train_steps=5).to_dict()
     diffs = config_differences(a, b)
     assert len(diffs) == 2 and diffs[0].startswith("learning_rate: 0.0001 -> 0.0002")
@@ -180,7 +234,9 @@ def test_cli_help_and_errors(capsys, tmp_path):
 
 
 def test_cli_runs_a_task_from_a_module_path(capsys, tmp_path):
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
 task: "{ToyTask.__module__}:ToyTask"
 method: sft
 max_train_steps: 2
@@ -188,7 +244,8 @@ train_batch_size: 4
 report_to: none
 show_progress: false
 data: {{n: 8}}
-""")
+""",
+    )
     assert main_train(["--config", str(path), "--output_dir", str(tmp_path / "run")]) == 0
     assert "2 steps" in capsys.readouterr().out
     assert (tmp_path / "run" / "model" / "toy.safetensors").is_file()
@@ -203,5 +260,8 @@ def test_shipped_shapes_recipes_load_and_differ_only_in_method():
     root = Path(__file__).resolve().parents[2] / "configs"
     soar, sft = load_config(root / "shapes_soar.yaml"), load_config(root / "shapes_sft.yaml")
     assert (soar.task, soar.method, sft.method) == ("shapes", "soar", "sft")
-    assert sorted(d.split(":")[0] for d in config_differences(soar.to_dict(), sft.to_dict())) == ["method", "output_dir"]
+    assert sorted(d.split(":")[0] for d in config_differences(soar.to_dict(), sft.to_dict())) == [
+        "method",
+        "output_dir",
+    ]
     assert soar.soar.num_rollout_paths == 1 and soar.soar.num_aux > 0

@@ -17,8 +17,24 @@ from soarflow.train import load_config, train
 from .toy_task import ToyTask
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-RUN = ["--max_train_steps", "2", "--report_to", "none", "--show_progress", "false", "--checkpointing_steps", "1",
-       "--soar.num_aux", "3", "--soar.rollout_steps", "4", "--learning_rate", "1e-2", "--gradient_accumulation_steps", "2"]
+RUN = [
+    "--max_train_steps",
+    "2",
+    "--report_to",
+    "none",
+    "--show_progress",
+    "false",
+    "--checkpointing_steps",
+    "1",
+    "--soar.num_aux",
+    "3",
+    "--soar.rollout_steps",
+    "4",
+    "--learning_rate",
+    "1e-2",
+    "--gradient_accumulation_steps",
+    "2",
+]
 
 
 def free_port() -> int:
@@ -29,10 +45,27 @@ def free_port() -> int:
 
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(WORKER), str(tmp_path / "dist"),
-           "--train_batch_size", "2", *RUN]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(WORKER),
+        str(tmp_path / "dist"),
+        "--train_batch_size",
+        "2",
+        *RUN,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     dist = json.loads((tmp_path / "dist" / "history.json").read_text())
@@ -40,8 +73,9 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     ckpt = tmp_path / "dist" / "run" / "checkpoint-2"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
 
-    single = train(load_config(None, ["--output_dir", str(tmp_path / "single"), "--train_batch_size", "4", *RUN]),
-                   task=ToyTask())
+    single = train(
+        load_config(None, ["--output_dir", str(tmp_path / "single"), "--train_batch_size", "4", *RUN]), task=ToyTask()
+    )
     assert single.num_processes == 1
     for d, s in zip(dist["history"], single.history, strict=True):
         for key in ("loss", "main_loss", "aux_loss", "grad_norm", "num_aux_points"):
@@ -55,13 +89,45 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
 
 
 def test_a_signal_on_one_process_stops_every_process_at_the_same_saved_step(tmp_path):
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               SOARFLOW_TEST_SIGTERM_RANK1_AT="3")  # rank 1 gets SIGTERM in its 3rd micro-batch = step 3
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(WORKER), str(tmp_path / "dist"),
-           "--train_batch_size", "2", "--max_train_steps", "50", "--report_to", "none", "--show_progress", "false",
-           "--checkpointing_steps", "0", "--soar.num_aux", "1", "--soar.rollout_steps", "4"]
+    env = dict(
+        os.environ,
+        ACCELERATE_USE_CPU="1",
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        SOARFLOW_TEST_SIGTERM_RANK1_AT="3",
+    )  # rank 1 gets SIGTERM in its 3rd micro-batch = step 3
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(WORKER),
+        str(tmp_path / "dist"),
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "50",
+        "--report_to",
+        "none",
+        "--show_progress",
+        "false",
+        "--checkpointing_steps",
+        "0",
+        "--soar.num_aux",
+        "1",
+        "--soar.rollout_steps",
+        "4",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stops = [json.loads((tmp_path / "dist" / f"stopped_{r}.json").read_text()) for r in (0, 1)]

@@ -18,7 +18,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def test_cpu_shadow_weights_follow_the_device_parameters():
     g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(5, 3, generator=g).to(DEVICE)), torch.nn.Parameter(torch.randn(7).to(DEVICE))]
+    params = [
+        torch.nn.Parameter(torch.randn(5, 3, generator=g).to(DEVICE)),
+        torch.nn.Parameter(torch.randn(7).to(DEVICE)),
+    ]
     on_device, on_cpu = EMA(params, decay=0.9), EMA(params, decay=0.9, device="cpu")
     assert all(s.device.type == "cpu" for s in on_cpu.shadow_params)
     assert all(s.data_ptr() != p.data_ptr() for s, p in zip(on_cpu.shadow_params, params))  # copies, not views
@@ -59,8 +62,18 @@ def test_trainer_with_ema_device_cpu_gives_the_same_model(tmp_path, monkeypatch)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
     # resuming a cpu-EMA run from its checkpoint restores the shadow weights there and finishes the same
-    resumed = train(config(tmp_path, "cpu_resumed", *common, "--ema_device", "cpu", "--resume_from_checkpoint",
-                           str(tmp_path / "cpu" / "checkpoint-2")), task=ToyTask())
+    resumed = train(
+        config(
+            tmp_path,
+            "cpu_resumed",
+            *common,
+            "--ema_device",
+            "cpu",
+            "--resume_from_checkpoint",
+            str(tmp_path / "cpu" / "checkpoint-2"),
+        ),
+        task=ToyTask(),
+    )
     assert made[2].device == torch.device("cpu")
     for k, v in weights(resumed).items():
         torch.testing.assert_close(v, b[k], rtol=1e-6, atol=1e-7)

@@ -20,16 +20,55 @@ from .test_distributed import free_port
 from .toy_task import ToyTask
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-RUN = ["--max_train_steps", "3", "--report_to", "none", "--show_progress", "false", "--checkpointing_steps", "1",
-       "--soar.num_aux", "3", "--soar.rollout_steps", "4", "--learning_rate", "1e-2", "--gradient_accumulation_steps",
-       "2", "--use_ema", "--ema_decay", "0.9", "--max_grad_norm", "1.0", "--validation_steps", "2"]
+RUN = [
+    "--max_train_steps",
+    "3",
+    "--report_to",
+    "none",
+    "--show_progress",
+    "false",
+    "--checkpointing_steps",
+    "1",
+    "--soar.num_aux",
+    "3",
+    "--soar.rollout_steps",
+    "4",
+    "--learning_rate",
+    "1e-2",
+    "--gradient_accumulation_steps",
+    "2",
+    "--use_ema",
+    "--ema_decay",
+    "0.9",
+    "--max_grad_norm",
+    "1.0",
+    "--validation_steps",
+    "2",
+]
 
 
 def launch(out: Path, mode: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(WORKER), str(out), mode, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(WORKER),
+        str(out),
+        mode,
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
@@ -40,8 +79,9 @@ def test_fsdp2_two_processes_match_one_process_resume_exactly_and_save_whole_wei
     dist = json.loads((tmp_path / "fsdp" / "result.json").read_text())
     assert dist["num_processes"] == 2 and dist["sharded"]  # FSDP2 DTensor parameters, not DDP
 
-    single = train(load_config(None, ["--output_dir", str(tmp_path / "single"), "--train_batch_size", "4", *RUN]),
-                   task=ToyTask())
+    single = train(
+        load_config(None, ["--output_dir", str(tmp_path / "single"), "--train_batch_size", "4", *RUN]), task=ToyTask()
+    )
     assert len(dist["history"]) == len(single.history) == 3
     for d, s in zip(dist["history"], single.history, strict=True):
         for key in ("loss", "main_loss", "aux_loss", "grad_norm", "num_aux_points"):
@@ -113,7 +153,9 @@ def test_who_validates_and_a_backend_that_cannot_skip_a_step():
     assert validates(Layout("ddp", 2), main) and not validates(Layout("ddp", 2), other)
     assert validates(Layout("fsdp", 2, sharded=True), other)  # a sharded forward needs every rank
     assert writes_files(main) and not writes_files(other)
-    assert not Layout("deepspeed", 2, zero_stage=2).can_skip_updates and Layout("fsdp", 2, sharded=True).can_skip_updates
+    assert (
+        not Layout("deepspeed", 2, zero_stage=2).can_skip_updates and Layout("fsdp", 2, sharded=True).can_skip_updates
+    )
 
     one = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
     guard = StepGuard(budget=3, device="cpu")

@@ -34,8 +34,10 @@ def test_prompt_files_txt_and_jsonl(tmp_path):
     assert read_prompt_file(jsonl) == ["a red circle", "a blue square"]
     ds = PromptDataset.from_file(jsonl)
     assert len(ds) == 2 and collate_prompts([ds[1], ds[0]]) == {
-        "caption": ["a blue square", "a red circle"], "key": ["1", "0"],
-        "metadata": [{"prompt": "a blue square"}, {"prompt": "a red circle", "tag": "single_object"}]}
+        "caption": ["a blue square", "a red circle"],
+        "key": ["1", "0"],
+        "metadata": [{"prompt": "a blue square"}, {"prompt": "a red circle", "tag": "single_object"}],
+    }
     assert PromptDataset.from_file(txt, max_samples=1)[0] == {"caption": "a red circle", "key": "0", "metadata": None}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
@@ -56,8 +58,13 @@ def test_prompt_data_is_refused_for_methods_that_need_images(tmp_path):
     from soarflow.tasks.registry import build_task
 
     (tmp_path / "p.txt").write_text("a red circle\n")
-    args = ["--task", "sd3", f"--model.pretrained={tmp_path / 'pipe'}", "--data.format=prompts",
-            f"--data.path={tmp_path / 'p.txt'}"]
+    args = [
+        "--task",
+        "sd3",
+        f"--model.pretrained={tmp_path / 'pipe'}",
+        "--data.format=prompts",
+        f"--data.path={tmp_path / 'p.txt'}",
+    ]
     with pytest.raises(ValueError, match="'prompts' holds no images, so only method grpo"):
         build_task(load_config(None, ["--method", "sft", *args]))
     task = build_task(load_config(None, ["--method", "grpo", "--train_batch_size", "4", *args]))
@@ -85,16 +92,46 @@ def test_two_processes_share_per_prompt_statistics_on_a_prompt_file(tmp_path):
     prompts = ["a dog running in the park"] * 5 + ["a blue square and a green triangle"] * 3
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(WORKER), str(tmp_path / "dist"),
-           "--task=sd3", "--method=grpo", "--train_batch_size=4", "--max_train_steps=2", "--checkpointing_steps=0",
-           "--report_to=none", "--show_progress=false", "--validation_steps=0", "--learning_rate=1e-2",
-           "--grpo.group_size=2", "--grpo.num_steps=3", "--grpo.train_timesteps=1", "--grpo.guidance_scale=2.0",
-           "--grpo.reward=clip", f"--grpo.reward_kwargs={{path: {clip}}}",  # soarflow eval's CLIP score by name
-           f"--model.pretrained={sd3}", "--model.max_sequence_length=8", "--model.finetune=lora",
-           "--model.lora={rank: 4, alpha: 8}", "--data.format=prompts", f"--data.path={tmp_path / 'prompts.jsonl'}",
-           "--data.resolution=32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(WORKER),
+        str(tmp_path / "dist"),
+        "--task=sd3",
+        "--method=grpo",
+        "--train_batch_size=4",
+        "--max_train_steps=2",
+        "--checkpointing_steps=0",
+        "--report_to=none",
+        "--show_progress=false",
+        "--validation_steps=0",
+        "--learning_rate=1e-2",
+        "--grpo.group_size=2",
+        "--grpo.num_steps=3",
+        "--grpo.train_timesteps=1",
+        "--grpo.guidance_scale=2.0",
+        "--grpo.reward=clip",
+        f"--grpo.reward_kwargs={{path: {clip}}}",  # soarflow eval's CLIP score by name
+        f"--model.pretrained={sd3}",
+        "--model.max_sequence_length=8",
+        "--model.finetune=lora",
+        "--model.lora={rank: 4, alpha: 8}",
+        "--data.format=prompts",
+        f"--data.path={tmp_path / 'prompts.jsonl'}",
+        "--data.resolution=32",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / "dist" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -125,8 +162,10 @@ def test_flux_grpo_trains_from_a_prompt_file_without_encoding_an_image(tmp_path,
     from soarflow.train import train
 
     flux = build_tiny_flux_pipeline(tmp_path / "flux", guidance_embeds=True)
-    lines = [{"prompt": "a red circle", "tag": "single_object", "include": [{"class": "circle", "count": 1}]},
-             {"prompt": "a dog running in the park", "tag": "other"}]
+    lines = [
+        {"prompt": "a red circle", "tag": "single_object", "include": [{"class": "circle", "count": 1}]},
+        {"prompt": "a dog running in the park", "tag": "other"},
+    ]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     def no_encode(*args, **kwargs):
@@ -139,13 +178,30 @@ def test_flux_grpo_trains_from_a_prompt_file_without_encoding_an_image(tmp_path,
         seen.append((tuple(images.shape), list(prompts), metadata))
         return images.mean(dim=(1, 2, 3))
 
-    cfg = load_config(None, [
-        "--task=flux", "--method=grpo", f"--output_dir={tmp_path / 'run'}", "--train_batch_size=2",
-        "--max_train_steps=1", "--checkpointing_steps=0", "--report_to=none", "--show_progress=false",
-        "--validation_steps=0", "--grpo.group_size=2", "--grpo.num_steps=3", "--grpo.train_timesteps=1",
-        "--grpo.guidance_scale=1.0", f"--model.pretrained={flux}", "--model.max_sequence_length=8",
-        "--model.guidance=embedded", "--data.format=prompts", f"--data.path={tmp_path / 'prompts.jsonl'}",
-        "--data.resolution=32"])
+    cfg = load_config(
+        None,
+        [
+            "--task=flux",
+            "--method=grpo",
+            f"--output_dir={tmp_path / 'run'}",
+            "--train_batch_size=2",
+            "--max_train_steps=1",
+            "--checkpointing_steps=0",
+            "--report_to=none",
+            "--show_progress=false",
+            "--validation_steps=0",
+            "--grpo.group_size=2",
+            "--grpo.num_steps=3",
+            "--grpo.train_timesteps=1",
+            "--grpo.guidance_scale=1.0",
+            f"--model.pretrained={flux}",
+            "--model.max_sequence_length=8",
+            "--model.guidance=embedded",
+            "--data.format=prompts",
+            f"--data.path={tmp_path / 'prompts.jsonl'}",
+            "--data.resolution=32",
+        ],
+    )
     result = train(cfg, reward=brightness)
     assert len(seen) == 1 and seen[0][0][0] == 2 and seen[0][0][-2:] == (32, 32)
     assert seen[0][1][0] == seen[0][1][1]  # one prompt, G = 2 images

@@ -23,16 +23,40 @@ COMMON = ["--report_to", "none", "--show_progress", "false", "--checkpointing_st
 METHOD_ARGS = {
     "sft": [],
     "soar": ["--soar.num_aux", "2", "--soar.rollout_steps", "4"],
-    "grpo": ["--grpo.group_size", "2", "--grpo.num_steps", "4", "--grpo.train_timesteps", "2", "--grpo.guidance_scale", "1",
-             "--grpo.reward", "train.toy_task:toy_reward"],
+    "grpo": [
+        "--grpo.group_size",
+        "2",
+        "--grpo.num_steps",
+        "4",
+        "--grpo.train_timesteps",
+        "2",
+        "--grpo.guidance_scale",
+        "1",
+        "--grpo.reward",
+        "train.toy_task:toy_reward",
+    ],
     "scheduled_sampling": ["--scheduled_sampling.max_step_offset", "2", "--scheduled_sampling.num_steps", "4"],
     "input_perturbation": ["--input_perturbation.gamma", "0.2"],
 }
 
 
 def run(tmp_path, method, *extra, task=None, **kw):
-    cfg = load_config(None, ["--method", method, "--output_dir", str(tmp_path / method), "--train_batch_size", "4",
-                             "--max_train_steps", "2", *COMMON, *METHOD_ARGS[method], *extra])
+    cfg = load_config(
+        None,
+        [
+            "--method",
+            method,
+            "--output_dir",
+            str(tmp_path / method),
+            "--train_batch_size",
+            "4",
+            "--max_train_steps",
+            "2",
+            *COMMON,
+            *METHOD_ARGS[method],
+            *extra,
+        ],
+    )
     return train(cfg, task=task or ToyTask(), **kw)
 
 
@@ -48,8 +72,12 @@ def test_every_method_trains_and_logs_the_same_metrics(tmp_path, method):
         assert entry["step_time_s"] > 0
     last = result.history[-1]
     # soar: main + K aux with grad, and the rollout's unconditional half (its conditional half is the main output)
-    expected = {"sft": (1, 1), "soar": (1 + 1 + 2, 1 + 2), "input_perturbation": (1, 1),
-                "grpo": (4 + 2 + 2, 2)}  # grpo: 4 rollout steps, 2 trained steps, 2 reference forwards
+    expected = {
+        "sft": (1, 1),
+        "soar": (1 + 1 + 2, 1 + 2),
+        "input_perturbation": (1, 1),
+        "grpo": (4 + 2 + 2, 2),
+    }  # grpo: 4 rollout steps, 2 trained steps, 2 reference forwards
     if method in expected:
         assert (last["forwards_per_sample"], last["grad_forwards_per_sample"]) == expected[method], last
     else:  # scheduled_sampling: 1 training forward plus at most max_step_offset rollout forwards
@@ -74,11 +102,17 @@ def test_unknown_method_and_foreign_section_keys_fail_before_anything_runs(tmp_p
     with pytest.raises(ValueError, match="'train_batch_size': must be a multiple of grpo.group_size 4"):
         load_config(None, ["--method", "grpo", "--train_batch_size", "6"])
     with pytest.raises(ValueError, match="config key 'grpo.reward'.*no attribute 'nope'"):
-        train(load_config(None, ["--method", "grpo", "--grpo.reward", "soarflow.shapes:nope",
-                                 "--output_dir", str(out), *COMMON]), task=ToyTask())
+        train(
+            load_config(
+                None, ["--method", "grpo", "--grpo.reward", "soarflow.shapes:nope", "--output_dir", str(out), *COMMON]
+            ),
+            task=ToyTask(),
+        )
     with pytest.raises(FileNotFoundError, match="config key 'init_from'"):
-        train(load_config(None, ["--init_from", str(tmp_path / "missing"), "--output_dir", str(out), *COMMON]),
-              task=ToyTask())
+        train(
+            load_config(None, ["--init_from", str(tmp_path / "missing"), "--output_dir", str(out), *COMMON]),
+            task=ToyTask(),
+        )
     assert not out.exists()
     # the written config holds only the active method's section, and reloads
     cfg = load_config(None, ["--method", "input_perturbation", "--input_perturbation.gamma", "0.3"])
@@ -86,8 +120,13 @@ def test_unknown_method_and_foreign_section_keys_fail_before_anything_runs(tmp_p
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("bad, match", [(lambda im, p: torch.ones(len(p) + 1), r"returned shape \(5,\)"),
-                                        (lambda im, p: torch.full((len(p),), float("nan")), "returned 4 non-finite")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda im, p: torch.ones(len(p) + 1), r"returned shape \(5,\)"),
+        (lambda im, p: torch.full((len(p),), float("nan")), "returned 4 non-finite"),
+    ],
+)
 def test_a_bad_reward_stops_the_run_naming_the_reward_and_step(tmp_path, bad, match):
     def my_reward(images, prompts):
         return bad(images, prompts)
@@ -139,10 +178,27 @@ def test_two_processes(tmp_path, method):
     match one; grpo's rollouts are per process, so there it runs under DDP and gives finite metrics."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     args = ["--method", method, "--max_train_steps", "2", *COMMON, *METHOD_ARGS[method]]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(WORKER), str(tmp_path / "dist"), "--train_batch_size", "2",
-           *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(WORKER),
+        str(tmp_path / "dist"),
+        "--train_batch_size",
+        "2",
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     dist = json.loads((tmp_path / "dist" / "history.json").read_text())
@@ -150,8 +206,9 @@ def test_two_processes(tmp_path, method):
     if method == "grpo":
         assert all(math.isfinite(h["loss"]) and math.isfinite(h["reward_mean"]) for h in dist["history"])
         return
-    single = train(load_config(None, ["--output_dir", str(tmp_path / "single"), "--train_batch_size", "4",
-                                      *args]), task=ToyTask())
+    single = train(
+        load_config(None, ["--output_dir", str(tmp_path / "single"), "--train_batch_size", "4", *args]), task=ToyTask()
+    )
     for d, s in zip(dist["history"], single.history, strict=True):
         for key in ("loss", "flow_loss", "grad_norm"):
             assert abs(d[key] - s[key]) <= 1e-5 * max(1.0, abs(s[key])), (key, d[key], s[key])

@@ -18,8 +18,9 @@ from .toy_task import ToyTask
 
 def test_uniform_fraction_replaces_that_share_of_t_by_uniform_draws():
     plain = sample_t(1000, logit_mean=0.3, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(plain, sample_t(1000, logit_mean=0.3, uniform_fraction=0.0,
-                                       generator=torch.Generator().manual_seed(0)))  # f = 0 draws nothing extra
+    assert torch.equal(
+        plain, sample_t(1000, logit_mean=0.3, uniform_fraction=0.0, generator=torch.Generator().manual_seed(0))
+    )  # f = 0 draws nothing extra
     gen = torch.Generator().manual_seed(0)
     mixed = sample_t(1000, logit_mean=0.3, uniform_fraction=0.25, generator=gen)
     gen = torch.Generator().manual_seed(0)
@@ -66,11 +67,34 @@ def test_the_shipped_base_command_is_configs_shapes_pretrain_yaml():
 def test_pretrain_flags_map_onto_config_keys():
     from soarflow.commands.pretrain import build_parser, pretrain_config
 
-    cfg = pretrain_config(build_parser().parse_args([
-        "--architecture", "mmdit", "--hidden_size", "32", "--depth", "2", "--lr_scheduler", "constant",
-        "--max_train_seconds", "60", "--uniform_fraction", "0", "--seed", "3", "--num_samples", "100",
-        "--eval_prompts_per_family", "2", "--mixed_precision", "bf16", "--ema_decay", "0.99",
-    ]))
+    cfg = pretrain_config(
+        build_parser().parse_args(
+            [
+                "--architecture",
+                "mmdit",
+                "--hidden_size",
+                "32",
+                "--depth",
+                "2",
+                "--lr_scheduler",
+                "constant",
+                "--max_train_seconds",
+                "60",
+                "--uniform_fraction",
+                "0",
+                "--seed",
+                "3",
+                "--num_samples",
+                "100",
+                "--eval_prompts_per_family",
+                "2",
+                "--mixed_precision",
+                "bf16",
+                "--ema_decay",
+                "0.99",
+            ]
+        )
+    )
     assert cfg.model["architecture"] == "mmdit" and cfg.model["hidden_size"] == 32 and cfg.model["depth"] == 2
     assert cfg.model["pretrained"] is None and cfg.method == "sft" and cfg.use_ema and cfg.write_manifest
     assert cfg.lr_scheduler == "constant_with_warmup"  # pretrain's "constant" keeps its warm-up
@@ -79,9 +103,28 @@ def test_pretrain_flags_map_onto_config_keys():
     assert cfg.mixed_precision == "bf16" and cfg.ema_decay == 0.99
 
 
-TINY = ["--max_train_steps", "3", "--train_batch_size", "4", "--lr_warmup_steps", "1", "--num_samples", "16",
-        "--architecture", "mmdit", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
-        "--eval_prompts_per_family", "1", "--checkpointing_steps", "2"]
+TINY = [
+    "--max_train_steps",
+    "3",
+    "--train_batch_size",
+    "4",
+    "--lr_warmup_steps",
+    "1",
+    "--num_samples",
+    "16",
+    "--architecture",
+    "mmdit",
+    "--hidden_size",
+    "32",
+    "--depth",
+    "1",
+    "--num_heads",
+    "2",
+    "--eval_prompts_per_family",
+    "1",
+    "--checkpointing_steps",
+    "2",
+]
 
 
 def test_pretrain_end_to_end_writes_the_model_and_its_manifest(tmp_path, capsys):
@@ -100,8 +143,14 @@ def test_pretrain_end_to_end_writes_the_model_and_its_manifest(tmp_path, capsys)
     model = load_shapes_model(out / "model.safetensors")
     assert manifest["parameters"] == sum(p.numel() for p in model.parameters())
     assert 0 <= manifest["shapes_eval"]["overall"] <= 1 and manifest["shapes_eval"]["fd"] >= 0
-    assert set(manifest["shapes_eval"]["per_family"]) == {"single_object", "two_objects", "counting", "colors",
-                                                          "position", "color_attr"}
+    assert set(manifest["shapes_eval"]["per_family"]) == {
+        "single_object",
+        "two_objects",
+        "counting",
+        "colors",
+        "position",
+        "color_attr",
+    }
     assert manifest["final_loss_ema"] > 0 and "diversity" in manifest["shapes_eval"]
 
     # an existing model is kept unless --overwrite is given

@@ -54,7 +54,11 @@ def differences(path: Path, official: dict, num_processes: int) -> list[str]:
             if got in (None, ""):
                 bad.append(f"{path.name}: key {key!r} must be set (got {got!r})")
         elif isinstance(want, float) and not isinstance(want, bool):
-            if not isinstance(got, (int, float)) or isinstance(got, bool) or abs(got - want) > 1e-12 * max(1.0, abs(want)):
+            if (
+                not isinstance(got, (int, float))
+                or isinstance(got, bool)
+                or abs(got - want) > 1e-12 * max(1.0, abs(want))
+            ):
                 bad.append(f"{path.name}: {key} = {got!r}, official {want!r}")
         elif got != want or type(got) is not type(want):
             bad.append(f"{path.name}: {key} = {got!r}, official {want!r}")
@@ -94,7 +98,11 @@ def test_a_difference_is_reported(tmp_path):
     assert changed != text
     (tmp_path / "sd35_medium_soar.yaml").write_text(changed)
     bad = differences(tmp_path / "sd35_medium_soar.yaml", official_table()["sd35_medium_soar.yaml"], 8)
-    assert bad == ["sd35_medium_soar.yaml: model.max_sequence_length = 256, official 77",
-                   "sd35_medium_soar.yaml: key 'data.cache_dir' must be set (got None)"]
+    assert bad == [
+        "sd35_medium_soar.yaml: model.max_sequence_length = 256, official 77",
+        "sd35_medium_soar.yaml: key 'data.cache_dir' must be set (got None)",
+    ]
     assert differences(ROOT / "configs" / "sd35_medium_soar.yaml", official_table()["sd35_medium_soar.yaml"], 4) == [
-        "sd35_medium_soar.yaml: processes = 4, official 8", "sd35_medium_soar.yaml: global_batch = 16, official 32"]
+        "sd35_medium_soar.yaml: processes = 4, official 8",
+        "sd35_medium_soar.yaml: global_batch = 16, official 32",
+    ]

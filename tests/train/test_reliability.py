@@ -29,12 +29,46 @@ SHAPES_CONFIG = REPO / "configs" / "shapes_soar.yaml"
 def tiny_shapes(out: Path, *extra: str):
     """The issue's reproduction (`--learning_rate 1e6 --checkpointing_steps 2` on configs/shapes_soar.yaml) on a
     tiny from-scratch model so it runs in about a second."""
-    return load_config(SHAPES_CONFIG, [
-        "--output_dir", str(out), "--learning_rate", "1e6", "--checkpointing_steps", "2", "--max_train_steps", "12",
-        "--train_batch_size", "4", "--report_to", "none", "--show_progress", "false", "--validation_steps", "0",
-        "--model.pretrained", "null", "--model.architecture", "mmdit", "--model.hidden_size", "32", "--model.depth", "1", "--model.num_heads", "2",
-        "--data.num_samples", "16", "--soar.rollout_steps", "4", "--soar.num_aux", "1",
-        "--adam_weight_decay", "0", *extra])  # decay 1e-4 x lr 1e6 would flip the weights in step 1
+    return load_config(
+        SHAPES_CONFIG,
+        [
+            "--output_dir",
+            str(out),
+            "--learning_rate",
+            "1e6",
+            "--checkpointing_steps",
+            "2",
+            "--max_train_steps",
+            "12",
+            "--train_batch_size",
+            "4",
+            "--report_to",
+            "none",
+            "--show_progress",
+            "false",
+            "--validation_steps",
+            "0",
+            "--model.pretrained",
+            "null",
+            "--model.architecture",
+            "mmdit",
+            "--model.hidden_size",
+            "32",
+            "--model.depth",
+            "1",
+            "--model.num_heads",
+            "2",
+            "--data.num_samples",
+            "16",
+            "--soar.rollout_steps",
+            "4",
+            "--soar.num_aux",
+            "1",
+            "--adam_weight_decay",
+            "0",
+            *extra,
+        ],
+    )  # decay 1e-4 x lr 1e6 would flip the weights in step 1
 
 
 def all_finite(path: Path) -> bool:
@@ -65,14 +99,32 @@ def test_skip_nonfinite_steps_budget(tmp_path):
     step = int(list_checkpoints(out)[-1].name.split("-")[1])
     before = load_file(str(list_checkpoints(out)[-1] / TRAINABLE_FILE))
     # within the budget: bad updates are skipped, the weights stay those of the good checkpoint
-    result = train(tiny_shapes(out, "--resume_from_checkpoint", "latest", "--max_train_steps", str(step + 3),
-                               "--skip_nonfinite_steps", "5", "--checkpointing_steps", "0"))
+    result = train(
+        tiny_shapes(
+            out,
+            "--resume_from_checkpoint",
+            "latest",
+            "--max_train_steps",
+            str(step + 3),
+            "--skip_nonfinite_steps",
+            "5",
+            "--checkpointing_steps",
+            "0",
+        )
+    )
     assert result.global_step == step + 3 and result.history[-1]["skipped_nonfinite_steps"] >= 1
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
     # a budget that runs out stops with a message naming it
     with pytest.raises(Diverged, match="skip_nonfinite_steps: 1 skipped steps allowed, all used"):
-        train(tiny_shapes(tmp_path / "other", "--resume_from_checkpoint", str(out / f"checkpoint-{step}"),
-                          "--skip_nonfinite_steps", "1"))
+        train(
+            tiny_shapes(
+                tmp_path / "other",
+                "--resume_from_checkpoint",
+                str(out / f"checkpoint-{step}"),
+                "--skip_nonfinite_steps",
+                "1",
+            )
+        )
     assert before.keys() == load_file(str(out / f"checkpoint-{step}" / TRAINABLE_FILE)).keys()
 
 
@@ -88,10 +140,33 @@ def test_pruning_keeps_the_newest_finite_checkpoint(tmp_path):
 
 def _start(cmd_out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]))
-    cmd = [sys.executable, "-m", "soarflow", "train", "--task", "tests.train.toy_task:ToyTask", "--output_dir",
-           str(cmd_out), "--train_batch_size", "4", "--max_train_steps", "1000000", "--report_to", "none",
-           "--show_progress", "false", "--checkpointing_steps", "0", "--soar.num_aux", "2", "--soar.rollout_steps",
-           "4", "--learning_rate", "1e-2", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "soarflow",
+        "train",
+        "--task",
+        "tests.train.toy_task:ToyTask",
+        "--output_dir",
+        str(cmd_out),
+        "--train_batch_size",
+        "4",
+        "--max_train_steps",
+        "1000000",
+        "--report_to",
+        "none",
+        "--show_progress",
+        "false",
+        "--checkpointing_steps",
+        "0",
+        "--soar.num_aux",
+        "2",
+        "--soar.rollout_steps",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        *extra,
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -124,19 +199,47 @@ def test_signal_saves_the_current_step_and_resumes_bit_exactly(tmp_path, sig):
 def test_resume_accepts_any_spelling_of_the_output_dir(tmp_path, monkeypatch, spelling):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RuntimeError, match="simulated crash"):  # dies in step 3, after checkpoint-2
-        train(config(Path("."), "runP", "--checkpointing_steps", "2", "--max_train_steps", "3"),
-              task=ToyTask(fail_after=2))
-    name = {"trailing_slash": "runP/", "dot_slash": "./runP", "absolute": str(tmp_path / "runP"),
-            "other_cwd": "../runP", "moved": "moved"}[spelling]
+        train(
+            config(Path("."), "runP", "--checkpointing_steps", "2", "--max_train_steps", "3"),
+            task=ToyTask(fail_after=2),
+        )
+    name = {
+        "trailing_slash": "runP/",
+        "dot_slash": "./runP",
+        "absolute": str(tmp_path / "runP"),
+        "other_cwd": "../runP",
+        "moved": "moved",
+    }[spelling]
     if spelling == "other_cwd":
         (tmp_path / "elsewhere").mkdir()
         monkeypatch.chdir(tmp_path / "elsewhere")
     if spelling == "moved":
         (tmp_path / "runP").rename(tmp_path / "moved")
-    cfg = load_config(None, ["--output_dir", name, "--train_batch_size", "4", "--max_train_steps", "3",
-                             "--report_to", "none", "--show_progress", "false", "--checkpointing_steps", "2",
-                             "--soar.num_aux", "2", "--soar.rollout_steps", "4", "--learning_rate", "1e-2",
-                             "--resume_from_checkpoint", "latest"])
+    cfg = load_config(
+        None,
+        [
+            "--output_dir",
+            name,
+            "--train_batch_size",
+            "4",
+            "--max_train_steps",
+            "3",
+            "--report_to",
+            "none",
+            "--show_progress",
+            "false",
+            "--checkpointing_steps",
+            "2",
+            "--soar.num_aux",
+            "2",
+            "--soar.rollout_steps",
+            "4",
+            "--learning_rate",
+            "1e-2",
+            "--resume_from_checkpoint",
+            "latest",
+        ],
+    )
     result = train(cfg, task=ToyTask())
     assert result.resumed_from is not None and result.global_step == 3
     folder = tmp_path / ("moved" if spelling == "moved" else "runP")
@@ -146,6 +249,9 @@ def test_resume_accepts_any_spelling_of_the_output_dir(tmp_path, monkeypatch, sp
 def test_refusals_give_the_working_command(tmp_path):
     cfg = config(tmp_path, "run", "--checkpointing_steps", "3")
     train(cfg, task=ToyTask())
-    with pytest.raises(ValueError, match=r"soarflow train --config .*config.yaml --output_dir .* "
-                                         r"--resume_from_checkpoint latest"):
+    with pytest.raises(
+        ValueError,
+        match=r"soarflow train --config .*config.yaml --output_dir .* "
+        r"--resume_from_checkpoint latest",
+    ):
         train(cfg.replace(learning_rate=5e-3, resume_from_checkpoint="latest"), task=ToyTask())

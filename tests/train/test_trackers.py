@@ -33,8 +33,8 @@ def _wandb_records(path):
         if left < 7:  # block trailer padding
             pos += left
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0 and length == 0:
             break
         pending = chunk if kind in (1, 2) else pending + chunk
@@ -66,8 +66,10 @@ def test_report_to_all_logs_scalars_and_validation_images_to_tensorboard_and_off
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    result = train(config(tmp_path, "run", "--report_to", "all", "--max_train_steps", "2", "--validation_steps", "2"),
-                   task=ToyTask())
+    result = train(
+        config(tmp_path, "run", "--report_to", "all", "--max_train_steps", "2", "--validation_steps", "2"),
+        task=ToyTask(),
+    )
     assert result.global_step == 2 and result.validation_images
 
     tags, acc = _tensorboard_tags(tmp_path / "run" / "logs")

@@ -15,11 +15,30 @@ from .toy_task import ToyTask
 
 
 def config(tmp_path, name="run", *overrides):
-    return load_config(None, [
-        "--output_dir", str(tmp_path / name), "--train_batch_size", "4", "--max_train_steps", "3",
-        "--report_to", "none", "--show_progress", "false", "--checkpointing_steps", "0",
-        "--soar.num_aux", "2", "--soar.rollout_steps", "4", "--learning_rate", "1e-2", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            "--output_dir",
+            str(tmp_path / name),
+            "--train_batch_size",
+            "4",
+            "--max_train_steps",
+            "3",
+            "--report_to",
+            "none",
+            "--show_progress",
+            "false",
+            "--checkpointing_steps",
+            "0",
+            "--soar.num_aux",
+            "2",
+            "--soar.rollout_steps",
+            "4",
+            "--learning_rate",
+            "1e-2",
+            *overrides,
+        ],
+    )
 
 
 def weights(result: TrainResult) -> dict[str, torch.Tensor]:
@@ -61,8 +80,22 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path, method):
             return float(sft_loss(m, x0.repeat(8, 1, 1, 1), cond.repeat(8, 1), noise=noise, t=t).loss)
 
     before = eval_loss(model)
-    cfg = config(tmp_path, method, "--method", method, "--max_train_steps", "100", "--learning_rate", "1e-2",
-                 "--train_batch_size", "8", "--weighting_scheme", "none", "--soar.shift", "1")
+    cfg = config(
+        tmp_path,
+        method,
+        "--method",
+        method,
+        "--max_train_steps",
+        "100",
+        "--learning_rate",
+        "1e-2",
+        "--train_batch_size",
+        "8",
+        "--weighting_scheme",
+        "none",
+        "--soar.shift",
+        "1",
+    )
     result = train(cfg, task=task, model=model)
     assert result.model is model and result.global_step == 100 and len(result.history) == 100
     assert eval_loss(result.model) < 0.7 * before
@@ -71,8 +104,22 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path, method):
 
 
 def test_result_and_outputs(tmp_path):
-    cfg = config(tmp_path, "run", "--max_train_steps", "4", "--validation_steps", "2", "--report_to", "tensorboard",
-                 "--logging_steps", "2", "--lr_scheduler", "linear", "--lr_warmup_steps", "1")
+    cfg = config(
+        tmp_path,
+        "run",
+        "--max_train_steps",
+        "4",
+        "--validation_steps",
+        "2",
+        "--report_to",
+        "tensorboard",
+        "--logging_steps",
+        "2",
+        "--lr_scheduler",
+        "linear",
+        "--lr_warmup_steps",
+        "1",
+    )
     result = train(cfg, task=ToyTask())
     out = tmp_path / "run"
     assert result.output_dir == out and result.global_step == 4 and result.wall_time_s > 0
@@ -106,9 +153,27 @@ def test_result_and_outputs(tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     # accumulation, EMA, warmup+cosine, stochastic rollout paths and condition dropout: all must resume exactly
-    extra = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
-             "--use_ema", "--ema_decay", "0.9", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
-             "--soar.num_rollout_paths", "2", "--cond_dropout", "0.25", "--data.n", "12"]
+    extra = [
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--use_ema",
+        "--ema_decay",
+        "0.9",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "2",
+        "--soar.num_rollout_paths",
+        "2",
+        "--cond_dropout",
+        "0.25",
+        "--data.n",
+        "12",
+    ]
     full = train(config(tmp_path, "full", *extra), task=ToyTask(n=12))
 
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -120,14 +185,20 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[4:]]
 
     # a named checkpoint, into a new folder
-    again = train(config(tmp_path, "from2", *extra, "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-2")),
-                  task=ToyTask(n=12))
+    again = train(
+        config(tmp_path, "from2", *extra, "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-2")),
+        task=ToyTask(n=12),
+    )
     assert_same(weights(full), weights(again))
 
 
 def test_checkpoints_total_limit(tmp_path):
-    train(config(tmp_path, "run", "--max_train_steps", "5", "--checkpointing_steps", "1",
-                 "--checkpoints_total_limit", "2"), task=ToyTask())
+    train(
+        config(
+            tmp_path, "run", "--max_train_steps", "5", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"
+        ),
+        task=ToyTask(),
+    )
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-4", "checkpoint-5"]
     assert not list((tmp_path / "run").glob("*.tmp"))
 
@@ -146,8 +217,9 @@ def test_checkpoint_holds_only_trainable_parameters(tmp_path):
 
 def test_ema_weights_follow_diffusers_ema(tmp_path):
     # the training trajectory does not depend on EMA, so runs of 1, 2, 3 steps give theta_1..theta_3
-    thetas = [weights(train(config(tmp_path, f"raw{n}", "--max_train_steps", str(n)), task=ToyTask()))
-              for n in (1, 2, 3)]
+    thetas = [
+        weights(train(config(tmp_path, f"raw{n}", "--max_train_steps", str(n)), task=ToyTask())) for n in (1, 2, 3)
+    ]
     ema = weights(train(config(tmp_path, "ema", "--use_ema", "--ema_decay", "0.9"), task=ToyTask()))
     for k in ema:
         # EMAModel: decay_n = min(0.9, (1 + m)/(10 + m)), m = n - 1: 0, 2/11, 3/12

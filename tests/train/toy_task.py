@@ -64,8 +64,10 @@ class ToyTask(Task):
         return ToyDataset(self.n, self.seed)
 
     def collate(self, samples: Sequence[dict]) -> dict:
-        return {k: (torch.stack([s[k] for s in samples]) if k not in ("index", "caption") else [s[k] for s in samples])
-                for k in samples[0]}
+        return {
+            k: (torch.stack([s[k] for s in samples]) if k not in ("index", "caption") else [s[k] for s in samples])
+            for k in samples[0]
+        }
 
     def encode_batch(self, batch: dict, device: torch.device):
         self.encoded += 1

@@ -21,9 +21,12 @@ from ..train.config import describe_fields
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="soarflow cache", add_help=False, allow_abbrev=False,
+        prog="soarflow cache",
+        add_help=False,
+        allow_abbrev=False,
         description="Encode the data of a training config into its data.cache_dir (VAE latents + text embeddings). "
-                    "Takes the config and overrides of `soarflow train` (--data.cache_dir, --data.cache_dtype ...).")
+        "Takes the config and overrides of `soarflow train` (--data.cache_dir, --data.cache_dtype ...).",
+    )
     parser.add_argument("--config", default=None, help="the training YAML config")
     parser.add_argument("--batch_size", type=int, default=8, help="images / prompts encoded per forward (default 8)")
     parser.add_argument("-h", "--help", action="store_true", help="show this help and the config keys")
@@ -60,17 +63,30 @@ def run_cache(cfg, batch_size: int = 8) -> int:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator: `launch --cpu` sets it
     task = build_task(cfg)
     if not hasattr(task, "caches") or not hasattr(task, "encode_pixels"):
-        raise ValueError(f"task {cfg.task!r} has no encoder cache (soarflow cache is for the diffusers tasks sd3, flux)")
+        raise ValueError(
+            f"task {cfg.task!r} has no encoder cache (soarflow cache is for the diffusers tasks sd3, flux)"
+        )
     if task.data_config.cache_dir is None:
-        raise ValueError("config key 'data.cache_dir': set a folder for the encoder cache (e.g. --data.cache_dir cache/)")
+        raise ValueError(
+            "config key 'data.cache_dir': set a folder for the encoder cache (e.g. --data.cache_dir cache/)"
+        )
     if task.data_config.random_flip:
         raise ValueError("config key 'data.random_flip': the cache holds one latent per image; set it to false")
     task.encode_device = state.device
     dataset = task._dataset(task.records())
     text, latents = task.caches()
     prompts = list(task.data_config.validation_prompts)
-    report = fill_cache(text, latents, dataset, prompts, task, rank=state.process_index, world=state.num_processes,
-                        batch_size=batch_size, on_progress=lambda m: logging.getLogger(__name__).debug(m))
+    report = fill_cache(
+        text,
+        latents,
+        dataset,
+        prompts,
+        task,
+        rank=state.process_index,
+        world=state.num_processes,
+        batch_size=batch_size,
+        on_progress=lambda m: logging.getLogger(__name__).debug(m),
+    )
     print(f"soarflow cache: {report.line()}", flush=True)
     for name in report.corrupt:
         print(f"  re-encoded corrupt entry {name}", flush=True)
@@ -79,11 +95,15 @@ def run_cache(cfg, batch_size: int = 8) -> int:
         return 0
     captions, images = missing_entries(text, latents, dataset, prompts)
     size = cache_size_bytes(text, latents) / 2**20
-    print(f"soarflow cache: {len(dataset)} images, {len(text)} text entries, {len(latents)} latent entries "
-          f"({task.data_config.cache_dtype}, {size:.1f} MiB) in {task.data_config.cache_dir}; "
-          f"{task.bad_samples.summary()}")
+    print(
+        f"soarflow cache: {len(dataset)} images, {len(text)} text entries, {len(latents)} latent entries "
+        f"({task.data_config.cache_dtype}, {size:.1f} MiB) in {task.data_config.cache_dir}; "
+        f"{task.bad_samples.summary()}"
+    )
     if captions or images:
-        print(f"soarflow cache: error: still missing {len(captions)} captions and {len(images)} images", file=sys.stderr)
+        print(
+            f"soarflow cache: error: still missing {len(captions)} captions and {len(images)} images", file=sys.stderr
+        )
         return 1
     print("soarflow cache: complete; `soarflow train` with this config reads it and builds no encoder")
     return 0

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-
 
 
 @dataclass
@@ -50,7 +48,14 @@ class DemoSettings:
     methods: list[str] = field(default_factory=lambda: ["sft", "soar"])  # post-trained; the base is always shown
 
 
-QUICK = dict(max_train_steps=20, train_batch_size=16, eval_num_steps=[10], prompts_per_family=2, images_per_prompt=2, exposure_images=16)
+QUICK = dict(
+    max_train_steps=20,
+    train_batch_size=16,
+    eval_num_steps=[10],
+    prompts_per_family=2,
+    images_per_prompt=2,
+    exposure_images=16,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,33 +63,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = DemoSettings()
     p = argparse.ArgumentParser(prog="soarflow demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="runs/demo",
-                   help="report folder; a rerun with the same settings continues where it stopped")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over: delete this demo's previous results in --output_dir (only a demo folder)")
+    p.add_argument(
+        "--output_dir",
+        default="runs/demo",
+        help="report folder; a rerun with the same settings continues where it stopped",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: delete this demo's previous results in --output_dir (only a demo folder)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps and a small evaluation (< 2 min)")
     p.add_argument("--max_train_steps", type=int, help=f"post-training steps per method (default {d.max_train_steps})")
     p.add_argument("--train_batch_size", type=int, help=f"default {d.train_batch_size}")
     p.add_argument("--learning_rate", type=float, help=f"default {d.learning_rate}")
     p.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, help=f"default {d.lr_scheduler}")
     p.add_argument("--lr_warmup_steps", type=int, help=f"default {d.lr_warmup_steps}")
-    p.add_argument("--cond_dropout", type=float,
-                   help=f"probability of training on the null caption, keeps guidance working (default {d.cond_dropout})")
+    p.add_argument(
+        "--cond_dropout",
+        type=float,
+        help=f"probability of training on the null caption, keeps guidance working (default {d.cond_dropout})",
+    )
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--num_aux", type=int, help=f"SOAR auxiliary points K (default {d.num_aux})")
     p.add_argument("--lambda_aux", type=float, help=f"SOAR auxiliary weight (default {d.lambda_aux})")
     p.add_argument("--rollout_steps", type=int, help=f"SOAR rollout schedule N (default {d.rollout_steps})")
-    p.add_argument("--rollout_guidance_scale", type=float,
-                   help=f"SOAR rollout guidance (default {d.rollout_guidance_scale})")
-    p.add_argument("--eval_num_steps", type=int, nargs="+", help=f"sampler steps to evaluate (default {d.eval_num_steps})")
+    p.add_argument(
+        "--rollout_guidance_scale", type=float, help=f"SOAR rollout guidance (default {d.rollout_guidance_scale})"
+    )
+    p.add_argument(
+        "--eval_num_steps", type=int, nargs="+", help=f"sampler steps to evaluate (default {d.eval_num_steps})"
+    )
     p.add_argument("--guidance_scale", type=float, help=f"evaluation guidance (default {d.guidance_scale})")
-    p.add_argument("--prompts_per_family", type=int, help=f"ShapesEval prompts per family (default {d.prompts_per_family})")
+    p.add_argument(
+        "--prompts_per_family", type=int, help=f"ShapesEval prompts per family (default {d.prompts_per_family})"
+    )
     p.add_argument("--images_per_prompt", type=int, help=f"default {d.images_per_prompt}")
     p.add_argument("--base", help='base checkpoint: "base" (shipped) or a .safetensors path')
-    p.add_argument("--methods", type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
-                   help=f"comma-separated methods to post-train and compare with the base, any of "
-                        f"{','.join(METHOD_NAMES)} (default {','.join(d.methods)}); each gets the same data, "
-                        f"optimizer, batch and steps, and its recipe from configs/shapes_<method>.yaml")
+    p.add_argument(
+        "--methods",
+        type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
+        help=f"comma-separated methods to post-train and compare with the base, any of "
+        f"{','.join(METHOD_NAMES)} (default {','.join(d.methods)}); each gets the same data, "
+        f"optimizer, batch and steps, and its recipe from configs/shapes_<method>.yaml",
+    )
     return p
 
 
@@ -115,8 +137,10 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
 
     unknown = [m for m in s.methods if m not in METHOD_NAMES]
     if unknown or not s.methods or len(set(s.methods)) != len(s.methods):
-        raise ValueError(f"--methods: {','.join(unknown) or ','.join(s.methods) or '(empty)'} is not a list of distinct "
-                         f"methods; choose from {','.join(METHOD_NAMES)}")
+        raise ValueError(
+            f"--methods: {','.join(unknown) or ','.join(s.methods) or '(empty)'} is not a list of distinct "
+            f"methods; choose from {','.join(METHOD_NAMES)}"
+        )
     if any(n < 1 for n in s.eval_num_steps):
         raise ValueError(f"--eval_num_steps must all be >= 1, got {s.eval_num_steps}")
     return s
@@ -179,8 +203,17 @@ def evaluate(model: torch.nn.Module, s: DemoSettings, bench, real: torch.Tensor,
     results, samples, records = {}, {}, {}
     for n in s.eval_num_steps:
         t0 = time.time()
-        metrics, images, report = evaluate_setting(model, prompts, groups, real, num_steps=n, guidance_scale=s.guidance_scale,
-                                                   seed=s.seed, exposure_images=s.exposure_images, shift=1.0)
+        metrics, images, report = evaluate_setting(
+            model,
+            prompts,
+            groups,
+            real,
+            num_steps=n,
+            guidance_scale=s.guidance_scale,
+            seed=s.seed,
+            exposure_images=s.exposure_images,
+            shift=1.0,
+        )
         results[str(n)] = {**metrics, "eval_seconds": round(time.time() - t0, 1)}
         samples[n] = images
         records[n] = [{"correct": r.correct} for r in report.records]
@@ -194,7 +227,9 @@ def format_table(report: dict, s: DemoSettings) -> str:
     methods = methods_of(s)
     diverged = {m: report["methods"][m]["train"] for m in methods if report["methods"][m].get("metrics") is None}
     for n in s.eval_num_steps:
-        lines.append(f"\nShapesEval, {n} Euler steps, guidance {s.guidance_scale}  (higher is better, except FD / exposure gap)")
+        lines.append(
+            f"\nShapesEval, {n} Euler steps, guidance {s.guidance_scale}  (higher is better, except FD / exposure gap)"
+        )
         header = ["metric"] + list(methods)
         rows = []
 
@@ -214,11 +249,15 @@ def format_table(report: dict, s: DemoSettings) -> str:
         lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
         lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.append("")
-    lines.append("post-training: " + ", ".join(
-        f"{m} diverged at step {report['methods'][m]['train']['diverged_at_step']}" if m in diverged else
-        f"{m} {report['methods'][m]['train']['steps']} steps in {report['methods'][m]['train']['wall_clock_s']:.0f}s"
-        for m in s.methods
-    ))
+    lines.append(
+        "post-training: "
+        + ", ".join(
+            f"{m} diverged at step {report['methods'][m]['train']['diverged_at_step']}"
+            if m in diverged
+            else f"{m} {report['methods'][m]['train']['steps']} steps in {report['methods'][m]['train']['wall_clock_s']:.0f}s"
+            for m in s.methods
+        )
+    )
     for m, t in diverged.items():
         lines.append(f"  {m}: diverged at step {t['diverged_at_step']} (columns '-'): {t['message']}")
     return "\n".join(lines)
@@ -242,7 +281,12 @@ def save_plot(report: dict, s: DemoSettings, path: Path) -> None:
         vals = [se["per_family"][f] for f in fams] + [se["overall"]]
         axes[0].bar([j + (i - (len(methods) - 1) / 2) * width for j in range(len(vals))], vals, width, label=m)
         eb = report["methods"][m]["metrics"][n]["exposure_bias"]
-        axes[1].plot([(b["sigma_low"] + b["sigma_high"]) / 2 for b in eb["bins"]], [b["gap"] for b in eb["bins"]], marker="o", label=m)
+        axes[1].plot(
+            [(b["sigma_low"] + b["sigma_high"]) / 2 for b in eb["bins"]],
+            [b["gap"] for b in eb["bins"]],
+            marker="o",
+            label=m,
+        )
     axes[0].set_xticks(range(len(fams) + 1), fams + ["overall"], rotation=30, ha="right")
     axes[0].set_ylabel("accuracy")
     axes[0].set_title(f"ShapesEval ({n} steps, guidance {s.guidance_scale})")
@@ -322,8 +366,10 @@ def check_output_dir(out: Path, settings: dict, overwrite: bool) -> None:
         return
     old = json.loads(state.read_text()) if state.is_file() else json.loads((out / "report.json").read_text())
     if old.get("settings") != settings:
-        raise FileExistsError(f"{out} already holds a demo run with different settings; choose another --output_dir, "
-                              f"or pass --overwrite to start over (nothing was changed)")
+        raise FileExistsError(
+            f"{out} already holds a demo run with different settings; choose another --output_dir, "
+            f"or pass --overwrite to start over (nothing was changed)"
+        )
 
 
 def run_demo(s: DemoSettings, out: Path, overwrite: bool = False) -> int:
@@ -342,7 +388,9 @@ def run_demo(s: DemoSettings, out: Path, overwrite: bool = False) -> int:
         print(f"\n(already computed: {report_path}; use another --output_dir or --overwrite to run again)")
         return 0
     if not resolve_checkpoint(s.base).is_file():
-        raise FileNotFoundError(f"base checkpoint {resolve_checkpoint(s.base)} not found (create one with `soarflow pretrain`)")
+        raise FileNotFoundError(
+            f"base checkpoint {resolve_checkpoint(s.base)} not found (create one with `soarflow pretrain`)"
+        )
 
     torch.manual_seed(s.seed)
     start = time.time()
@@ -355,18 +403,26 @@ def run_demo(s: DemoSettings, out: Path, overwrite: bool = False) -> int:
     bench = ShapesEval(prompts_per_family=s.prompts_per_family, images_per_prompt=s.images_per_prompt, seed=s.seed)
     prompts = [p.text for p in bench.prompts for _ in range(s.images_per_prompt)]
     real = render(prompts, seed=s.seed + 1)
-    log(f"ShapesEval: {len(bench.prompts)} prompts x {s.images_per_prompt} images; evaluating at {s.eval_num_steps} steps")
+    log(
+        f"ShapesEval: {len(bench.prompts)} prompts x {s.images_per_prompt} images; evaluating at {s.eval_num_steps} steps"
+    )
 
     report = {"settings": settings, "methods": {"base": {"train": {"steps": 0, "wall_clock_s": 0.0}}}}
     models = {"base": lambda: load_shapes_model(s.base)}
     for method in s.methods:
         done = stages.get(f"train_{method}")
         if done is None:
-            log(f"post-training {method.upper()} for {s.max_train_steps} steps (batch {s.train_batch_size}, lr {s.learning_rate})")
+            log(
+                f"post-training {method.upper()} for {s.max_train_steps} steps (batch {s.train_batch_size}, lr {s.learning_rate})"
+            )
             try:
                 result = post_train(method, s, out / "runs" / method)
-                done = {"steps": result.global_step, "wall_clock_s": round(result.wall_time_s, 1),
-                        "history": result.history, "model": str(result.model_path)}
+                done = {
+                    "steps": result.global_step,
+                    "wall_clock_s": round(result.wall_time_s, 1),
+                    "history": result.history,
+                    "model": str(result.model_path),
+                }
             except Diverged as err:  # reported in the table; the other methods go on
                 log(f"{method.upper()} diverged at step {err.step}")
                 done = {"steps": err.step, "diverged_at_step": err.step, "message": str(err), "wall_clock_s": 0.0}
@@ -388,8 +444,12 @@ def run_demo(s: DemoSettings, out: Path, overwrite: bool = False) -> int:
             ev = evaluate(models[method](), s, bench, real, log)
             n = max(s.eval_num_steps)
             marks = [r["correct"] for r in ev["records"][n]]
-            save_image_grid(ev["samples"][n][grid_idx], [prompts[i] for i in grid_idx], out / f"samples_{method}.png",
-                            marks=[marks[i] for i in grid_idx])
+            save_image_grid(
+                ev["samples"][n][grid_idx],
+                [prompts[i] for i in grid_idx],
+                out / f"samples_{method}.png",
+                marks=[marks[i] for i in grid_idx],
+            )
             metrics = stages.put(f"eval_{method}", ev["metrics"])
         else:
             log(f"evaluating {method}: already done")
@@ -403,6 +463,8 @@ def run_demo(s: DemoSettings, out: Path, overwrite: bool = False) -> int:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(report_path)
     print(format_table(report, s))
-    log(f"report: {report_path}, grids: {out}/samples_*.png (border: green = scorer pass, red = fail), "
-        f"plot: {out}/comparison.png")
+    log(
+        f"report: {report_path}, grids: {out}/samples_*.png (border: green = scorer pass, red = fail), "
+        f"plot: {out}/comparison.png"
+    )
     return 0

@@ -38,31 +38,62 @@ from ..scorers.suites import SUITES, PromptRecord, load_suite
 from .sample import DTYPES, load_pipeline, pipeline_kwargs
 
 CONFIG_FILE, INDEX_FILE, RESULTS_FILE, TABLE_FILE = "eval_config.json", "index.jsonl", "results.json", "results.md"
-DEFAULT_SCORERS = {"geneval": ("geneval",), "ocr": ("ocr",),
-                   "drawbench": ("pickscore", "clip", "hpsv2", "aesthetic", "imagereward"),
-                   "pickscore": ("pickscore", "clip", "hpsv2", "aesthetic", "imagereward"),
-                   "file": ("pickscore", "clip", "hpsv2", "aesthetic", "imagereward")}
+DEFAULT_SCORERS = {
+    "geneval": ("geneval",),
+    "ocr": ("ocr",),
+    "drawbench": ("pickscore", "clip", "hpsv2", "aesthetic", "imagereward"),
+    "pickscore": ("pickscore", "clip", "hpsv2", "aesthetic", "imagereward"),
+    "file": ("pickscore", "clip", "hpsv2", "aesthetic", "imagereward"),
+}
 PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 # how the table prints each column (the paper's precision)
-FORMATS = {"geneval": "{:.3f}", "ocr": "{:.3f}", "pickscore": "{:.2f}", "clip": "{:.3f}", "hpsv2": "{:.3f}",
-           "aesthetic": "{:.2f}", "imagereward": "{:.3f}"}
+FORMATS = {
+    "geneval": "{:.3f}",
+    "ocr": "{:.3f}",
+    "pickscore": "{:.2f}",
+    "clip": "{:.3f}",
+    "hpsv2": "{:.3f}",
+    "aesthetic": "{:.2f}",
+    "imagereward": "{:.3f}",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="soarflow eval", description="Generate a prompt suite with a model (diffusers "
-                                "pipeline folder or soarflow run) and score it with the paper's metrics.")
-    p.add_argument("--model", required=True, help="diffusers pipeline folder or hub id, saved soarflow model, run "
-                   "folder or checkpoint-N folder")
-    p.add_argument("--suite", choices=SUITES, default="geneval", help="prompt suite (geneval is built in; the "
-                   "others need --prompts_file)")
-    p.add_argument("--prompts_file", help="the suite's prompts: GenEval evaluation_metadata.jsonl, .txt (one per "
-                   "line), .jsonl ('prompt' key) or .csv ('Prompts' column)")
+    p = argparse.ArgumentParser(
+        prog="soarflow eval",
+        description="Generate a prompt suite with a model (diffusers "
+        "pipeline folder or soarflow run) and score it with the paper's metrics.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="diffusers pipeline folder or hub id, saved soarflow model, run folder or checkpoint-N folder",
+    )
+    p.add_argument(
+        "--suite",
+        choices=SUITES,
+        default="geneval",
+        help="prompt suite (geneval is built in; the others need --prompts_file)",
+    )
+    p.add_argument(
+        "--prompts_file",
+        help="the suite's prompts: GenEval evaluation_metadata.jsonl, .txt (one per "
+        "line), .jsonl ('prompt' key) or .csv ('Prompts' column)",
+    )
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--scorers", default=None, help=f"comma-separated, from {', '.join(SCORER_NAMES)} "
-                   "(default: the suite's: geneval -> geneval, ocr -> ocr, others -> the five preference metrics)")
-    p.add_argument("--scorer_path", action="append", default=[], metavar="NAME=PATH",
-                   help="weights of a scorer (folder, file or hub id; for ocr the engine easyocr|paddleocr); "
-                   "repeatable")
+    p.add_argument(
+        "--scorers",
+        default=None,
+        help=f"comma-separated, from {', '.join(SCORER_NAMES)} "
+        "(default: the suite's: geneval -> geneval, ocr -> ocr, others -> the five preference metrics)",
+    )
+    p.add_argument(
+        "--scorer_path",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="weights of a scorer (folder, file or hub id; for ocr the engine easyocr|paddleocr); repeatable",
+    )
     p.add_argument("--aesthetic_head", default=None, help="the aesthetic MLP head file (default: from the hub)")
     p.add_argument("--geneval_config", default=None, help="mmdet config of the GenEval detector")
     p.add_argument("--num_images_per_prompt", type=int, default=None, help="default 4 for geneval, else 1")
@@ -130,8 +161,9 @@ def load_model_pipeline(model: str, base: str | None, dtype: torch.dtype):
     pipe = diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
     family = PIPELINE_FAMILIES.get(type(pipe).__name__)
     if family is None:
-        raise ValueError(f"--model {model}: a {type(pipe).__name__}; soarflow eval knows "
-                         f"{', '.join(PIPELINE_FAMILIES)}")
+        raise ValueError(
+            f"--model {model}: a {type(pipe).__name__}; soarflow eval knows {', '.join(PIPELINE_FAMILIES)}"
+        )
     manifest: dict[str, Any] = {"family": family}
     if family == "flux" and getattr(pipe.transformer.config, "guidance_embeds", False):
         manifest.update(guidance="embedded", embedded_guidance_scale=3.5)
@@ -139,11 +171,21 @@ def load_model_pipeline(model: str, base: str | None, dtype: torch.dtype):
 
 
 def settings_of(args, records: Sequence[PromptRecord], n: int) -> dict[str, Any]:
-    return {"model": str(args.model), "base": args.base, "suite": args.suite, "num_prompts": len(records),
-            "prompts_sha": _digest([json.dumps([r.prompt, r.metadata], sort_keys=True) for r in records]),
-            "num_images_per_prompt": n, "num_inference_steps": args.num_inference_steps,
-            "guidance_scale": args.guidance_scale, "height": args.height, "width": args.width, "seed": args.seed,
-            "max_sequence_length": args.max_sequence_length, "dtype": args.dtype}
+    return {
+        "model": str(args.model),
+        "base": args.base,
+        "suite": args.suite,
+        "num_prompts": len(records),
+        "prompts_sha": _digest([json.dumps([r.prompt, r.metadata], sort_keys=True) for r in records]),
+        "num_images_per_prompt": n,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "height": args.height,
+        "width": args.width,
+        "seed": args.seed,
+        "max_sequence_length": args.max_sequence_length,
+        "dtype": args.dtype,
+    }
 
 
 def _digest(lines: Sequence[str]) -> str:
@@ -160,19 +202,31 @@ def check_settings(out: Path, settings: Mapping[str, Any], overwrite: bool) -> N
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
-            raise ValueError(f"{out} holds images made with other settings ({changes}); use another --output_dir "
-                             f"or --overwrite")
+            raise ValueError(
+                f"{out} holds images made with other settings ({changes}); use another --output_dir or --overwrite"
+            )
 
 
-def write_layout(out: Path, suite: str, items: Sequence[ImageItem], records: Sequence[PromptRecord],
-                 settings: Mapping[str, Any]) -> None:
+def write_layout(
+    out: Path, suite: str, items: Sequence[ImageItem], records: Sequence[PromptRecord], settings: Mapping[str, Any]
+) -> None:
     """eval_config.json, index.jsonl and (GenEval) each prompt folder's metadata.jsonl (main process)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(settings, indent=1))
     with (out / INDEX_FILE).open("w") as f:
         for it in items:
-            f.write(json.dumps({"file": it.file, "prompt_index": it.prompt_index, "image_index": it.image_index,
-                                "prompt": it.record.prompt, "metadata": it.record.metadata}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "file": it.file,
+                        "prompt_index": it.prompt_index,
+                        "image_index": it.image_index,
+                        "prompt": it.record.prompt,
+                        "metadata": it.record.metadata,
+                    }
+                )
+                + "\n"
+            )
     if suite == "geneval":
         for i, r in enumerate(records):
             (out / f"{i:05d}" / "samples").mkdir(parents=True, exist_ok=True)
@@ -192,8 +246,15 @@ def generate_missing(pipe, manifest: Mapping[str, Any], items: Sequence[ImageIte
     made = 0
     for i, todo in sorted(by_prompt.items()):
         gens = [torch.Generator("cpu").manual_seed(image_seed(args.seed, i, it.image_index)) for it in todo]
-        result = pipe(todo[0].record.prompt, num_inference_steps=args.num_inference_steps, height=args.height,
-                      width=args.width, generator=gens, num_images_per_prompt=len(todo), **kw)
+        result = pipe(
+            todo[0].record.prompt,
+            num_inference_steps=args.num_inference_steps,
+            height=args.height,
+            width=args.width,
+            generator=gens,
+            num_images_per_prompt=len(todo),
+            **kw,
+        )
         for it, image in zip(todo, result.images):
             path = out / it.file
             tmp = path.with_name(path.stem + ".tmp.png")
@@ -216,8 +277,17 @@ def load_images(out: Path, items: Sequence[ImageItem]) -> torch.Tensor:
 
 def score_items(scorers: Mapping[str, Any], items: Sequence[ImageItem], out: Path, batch_size: int) -> list[dict]:
     """One row per image: file, indices, prompt, tag and each scorer's score."""
-    rows = [{"file": it.file, "prompt_index": it.prompt_index, "image_index": it.image_index,
-             "prompt": it.record.prompt, "tag": it.record.tag, "scores": {}} for it in items]
+    rows = [
+        {
+            "file": it.file,
+            "prompt_index": it.prompt_index,
+            "image_index": it.image_index,
+            "prompt": it.record.prompt,
+            "tag": it.record.tag,
+            "scores": {},
+        }
+        for it in items
+    ]
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         images = load_images(out, chunk)
@@ -242,8 +312,11 @@ def summarize(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[s
     out: dict[str, Any] = {}
     for name in names:
         vals = np.array([r["scores"][name] for r in rows], dtype=np.float64)
-        out[name] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else math.nan,
-                     "n": int(len(vals))}
+        out[name] = {
+            "mean": float(vals.mean()),
+            "std": float(vals.std(ddof=1)) if len(vals) > 1 else math.nan,
+            "n": int(len(vals)),
+        }
         if name == "geneval":
             tags = [r["tag"] or "untagged" for r in rows]
             out[name]["per_tag"] = geneval_summary(tags, vals.tolist())
@@ -273,7 +346,9 @@ def _scorer_paths(args) -> dict[str, str]:
 
 
 def scorer_names(args) -> list[str]:
-    names = [n.strip() for n in args.scorers.split(",") if n.strip()] if args.scorers else list(DEFAULT_SCORERS[args.suite])
+    names = (
+        [n.strip() for n in args.scorers.split(",") if n.strip()] if args.scorers else list(DEFAULT_SCORERS[args.suite])
+    )
     bad = [n for n in names if n not in SCORER_NAMES]
     if bad:
         raise ValueError(f"--scorers: unknown {bad[0]!r} (choose from {', '.join(SCORER_NAMES)})")

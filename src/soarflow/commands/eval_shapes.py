@@ -75,8 +75,9 @@ def load_image_folder(folder: str | Path, ev: ShapesEval, converted: list[Path] 
                 expected = f"{first[1]}x{first[0]} like the first image" if first is not None else "a square image"
                 raise ValueError(f"image {path} has size {arr.shape[1]}x{arr.shape[0]}, expected {expected}")
             if arr.shape[0] < MIN_SIZE:
-                raise ValueError(f"image {path} is {arr.shape[1]}x{arr.shape[0]}; ShapesEval needs at least "
-                                 f"{MIN_SIZE}x{MIN_SIZE}")
+                raise ValueError(
+                    f"image {path} is {arr.shape[1]}x{arr.shape[0]}; ShapesEval needs at least {MIN_SIZE}x{MIN_SIZE}"
+                )
             first = arr.shape
             arrays.append(arr)
     return to_tensor(np.stack(arrays))
@@ -101,9 +102,15 @@ def write_image_folder(images: torch.Tensor, folder: str | Path, ev: ShapesEval)
 
 
 # The spellings before the flags took the underscore style of every other command; still accepted, not listed.
-OLD_FLAGS = {"--write-real": "--write_real", "--list-prompts": "--list_prompts",
-             "--prompts-per-family": "--prompts_per_family", "--images-per-prompt": "--images_per_prompt",
-             "--num-steps": "--num_steps", "--cfg-scale": "--guidance_scale", "--batch-size": "--batch_size"}
+OLD_FLAGS = {
+    "--write-real": "--write_real",
+    "--list-prompts": "--list_prompts",
+    "--prompts-per-family": "--prompts_per_family",
+    "--images-per-prompt": "--images_per_prompt",
+    "--num-steps": "--num_steps",
+    "--cfg-scale": "--guidance_scale",
+    "--batch-size": "--batch_size",
+}
 
 
 def _new_spelling(arg: str) -> str:
@@ -115,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="soarflow eval-shapes", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="score PNGs named {prompt_index:04d}_{k}.png in DIR")
-    src.add_argument("--checkpoint", metavar="PATH",
-                     help='score a shapes model: "base" (shipped), a model file, a run folder or a checkpoint-N folder')
+    src.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help='score a shapes model: "base" (shipped), a model file, a run folder or a checkpoint-N folder',
+    )
     src.add_argument("--real", action="store_true", help="score the world's own renders (scorer sanity check)")
     src.add_argument("--write_real", metavar="DIR", help="write the world's renders to DIR in the --images layout")
     src.add_argument("--list_prompts", action="store_true", help="print the evaluation prompts as JSON lines")
@@ -142,15 +152,24 @@ def _checkpoint_images(args, ev: ShapesEval) -> torch.Tensor:
     kind, resolved = describe(args.checkpoint)
     model = load_shapes_checkpoint(args.checkpoint)
     prompts = ev.image_prompts()
-    print(f"checkpoint {resolved if kind != 'base' else 'base (shipped)'}: sampling {len(prompts)} images with "
-          f"{args.num_steps} Euler steps, guidance {args.guidance_scale}, seed {args.seed}", file=sys.stderr)
+    print(
+        f"checkpoint {resolved if kind != 'base' else 'base (shipped)'}: sampling {len(prompts)} images with "
+        f"{args.num_steps} Euler steps, guidance {args.guidance_scale}, seed {args.seed}",
+        file=sys.stderr,
+    )
     batches = -(-len(prompts) // args.batch_size)
     # one model forward per sampler step (guidance runs both halves in one call): the bar counts them
     with tqdm(total=batches * args.num_steps, desc="sampling", unit="step", disable=None, file=sys.stderr) as bar:
         hook = model.register_forward_hook(lambda *_: bar.update(1))
         try:
-            return generate_images(model, prompts, num_steps=args.num_steps, guidance_scale=args.guidance_scale,
-                                   seed=args.seed, batch_size=args.batch_size)
+            return generate_images(
+                model,
+                prompts,
+                num_steps=args.num_steps,
+                guidance_scale=args.guidance_scale,
+                seed=args.seed,
+                batch_size=args.batch_size,
+            )
         finally:
             hook.remove()
 

@@ -26,8 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=6e-4)
     p.add_argument("--lr_warmup_steps", type=int, default=300)
-    p.add_argument("--lr_scheduler", choices=["constant", "cosine"], default="cosine",
-                   help="after warm-up: constant, or cosine decay to 0 (a converged, stable base to fine-tune)")
+    p.add_argument(
+        "--lr_scheduler",
+        choices=["constant", "cosine"],
+        default="cosine",
+        help="after warm-up: constant, or cosine decay to 0 (a converged, stable base to fine-tune)",
+    )
     p.add_argument("--adam_weight_decay", type=float, default=0.0)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--ema_decay", type=float, default=0.999)
@@ -37,12 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit_mean", type=float, default=0.3, help="t density: mean of the logit-normal part")
     p.add_argument("--logit_std", type=float, default=1.0, help="t density: std of the logit-normal part")
     p.add_argument("--uniform_fraction", type=float, default=0.25, help="t density: share of t drawn from U(0, 1)")
-    p.add_argument("--max_train_seconds", type=float, default=None,
-                   help="stop early after this much training time (equal-wall-clock architecture comparisons)")
+    p.add_argument(
+        "--max_train_seconds",
+        type=float,
+        default=None,
+        help="stop early after this much training time (equal-wall-clock architecture comparisons)",
+    )
     p.add_argument("--architecture", choices=["unet", "mmdit"], default="unet")
-    p.add_argument("--channels", type=_int_list, default=[32, 64, 128], help="unet: channels per resolution, e.g. 32,64,128")
+    p.add_argument(
+        "--channels", type=_int_list, default=[32, 64, 128], help="unet: channels per resolution, e.g. 32,64,128"
+    )
     p.add_argument("--num_res_blocks", type=int, default=1, help="unet: residual blocks per resolution")
-    p.add_argument("--attention_levels", type=_int_list, default=[1, 2], help="unet: levels with joint attention, e.g. 1,2")
+    p.add_argument(
+        "--attention_levels", type=_int_list, default=[1, 2], help="unet: levels with joint attention, e.g. 1,2"
+    )
     p.add_argument("--text_dim", type=int, default=128, help="unet: caption encoder width")
     p.add_argument("--text_layers", type=int, default=1, help="unet: caption encoder transformer layers")
     p.add_argument("--hidden_size", type=int, default=96, help="mmdit: width")
@@ -50,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch_size", type=int, default=4, help="mmdit: patch size")
     p.add_argument("--num_heads", type=int, default=4)
     p.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps")
-    p.add_argument("--dataloader_num_workers", type=int, default=0, help="processes rendering the corpus (0: in the main one)")
+    p.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="processes rendering the corpus (0: in the main one)"
+    )
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--eval_prompts_per_family", type=int, default=10, help="ShapesEval size for the manifest score")
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing output_dir/model.safetensors")
@@ -66,8 +80,18 @@ def _int_list(text: str) -> list[int]:
 
 def pretrain_config(args: argparse.Namespace) -> TrainConfig:
     """The trainer config of a `soarflow pretrain` command line (configs/shapes_pretrain.yaml for the defaults)."""
-    arch_keys = ("architecture", "channels", "num_res_blocks", "attention_levels", "text_dim", "text_layers",
-                 "hidden_size", "depth", "patch_size", "num_heads")
+    arch_keys = (
+        "architecture",
+        "channels",
+        "num_res_blocks",
+        "attention_levels",
+        "text_dim",
+        "text_layers",
+        "hidden_size",
+        "depth",
+        "patch_size",
+        "num_heads",
+    )
     return TrainConfig(
         task="shapes",
         method="sft",
@@ -98,8 +122,12 @@ def pretrain_config(args: argparse.Namespace) -> TrainConfig:
         write_manifest=True,
         soar=dataclasses.replace(TrainConfig().soar, shift=1.0),  # pixel space: no time shift
         model={"pretrained": None, **{k: getattr(args, k) for k in arch_keys}},
-        data={"split": "pretrain", "num_samples": args.num_samples, "seed": args.seed,
-              "eval_prompts_per_family": args.eval_prompts_per_family},
+        data={
+            "split": "pretrain",
+            "num_samples": args.num_samples,
+            "seed": args.seed,
+            "eval_prompts_per_family": args.eval_prompts_per_family,
+        },
     )
 
 
@@ -110,7 +138,9 @@ RUN_FILES = ("model.safetensors", "model-latest.safetensors", "manifest.json", "
 def _remove_previous_run(out: Path) -> None:
     if not out.is_dir():
         return
-    for path in [out / name for name in RUN_FILES] + sorted(out.glob("config.*.yaml")) + sorted(out.glob("checkpoint-*")):
+    for path in (
+        [out / name for name in RUN_FILES] + sorted(out.glob("config.*.yaml")) + sorted(out.glob("checkpoint-*"))
+    ):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)  # several processes (accelerate launch) may race here
         else:
@@ -125,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     final = out / "model.safetensors"
     if final.exists() and not args.overwrite:
-        print(f"soarflow pretrain: error: {final} already exists; pass --overwrite or choose another --output_dir",
-              file=sys.stderr)
+        print(
+            f"soarflow pretrain: error: {final} already exists; pass --overwrite or choose another --output_dir",
+            file=sys.stderr,
+        )
         return 2
     try:
         cfg = pretrain_config(args)

@@ -26,22 +26,31 @@ import torch
 
 from ..models.diffusers_weights import MANIFEST
 
-PIPELINES = {"sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
-             "flux": ("FluxPipeline", "FluxTransformer2DModel")}
+PIPELINES = {
+    "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
+    "flux": ("FluxPipeline", "FluxTransformer2DModel"),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="soarflow sample", description="Generate images from a trained SD3/FLUX model (saved "
-                                "model folder, run folder or checkpoint) with a diffusers pipeline.")
+    p = argparse.ArgumentParser(
+        prog="soarflow sample",
+        description="Generate images from a trained SD3/FLUX model (saved "
+        "model folder, run folder or checkpoint) with a diffusers pipeline.",
+    )
     p.add_argument("--model", required=True, help="saved model folder, run folder, or checkpoint-N folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts_file", help="text file with one prompt per line")
     p.add_argument("--output_dir", required=True, help="folder for the PNGs (created; existing images are kept)")
     p.add_argument("--base", help="base pipeline folder/hub id (default: the model's pretrained path)")
     p.add_argument("--num_inference_steps", type=int, default=28)
-    p.add_argument("--guidance_scale", type=float, default=None,
-                   help="CFG scale (SD3, FLUX with guidance=cfg) or embedded guidance (FLUX guidance=embedded)")
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="CFG scale (SD3, FLUX with guidance=cfg) or embedded guidance (FLUX guidance=embedded)",
+    )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -74,8 +83,10 @@ def _find_model(path: Path) -> tuple[str, Path]:
 
     if (path / TRAINABLE_FILE).is_file() and (path.parent / CONFIG_FILE).is_file():
         return "checkpoint", path
-    raise FileNotFoundError(f"--model {path}: neither a saved soarflow model ({MANIFEST}), a run folder with "
-                            f"model/{MANIFEST}, nor a checkpoint folder ({TRAINABLE_FILE} + ../{CONFIG_FILE})")
+    raise FileNotFoundError(
+        f"--model {path}: neither a saved soarflow model ({MANIFEST}), a run folder with "
+        f"model/{MANIFEST}, nor a checkpoint folder ({TRAINABLE_FILE} + ../{CONFIG_FILE})"
+    )
 
 
 def _refuse_shapes_run(path: Path) -> None:
@@ -91,8 +102,10 @@ def _refuse_shapes_run(path: Path) -> None:
             except (OSError, ValueError, AttributeError, yaml.YAMLError):
                 return
             if task == "shapes":
-                raise ValueError(f"--model {path} is a shapes model (task 'shapes' in {cfg}); sample and score it "
-                                 f"with: soarflow eval-shapes --checkpoint {path} --sheet samples.png")
+                raise ValueError(
+                    f"--model {path} is a shapes model (task 'shapes' in {cfg}); sample and score it "
+                    f"with: soarflow eval-shapes --checkpoint {path} --sheet samples.png"
+                )
             return
 
 
@@ -140,27 +153,47 @@ def _pipeline_from_checkpoint(path: Path, base: str | None, dtype: torch.dtype):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = [n for n in params if n not in state]
     if missing:
-        raise ValueError(f"checkpoint {path} does not match the model of {path.parent / CONFIG_FILE}: missing {missing[:5]}")
+        raise ValueError(
+            f"checkpoint {path} does not match the model of {path.parent / CONFIG_FILE}: missing {missing[:5]}"
+        )
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state[n])
     transformer = model.transformer  # a LoRA checkpoint keeps its peft adapter; the pipeline just calls forward
-    pipe = task.pipeline.pipeline_class.from_pretrained(task.model_config.pretrained, transformer=transformer.to(dtype),
-                                                        torch_dtype=dtype, **task.pipeline.load_kwargs)
+    pipe = task.pipeline.pipeline_class.from_pretrained(
+        task.model_config.pretrained, transformer=transformer.to(dtype), torch_dtype=dtype, **task.pipeline.load_kwargs
+    )
     return pipe, task.manifest(model)
 
 
-def generate(pipe, manifest: dict, prompts: list[str], *, num_inference_steps: int, guidance_scale: float | None,
-             height: int | None, width: int | None, seed: int, num_images_per_prompt: int = 1,
-             max_sequence_length: int | None = None):
+def generate(
+    pipe,
+    manifest: dict,
+    prompts: list[str],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float | None,
+    height: int | None,
+    width: int | None,
+    seed: int,
+    num_images_per_prompt: int = 1,
+    max_sequence_length: int | None = None,
+):
     """PIL images from the pipeline, one generator per prompt seeded (seed, prompt index); ``guidance_scale`` None
     is the diffusers tasks' default (tasks.diffusers_sections.GUIDANCE_SCALE)."""
     kw = pipeline_kwargs(manifest, guidance_scale, max_sequence_length)
     images = []
     for i, prompt in enumerate(prompts):
         gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i)
-        out = pipe(prompt, num_inference_steps=num_inference_steps, height=height, width=width, generator=gen,
-                   num_images_per_prompt=num_images_per_prompt, **kw)
+        out = pipe(
+            prompt,
+            num_inference_steps=num_inference_steps,
+            height=height,
+            width=width,
+            generator=gen,
+            num_images_per_prompt=num_images_per_prompt,
+            **kw,
+        )
         images += [(prompt, im) for im in out.images]
     return images
 
@@ -197,10 +230,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipe.set_progress_bar_config(disable=True)
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        images = generate(pipe, manifest, prompts, num_inference_steps=args.num_inference_steps,
-                          guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=args.seed,
-                          num_images_per_prompt=args.num_images_per_prompt,
-                          max_sequence_length=args.max_sequence_length)
+        images = generate(
+            pipe,
+            manifest,
+            prompts,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            height=args.height,
+            width=args.width,
+            seed=args.seed,
+            num_images_per_prompt=args.num_images_per_prompt,
+            max_sequence_length=args.max_sequence_length,
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"soarflow sample: error: {err}", file=sys.stderr)
         return 2

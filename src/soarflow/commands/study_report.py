@@ -16,8 +16,12 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="soarflow study-report", description=(
-        "Rebuild every interval of a study report from its per_image.npz (no training). See docs/study.md."))
+    p = argparse.ArgumentParser(
+        prog="soarflow study-report",
+        description=(
+            "Rebuild every interval of a study report from its per_image.npz (no training). See docs/study.md."
+        ),
+    )
     p.add_argument("folder", help="study folder with results.json and per_image.npz (e.g. docs/results/study_x)")
     p.add_argument("--config", required=True, help="the study YAML the folder was made from")
     p.add_argument("--quick", action="store_true", help="the folder was made with --quick")
@@ -41,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir or args.folder)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "report.md").write_text(markdown(spec, results, results.get("command", "?"), results.get("machine", "?"),
-                                            results.get("wall_seconds", 0.0)))
+    (out / "report.md").write_text(
+        markdown(
+            spec, results, results.get("command", "?"), results.get("machine", "?"), results.get("wall_seconds", 0.0)
+        )
+    )
     print(f"rebuilt: {out / 'report.md'}, {out / 'results.json'}")
     return 0

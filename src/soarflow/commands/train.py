@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Post-train a flow model with SFT, SOAR, Flow-GRPO, scheduled sampling or input perturbation. Every config key can be overridden as "
-                    "--key value or --key=value (dotted for sections: --soar.num_aux 4, --model.rank 16).",
+        "--key value or --key=value (dotted for sections: --soar.num_aux 4, --model.rank 16).",
     )
     parser.add_argument("--config", default=None, help="YAML config file (defaults are used without one)")
     parser.add_argument("-h", "--help", action="store_true", help="show this help and the config keys")
@@ -72,8 +72,10 @@ def run_train(cfg, command: str, prog: str = "soarflow train", args: dict | None
         print(f"{prog}: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
-        print(f"{prog}: interrupted; continue with --resume_from_checkpoint latest "
-              "(from the last checkpoint)", file=sys.stderr)
+        print(
+            f"{prog}: interrupted; continue with --resume_from_checkpoint latest (from the last checkpoint)",
+            file=sys.stderr,
+        )
         return 130
     if result.num_processes > 1:
         from accelerate.state import PartialState
@@ -94,10 +96,13 @@ def summary(cfg, result) -> str:
         f"({result.num_processes} process(es))",
     ]
     if last:
-        parts = "  ".join(f"{k} {last[k]:.4f}" for k in ("main_loss", "aux_loss", "flow_loss", "reward_mean", "kl")
-                          if k in last)
-        lines.append(f"  last logged step {int(last['step'])}: loss {last['loss']:.4f}  {parts}  lr {last['lr']:.3g}  "
-                     f"{last.get('step_time_s', float('nan')):.2f} s/step")
+        parts = "  ".join(
+            f"{k} {last[k]:.4f}" for k in ("main_loss", "aux_loss", "flow_loss", "reward_mean", "kl") if k in last
+        )
+        lines.append(
+            f"  last logged step {int(last['step'])}: loss {last['loss']:.4f}  {parts}  lr {last['lr']:.3g}  "
+            f"{last.get('step_time_s', float('nan')):.2f} s/step"
+        )
     if result.resumed_from is not None:
         lines.append(f"  resumed from {result.resumed_from}")
     if result.data_summary:
@@ -105,4 +110,3 @@ def summary(cfg, result) -> str:
     lines.append(f"  model:  {result.model_path}")
     lines.append(f"  output: {result.output_dir} (config.yaml, checkpoints, logs/, validation/)")
     return "\n".join(lines)
-

@@ -64,8 +64,15 @@ class EncodingCache:
     """``get(entry) -> dict[str, Tensor] | None`` and ``put(entry, tensors)`` in one fingerprinted folder; pending
     entries are written every `shard_size` puts, by ``flush()`` and when the process exits."""
 
-    def __init__(self, root: str | Path, spec: dict[str, Any], shard_size: int = 256, rank: int = 0,
-                 dtype: torch.dtype = torch.float32, prefix: str = ""):
+    def __init__(
+        self,
+        root: str | Path,
+        spec: dict[str, Any],
+        shard_size: int = 256,
+        rank: int = 0,
+        dtype: torch.dtype = torch.float32,
+        prefix: str = "",
+    ):
         self.dir = Path(root) / f"{prefix}{fingerprint(spec)}"
         self.dir.mkdir(parents=True, exist_ok=True)
         spec_file = self.dir / "spec.json"
@@ -100,8 +107,12 @@ class EncodingCache:
 
     def _set_aside(self, shard: Path, err: Exception) -> None:
         target = shard.with_suffix(".corrupt")
-        logger.warning("encoder cache shard %s is unreadable (%s); moved to %s, its entries will be encoded again",
-                       shard, err, target.name)
+        logger.warning(
+            "encoder cache shard %s is unreadable (%s); moved to %s, its entries will be encoded again",
+            shard,
+            err,
+            target.name,
+        )
         try:
             os.replace(shard, target)
         except OSError:
@@ -143,13 +154,14 @@ class EncodingCache:
             with safe_open(str(shard), framework="pt") as f:
                 for name in f.keys():
                     if name.startswith(entry + "/"):
-                        out[name[len(entry) + 1:]] = f.get_tensor(name)
+                        out[name[len(entry) + 1 :]] = f.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as err:
             raise CorruptEntry(f"encoder cache entry {entry}: shard {shard} is unreadable ({err})") from None
         return out
 
-    def verify(self, entry: str, tensors: dict[str, torch.Tensor] | None,
-               shapes: dict[str, tuple[int, ...]] | None) -> str | None:
+    def verify(
+        self, entry: str, tensors: dict[str, torch.Tensor] | None, shapes: dict[str, tuple[int, ...]] | None
+    ) -> str | None:
         """Why `tensors` (entry `entry`) is unusable — missing, other fields or shapes than `shapes` (when given),
         non-finite values — or None when it is fine."""
         if tensors is None:
@@ -171,15 +183,19 @@ class EncodingCache:
         problem = self.verify(entry, tensors, shapes)
         if problem is not None:
             where = f" in {self.location.get(entry) or self.dir}"
-            raise CorruptEntry(f"encoder cache entry {entry}{where}: {problem}; run `soarflow cache --config <your "
-                               "config>` to (re-)encode it")
+            raise CorruptEntry(
+                f"encoder cache entry {entry}{where}: {problem}; run `soarflow cache --config <your "
+                "config>` to (re-)encode it"
+            )
         return {k: v.float() for k, v in tensors.items()}
 
     def put(self, entry: str, tensors: dict[str, torch.Tensor]) -> None:
         if "/" in entry:
             raise ValueError(f"cache entry names may not contain '/': {entry!r}")
-        self.pending[entry] = {k: v.detach().to("cpu", self.dtype if v.is_floating_point() else v.dtype).contiguous()
-                               for k, v in tensors.items()}
+        self.pending[entry] = {
+            k: v.detach().to("cpu", self.dtype if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in tensors.items()
+        }
         if len(self.pending) >= self.shard_size:
             self.flush()
 

@@ -60,7 +60,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.resolution = resolution
         self.random_flip = random_flip
         self.bad_samples = bad_samples or BadSampleLog()
-        self.buckets = make_buckets(resolution, bucket_divisor, max_aspect_ratio) if bucketing else [(resolution, resolution)]
+        self.buckets = (
+            make_buckets(resolution, bucket_divisor, max_aspect_ratio) if bucketing else [(resolution, resolution)]
+        )
         self.bucketing = bucketing
         self.pixels = pixels
         self._bucket_cache: dict[int, tuple[int, int]] = {}
@@ -93,8 +95,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
         rec = self.records[index]
         if not self.pixels:
-            return {"caption": rec.caption, "key": rec.key, "index": index, "flipped": False,
-                    "size": self.bucket_of(index), "sha256": rec.sha256}
+            return {
+                "caption": rec.caption,
+                "key": rec.key,
+                "index": index,
+                "flipped": False,
+                "size": self.bucket_of(index),
+                "sha256": rec.sha256,
+            }
         with rec.open_image() as im:
             image = im.convert("RGB")
         h, w = nearest_bucket(image.width, image.height, self.buckets) if self.bucketing else self.buckets[0]
@@ -102,8 +110,15 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         flipped = self.random_flip and random.random() < 0.5
         if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {"pixel_values": to_tensor(image), "caption": rec.caption, "key": rec.key, "index": index,
-                "flipped": flipped, "size": (h, w), "sha256": rec.sha256}
+        return {
+            "pixel_values": to_tensor(image),
+            "caption": rec.caption,
+            "key": rec.key,
+            "index": index,
+            "flipped": flipped,
+            "size": (h, w),
+            "sha256": rec.sha256,
+        }
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(len(self.records)):
@@ -118,7 +133,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 def collate_images(samples: Sequence[dict]) -> dict:
     """Stack items; samples whose size differs from the batch's most common size are resized + center cropped
     to it (bilinear on the tensor). Items without pixels (a complete encoder cache) keep their keys only."""
-    meta = {k: [s[k] for s in samples] for k in ("caption", "key", "index", "flipped", "size", "sha256") if k in samples[0]}
+    meta = {
+        k: [s[k] for s in samples] for k in ("caption", "key", "index", "flipped", "size", "sha256") if k in samples[0]
+    }
     if "pixel_values" not in samples[0]:
         return meta
     sizes = Counter(tuple(s["pixel_values"].shape[-2:]) for s in samples)

@@ -78,9 +78,11 @@ class FillReport:
     seconds: float = 0.0
 
     def line(self) -> str:
-        return (f"rank {self.rank}: text {self.text_encoded} encoded / {self.text_checked} kept, latents "
-                f"{self.latents_encoded} encoded / {self.latents_checked} kept, {len(self.corrupt)} corrupt "
-                f"re-encoded, {len(self.unreadable)} unreadable images, {self.seconds:.1f} s")
+        return (
+            f"rank {self.rank}: text {self.text_encoded} encoded / {self.text_checked} kept, latents "
+            f"{self.latents_encoded} encoded / {self.latents_checked} kept, {len(self.corrupt)} corrupt "
+            f"re-encoded, {len(self.unreadable)} unreadable images, {self.seconds:.1f} s"
+        )
 
 
 def _check(cache: EncodingCache, name: str, shapes, report: FillReport) -> bool:
@@ -93,14 +95,25 @@ def _check(cache: EncodingCache, name: str, shapes, report: FillReport) -> bool:
         problem = str(err)
     if problem is None:
         return True
-    logger.warning("encoder cache entry %s in %s is corrupt (%s); encoding it again", name, cache.shard_of(name), problem)
+    logger.warning(
+        "encoder cache entry %s in %s is corrupt (%s); encoding it again", name, cache.shard_of(name), problem
+    )
     report.corrupt.append(name)
     return False
 
 
-def fill_cache(text_cache: EncodingCache, latent_cache: EncodingCache, dataset: ImageCaptionDataset,
-               prompts: Sequence[str], encoder: Encoder, *, rank: int = 0, world: int = 1, batch_size: int = 8,
-               on_progress: Callable[[str], None] | None = None) -> FillReport:
+def fill_cache(
+    text_cache: EncodingCache,
+    latent_cache: EncodingCache,
+    dataset: ImageCaptionDataset,
+    prompts: Sequence[str],
+    encoder: Encoder,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    batch_size: int = 8,
+    on_progress: Callable[[str], None] | None = None,
+) -> FillReport:
     """Encode this process's share of the missing or corrupt entries (see the module docstring)."""
     start = time.perf_counter()
     report = FillReport(rank)
@@ -113,7 +126,7 @@ def fill_cache(text_cache: EncodingCache, latent_cache: EncodingCache, dataset: 
     todo = [k for k in mine if not _check(text_cache, k, schema, report)]
     report.text_checked = len(mine) - len(todo)
     for s in range(0, len(todo), batch_size):
-        chunk = todo[s: s + batch_size]
+        chunk = todo[s : s + batch_size]
         for name, tensors in zip(chunk, encoder.encode_captions([captions[k] for k in chunk])):
             text_cache.set_schema(tensors)
             text_cache.put(name, tensors)
@@ -140,7 +153,7 @@ def fill_cache(text_cache: EncodingCache, latent_cache: EncodingCache, dataset: 
     for (h, w), names in sorted(by_size.items()):
         for s in range(0, len(names), batch_size):
             chunk, pixels = [], []
-            for name in names[s: s + batch_size]:
+            for name in names[s : s + batch_size]:
                 i = first[name]
                 try:
                     item = dataset.load(i)
@@ -150,14 +163,16 @@ def fill_cache(text_cache: EncodingCache, latent_cache: EncodingCache, dataset: 
                     unreadable[name] = reason
                     continue
                 if tuple(item["pixel_values"].shape[-2:]) != (h, w):
-                    raise ValueError(f"record {dataset.records[i].name}: decoded to {tuple(item['pixel_values'].shape[-2:])} "
-                                     f"but the data index gives bucket {(h, w)}; delete the index file and rerun")
+                    raise ValueError(
+                        f"record {dataset.records[i].name}: decoded to {tuple(item['pixel_values'].shape[-2:])} "
+                        f"but the data index gives bucket {(h, w)}; delete the index file and rerun"
+                    )
                 chunk.append(name)
                 pixels.append(item["pixel_values"])
             if chunk:
                 for name, tensors in zip(chunk, encoder.encode_pixels(torch.stack(pixels))):
                     latent_cache.put(name, tensors)
-            done += len(names[s: s + batch_size])
+            done += len(names[s : s + batch_size])
             report.latents_encoded += len(chunk)
             say(f"rank {rank}: latents {done}/{len(todo)}")
     latent_cache.flush()
@@ -172,13 +187,16 @@ def fill_cache(text_cache: EncodingCache, latent_cache: EncodingCache, dataset: 
     return report
 
 
-def missing_entries(text_cache: EncodingCache, latent_cache: EncodingCache, dataset: ImageCaptionDataset,
-                    prompts: Sequence[str]) -> tuple[list[str], list[int]]:
+def missing_entries(
+    text_cache: EncodingCache, latent_cache: EncodingCache, dataset: ImageCaptionDataset, prompts: Sequence[str]
+) -> tuple[list[str], list[int]]:
     """(captions without a text entry, dataset indices without a latent entry and not listed as unreadable); reads
     only the shards' headers."""
     text_cache.refresh()
     latent_cache.refresh()
-    captions = sorted({c for c in [*(r.caption for r in dataset.records), *prompts, ""] if text_key(c) not in text_cache})
+    captions = sorted(
+        {c for c in [*(r.caption for r in dataset.records), *prompts, ""] if text_key(c) not in text_cache}
+    )
     bad = unreadable_images(latent_cache)
     images = [i for i, name in enumerate(dataset_latent_keys(dataset)) if name not in latent_cache and name not in bad]
     return captions, images

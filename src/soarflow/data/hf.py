@@ -25,8 +25,10 @@ def _require_datasets():
     try:
         import datasets
     except ImportError:
-        raise ImportError("data.format hf_dataset / parquet / hf_streaming needs the `datasets` package: "
-                          "pip install 'soarflow[diffusers]' (or pip install datasets)") from None
+        raise ImportError(
+            "data.format hf_dataset / parquet / hf_streaming needs the `datasets` package: "
+            "pip install 'soarflow[diffusers]' (or pip install datasets)"
+        ) from None
     return datasets
 
 
@@ -93,8 +95,10 @@ def _image_bytes(value: Any, root: Path, name: str) -> bytes:
 def _files_signature(path: str, kind: str) -> tuple:
     """(name, size, mtime) of the files holding a saved dataset's / parquet file's rows (once per process)."""
     files = sorted(Path(path).rglob("*.arrow")) if kind == "disk" else [Path(path)]
-    return tuple((f.relative_to(path).as_posix() if kind == "disk" else f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                 for f in files)
+    return tuple(
+        (f.relative_to(path).as_posix() if kind == "disk" else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+        for f in files
+    )
 
 
 @dataclass(frozen=True)
@@ -135,8 +139,14 @@ def _check_columns(names, image_column: str, caption_column: str, where: str) ->
             raise ValueError(f"config key 'data.{key}': {where} has no column {col!r} (columns: {', '.join(names)})")
 
 
-def read_saved_dataset(path: str | Path, log: BadSampleLog | None = None, *, image_column: str = "image",
-                       caption_column: str = "text", split: str = "train") -> list[ImageCaptionRecord]:
+def read_saved_dataset(
+    path: str | Path,
+    log: BadSampleLog | None = None,
+    *,
+    image_column: str = "image",
+    caption_column: str = "text",
+    split: str = "train",
+) -> list[ImageCaptionRecord]:
     """Records of a ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` folder."""
     log = log or BadSampleLog()
     if not Path(path).is_dir():
@@ -145,14 +155,22 @@ def read_saved_dataset(path: str | Path, log: BadSampleLog | None = None, *, ima
     _check_columns(ds.column_names, image_column, caption_column, str(path))
     records = []
     for row, caption in enumerate(ds[caption_column]):
-        rec = ImageCaptionRecord(f"row{row:08d}", ArrowRow("disk", str(path), row, image_column, split), _caption(caption))
+        rec = ImageCaptionRecord(
+            f"row{row:08d}", ArrowRow("disk", str(path), row, image_column, split), _caption(caption)
+        )
         if check_record(rec, log):
             records.append(rec)
     return records
 
 
-def read_parquet(path: str | Path, log: BadSampleLog | None = None, *, image_column: str = "image",
-                 caption_column: str = "text", split: str = "train") -> list[ImageCaptionRecord]:
+def read_parquet(
+    path: str | Path,
+    log: BadSampleLog | None = None,
+    *,
+    image_column: str = "image",
+    caption_column: str = "text",
+    split: str = "train",
+) -> list[ImageCaptionRecord]:
     """Records of a parquet file, a folder of them (recursively) or a glob; read by row group."""
     import pyarrow.parquet as pq
 
@@ -166,22 +184,33 @@ def read_parquet(path: str | Path, log: BadSampleLog | None = None, *, image_col
         for group in range(pf.metadata.num_row_groups):
             captions = pf.read_row_group(group, columns=[caption_column]).column(caption_column).to_pylist()
             for row, caption in enumerate(captions):
-                rec = ImageCaptionRecord(f"{rel}:{group}:{row}", ArrowRow("parquet", str(file), row, image_column, split,
-                                                                         group), _caption(caption))
+                rec = ImageCaptionRecord(
+                    f"{rel}:{group}:{row}",
+                    ArrowRow("parquet", str(file), row, image_column, split, group),
+                    _caption(caption),
+                )
                 if check_record(rec, log):
                     records.append(rec)
     return records
 
 
-def read_streaming(path: str, log: BadSampleLog | None = None, *, image_column: str = "image", caption_column: str = "text",
-                   split: str = "train", max_samples: int | None = None) -> list[ImageCaptionRecord]:
+def read_streaming(
+    path: str,
+    log: BadSampleLog | None = None,
+    *,
+    image_column: str = "image",
+    caption_column: str = "text",
+    split: str = "train",
+    max_samples: int | None = None,
+) -> list[ImageCaptionRecord]:
     """Records of ``load_dataset(path, split=split, streaming=True)`` (parquet files given as a file, folder or glob
     are streamed with the parquet builder), stopping after `max_samples` usable rows; images kept in memory."""
     datasets = _require_datasets()
     p = Path(path)
     if p.suffix == ".parquet" or (p.is_dir() and any(p.rglob("*.parquet"))) or "*" in path:
-        stream = datasets.load_dataset("parquet", data_files=[str(f) for f in _parquet_files(path)], split=split,
-                                       streaming=True)
+        stream = datasets.load_dataset(
+            "parquet", data_files=[str(f) for f in _parquet_files(path)], split=split, streaming=True
+        )
         root = p if p.is_dir() else p.parent
     else:
         stream = datasets.load_dataset(path, split=split, streaming=True)

@@ -64,7 +64,9 @@ class DataIndex:
             except (ValueError, KeyError, TypeError):
                 logger.warning("data index %s is unreadable; rebuilding it", self.path)
 
-    def update(self, records: Sequence[ImageCaptionRecord], log: BadSampleLog) -> list[tuple[ImageCaptionRecord, IndexEntry]]:
+    def update(
+        self, records: Sequence[ImageCaptionRecord], log: BadSampleLog
+    ) -> list[tuple[ImageCaptionRecord, IndexEntry]]:
         """The usable records with their entries; unreadable images go to `log` (and are left out)."""
         out = []
         changed = False
@@ -99,7 +101,9 @@ class DataIndex:
             tmp.write_text(json.dumps({"version": VERSION, "entries": self.stored}))
             os.replace(tmp, self.path)
         except OSError as err:
-            logger.warning("cannot write the data index %s (%s); image sizes will be read again next run", self.path, err)
+            logger.warning(
+                "cannot write the data index %s (%s); image sizes will be read again next run", self.path, err
+            )
 
 
 def source_id(parts: dict) -> str:

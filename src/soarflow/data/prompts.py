@@ -26,8 +26,10 @@ def read_prompt_records(path: str | Path, key: str = "prompt") -> list[tuple[str
     if not p.is_file():
         raise FileNotFoundError(f"prompt file {p} does not exist")
     if p.suffix not in PROMPT_SUFFIXES:
-        raise ValueError(f"prompt file {p}: expected a .txt (one prompt per line) or .jsonl (a {key!r} key per line) "
-                         f"file, got suffix {p.suffix!r}")
+        raise ValueError(
+            f"prompt file {p}: expected a .txt (one prompt per line) or .jsonl (a {key!r} key per line) "
+            f"file, got suffix {p.suffix!r}"
+        )
     records: list[tuple[str, dict | None]] = []
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -75,16 +77,30 @@ class PromptDataset(torch.utils.data.Dataset):
 
 
 def collate_prompts(samples: Sequence[dict]) -> dict:
-    return {"caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples],
-            "metadata": [s.get("metadata") for s in samples]}
+    return {
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "metadata": [s.get("metadata") for s in samples],
+    }
 
 
 def is_prompt_batch(batch: object) -> bool:
     """A batch of :class:`PromptDataset` items (captions and no images). An image dataset's batch always has
     ``size`` (its images' (h, w)), also when a complete encoder cache leaves out the pixels: that is no prompt batch."""
-    return (isinstance(batch, dict) and "caption" in batch and "pixel_values" not in batch and "image" not in batch
-            and "size" not in batch)
+    return (
+        isinstance(batch, dict)
+        and "caption" in batch
+        and "pixel_values" not in batch
+        and "image" not in batch
+        and "size" not in batch
+    )
 
 
-__all__ = ["PROMPT_SUFFIXES", "PromptDataset", "collate_prompts", "is_prompt_batch", "read_prompt_file",
-           "read_prompt_records"]
+__all__ = [
+    "PROMPT_SUFFIXES",
+    "PromptDataset",
+    "collate_prompts",
+    "is_prompt_batch",
+    "read_prompt_file",
+    "read_prompt_records",
+]

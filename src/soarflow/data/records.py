@@ -46,17 +46,22 @@ def inside_root(root: Path, relative: str, record: str) -> Path:
     component, or resolves (through symlinks) outside ``root``."""
     rel = Path(relative)
     if rel.is_absolute() or relative.startswith(("/", "\\")) or Path(relative).drive:
-        raise PathEscapeError(f"data record {record}: image path {relative!r} is absolute; paths must be relative "
-                              f"to the dataset root {root}")
+        raise PathEscapeError(
+            f"data record {record}: image path {relative!r} is absolute; paths must be relative "
+            f"to the dataset root {root}"
+        )
     if ".." in rel.parts or ".." in relative.replace("\\", "/").split("/"):
-        raise PathEscapeError(f"data record {record}: image path {relative!r} leaves the dataset root {root} "
-                              "through '..'")
+        raise PathEscapeError(
+            f"data record {record}: image path {relative!r} leaves the dataset root {root} through '..'"
+        )
     path = root / rel
     real_root = root.resolve()
     real = path.resolve()
     if real != real_root and real_root not in real.parents:
-        raise PathEscapeError(f"data record {record}: image path {relative!r} resolves to {real}, outside the "
-                              f"dataset root {real_root} (a symlink leaving the root)")
+        raise PathEscapeError(
+            f"data record {record}: image path {relative!r} resolves to {real}, outside the "
+            f"dataset root {real_root} (a symlink leaving the root)"
+        )
     return path
 
 
@@ -232,7 +237,9 @@ def check_record(record: ImageCaptionRecord, log: BadSampleLog) -> bool:
     return True
 
 
-def read_imagefolder(root: str | Path, log: BadSampleLog | None = None, caption_column: str = "text") -> list[ImageCaptionRecord]:
+def read_imagefolder(
+    root: str | Path, log: BadSampleLog | None = None, caption_column: str = "text"
+) -> list[ImageCaptionRecord]:
     """Records of an image folder: ``root/metadata.jsonl`` (``file_name`` + `caption_column`) when present, else
     every image with a ``.txt`` sidecar caption."""
     log = log or BadSampleLog()
@@ -250,8 +257,13 @@ def read_imagefolder(root: str | Path, log: BadSampleLog | None = None, caption_
             continue
         path = inside_root(root, name, f"{meta}:{lineno}")
         caption = row.get(caption_column)
-        rec = ImageCaptionRecord(name, path, caption if isinstance(caption, str) else "",
-                                 int_or_none(row.get("width")), int_or_none(row.get("height")))
+        rec = ImageCaptionRecord(
+            name,
+            path,
+            caption if isinstance(caption, str) else "",
+            int_or_none(row.get("width")),
+            int_or_none(row.get("height")),
+        )
         if check_record(rec, log):
             records.append(rec)
     return records
@@ -261,11 +273,16 @@ def read_sidecar_folder(root: str | Path, log: BadSampleLog | None = None) -> li
     """Every image under `root` (recursively, sorted) with its caption in ``<stem>.txt`` beside it."""
     log = log or BadSampleLog()
     root = Path(root)
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    images = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not any(p.with_suffix(".txt").is_file() for p in images):
-        raise FileNotFoundError(f"data.path: {root} has neither metadata.jsonl nor images with .txt sidecar captions "
-                                f"({len(images)} images without one)")
+        raise FileNotFoundError(
+            f"data.path: {root} has neither metadata.jsonl nor images with .txt sidecar captions "
+            f"({len(images)} images without one)"
+        )
     records = []
     for path in images:
         rel = path.relative_to(root).as_posix()
@@ -286,7 +303,9 @@ def read_sidecar_folder(root: str | Path, log: BadSampleLog | None = None) -> li
     return records
 
 
-def read_soar_jsonl(jsonl: str | Path, image_dir: str | Path, log: BadSampleLog | None = None) -> list[ImageCaptionRecord]:
+def read_soar_jsonl(
+    jsonl: str | Path, image_dir: str | Path, log: BadSampleLog | None = None
+) -> list[ImageCaptionRecord]:
     """Records of the official SOAR JSONL (``md5``, ``caption_en``, ``bw``, ``bh``; images ``{md5}.jpg``)."""
     log = log or BadSampleLog()
     jsonl, image_dir = Path(jsonl), Path(image_dir)
@@ -300,8 +319,13 @@ def read_soar_jsonl(jsonl: str | Path, image_dir: str | Path, log: BadSampleLog 
             continue
         path = inside_root(image_dir, f"{md5}.jpg", f"{jsonl}:{lineno}")
         caption = row.get("caption_en")
-        rec = ImageCaptionRecord(md5, path, caption if isinstance(caption, str) else "",
-                                 int_or_none(row.get("bw")), int_or_none(row.get("bh")))
+        rec = ImageCaptionRecord(
+            md5,
+            path,
+            caption if isinstance(caption, str) else "",
+            int_or_none(row.get("bw")),
+            int_or_none(row.get("bh")),
+        )
         if check_record(rec, log):
             records.append(rec)
     return records
@@ -330,10 +354,18 @@ def read_records(source: DataSource, log: BadSampleLog) -> list[ImageCaptionReco
     elif fmt in ("hf_dataset", "parquet", "hf_streaming"):
         from . import hf
 
-        reader = {"hf_dataset": hf.read_saved_dataset, "parquet": hf.read_parquet, "hf_streaming": hf.read_streaming}[fmt]
+        reader = {"hf_dataset": hf.read_saved_dataset, "parquet": hf.read_parquet, "hf_streaming": hf.read_streaming}[
+            fmt
+        ]
         kwargs = {"max_samples": source.max_samples} if fmt == "hf_streaming" else {}
-        recs = reader(source.path, log, image_column=source.image_column, caption_column=source.caption_column or "text",
-                      split=source.split, **kwargs)
+        recs = reader(
+            source.path,
+            log,
+            image_column=source.image_column,
+            caption_column=source.caption_column or "text",
+            split=source.split,
+            **kwargs,
+        )
     elif fmt == "webdataset":
         from .wds import read_webdataset
 

@@ -26,8 +26,11 @@ def _expand_braces(pattern: str) -> list[str]:
         return [pattern]
     a, b = m.group(1), m.group(2)
     width = len(a)
-    return [p for i in range(int(a), int(b) + 1)
-            for p in _expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end():])]
+    return [
+        p
+        for i in range(int(a), int(b) + 1)
+        for p in _expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :])
+    ]
 
 
 def shard_files(path: str) -> list[Path]:
@@ -90,8 +93,11 @@ def read_webdataset(path: str, log: BadSampleLog | None = None, caption_key: str
             if not member.isfile():
                 log.report(name, f"image member {member.name} is not a regular file (a link?)")
                 continue
-            rec = ImageCaptionRecord(f"{shard.name}:{key}", TarMember(shard, member.name, member.offset_data, member.size),
-                                     captions.get(key, ""))
+            rec = ImageCaptionRecord(
+                f"{shard.name}:{key}",
+                TarMember(shard, member.name, member.offset_data, member.size),
+                captions.get(key, ""),
+            )
             if check_record(rec, log):
                 records.append(rec)
     return records

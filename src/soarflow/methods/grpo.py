@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -53,7 +53,9 @@ KL_FORMS = ("release", "exact_gaussian")
 
 def _f(default: Any = None, help: str = "", factory: Any = None) -> Any:
     meta = {"help": help}
-    return field(default_factory=factory, metadata=meta) if factory is not None else field(default=default, metadata=meta)
+    return (
+        field(default_factory=factory, metadata=meta) if factory is not None else field(default=default, metadata=meta)
+    )
 
 
 @dataclass
@@ -72,22 +74,32 @@ class GRPOConfig:
     guidance_scale: float = _f(4.5, "guidance scale in the rollouts and the trained log-probabilities")
     clip_range: float = _f(1e-4, "PPO clip epsilon of the probability ratio")
     adv_clip_max: float = _f(5.0, "advantages are clipped to +-this")
-    beta: float = _f(0.04, "weight of the KL term to the frozen reference model, in the form kl_form names "
-                           "(0: no reference forward)")
+    beta: float = _f(
+        0.04, "weight of the KL term to the frozen reference model, in the form kl_form names (0: no reference forward)"
+    )
     kl_form: Literal["release", "exact_gaussian"] = _f(
-        "release", "release: ||mu - mu_ref||^2 / (2 std_dev_t^2), std_dev_t = a sqrt(sigma/(1-sigma)) without the step "
-                   "size (Flow-GRPO's code); exact_gaussian: the exact KL of the step Gaussians (1/|dsigma| x larger "
-                   "for flow_sde)")
-    global_std: bool = _f(True, "advantages divided by the std of all rewards of the step on every process "
-                                "(Flow-GRPO's sample.global_std, true in its base and GenEval configs); false: by "
-                                "each prompt's own std")
-    chunk_size: int | None = _f(None, "max rows per forward of the trained model; the T*B (x2 with guidance) rows of "
-                                      "the loss then run as activation-checkpointed chunks (bounded memory, one "
-                                      "extra forward in backward); null: one forward")
+        "release",
+        "release: ||mu - mu_ref||^2 / (2 std_dev_t^2), std_dev_t = a sqrt(sigma/(1-sigma)) without the step "
+        "size (Flow-GRPO's code); exact_gaussian: the exact KL of the step Gaussians (1/|dsigma| x larger "
+        "for flow_sde)",
+    )
+    global_std: bool = _f(
+        True,
+        "advantages divided by the std of all rewards of the step on every process "
+        "(Flow-GRPO's sample.global_std, true in its base and GenEval configs); false: by "
+        "each prompt's own std",
+    )
+    chunk_size: int | None = _f(
+        None,
+        "max rows per forward of the trained model; the T*B (x2 with guidance) rows of "
+        "the loss then run as activation-checkpointed chunks (bounded memory, one "
+        "extra forward in backward); null: one forward",
+    )
     sample_reuse: int = _f(1, "optimizer steps per rollout batch (1: on-policy; >1 makes the ratio clip active)")
     reward: str = _f("auto", "'auto' (shapes: soarflow.shapes:reward) or 'package.module:callable'")
-    reward_kwargs: dict[str, Any] = _f(help="if given, reward names a factory called with these to build the reward",
-                                       factory=dict)
+    reward_kwargs: dict[str, Any] = _f(
+        help="if given, reward names a factory called with these to build the reward", factory=dict
+    )
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, why: str) -> None:
@@ -96,19 +108,28 @@ class GRPOConfig:
 
         need(isinstance(self.group_size, int) and self.group_size >= 2, "group_size", "must be an integer >= 2")
         need(isinstance(self.num_steps, int) and self.num_steps >= 2, "num_steps", "must be an integer >= 2")
-        need(self.train_timesteps is None or 1 <= self.train_timesteps <= self.num_steps - 1, "train_timesteps",
-             f"must be null or in [1, num_steps - 1 = {self.num_steps - 1}]")
+        need(
+            self.train_timesteps is None or 1 <= self.train_timesteps <= self.num_steps - 1,
+            "train_timesteps",
+            f"must be null or in [1, num_steps - 1 = {self.num_steps - 1}]",
+        )
         need(self.sde_kind in ("flow_sde", "cps"), "sde_kind", "must be flow_sde or cps")
-        need(0 < self.noise_scale and (self.sde_kind != "cps" or self.noise_scale <= 1), "noise_scale",
-             "must be > 0 (and <= 1 for cps)")
+        need(
+            0 < self.noise_scale and (self.sde_kind != "cps" or self.noise_scale <= 1),
+            "noise_scale",
+            "must be > 0 (and <= 1 for cps)",
+        )
         need(math.isfinite(self.guidance_scale), "guidance_scale", "must be finite")
         need(0 < self.clip_range < 1, "clip_range", "must be in (0, 1)")
         need(self.adv_clip_max > 0, "adv_clip_max", "must be > 0")
         need(self.beta >= 0 and math.isfinite(self.beta), "beta", "must be >= 0")
         need(self.kl_form in KL_FORMS, "kl_form", f"must be one of {', '.join(KL_FORMS)}")
         need(isinstance(self.global_std, bool), "global_std", "must be true or false")
-        need(self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size >= 1), "chunk_size",
-             "must be null or an integer >= 1")
+        need(
+            self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size >= 1),
+            "chunk_size",
+            "must be null or an integer >= 1",
+        )
         need(isinstance(self.sample_reuse, int) and self.sample_reuse >= 1, "sample_reuse", "must be an integer >= 1")
         need(bool(self.reward), "reward", "must not be empty")
 
@@ -153,21 +174,24 @@ def gaussian_entropy(std: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.log(2 * math.pi * math.e * std.float().flatten(1)[:, 0] ** 2)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, clip: float, eps: float = 1e-4, *,
-                     global_std: bool = False) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, clip: float, eps: float = 1e-4, *, global_std: bool = False
+) -> torch.Tensor:
     """Rewards (B,) laid out as B/G consecutive groups of G -> clipped advantages (B,): each group's mean
     subtracted, divided by the group's population std (or, ``global_std``, by that of all B rewards) + eps."""
     if rewards.ndim != 1 or rewards.shape[0] % group_size:
-        raise ValueError(f"rewards: expected shape (B,) with B a multiple of group_size {group_size}, "
-                         f"got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards: expected shape (B,) with B a multiple of group_size {group_size}, got {tuple(rewards.shape)}"
+        )
     r = rewards.double().reshape(-1, group_size)
     std = r.std(unbiased=False) if global_std else r.std(1, unbiased=False, keepdim=True)
     adv = (r - r.mean(1, keepdim=True)) / (std + eps)
     return adv.clamp(-clip, clip).reshape(-1).to(torch.float32)
 
 
-def prompt_advantages(prompts: list[str], rewards: torch.Tensor, clip: float, eps: float = 1e-4, *,
-                      global_std: bool = False) -> torch.Tensor:
+def prompt_advantages(
+    prompts: list[str], rewards: torch.Tensor, clip: float, eps: float = 1e-4, *, global_std: bool = False
+) -> torch.Tensor:
     r"""Flow-GRPO's per-prompt statistics: every reward of the batch whose prompt text is ``p`` forms p's group;
     :math:`A = \mathrm{clip}((r - \bar r_p) / (\mathrm{std} + \epsilon), \pm clip)` with the population std of p's
     rewards (or, ``global_std``, of all rewards). Computed in float64 (the release uses numpy float64); (B,) float32.
@@ -190,8 +214,9 @@ def prompt_advantages(prompts: list[str], rewards: torch.Tensor, clip: float, ep
     return (centred / (std[group] + eps)).clamp(-clip, clip).to(torch.float32)
 
 
-def gather_prompt_advantages(prompts: list[str], rewards: torch.Tensor, clip: float, eps: float = 1e-4, *,
-                             global_std: bool = False) -> torch.Tensor:
+def gather_prompt_advantages(
+    prompts: list[str], rewards: torch.Tensor, clip: float, eps: float = 1e-4, *, global_std: bool = False
+) -> torch.Tensor:
     """:func:`prompt_advantages` over the batch of every process (``torch.distributed`` all-gather of the prompts
     and rewards, as Flow-GRPO gathers them before its stat tracker); this process's rows. Without an initialised
     process group (or with one process) it is :func:`prompt_advantages` on the local batch. Processes may hold
@@ -212,8 +237,9 @@ def gather_prompt_advantages(prompts: list[str], rewards: torch.Tensor, clip: fl
     return adv[start : start + len(prompts)].to(rewards.device)
 
 
-def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                  clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_clip_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Per-row :math:`\max(-A\rho, -A\,\mathrm{clip}(\rho, 1\pm\varepsilon))` and whether the clip was active."""
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
@@ -239,8 +265,16 @@ class Rollout:
 
 
 @torch.no_grad()
-def sample_with_log_probs(model: VelocityModel, noise: torch.Tensor, cond: Any, *, null_cond: Any,
-                          config: GRPOConfig, shift: float, generator: torch.Generator | None = None) -> Rollout:
+def sample_with_log_probs(
+    model: VelocityModel,
+    noise: torch.Tensor,
+    cond: Any,
+    *,
+    null_cond: Any,
+    config: GRPOConfig,
+    shift: float,
+    generator: torch.Generator | None = None,
+) -> Rollout:
     """Run the S-step stochastic sampler from ``noise`` (sigma = 1), recording each state and the
     log-probability of every stochastic step (the last step is the deterministic Euler step)."""
     sigmas = sigma_schedule(config.num_steps, shift, device=noise.device)
@@ -279,8 +313,17 @@ class GRPOOutput:
     entropy: torch.Tensor  # mean per-dimension entropy of the trained step distributions
 
 
-def grpo_loss(model: VelocityModel, rollout: Rollout, advantages: torch.Tensor, timesteps: torch.Tensor, cond: Any,
-              *, null_cond: Any, config: GRPOConfig, reference: VelocityModel | None = None) -> GRPOOutput:
+def grpo_loss(
+    model: VelocityModel,
+    rollout: Rollout,
+    advantages: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: Any,
+    *,
+    null_cond: Any,
+    config: GRPOConfig,
+    reference: VelocityModel | None = None,
+) -> GRPOOutput:
     """The Flow-GRPO loss (module doc) on the (T, B) ``timesteps`` of ``rollout``: one fused forward of the
     T*B trained states (doubled for guidance), plus one no-grad reference forward when ``beta > 0``."""
     T, B = timesteps.shape
@@ -295,8 +338,9 @@ def grpo_loss(model: VelocityModel, rollout: Rollout, advantages: torch.Tensor, 
     null_t = cond_repeat(cond_expand_null(null_cond, B), T) if null_cond is not None else None
     kind, a = config.sde_kind, config.noise_scale
 
-    chunked = model if config.chunk_size is None else (
-        lambda xs, ss, cs: _forward_rows(model, xs, ss, cs, config.chunk_size))
+    chunked = (
+        model if config.chunk_size is None else (lambda xs, ss, cs: _forward_rows(model, xs, ss, cs, config.chunk_size))
+    )
     v = guided_velocity(chunked, x, sig, cond_t, null_t, config.guidance_scale)
     mean, std = step_distribution(kind, x, sig, sig_next, v, noise_scale=a)
     log_prob = gaussian_log_prob(x_next, mean, std)
@@ -311,8 +355,14 @@ def grpo_loss(model: VelocityModel, rollout: Rollout, advantages: torch.Tensor, 
         kl = torch.zeros((), device=x.device)
     loss = policy_loss + config.beta * kl
     log_ratio = (log_prob - old).detach()
-    return GRPOOutput(loss=loss, policy_loss=policy_loss.detach(), kl=kl.detach(), clip_frac=clipped.mean(),
-                      approx_kl_old=0.5 * (log_ratio**2).mean(), entropy=gaussian_entropy(std).mean())
+    return GRPOOutput(
+        loss=loss,
+        policy_loss=policy_loss.detach(),
+        kl=kl.detach(),
+        clip_frac=clipped.mean(),
+        approx_kl_old=0.5 * (log_ratio**2).mean(),
+        entropy=gaussian_entropy(std).mean(),
+    )
 
 
 def check_rewards(rewards: Any, batch: int, name: str, step: int) -> torch.Tensor:
@@ -322,7 +372,9 @@ def check_rewards(rewards: Any, batch: int, name: str, step: int) -> torch.Tenso
         try:
             rewards = torch.as_tensor(rewards)
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"{where}: returned {type(rewards).__name__}, expected a tensor of shape ({batch},)") from None
+            raise ValueError(
+                f"{where}: returned {type(rewards).__name__}, expected a tensor of shape ({batch},)"
+            ) from None
     if tuple(rewards.shape) != (batch,):
         raise ValueError(f"{where}: returned shape {tuple(rewards.shape)}, expected ({batch},)")
     rewards = rewards.float()

@@ -35,9 +35,17 @@ class InputPerturbationOutput:
     mean_sigma: torch.Tensor
 
 
-def input_perturbation_loss(model: VelocityModel, x0: torch.Tensor, cond: Any, *, noise: torch.Tensor,
-                            perturbation: torch.Tensor, sigma: torch.Tensor, gamma: float,
-                            weighting: str = "none") -> InputPerturbationOutput:
+def input_perturbation_loss(
+    model: VelocityModel,
+    x0: torch.Tensor,
+    cond: Any,
+    *,
+    noise: torch.Tensor,
+    perturbation: torch.Tensor,
+    sigma: torch.Tensor,
+    gamma: float,
+    weighting: str = "none",
+) -> InputPerturbationOutput:
     """The loss of the module doc for given noise z1, perturbation xi (both shaped like x0) and sigma (B,)."""
     x_in = interpolate(x0, noise + gamma * perturbation, sigma)
     err = per_sample_mse(model(x_in, sigma, cond), velocity_target(x0, noise))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -53,13 +53,19 @@ class ScheduledSamplingConfig:
             if not ok:
                 raise ValueError(f"config key '{key}': {why} (got {getattr(self, key)!r})")
 
-        need(isinstance(self.max_step_offset, int) and self.max_step_offset >= 1, "max_step_offset",
-             "must be an integer >= 1")
+        need(
+            isinstance(self.max_step_offset, int) and self.max_step_offset >= 1,
+            "max_step_offset",
+            "must be an integer >= 1",
+        )
         need(0 <= self.probability <= 1, "probability", "must be in [0, 1]")
         need(isinstance(self.ramp_steps, int) and self.ramp_steps >= 0, "ramp_steps", "must be an integer >= 0")
         need(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
-        need(isinstance(self.num_steps, int) and self.num_steps >= self.max_step_offset, "num_steps",
-             "must be an integer >= max_step_offset")
+        need(
+            isinstance(self.num_steps, int) and self.num_steps >= self.max_step_offset,
+            "num_steps",
+            "must be an integer >= max_step_offset",
+        )
         need(math.isfinite(self.guidance_scale), "guidance_scale", "must be finite")
 
     def probability_at(self, step: int) -> float:
@@ -71,12 +77,15 @@ class ScheduledSamplingConfig:
     def offset_probs(self) -> torch.Tensor:
         """P(k) for k = 1..K."""
         k = torch.arange(1, self.max_step_offset + 1, dtype=torch.float64)
-        w = {"uniform": torch.ones_like(k), "biased_early": self.max_step_offset + 1 - k, "biased_late": k}[self.strategy]
+        w = {"uniform": torch.ones_like(k), "biased_early": self.max_step_offset + 1 - k, "biased_late": k}[
+            self.strategy
+        ]
         return w / w.sum()
 
 
-def draw_offsets(t: torch.Tensor, config: ScheduledSamplingConfig, probability: float,
-                 generator: torch.Generator | None) -> torch.Tensor:
+def draw_offsets(
+    t: torch.Tensor, config: ScheduledSamplingConfig, probability: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """Per-sample rollout length k (long tensor, (B,)): 0 with probability 1 - p, capped at floor(N (1 - t))."""
     b = t.shape[0]
     k = torch.multinomial(config.offset_probs().float().to(t.device).expand(b, -1), 1, generator=generator)[:, 0] + 1
@@ -90,8 +99,18 @@ def max_offsets(t: torch.Tensor, num_steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rollout_to(model: VelocityModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, k: torch.Tensor,
-               cond: Any, *, null_cond: Any, config: ScheduledSamplingConfig, shift: float) -> torch.Tensor:
+def rollout_to(
+    model: VelocityModel,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    k: torch.Tensor,
+    cond: Any,
+    *,
+    null_cond: Any,
+    config: ScheduledSamplingConfig,
+    shift: float,
+) -> torch.Tensor:
     """The state at sigma(t) reached by k Euler steps from the forward-noised x at t + k/N (k = 0: x_t itself)."""
     n = config.num_steps
     x = interpolate(x0, noise, shift_sigma((t + k / n).clamp(max=1.0), shift))
@@ -114,9 +133,19 @@ class ScheduledSamplingOutput:
     mean_sigma: torch.Tensor
 
 
-def scheduled_sampling_loss(model: VelocityModel, x0: torch.Tensor, cond: Any, *, noise: torch.Tensor, t: torch.Tensor,
-                            offsets: torch.Tensor, null_cond: Any, config: ScheduledSamplingConfig, shift: float,
-                            weighting: str = "none") -> ScheduledSamplingOutput:
+def scheduled_sampling_loss(
+    model: VelocityModel,
+    x0: torch.Tensor,
+    cond: Any,
+    *,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    offsets: torch.Tensor,
+    null_cond: Any,
+    config: ScheduledSamplingConfig,
+    shift: float,
+    weighting: str = "none",
+) -> ScheduledSamplingOutput:
     """The loss of the module doc for given noise, t (B,) and offsets k (B,)."""
     sigma = shift_sigma(t, shift)
     x_t = interpolate(x0, noise, sigma)

@@ -36,8 +36,10 @@ ORIGINAL_PREFIX = "model.diffusion_model."
 
 def cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Contiguous CPU copies of `state` with floating tensors in `dtype` (others unchanged)."""
-    return {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().to("cpu")).contiguous()
-            for k, v in state.items()}
+    return {
+        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().to("cpu")).contiguous()
+        for k, v in state.items()
+    }
 
 
 def save_transformer(transformer: nn.Module, folder: Path, save_dtype: str = "fp32") -> Path:
@@ -50,8 +52,11 @@ def save_transformer(transformer: nn.Module, folder: Path, save_dtype: str = "fp
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     transformer.save_config(folder)
-    save_file(cast_floats(transformer.state_dict(), SAVE_DTYPES[save_dtype]), str(folder / WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    save_file(
+        cast_floats(transformer.state_dict(), SAVE_DTYPES[save_dtype]),
+        str(folder / WEIGHTS_NAME),
+        metadata={"format": "pt"},
+    )
     return folder
 
 
@@ -132,8 +137,11 @@ def save_single_file(family: str, transformer: nn.Module, path: Path, save_dtype
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(cast_floats(single_file_state_dict(family, transformer), SAVE_DTYPES[save_dtype]), str(path),
-              metadata={"format": "pt"})
+    save_file(
+        cast_floats(single_file_state_dict(family, transformer), SAVE_DTYPES[save_dtype]),
+        str(path),
+        metadata={"format": "pt"},
+    )
     return path
 
 
@@ -162,5 +170,12 @@ def _split_lora_key(key: str) -> tuple[str, Literal["A", "B"]]:
     raise ValueError(f"save_comfyui_lora: {key!r} is not a LoRA A/B weight")
 
 
-__all__ = ["SAVE_DTYPES", "cast_floats", "lora_to_comfyui", "save_single_file", "save_transformer",
-           "sd3_to_original", "single_file_state_dict"]
+__all__ = [
+    "SAVE_DTYPES",
+    "cast_floats",
+    "lora_to_comfyui",
+    "save_single_file",
+    "save_transformer",
+    "sd3_to_original",
+    "single_file_state_dict",
+]

@@ -31,9 +31,22 @@ class FrozenPipeline:
 
     With `offload`, `on(device)` moves it back to the CPU after each use (saves ~11 GB with T5-XXL)."""
 
-    def __init__(self, pipeline_class_name: str, pretrained: str, *, revision: str | None = None,
-                 variant: str | None = None, dtype: torch.dtype = torch.float32, offload: bool = False):
-        self.pipeline_class_name, self.pretrained, self.dtype, self.offload = pipeline_class_name, pretrained, dtype, offload
+    def __init__(
+        self,
+        pipeline_class_name: str,
+        pretrained: str,
+        *,
+        revision: str | None = None,
+        variant: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        offload: bool = False,
+    ):
+        self.pipeline_class_name, self.pretrained, self.dtype, self.offload = (
+            pipeline_class_name,
+            pretrained,
+            dtype,
+            offload,
+        )
         self.load_kwargs = {k: v for k, v in (("revision", revision), ("variant", variant)) if v}
         self._pipe: Any = None
         self._vae_factors: tuple[float, float] | None = None
@@ -143,19 +156,29 @@ class VAEDecoder(nn.Module):
 
         from diffusers.models.autoencoders.vae import Decoder
 
-        wanted = {"in_channels": config["latent_channels"], "out_channels": config.get("out_channels", 3),
-                  "up_block_types": tuple(config["up_block_types"]), "block_out_channels": tuple(config["block_out_channels"]),
-                  "layers_per_block": config.get("layers_per_block", 1), "norm_num_groups": config.get("norm_num_groups", 32),
-                  "act_fn": config.get("act_fn", "silu"),
-                  "mid_block_add_attention": config.get("mid_block_add_attention", True)}
+        wanted = {
+            "in_channels": config["latent_channels"],
+            "out_channels": config.get("out_channels", 3),
+            "up_block_types": tuple(config["up_block_types"]),
+            "block_out_channels": tuple(config["block_out_channels"]),
+            "layers_per_block": config.get("layers_per_block", 1),
+            "norm_num_groups": config.get("norm_num_groups", 32),
+            "act_fn": config.get("act_fn", "silu"),
+            "mid_block_add_attention": config.get("mid_block_add_attention", True),
+        }
         accepted = inspect.signature(Decoder.__init__).parameters
         self.decoder = Decoder(**{k: v for k, v in wanted.items() if k in accepted})
         c = config["latent_channels"]
         self.post_quant_conv = nn.Conv2d(c, c, 1) if config.get("use_post_quant_conv", True) else None
 
     @classmethod
-    def from_pretrained(cls, pretrained: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
-                        variant: str | None = None) -> "VAEDecoder":
+    def from_pretrained(
+        cls,
+        pretrained: str,
+        dtype: torch.dtype = torch.float32,
+        revision: str | None = None,
+        variant: str | None = None,
+    ) -> "VAEDecoder":
         from diffusers import AutoencoderKL
         from huggingface_hub import snapshot_download
         from safetensors import safe_open
@@ -172,7 +195,9 @@ class VAEDecoder(nn.Module):
 
             files = sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()})
         if not files[0].is_file():
-            raise FileNotFoundError(f"model.pretrained: no VAE weights {files[0]} (safetensors) to load the decoder from")
+            raise FileNotFoundError(
+                f"model.pretrained: no VAE weights {files[0]} (safetensors) to load the decoder from"
+            )
         state = {}
         for f in files:
             with safe_open(str(f), framework="pt") as sf:
@@ -180,8 +205,10 @@ class VAEDecoder(nn.Module):
         module = cls(config)
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"VAE decoder weights in {root} do not match its config (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"VAE decoder weights in {root} do not match its config (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
         module.requires_grad_(False).eval()
         return module.to(dtype)
 

@@ -36,8 +36,9 @@ class SaveOptions:
         return f"{self.family}_transformer.safetensors"
 
 
-def save_model_folder(path: Path, transformer: nn.Module, pipeline_class: type, manifest: dict,
-                      options: SaveOptions = SaveOptions()) -> Path:
+def save_model_folder(
+    path: Path, transformer: nn.Module, pipeline_class: type, manifest: dict, options: SaveOptions = SaveOptions()
+) -> Path:
     """Write the folder. Replaces an earlier soarflow model in `path` (resumed run); refuses any other non-empty
     folder."""
     path = Path(path)

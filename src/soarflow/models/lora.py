@@ -61,8 +61,10 @@ def add_lora(transformer: nn.Module, section: LoraSection) -> None:
     try:
         transformer.add_adapter(config)
     except ValueError as err:
-        raise ValueError(f"config key 'model.lora.target_modules': {list(section.target_modules)} do not match "
-                         f"modules of {type(transformer).__name__} ({err})") from None
+        raise ValueError(
+            f"config key 'model.lora.target_modules': {list(section.target_modules)} do not match "
+            f"modules of {type(transformer).__name__} ({err})"
+        ) from None
 
 
 def has_lora(transformer: nn.Module) -> bool:
@@ -102,7 +104,7 @@ def load_lora(pipeline_class: type, transformer: nn.Module, path: str | Path) ->
     if isinstance(state, tuple):  # some versions also return metadata / network alphas
         state = state[0]
     prefix = "transformer."
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not state:
         raise ValueError(f"{file} holds no transformer LoRA weights")
     result = set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(state), adapter_name="default")

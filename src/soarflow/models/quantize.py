@@ -52,8 +52,10 @@ class QuantizeSection:
         if self.backend not in WEIGHTS:
             raise ValueError(f"config key 'backend': must be one of {', '.join(WEIGHTS)} (got {self.backend!r})")
         if self.weights not in WEIGHTS[self.backend]:
-            raise ValueError(f"config key 'weights': backend {self.backend} takes {', '.join(WEIGHTS[self.backend])} "
-                             f"(got {self.weights!r})")
+            raise ValueError(
+                f"config key 'weights': backend {self.backend} takes {', '.join(WEIGHTS[self.backend])} "
+                f"(got {self.weights!r})"
+            )
 
 
 def _require(module: str, backend: str) -> Any:
@@ -62,15 +64,19 @@ def _require(module: str, backend: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ValueError(f"config key 'model.quantize_base.backend': {backend} needs the package {PACKAGES[backend]} "
-                         f"(pip install {PACKAGES[backend]}), or remove model.quantize_base") from None
+        raise ValueError(
+            f"config key 'model.quantize_base.backend': {backend} needs the package {PACKAGES[backend]} "
+            f"(pip install {PACKAGES[backend]}), or remove model.quantize_base"
+        ) from None
 
 
 def check_device(section: QuantizeSection) -> None:
     """Refuse a backend that cannot quantize on this machine, before any weights load."""
     if section.backend == "bitsandbytes" and not torch.cuda.is_available():
-        raise ValueError("config key 'model.quantize_base.backend': bitsandbytes quantizes only on a CUDA GPU "
-                         "(none found); on the CPU use backend quanto (int8, float8) or torchao (int8)")
+        raise ValueError(
+            "config key 'model.quantize_base.backend': bitsandbytes quantizes only on a CUDA GPU "
+            "(none found); on the CPU use backend quanto (int8, float8) or torchao (int8)"
+        )
 
 
 def quantization_config(section: QuantizeSection, compute_dtype: torch.dtype = torch.float32) -> Any:
@@ -90,8 +96,9 @@ def quantization_config(section: QuantizeSection, compute_dtype: torch.dtype = t
     _require("bitsandbytes", "bitsandbytes")
     if section.weights == "int8":
         return diffusers.BitsAndBytesConfig(load_in_8bit=True)
-    return diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=section.weights,
-                                        bnb_4bit_compute_dtype=compute_dtype)
+    return diffusers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=section.weights, bnb_4bit_compute_dtype=compute_dtype
+    )
 
 
 def is_quantized(module: torch.nn.Module) -> bool:

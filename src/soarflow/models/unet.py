@@ -54,7 +54,8 @@ class UNetConfig:
         checks = {
             "image_size": self.image_size > 0 and self.image_size % (2 ** max(levels - 1, 0)) == 0,
             "in_channels": self.in_channels > 0,
-            "channels": levels >= 1 and all(c > 0 and c % self.groups == 0 and c % self.num_heads == 0 for c in self.channels),
+            "channels": levels >= 1
+            and all(c > 0 and c % self.groups == 0 and c % self.num_heads == 0 for c in self.channels),
             "num_res_blocks": self.num_res_blocks >= 1,
             "attention_levels": all(0 <= a < levels for a in self.attention_levels),
             "num_heads": self.num_heads > 0,
@@ -136,9 +137,11 @@ class Level(nn.Module):
     def __init__(self, cins: list[int], cout: int, cond_dim: int, cfg: UNetConfig, attend: bool):
         super().__init__()
         self.res = nn.ModuleList(ResBlock(cin, cout, cond_dim, cfg.groups) for cin in cins)
-        self.attn = nn.ModuleList(
-            JointAttention(cout, cfg.text_dim, cfg.num_heads, cfg.groups) for _ in cins
-        ) if attend else None
+        self.attn = (
+            nn.ModuleList(JointAttention(cout, cfg.text_dim, cfg.num_heads, cfg.groups) for _ in cins)
+            if attend
+            else None
+        )
 
 
 class UNet(nn.Module):
@@ -154,8 +157,15 @@ class UNet(nn.Module):
         self.txt_pos = nn.Parameter(torch.randn(1, cfg.max_tokens, cfg.text_dim) * 0.02)
         self.null_txt = nn.Parameter(torch.randn(1, cfg.max_tokens, cfg.text_dim) * 0.02)
         self.text_encoder = nn.ModuleList(
-            nn.TransformerEncoderLayer(cfg.text_dim, cfg.num_heads, 2 * cfg.text_dim, dropout=0.0,
-                                       activation="gelu", batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                cfg.text_dim,
+                cfg.num_heads,
+                2 * cfg.text_dim,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
             for _ in range(cfg.text_layers)
         )
         self.text_norm = nn.LayerNorm(cfg.text_dim)

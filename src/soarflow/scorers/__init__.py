@@ -10,6 +10,21 @@ from .image_reward import BlipReward, ImageRewardScorer
 from .ocr import OCRScorer, ocr_score
 from .registry import COLUMNS, SCORER_NAMES, build_scorer
 
-__all__ = ["AestheticHead", "AestheticScorer", "BlipReward", "CLIPScorer", "COLUMNS", "GenEvalScorer",
-           "HPSv2Scorer", "ImageRewardScorer", "OCRScorer", "PickScoreScorer", "SCORER_NAMES", "Scorer",
-           "build_scorer", "evaluate", "ocr_score", "task_generator"]
+__all__ = [
+    "AestheticHead",
+    "AestheticScorer",
+    "BlipReward",
+    "CLIPScorer",
+    "COLUMNS",
+    "GenEvalScorer",
+    "HPSv2Scorer",
+    "ImageRewardScorer",
+    "OCRScorer",
+    "PickScoreScorer",
+    "SCORER_NAMES",
+    "Scorer",
+    "build_scorer",
+    "evaluate",
+    "ocr_score",
+    "task_generator",
+]

@@ -33,8 +33,14 @@ class AestheticHead(nn.Module):
         super().__init__()
         d = list(dims)
         self.layers = nn.Sequential(
-            nn.Linear(d[0], d[1]), nn.Dropout(0.2), nn.Linear(d[1], d[2]), nn.Dropout(0.2),
-            nn.Linear(d[2], d[3]), nn.Dropout(0.1), nn.Linear(d[3], d[4]), nn.Linear(d[4], 1),
+            nn.Linear(d[0], d[1]),
+            nn.Dropout(0.2),
+            nn.Linear(d[1], d[2]),
+            nn.Dropout(0.2),
+            nn.Linear(d[2], d[3]),
+            nn.Dropout(0.1),
+            nn.Linear(d[3], d[4]),
+            nn.Linear(d[4], 1),
         )
 
     def forward(self, embed: torch.Tensor) -> torch.Tensor:
@@ -64,16 +70,27 @@ def load_head(path: str | Path) -> AestheticHead:
 class AestheticScorer:
     name = "aesthetic"
 
-    def __init__(self, clip_model, head: AestheticHead, image_size: int, mean: Sequence[float] = CLIP_MEAN,
-                 std: Sequence[float] = CLIP_STD, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        clip_model,
+        head: AestheticHead,
+        image_size: int,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        device: torch.device | str = "cpu",
+    ):
         self.clip = clip_model.eval().requires_grad_(False).to(device)
         self.head = head.eval().requires_grad_(False).to(device)
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.device = torch.device(device)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path = "openai/clip-vit-large-patch14", head: str | Path | None = None,
-                        device: torch.device | str = "cpu") -> "AestheticScorer":
+    def from_pretrained(
+        cls,
+        path: str | Path = "openai/clip-vit-large-patch14",
+        head: str | Path | None = None,
+        device: torch.device | str = "cpu",
+    ) -> "AestheticScorer":
         """CLIP from `path` (folder or hub id), the head from `head` (a file; default TRL's copy on the hub)."""
         if head is None:
             try:

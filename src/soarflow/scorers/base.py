@@ -66,14 +66,22 @@ def evaluate(
     return out
 
 
-def task_generator(task: Any, model: torch.nn.Module, device: torch.device | str, *, num_steps: int = 28,
-                   guidance_scale: float | None = None, seed: int = 0) -> Generator:
+def task_generator(
+    task: Any,
+    model: torch.nn.Module,
+    device: torch.device | str,
+    *,
+    num_steps: int = 28,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+) -> Generator:
     """A generator over a diffusers task's sampler (``task.generate``, at ``guidance_scale``, default the task's):
     image i of each call gets noise seed (seed, i), so two models evaluated with the same seed start from the
     same noise."""
 
     def generate(prompts: Sequence[str]) -> torch.Tensor:
-        return task.generate(model, list(prompts), torch.device(device), num_steps=num_steps, guidance_scale=guidance_scale,
-                             seed=seed)
+        return task.generate(
+            model, list(prompts), torch.device(device), num_steps=num_steps, guidance_scale=guidance_scale, seed=seed
+        )
 
     return generate

@@ -49,9 +49,17 @@ def load_clip_model(path: str | Path, scorer: str, tokenizer_path: str | Path | 
 class CLIPScorer:
     name = "clip"
 
-    def __init__(self, model, tokenizer, image_size: int, mean: Sequence[float] = CLIP_MEAN,
-                 std: Sequence[float] = CLIP_STD, scale: float = 100.0, device: torch.device | str = "cpu",
-                 clamp: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_size: int,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        scale: float = 100.0,
+        device: torch.device | str = "cpu",
+        clamp: bool = True,
+    ):
         self.clamp = clamp
         self.model = model.eval().requires_grad_(False).to(device)
         self.tokenizer = tokenizer
@@ -61,12 +69,18 @@ class CLIPScorer:
         self.device = torch.device(device)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path = "openai/clip-vit-large-patch14", device: torch.device | str = "cpu",
-                        scale: float = 100.0, clamp: bool = True) -> "CLIPScorer":
+    def from_pretrained(
+        cls,
+        path: str | Path = "openai/clip-vit-large-patch14",
+        device: torch.device | str = "cpu",
+        scale: float = 100.0,
+        clamp: bool = True,
+    ) -> "CLIPScorer":
         """Load from a local folder (must hold config.json) or a hub id."""
         model, tokenizer, mean, std = load_clip_model(path, cls.name)
-        return cls(model, tokenizer, model.config.vision_config.image_size, mean, std, scale=scale, device=device,
-                   clamp=clamp)
+        return cls(
+            model, tokenizer, model.config.vision_config.image_size, mean, std, scale=scale, device=device, clamp=clamp
+        )
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] (B, 3, H, W) -> CLIP input: shorter side to image_size (bicubic), center crop, normalise."""
@@ -74,8 +88,9 @@ class CLIPScorer:
 
     def cosine(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_batch(type(self).__name__, images, prompts)
-        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77,
-                                return_tensors="pt").to(self.device)
+        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(
+            self.device
+        )
         text = features(self.model.get_text_features(**tokens))
         image = features(self.model.get_image_features(pixel_values=self.preprocess(images).to(self.device)))
         return F.cosine_similarity(image.float(), text.float(), dim=-1)
@@ -91,13 +106,27 @@ class PickScoreScorer(CLIPScorer):
 
     name = "pickscore"
 
-    def __init__(self, model, tokenizer, image_size: int, mean: Sequence[float] = CLIP_MEAN,
-                 std: Sequence[float] = CLIP_STD, device: torch.device | str = "cpu"):
-        super().__init__(model, tokenizer, image_size, mean, std, scale=float(model.logit_scale.detach().exp()), device=device)
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_size: int,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        device: torch.device | str = "cpu",
+    ):
+        super().__init__(
+            model, tokenizer, image_size, mean, std, scale=float(model.logit_scale.detach().exp()), device=device
+        )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path = "yuvalkirstain/PickScore_v1", device: torch.device | str = "cpu",
-                        tokenizer_path: str | Path | None = None, **kw) -> "PickScoreScorer":
+    def from_pretrained(
+        cls,
+        path: str | Path = "yuvalkirstain/PickScore_v1",
+        device: torch.device | str = "cpu",
+        tokenizer_path: str | Path | None = None,
+        **kw,
+    ) -> "PickScoreScorer":
         """PickScore_v1 from the hub takes its tokenizer from laion/CLIP-ViT-H-14-laion2B-s32B-b79K; a local folder
         must hold its own."""
         if tokenizer_path is None and str(path) == "yuvalkirstain/PickScore_v1":

@@ -44,8 +44,9 @@ class GenEvalThresholds:
     position: float = 0.1
 
 
-def select_objects(detections: Mapping[str, Sequence[Detection]], tag: str | None,
-                   th: GenEvalThresholds = GenEvalThresholds()) -> dict[str, list[Detection]]:
+def select_objects(
+    detections: Mapping[str, Sequence[Detection]], tag: str | None, th: GenEvalThresholds = GenEvalThresholds()
+) -> dict[str, list[Detection]]:
     """Per class: most confident first, above the tag's confidence threshold, at most `max_objects`."""
     cut = th.counting_confidence if tag == "counting" else th.confidence
     out = {}
@@ -77,8 +78,13 @@ def relations(a: Detection, b: Detection, threshold: float = 0.1) -> set[str]:
     return found
 
 
-def judge(image: np.ndarray, objects: Mapping[str, Sequence[Detection]], metadata: Mapping[str, Any],
-          colors: ColorClassifier | None, th: GenEvalThresholds = GenEvalThresholds()) -> tuple[bool, list[str]]:
+def judge(
+    image: np.ndarray,
+    objects: Mapping[str, Sequence[Detection]],
+    metadata: Mapping[str, Any],
+    colors: ColorClassifier | None,
+    th: GenEvalThresholds = GenEvalThresholds(),
+) -> tuple[bool, list[str]]:
     """(correct, reasons) for one image's selected objects against its metadata line."""
     correct, reasons = True, []
     matched: list[list[Detection] | None] = []
@@ -151,7 +157,11 @@ class CLIPColorClassifier:
         blank = Image.new("RGB", pil.size, color=self.background)
         crops = []
         for box, _, mask in objects:
-            im = pil if mask is None else Image.composite(pil, blank, Image.fromarray(np.asarray(mask).astype(np.uint8) * 255))
+            im = (
+                pil
+                if mask is None
+                else Image.composite(pil, blank, Image.fromarray(np.asarray(mask).astype(np.uint8) * 255))
+            )
             crops.append(self.transform(im.crop(tuple(float(v) for v in np.asarray(box)[:4]))))
         feats = self.model.encode_image(torch.stack(crops).to(self.device)).float()
         feats = feats / feats.norm(dim=-1, keepdim=True)
@@ -169,8 +179,9 @@ def mmdet_detector(model, classes: Sequence[str] = COCO_CLASSES) -> Detector:
         if hasattr(result, "pred_instances"):
             inst = result.pred_instances
             masks = inst.masks.cpu().numpy() if "masks" in inst else None
-            for j, (box, score, label) in enumerate(zip(inst.bboxes.cpu().numpy(), inst.scores.cpu().numpy(),
-                                                        inst.labels.cpu().numpy())):
+            for j, (box, score, label) in enumerate(
+                zip(inst.bboxes.cpu().numpy(), inst.scores.cpu().numpy(), inst.labels.cpu().numpy())
+            ):
                 out.setdefault(classes[int(label)], []).append((box, float(score), None if masks is None else masks[j]))
             return out
         boxes, segms = (result[0], result[1]) if isinstance(result, tuple) else (result, None)
@@ -185,15 +196,24 @@ def mmdet_detector(model, classes: Sequence[str] = COCO_CLASSES) -> Detector:
 class GenEvalScorer:
     name = "geneval"
 
-    def __init__(self, detector: Detector, colors: ColorClassifier | None,
-                 thresholds: GenEvalThresholds = GenEvalThresholds(),
-                 metadata: Mapping[str, Mapping[str, Any]] | None = None):
+    def __init__(
+        self,
+        detector: Detector,
+        colors: ColorClassifier | None,
+        thresholds: GenEvalThresholds = GenEvalThresholds(),
+        metadata: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
         self.detector, self.colors, self.thresholds = detector, colors, thresholds
         self.metadata = dict(metadata) if metadata is not None else {r.prompt: r.metadata for r in generate_geneval()}
 
     @classmethod
-    def from_pretrained(cls, path: str | None = None, config: str | None = None, clip_arch: str = "ViT-L-14",
-                        device: torch.device | str = "cpu") -> "GenEvalScorer":
+    def from_pretrained(
+        cls,
+        path: str | None = None,
+        config: str | None = None,
+        clip_arch: str = "ViT-L-14",
+        device: torch.device | str = "cpu",
+    ) -> "GenEvalScorer":
         """`path`: the Mask2Former checkpoint (GenEval's download_models.sh); `config`: its mmdet config (default
         mmdet's mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py)."""
         try:
@@ -208,10 +228,13 @@ class GenEvalScorer:
         import os
 
         if path is None or not os.path.isfile(path):
-            raise FileNotFoundError(f"scorer 'geneval': detector checkpoint not found: {path} (GenEval's "
-                                    f"evaluation/download_models.sh fetches mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth)")
-        config = config or os.path.join(os.path.dirname(mmdet.__file__),
-                                        "../configs/mask2former/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py")
+            raise FileNotFoundError(
+                f"scorer 'geneval': detector checkpoint not found: {path} (GenEval's "
+                f"evaluation/download_models.sh fetches mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth)"
+            )
+        config = config or os.path.join(
+            os.path.dirname(mmdet.__file__), "../configs/mask2former/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py"
+        )
         detector = mmdet_detector(init_detector(config, path, device=str(device)))
         model, _, transform = open_clip.create_model_and_transforms(clip_arch, pretrained="openai", device=str(device))
         return cls(detector, CLIPColorClassifier(model, open_clip.get_tokenizer(clip_arch), transform, device))
@@ -224,8 +247,9 @@ class GenEvalScorer:
         return out
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
-                 metadata: Sequence[Mapping[str, Any]] | None = None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
+    ) -> torch.Tensor:
         """1.0 where the image is correct, else 0.0; without `metadata` each prompt's line is looked up in the
         built-in GenEval suite (or the `metadata` mapping given at construction)."""
         check_batch("GenEvalScorer", images, prompts)
@@ -236,6 +260,7 @@ class GenEvalScorer:
             metadata = [self.metadata[p] for p in prompts]
         bad = [p for p, m in zip(prompts, metadata) if not m.get("include")]
         if bad:
-            raise ValueError(f"GenEval scorer: the metadata of prompt {bad[0]!r} has no 'include' clause "
-                             f"(not a GenEval line)")
+            raise ValueError(
+                f"GenEval scorer: the metadata of prompt {bad[0]!r} has no 'include' clause (not a GenEval line)"
+            )
         return torch.tensor([float(ok) for ok, _ in self.judge(images, metadata)])

@@ -34,16 +34,24 @@ def _open_clip(scorer: str):
 class HPSv2Scorer:
     name = "hpsv2"
 
-    def __init__(self, model, tokenizer, image_size: int, mean: Sequence[float] = CLIP_MEAN,
-                 std: Sequence[float] = CLIP_STD, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_size: int,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        device: torch.device | str = "cpu",
+    ):
         self.model = model.eval().requires_grad_(False).to(device)
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.device = torch.device(device)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, arch: str = HPS_ARCH,
-                        device: torch.device | str = "cpu") -> "HPSv2Scorer":
+    def from_pretrained(
+        cls, path: str | Path | None = None, arch: str = HPS_ARCH, device: torch.device | str = "cpu"
+    ) -> "HPSv2Scorer":
         """`path`: the checkpoint file (default: HPS_v2.1_compressed.pt from the hub); `arch`: the open_clip model
         name it was trained from."""
         open_clip = _open_clip(cls.name)

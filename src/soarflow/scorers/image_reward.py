@@ -31,8 +31,14 @@ RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class BlipReward(nn.Module):
     """ImageReward's architecture on transformers' ``BlipVisionModel`` + ``BlipTextModel`` (with cross-attention)."""
 
-    def __init__(self, vision: nn.Module, text: nn.Module, head: AestheticHead | None = None,
-                 mean: float = REWARD_MEAN, std: float = REWARD_STD):
+    def __init__(
+        self,
+        vision: nn.Module,
+        text: nn.Module,
+        head: AestheticHead | None = None,
+        mean: float = REWARD_MEAN,
+        std: float = REWARD_STD,
+    ):
         super().__init__()
         self.vision, self.text = vision, text
         self.head = head or AestheticHead((text.config.hidden_size, 1024, 128, 64, 16))
@@ -46,20 +52,33 @@ class BlipReward(nn.Module):
         hidden = text_config.hidden_size
         return cls(BlipVisionModel(vision_config), text, AestheticHead((hidden, 4 * hidden, 16, 8, 4)), **kw)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         image = self.vision(pixel_values=pixel_values).last_hidden_state
         image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
-        h = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image,
-                      encoder_attention_mask=image_mask).last_hidden_state[:, 0]
+        h = self.text(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image,
+            encoder_attention_mask=image_mask,
+        ).last_hidden_state[:, 0]
         return ((self.head(h) - self.mean) / self.std).squeeze(-1)
 
 
 class ImageRewardScorer:
     name = "imagereward"
 
-    def __init__(self, reward: RewardFn, tokenizer, image_size: int = 224, max_length: int = 35,
-                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        reward: RewardFn,
+        tokenizer,
+        image_size: int = 224,
+        max_length: int = 35,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        device: torch.device | str = "cpu",
+    ):
         if isinstance(reward, nn.Module):
             reward = reward.eval().requires_grad_(False).to(device)
         self.reward, self.tokenizer = reward, tokenizer
@@ -84,7 +103,8 @@ class ImageRewardScorer:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_batch("ImageRewardScorer", images, prompts)
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(self.device)
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
         pixels = clip_pixels(images, self.image_size, self.mean, self.std).to(self.device)
         return self.reward(pixels, tokens["input_ids"], tokens["attention_mask"]).float().reshape(-1).cpu()

@@ -38,14 +38,16 @@ def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     return list(x)
 
 
-def clip_pixels(images: torch.Tensor, size: int, mean: Sequence[float] = CLIP_MEAN,
-                std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+def clip_pixels(
+    images: torch.Tensor, size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> torch.Tensor:
     """[-1, 1] (B, 3, H, W) -> normalised CLIP input (B, 3, size, size): shorter side to `size`, centre crop."""
     x = to_unit(images)
     h, w = x.shape[-2:]
     s = size / min(h, w)
-    x = F.interpolate(x, size=(max(size, round(h * s)), max(size, round(w * s))), mode="bicubic",
-                      align_corners=False).clamp(0, 1)
+    x = F.interpolate(
+        x, size=(max(size, round(h * s)), max(size, round(w * s))), mode="bicubic", align_corners=False
+    ).clamp(0, 1)
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
     x = x[..., top : top + size, left : left + size]
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
@@ -59,9 +61,15 @@ def features(out) -> torch.Tensor:
 
 
 # what to pip install for each package a scorer imports
-PIP = {"open_clip": "'soarflow[eval]' (open-clip-torch)", "transformers": "'soarflow[diffusers]'",
-       "mmdet": "mmdet (GenEval's environment: mmdet 2.x with mmcv-full)", "ImageReward": "image-reward",
-       "easyocr": "easyocr", "paddleocr": "paddlepaddle paddleocr", "huggingface_hub": "huggingface_hub"}
+PIP = {
+    "open_clip": "'soarflow[eval]' (open-clip-torch)",
+    "transformers": "'soarflow[diffusers]'",
+    "mmdet": "mmdet (GenEval's environment: mmdet 2.x with mmcv-full)",
+    "ImageReward": "image-reward",
+    "easyocr": "easyocr",
+    "paddleocr": "paddlepaddle paddleocr",
+    "huggingface_hub": "huggingface_hub",
+}
 
 
 def missing_package(scorer: str, package: str) -> ImportError:

@@ -33,8 +33,15 @@ from .image_reward import ImageRewardScorer
 from .ocr import OCRScorer
 
 # paper column order and titles
-COLUMNS = {"geneval": "GenEval", "ocr": "OCR", "pickscore": "PickScore", "clip": "ClipScore", "hpsv2": "HPSv2.1",
-           "aesthetic": "Aesthetic", "imagereward": "ImageReward"}
+COLUMNS = {
+    "geneval": "GenEval",
+    "ocr": "OCR",
+    "pickscore": "PickScore",
+    "clip": "ClipScore",
+    "hpsv2": "HPSv2.1",
+    "aesthetic": "Aesthetic",
+    "imagereward": "ImageReward",
+}
 
 
 def _clip(**kw: Any) -> CLIPScorer:
@@ -62,9 +69,14 @@ SCORER_NAMES = tuple(BUILDERS)
 
 
 # the packages each scorer imports (checked before a long generation starts)
-PACKAGES: dict[str, tuple[str, ...]] = {"geneval": ("mmdet", "open_clip"), "pickscore": ("transformers",),
-                                      "clip": ("transformers",), "hpsv2": ("open_clip",),
-                                      "aesthetic": ("transformers",), "imagereward": ("ImageReward",)}
+PACKAGES: dict[str, tuple[str, ...]] = {
+    "geneval": ("mmdet", "open_clip"),
+    "pickscore": ("transformers",),
+    "clip": ("transformers",),
+    "hpsv2": ("open_clip",),
+    "aesthetic": ("transformers",),
+    "imagereward": ("ImageReward",),
+}
 OCR_ENGINES = {"easyocr": "easyocr", "paddleocr": "paddleocr"}
 
 

@@ -28,20 +28,97 @@ from typing import Any
 import numpy as np
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-GENEVAL_COUNTS = {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
-                  "color_attr": 100}
+GENEVAL_COUNTS = {
+    "single_object": 80,
+    "two_object": 99,
+    "counting": 80,
+    "colors": 94,
+    "position": 100,
+    "color_attr": 100,
+}
 
 # The 80 COCO classes in COCO's category order, with GenEval's names for three of them.
 COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
-    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "computer mouse",
+    "tv remote",
+    "computer keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 )
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 GENEVAL_RELATIONS = ("left of", "right of", "above", "below")
@@ -81,38 +158,66 @@ def generate_geneval(seed: int = 43, per_tag: int = 100, classes: tuple[str, ...
 
     rows: list[dict[str, Any]] = []
     for i in rng.choice(n, size=n, replace=False):
-        rows.append({"tag": "single_object", "include": [{"class": classes[i], "count": 1}],
-                     "prompt": f"a photo of {_a(classes[i])}"})
+        rows.append(
+            {
+                "tag": "single_object",
+                "include": [{"class": classes[i], "count": 1}],
+                "prompt": f"a photo of {_a(classes[i])}",
+            }
+        )
     for _ in range(per_tag):
         a, b = rng.choice(n, size=2, replace=False)
-        rows.append({"tag": "two_object",
-                     "include": [{"class": classes[a], "count": 1}, {"class": classes[b], "count": 1}],
-                     "prompt": f"a photo of {_a(classes[a])} and {_a(classes[b])}"})
+        rows.append(
+            {
+                "tag": "two_object",
+                "include": [{"class": classes[a], "count": 1}, {"class": classes[b], "count": 1}],
+                "prompt": f"a photo of {_a(classes[a])} and {_a(classes[b])}",
+            }
+        )
     for _ in range(per_tag):
         i = rng.choice(n)
         k = int(rng.integers(2, 4, endpoint=True))
-        rows.append({"tag": "counting", "include": [{"class": classes[i], "count": k}],
-                     "exclude": [{"class": classes[i], "count": k + 1}],
-                     "prompt": f"a photo of {NUMBER_WORDS[k]} {_plural(classes[i])}"})
+        rows.append(
+            {
+                "tag": "counting",
+                "include": [{"class": classes[i], "count": k}],
+                "exclude": [{"class": classes[i], "count": k + 1}],
+                "prompt": f"a photo of {NUMBER_WORDS[k]} {_plural(classes[i])}",
+            }
+        )
     for _ in range(per_tag):
         i = int(not_person(rng.choice(n - 1)))
         color = GENEVAL_COLORS[rng.choice(len(GENEVAL_COLORS))]
-        rows.append({"tag": "colors", "include": [{"class": classes[i], "count": 1, "color": color}],
-                     "prompt": f"a photo of {_a(color)} {classes[i]}"})
+        rows.append(
+            {
+                "tag": "colors",
+                "include": [{"class": classes[i], "count": 1, "color": color}],
+                "prompt": f"a photo of {_a(color)} {classes[i]}",
+            }
+        )
     for _ in range(per_tag):
         a, b = rng.choice(n, size=2, replace=False)
         rel = GENEVAL_RELATIONS[rng.choice(len(GENEVAL_RELATIONS))]
-        rows.append({"tag": "position",
-                     "include": [{"class": classes[b], "count": 1},
-                                 {"class": classes[a], "count": 1, "position": [rel, 0]}],
-                     "prompt": f"a photo of {_a(classes[a])} {rel} {_a(classes[b])}"})
+        rows.append(
+            {
+                "tag": "position",
+                "include": [{"class": classes[b], "count": 1}, {"class": classes[a], "count": 1, "position": [rel, 0]}],
+                "prompt": f"a photo of {_a(classes[a])} {rel} {_a(classes[b])}",
+            }
+        )
     for _ in range(per_tag):
         a, b = (int(x) for x in not_person(rng.choice(n - 1, size=2, replace=False)))
         ca, cb = (GENEVAL_COLORS[c] for c in rng.choice(len(GENEVAL_COLORS), size=2, replace=False))
-        rows.append({"tag": "color_attr",
-                     "include": [{"class": classes[a], "count": 1, "color": ca},
-                                 {"class": classes[b], "count": 1, "color": cb}],
-                     "prompt": f"a photo of {_a(ca)} {classes[a]} and {_a(cb)} {classes[b]}"})
+        rows.append(
+            {
+                "tag": "color_attr",
+                "include": [
+                    {"class": classes[a], "count": 1, "color": ca},
+                    {"class": classes[b], "count": 1, "color": cb},
+                ],
+                "prompt": f"a photo of {_a(ca)} {classes[a]} and {_a(cb)} {classes[b]}",
+            }
+        )
     seen: set[str] = set()
     out = []
     for row in rows:
@@ -162,7 +267,9 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            column = next((c for c in ("Prompts", "prompt", "Prompt", "prompts") if c in (reader.fieldnames or [])), None)
+            column = next(
+                (c for c in ("Prompts", "prompt", "Prompt", "prompts") if c in (reader.fieldnames or [])), None
+            )
             if column is None:
                 raise ValueError(f"{path}: no 'Prompts' or 'prompt' column (columns: {reader.fieldnames})")
             rows = [dict(r) for r in reader if (r.get(column) or "").strip()]
@@ -185,8 +292,10 @@ def load_suite(name: str, path: str | Path | None = None) -> list[PromptRecord]:
             raise ValueError(f"{path}: GenEval lines need a 'tag' (first without: {missing[0]!r})")
         return records
     if path is None:
-        raise ValueError(f"suite {name!r} is not shipped with soarflow (its prompts are not ours to redistribute): "
-                         f"pass its prompt file with --prompts_file")
+        raise ValueError(
+            f"suite {name!r} is not shipped with soarflow (its prompts are not ours to redistribute): "
+            f"pass its prompt file with --prompts_file"
+        )
     records = read_prompt_file(path)
     if name == "ocr":
         unquoted = [r.prompt for r in records if r.prompt.count('"') < 2]

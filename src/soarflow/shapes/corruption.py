@@ -38,8 +38,10 @@ class Corruption:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"corruption.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.generic + self.incomplete + self.wrong > 1.0:
-            raise ValueError(f"corruption.generic + incomplete + wrong must be <= 1 (one caption replacement per "
-                             f"item), got {self.generic + self.incomplete + self.wrong:g}")
+            raise ValueError(
+                f"corruption.generic + incomplete + wrong must be <= 1 (one caption replacement per "
+                f"item), got {self.generic + self.incomplete + self.wrong:g}"
+            )
 
 
 def mutate_word(rng: random.Random, caption: str) -> str:

@@ -59,8 +59,14 @@ class ShapesDataset(torch.utils.data.Dataset):
     SPLITS = ("pretrain", "curated")
     DEFAULT_SIZES = {"pretrain": 200_000, "curated": 2_000}
 
-    def __init__(self, split: str = "pretrain", num_samples: int | None = None, seed: int = 0, image_size: int = 32,
-                 corruption: Corruption = Corruption()):
+    def __init__(
+        self,
+        split: str = "pretrain",
+        num_samples: int | None = None,
+        seed: int = 0,
+        image_size: int = 32,
+        corruption: Corruption = Corruption(),
+    ):
         if split not in self.SPLITS:
             raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
         if num_samples is not None and num_samples <= 0:

@@ -33,7 +33,9 @@ def evaluate_setting(
     ``diversity_per_group``: {group id: diversity}, whose mean it is) and ``exposure_bias``; `report` keeps the
     per-image records. `real` are renders of `prompts` (same order)."""
     shift = DEFAULT_SHIFT if shift is None else shift
-    images = generate_images(model, list(prompts), num_steps=num_steps, guidance_scale=guidance_scale, shift=shift, seed=seed)
+    images = generate_images(
+        model, list(prompts), num_steps=num_steps, guidance_scale=guidance_scale, shift=shift, seed=seed
+    )
     report = score(images, list(prompts))
     k = min(exposure_images, real.shape[0])
     idx = torch.linspace(0, real.shape[0] - 1, k).round().long().unique()

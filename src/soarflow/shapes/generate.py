@@ -54,7 +54,10 @@ def generate_images(
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             noise = torch.stack(
-                [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + j)) for j in range(len(chunk))]
+                [
+                    torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + j))
+                    for j in range(len(chunk))
+                ]
             ).to(device)
             cond = encode_captions(chunk, device, arch.max_tokens)
             x = sample_euler(

@@ -167,9 +167,7 @@ def family_prompts(family: str) -> list[PromptSpec]:
     if family == "position":
         return [PromptSpec(family, (a, b), relation=r) for r in RELATIONS for a in cobjs for b in cobjs if a != b]
     if family == "color_attr":
-        return [
-            PromptSpec(family, (a, b)) for a in cobjs for b in cobjs if a.shape != b.shape and a.color != b.color
-        ]
+        return [PromptSpec(family, (a, b)) for a in cobjs for b in cobjs if a.shape != b.shape and a.color != b.color]
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 

@@ -78,8 +78,9 @@ def frechet_distance(images_a: torch.Tensor, images_b: torch.Tensor) -> float:
     return frechet_distance_from_features(features(images_a), features(images_b))
 
 
-def diversity_per_group(images: torch.Tensor, group_ids: Sequence[int] | torch.Tensor,
-                        space: str = "features") -> dict[int, float]:
+def diversity_per_group(
+    images: torch.Tensor, group_ids: Sequence[int] | torch.Tensor, space: str = "features"
+) -> dict[int, float]:
     """Mean within-group pairwise L2 distance of each group of >= 2 images, keyed by group id (sorted)."""
     images = validate_images(images)
     groups = torch.as_tensor(group_ids).reshape(-1)

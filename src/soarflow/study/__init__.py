@@ -5,5 +5,18 @@ as crossed random effects (primary contrast first, the rest Holm-adjusted). See 
 from .spec import Budget, Cell, EvalSpec, Row, StudySpec, expand_cells, load_study
 from .stats import DiffCI, cluster_bootstrap, crossed_diff, diff_interval, holm, mean_std
 
-__all__ = ["Budget", "Cell", "DiffCI", "EvalSpec", "Row", "StudySpec", "cluster_bootstrap", "crossed_diff",
-           "diff_interval", "expand_cells", "holm", "load_study", "mean_std"]
+__all__ = [
+    "Budget",
+    "Cell",
+    "DiffCI",
+    "EvalSpec",
+    "Row",
+    "StudySpec",
+    "cluster_bootstrap",
+    "crossed_diff",
+    "diff_interval",
+    "expand_cells",
+    "holm",
+    "load_study",
+    "mean_std",
+]

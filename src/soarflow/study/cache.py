@@ -47,8 +47,10 @@ def _per_image(value: Any) -> Any:
 
 def _compact(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: ({m: _per_image(v) for m, v in x.items()} if k == "per_image" and isinstance(x, dict)
-                    else _compact(x)) for k, x in value.items()}
+        return {
+            k: ({m: _per_image(v) for m, v in x.items()} if k == "per_image" and isinstance(x, dict) else _compact(x))
+            for k, x in value.items()
+        }
     if isinstance(value, list):
         return [_compact(v) for v in value]
     return round_floats(value)
@@ -66,8 +68,10 @@ def committed_path(cells_dir: Path, cell_hash: str) -> Path:
 def write_committed(cells_dir: Path, record: dict) -> Path:
     """Write a finished (status ok) record to ``cells_dir/<hash>.json`` atomically; returns the path."""
     if record.get("status") != "ok":
-        raise ValueError(f"only finished cells are committed, got status {record.get('status')!r} for "
-                         f"{record.get('row')} seed {record.get('seed')}")
+        raise ValueError(
+            f"only finished cells are committed, got status {record.get('status')!r} for "
+            f"{record.get('row')} seed {record.get('seed')}"
+        )
     path = committed_path(cells_dir, record["hash"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -88,7 +92,10 @@ def load_committed(cells_dir: Path | None, cell_hash: str, config: dict) -> dict
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if not isinstance(result, dict) or result.get("hash") != cell_hash \
-            or identity_config(result.get("config") or {}) != identity_config(config):
+    if (
+        not isinstance(result, dict)
+        or result.get("hash") != cell_hash
+        or identity_config(result.get("config") or {}) != identity_config(config)
+    ):
         return None
     return result if result.get("status") == "ok" else None

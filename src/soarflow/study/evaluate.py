@@ -33,8 +33,9 @@ class ShapesStudyEval:
         from ..shapes import ShapesEval, render
 
         self.spec = spec
-        self.bench = ShapesEval(prompts_per_family=spec.prompts_per_family, images_per_prompt=spec.images_per_prompt,
-                                seed=spec.seed)
+        self.bench = ShapesEval(
+            prompts_per_family=spec.prompts_per_family, images_per_prompt=spec.images_per_prompt, seed=spec.seed
+        )
         self.prompts = [p.text for p in self.bench.prompts for _ in range(spec.images_per_prompt)]
         self.groups = [p.index for p in self.bench.prompts for _ in range(spec.images_per_prompt)]
         self.real = render(self.prompts, seed=spec.seed + 1)
@@ -48,8 +49,16 @@ class ShapesStudyEval:
         for n, w in self.spec.settings:
             t0 = time.perf_counter()
             metrics, _, report = evaluate_setting(
-                model, self.prompts, self.groups, self.real, num_steps=n, guidance_scale=w, seed=self.spec.seed,
-                exposure_images=self.spec.exposure_images, shift=self.spec.shift)
+                model,
+                self.prompts,
+                self.groups,
+                self.real,
+                num_steps=n,
+                guidance_scale=w,
+                seed=self.spec.seed,
+                exposure_images=self.spec.exposure_images,
+                shift=self.spec.shift,
+            )
             se = metrics["shapes_eval"]
             out[setting_key(n, w)] = {
                 "overall": se["overall"],
@@ -60,12 +69,16 @@ class ShapesStudyEval:
                 "frechet_distance": metrics["frechet_distance"],
                 "diversity": metrics["diversity"],
                 "exposure_gap": metrics["exposure_bias"]["mean_gap"],
-                "exposure_bins": [{k: b[k] for k in ("sigma_low", "sigma_high", "gap")}
-                                  for b in metrics["exposure_bias"]["bins"]],
-                "per_image": {"overall": [float(r.correct) for r in report.records],
-                              "reward": [float(r.reward) for r in report.records]},
-                "per_prompt": {"diversity": [metrics["diversity_per_group"][g]
-                                             for g in sorted(metrics["diversity_per_group"])]},
+                "exposure_bins": [
+                    {k: b[k] for k in ("sigma_low", "sigma_high", "gap")} for b in metrics["exposure_bias"]["bins"]
+                ],
+                "per_image": {
+                    "overall": [float(r.correct) for r in report.records],
+                    "reward": [float(r.reward) for r in report.records],
+                },
+                "per_prompt": {
+                    "diversity": [metrics["diversity_per_group"][g] for g in sorted(metrics["diversity_per_group"])]
+                },
                 "eval_seconds": round(time.perf_counter() - t0, 2),
             }
         return out
@@ -75,8 +88,14 @@ class ShapesStudyEval:
         from ..shapes.generate import generate_images
         from ..shapes import score
 
-        images = generate_images(model, self.curve_prompts, num_steps=self.spec.curve_num_steps,
-                                 guidance_scale=self.spec.curve_guidance_scale, shift=self.spec.shift, seed=self.spec.seed)
+        images = generate_images(
+            model,
+            self.curve_prompts,
+            num_steps=self.spec.curve_num_steps,
+            guidance_scale=self.spec.curve_guidance_scale,
+            shift=self.spec.shift,
+            seed=self.spec.seed,
+        )
         return float(score(images, self.curve_prompts).overall)
 
 
@@ -124,12 +143,22 @@ class LossStudyEval:
         out = {}
         for n, w in self.spec.settings:
             t0 = time.perf_counter()
-            eb = exposure_bias(model, x0, cond, null_cond=null, num_steps=n, guidance_scale=w, shift=self.spec.shift,
-                               generator=torch.Generator().manual_seed(self.spec.seed))
+            eb = exposure_bias(
+                model,
+                x0,
+                cond,
+                null_cond=null,
+                num_steps=n,
+                guidance_scale=w,
+                shift=self.spec.shift,
+                generator=torch.Generator().manual_seed(self.spec.seed),
+            )
             out[setting_key(n, w)] = {
                 "fm_loss": float(loss.mean()),
                 "exposure_gap": eb.mean_gap,
-                "exposure_bins": [{"sigma_low": b.sigma_low, "sigma_high": b.sigma_high, "gap": b.gap} for b in eb.bins],
+                "exposure_bins": [
+                    {"sigma_low": b.sigma_low, "sigma_high": b.sigma_high, "gap": b.gap} for b in eb.bins
+                ],
                 "per_image": {"fm_loss": loss.tolist()},
                 "eval_seconds": round(time.perf_counter() - t0, 2),
             }

@@ -46,8 +46,11 @@ class Slot:
     gpu: str | None = None
 
     def describe(self) -> str:
-        where = f"gpu {self.gpu}" if self.gpu is not None else f"core{'s' * (len(self.cores or ()) > 1)} " + \
-            ",".join(map(str, self.cores or ()))
+        where = (
+            f"gpu {self.gpu}"
+            if self.gpu is not None
+            else f"core{'s' * (len(self.cores or ()) > 1)} " + ",".join(map(str, self.cores or ()))
+        )
         return f"worker {self.index} ({where}, {self.threads} thread{'s' * (self.threads > 1)})"
 
 
@@ -81,7 +84,7 @@ def plan_slots(jobs: int, device: str, cores: list[int] | None = None) -> list[S
     if jobs >= len(cores):
         return [Slot(i, 1, (cores[i % len(cores)],)) for i in range(jobs)]
     size = len(cores) // jobs
-    return [Slot(i, size, tuple(cores[i * size:(i + 1) * size])) for i in range(jobs)]
+    return [Slot(i, size, tuple(cores[i * size : (i + 1) * size])) for i in range(jobs)]
 
 
 @dataclass
@@ -128,17 +131,41 @@ def cell_worker(job: CellJob) -> None:
             print(f"{job.prefix}: {msg}", file=sys.stderr, flush=True)
 
     try:
-        execute_cell(job.spec, job.cell, job.out, None, log, keep_models=job.keep_models, save_arms=job.save_arms,
-                     cells_dir=job.cells_dir, device=job.device, run_info=job.run_info,
-                     first_config=job.first_config)
+        execute_cell(
+            job.spec,
+            job.cell,
+            job.out,
+            None,
+            log,
+            keep_models=job.keep_models,
+            save_arms=job.save_arms,
+            cells_dir=job.cells_dir,
+            device=job.device,
+            run_info=job.run_info,
+            first_config=job.first_config,
+        )
     except (Interrupted, KeyboardInterrupt):
         sys.exit(EXIT_INTERRUPTED)
 
 
-def run_parallel(spec: StudySpec, cells: list[Cell], out: Path, *, device: str, jobs: int, cells_dir: Path | None,
-                 keep_models: bool, save_arms: dict[str, set[str]], run_info: dict, first_config: dict,
-                 may_start: Callable[[Cell], bool], on_start: Callable[[Cell, Slot], str],
-                 on_finish: Callable[[Cell, dict], None], log: Callable[[str], None], quiet: bool = False) -> None:
+def run_parallel(
+    spec: StudySpec,
+    cells: list[Cell],
+    out: Path,
+    *,
+    device: str,
+    jobs: int,
+    cells_dir: Path | None,
+    keep_models: bool,
+    save_arms: dict[str, set[str]],
+    run_info: dict,
+    first_config: dict,
+    may_start: Callable[[Cell], bool],
+    on_start: Callable[[Cell, Slot], str],
+    on_finish: Callable[[Cell, dict], None],
+    log: Callable[[str], None],
+    quiet: bool = False,
+) -> None:
     """Run `cells` on `jobs` worker processes (module docstring). ``may_start(cell)``: False leaves the cell
     pending (the study's time guard); ``on_start`` returns the cell's log prefix; ``on_finish(cell, record)``
     gets every finished or failed record. Cells never started (time guard, or a source that never ran) are
@@ -181,9 +208,20 @@ def run_parallel(spec: StudySpec, cells: list[Cell], out: Path, *, device: str, 
                     slot = free.pop(0)
                     stale = cell_dir(out, cell) / RESULT
                     stale.unlink(missing_ok=True)  # a failed earlier attempt: the worker writes a fresh one
-                    job = CellJob(spec, cell, out, cells_dir, device, slot, keep_models,
-                                  frozenset(save_arms.get(cell.hash, ())), run_info, on_start(cell, slot), first_config,
-                                  quiet)
+                    job = CellJob(
+                        spec,
+                        cell,
+                        out,
+                        cells_dir,
+                        device,
+                        slot,
+                        keep_models,
+                        frozenset(save_arms.get(cell.hash, ())),
+                        run_info,
+                        on_start(cell, slot),
+                        first_config,
+                        quiet,
+                    )
                     proc = ctx.Process(target=cell_worker, args=(job,), name=f"soarflow-cell-{cell.hash}")
                     proc.start()
                     running[proc.sentinel] = (proc, cell, slot)
@@ -201,8 +239,12 @@ def run_parallel(spec: StudySpec, cells: list[Cell], out: Path, *, device: str, 
                         if proc.exitcode in INTERRUPTED_CODES:
                             stop_all(f"cell {cell.label} was stopped by a signal (exit {proc.exitcode})")
                             raise Interrupted(f"cell {cell.label} was stopped by a signal", 0, None, "SIGTERM")
-                        record = failed_record(cell, f"worker process exited with code {proc.exitcode} "
-                                                     f"without a result (killed? out of memory?)", run_info)
+                        record = failed_record(
+                            cell,
+                            f"worker process exited with code {proc.exitcode} "
+                            f"without a result (killed? out of memory?)",
+                            run_info,
+                        )
                         write_json(cell_dir(out, cell) / RESULT, record)
                     waiting_on.discard(cell.hash)
                     on_finish(cell, record)

@@ -43,7 +43,7 @@ def headline_setting(spec: StudySpec) -> str:
 
 
 def primary_metric(spec: StudySpec) -> str:
-    return (spec.primary.metric if spec.primary and spec.primary.metric else INTERVAL_METRICS[spec.evaluation.kind][0])
+    return spec.primary.metric if spec.primary and spec.primary.metric else INTERVAL_METRICS[spec.evaluation.kind][0]
 
 
 # ---------------------------------------------------------------------------------------------- per-image store
@@ -95,8 +95,12 @@ def collect_per_image(spec: StudySpec, records: list[dict]) -> dict[str, Any]:
                 if groups.shape[0] != n_img:
                     raise ValueError(f"row {row} {arm} {key}: {n_img} images, other entries {groups.shape[0]}")
                 entries[(arm, key, row)] = entry
-    return {"format": STORE_FORMAT, "kind": kind, "groups": groups if groups is not None else np.zeros(0, np.int32),
-            "entries": entries}
+    return {
+        "format": STORE_FORMAT,
+        "kind": kind,
+        "groups": groups if groups is not None else np.zeros(0, np.int32),
+        "entries": entries,
+    }
 
 
 def save_per_image(store: dict[str, Any], path: Path) -> None:
@@ -107,8 +111,9 @@ def save_per_image(store: dict[str, Any], path: Path) -> None:
     arrays: dict[str, np.ndarray] = {"groups": np.asarray(store["groups"], dtype=np.int32)}
     for i, ((arm, key, row), entry) in enumerate(store["entries"].items()):
         metrics = [m for m in entry if m != "seeds"]
-        manifest["entries"].append({"arm": arm, "setting": key, "row": row, "seeds": entry["seeds"],
-                                    "metrics": metrics})
+        manifest["entries"].append(
+            {"arm": arm, "setting": key, "row": row, "seeds": entry["seeds"], "metrics": metrics}
+        )
         for m in metrics:
             arrays[f"{i}.{m}"] = entry[m]
     arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
@@ -117,16 +122,19 @@ def save_per_image(store: dict[str, Any], path: Path) -> None:
 
 def load_per_image(path: Path) -> dict[str, Any]:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no per-image data: {path} (reports made before per_image.npz existed cannot be "
-                                "rebuilt; rerun the study)")
+        raise FileNotFoundError(
+            f"no per-image data: {path} (reports made before per_image.npz existed cannot be rebuilt; rerun the study)"
+        )
     with np.load(path, allow_pickle=False) as z:
         manifest = json.loads(z["manifest"].tobytes().decode())
         if manifest.get("format") != STORE_FORMAT:
             raise ValueError(f"{path}: per-image format {manifest.get('format')!r}, expected {STORE_FORMAT}")
         entries = {}
         for i, e in enumerate(manifest["entries"]):
-            entries[(e["arm"], e["setting"], e["row"])] = {"seeds": e["seeds"],
-                                                           **{m: z[f"{i}.{m}"] for m in e["metrics"]}}
+            entries[(e["arm"], e["setting"], e["row"])] = {
+                "seeds": e["seeds"],
+                **{m: z[f"{i}.{m}"] for m in e["metrics"]},
+            }
         return {"format": manifest["format"], "kind": manifest["kind"], "groups": z["groups"], "entries": entries}
 
 
@@ -190,8 +198,12 @@ def intervals(spec: StudySpec, summary: dict, store: dict, num_resamples: int = 
         ci = DiffCI(**{k: primary_ci[k] for k in DiffCI.__dataclass_fields__})
         a = store["entries"][(pr.arm, pr.setting, pr.row)]
         b = store["entries"][(pr.arm, pr.setting, pr.against)]
-        boot = cluster_bootstrap(_tables(a, p_metric, groups), _tables(b, p_metric, groups),
-                                 paired=a["seeds"] == b["seeds"], num_resamples=num_resamples)
+        boot = cluster_bootstrap(
+            _tables(a, p_metric, groups),
+            _tables(b, p_metric, groups),
+            paired=a["seeds"] == b["seeds"],
+            num_resamples=num_resamples,
+        )
         record.update(interval=primary_ci, mde_80=ci.mde(0.8), bootstrap=boot.to_dict())
     return record
 
@@ -221,35 +233,58 @@ def aggregate(spec: StudySpec, records: list[dict], num_resamples: int = 2000) -
                 for c in COST:
                     entry[c] = dict(zip(("mean", "std"), mean_std([r["arms"][arm][c] for r in cells])))
                 if "per_family" in ms[0]:
-                    entry["per_family"] = {f: dict(zip(("mean", "std"), mean_std([x["per_family"][f] for x in ms])))
-                                           for f in ms[0]["per_family"]}
+                    entry["per_family"] = {
+                        f: dict(zip(("mean", "std"), mean_std([x["per_family"][f] for x in ms])))
+                        for f in ms[0]["per_family"]
+                    }
                 bins = ms[0]["exposure_bins"]
                 entry["exposure_bins"] = [
-                    {"sigma_low": b["sigma_low"], "sigma_high": b["sigma_high"],
-                     **dict(zip(("mean", "std"), mean_std([x["exposure_bins"][i]["gap"] for x in ms
-                                                           if i < len(x["exposure_bins"])])))}
-                    for i, b in enumerate(bins)]
+                    {
+                        "sigma_low": b["sigma_low"],
+                        "sigma_high": b["sigma_high"],
+                        **dict(
+                            zip(
+                                ("mean", "std"),
+                                mean_std([x["exposure_bins"][i]["gap"] for x in ms if i < len(x["exposure_bins"])]),
+                            )
+                        ),
+                    }
+                    for i, b in enumerate(bins)
+                ]
                 table[row] = entry
             summary[arm][key] = table
     store = collect_per_image(spec, records)
     primary = intervals(spec, summary, store, num_resamples)
     curves = {row: [{"seed": r["seed"], "points": r.get("curve", [])} for r in by_row[row]] for row in rows}
-    failed = [{"row": r["row"], "seed": r["seed"], "hash": r["hash"], "error": r.get("error")}
-              for r in records if r.get("status") == "failed"]
-    return {"primary": primary, "statistics": statistics_record(spec), "summary": summary, "curves": curves,
-            "failed": failed,
-            "cells": [{k: r.get(k) for k in ("row", "seed", "hash", "status", "wall_seconds", "steps_trained")}
-                      for r in records],
-            "_per_image": store}
+    failed = [
+        {"row": r["row"], "seed": r["seed"], "hash": r["hash"], "error": r.get("error")}
+        for r in records
+        if r.get("status") == "failed"
+    ]
+    return {
+        "primary": primary,
+        "statistics": statistics_record(spec),
+        "summary": summary,
+        "curves": curves,
+        "failed": failed,
+        "cells": [
+            {k: r.get(k) for k in ("row", "seed", "hash", "status", "wall_seconds", "steps_trained")} for r in records
+        ],
+        "_per_image": store,
+    }
 
 
 def statistics_record(spec: StudySpec) -> dict[str, Any]:
     kind = spec.evaluation.kind
-    return {"method": "crossed random effects of seeds and prompts (method of moments, Satterthwaite df); "
-                      "docs/study.md#statistics",
-            "confidence": 0.95, "interval_metrics": INTERVAL_METRICS[kind], "descriptive_only": DESCRIPTIVE[kind],
-            "secondary": "exploratory: unadjusted 95% intervals, Holm-adjusted p-values (p_holm) over the family",
-            "per_image": PER_IMAGE_FILE}
+    return {
+        "method": "crossed random effects of seeds and prompts (method of moments, Satterthwaite df); "
+        "docs/study.md#statistics",
+        "confidence": 0.95,
+        "interval_metrics": INTERVAL_METRICS[kind],
+        "descriptive_only": DESCRIPTIVE[kind],
+        "secondary": "exploratory: unadjusted 95% intervals, Holm-adjusted p-values (p_holm) over the family",
+        "per_image": PER_IMAGE_FILE,
+    }
 
 
 def rebuild(spec: StudySpec, folder: Path, num_resamples: int = 2000) -> dict[str, Any]:
@@ -261,8 +296,9 @@ def rebuild(spec: StudySpec, folder: Path, num_resamples: int = 2000) -> dict[st
     results = json.loads(path.read_text())
     store = load_per_image(folder / PER_IMAGE_FILE)
     if store["kind"] != spec.evaluation.kind:
-        raise ValueError(f"{folder}: per-image data of kind {store['kind']!r}, the study file's is "
-                         f"{spec.evaluation.kind!r}")
+        raise ValueError(
+            f"{folder}: per-image data of kind {store['kind']!r}, the study file's is {spec.evaluation.kind!r}"
+        )
     results["primary"] = intervals(spec, results["summary"], store, num_resamples)
     results["statistics"] = statistics_record(spec)
     return results
@@ -293,23 +329,44 @@ def _p(p: float) -> str:
 def primary_lines(spec: StudySpec, results: dict) -> list[str]:
     pr = results.get("primary") or {}
     if not pr.get("declared"):
-        return ["## Primary contrast", "", "None declared (`primary:` in the study file): every interval below is "
-                "exploratory.", ""]
-    head = (f"`{pr['row']}` minus `{pr['against']}`, {pr['metric']}, {_arm_title(spec, pr['arm'])}, "
-            f"{pr['setting']}")
+        return [
+            "## Primary contrast",
+            "",
+            "None declared (`primary:` in the study file): every interval below is exploratory.",
+            "",
+        ]
+    head = f"`{pr['row']}` minus `{pr['against']}`, {pr['metric']}, {_arm_title(spec, pr['arm'])}, {pr['setting']}"
     ci = pr.get("interval")
     if ci is None:
-        return ["## Primary contrast", "", f"{head}: not evaluated in this run (a row filtered out by --only or "
-                "--quick, or no finished cells).", ""]
+        return [
+            "## Primary contrast",
+            "",
+            f"{head}: not evaluated in this run (a row filtered out by --only or --quick, or no finished cells).",
+            "",
+        ]
     verdict = "contains 0" if ci["within_noise"] else "excludes 0"
     boot = pr.get("bootstrap")
-    return ["## Primary contrast", "", f"{head}:", "",
-            f"**{ci['diff']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]** (95% interval, {verdict}), "
-            f"p = {_p(ci['p'])}; SE {ci['se']:.4f}, {ci['df']:.1f} df ({ci['method']}).", "",
-            f"Minimum detectable effect at 80% power (two-sided 5%), from this contrast's own variance: "
-            f"**{pr['mde_80']:.3f}**.", "",
-            *([f"Cross-check, prompt-cluster bootstrap ({boot['num_resamples']} resamples, seed level corrected by "
-               f"S/(S-1)): [{boot['low']:+.3f}, {boot['high']:+.3f}]."] if boot else []), ""]
+    return [
+        "## Primary contrast",
+        "",
+        f"{head}:",
+        "",
+        f"**{ci['diff']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]** (95% interval, {verdict}), "
+        f"p = {_p(ci['p'])}; SE {ci['se']:.4f}, {ci['df']:.1f} df ({ci['method']}).",
+        "",
+        f"Minimum detectable effect at 80% power (two-sided 5%), from this contrast's own variance: "
+        f"**{pr['mde_80']:.3f}**.",
+        "",
+        *(
+            [
+                f"Cross-check, prompt-cluster bootstrap ({boot['num_resamples']} resamples, seed level corrected by "
+                f"S/(S-1)): [{boot['low']:+.3f}, {boot['high']:+.3f}]."
+            ]
+            if boot
+            else []
+        ),
+        "",
+    ]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -324,24 +381,43 @@ def markdown(spec: StudySpec, results: dict, command: str, machine: str, wall_se
     kind = spec.evaluation.kind
     lead = PER_IMAGE[kind][0]
     ref = spec.reference
-    lines = [f"# Study `{spec.name}`", "",
-             f"- command: `{command}`", f"- machine: {machine}", f"- wall-clock of this invocation: {wall_seconds:.0f} s; of all its cells (each measured when it ran): "
-             f"{sum(c.get('wall_seconds') or 0 for c in results.get('cells', [])) / 60:.0f} min",
-             f"- seeds: {spec.seeds}; budget: steps {spec.budget.steps}, seconds {spec.budget.seconds} "
-             f"(cap {spec.budget.max_steps} steps); evaluation: {kind}, settings "
-             + ", ".join(setting_key(n, w) for n, w in spec.evaluation.settings),
-             *[f"- row `{r.name}` starts from row `{r.init_from_row}`'s weights at its {r.init_from_arm}-arm evaluation "
-               f"(same seed): that stage's budget comes on top of this row's" for r in spec.rows if r.init_from_row],
-             "",
-             ""] + primary_lines(spec, results) + [
-             "## Secondary comparisons (exploratory)", "",
-             "Values are mean ± std over seeds. Δ columns: difference of the row to the reference / the base with its "
-             "unadjusted 95% interval (seeds and prompts as crossed random effects: images paired by prompt and "
-             "noise, seeds paired when both rows share them; docs/study.md) and its Holm-adjusted p-value p_H over "
-             f"the report's {results.get('primary', {}).get('family_size', 0)} secondary comparisons; **bold**: "
-             "p_H < 0.05. The intervals are exploratory. "
-             + ("FD and the exposure gap are descriptive (no interval): no ordering claims about them. "
-                if kind == "shapes" else "The exposure gap is descriptive (no interval). "), ""]
+    lines = (
+        [
+            f"# Study `{spec.name}`",
+            "",
+            f"- command: `{command}`",
+            f"- machine: {machine}",
+            f"- wall-clock of this invocation: {wall_seconds:.0f} s; of all its cells (each measured when it ran): "
+            f"{sum(c.get('wall_seconds') or 0 for c in results.get('cells', [])) / 60:.0f} min",
+            f"- seeds: {spec.seeds}; budget: steps {spec.budget.steps}, seconds {spec.budget.seconds} "
+            f"(cap {spec.budget.max_steps} steps); evaluation: {kind}, settings "
+            + ", ".join(setting_key(n, w) for n, w in spec.evaluation.settings),
+            *[
+                f"- row `{r.name}` starts from row `{r.init_from_row}`'s weights at its {r.init_from_arm}-arm evaluation "
+                f"(same seed): that stage's budget comes on top of this row's"
+                for r in spec.rows
+                if r.init_from_row
+            ],
+            "",
+            "",
+        ]
+        + primary_lines(spec, results)
+        + [
+            "## Secondary comparisons (exploratory)",
+            "",
+            "Values are mean ± std over seeds. Δ columns: difference of the row to the reference / the base with its "
+            "unadjusted 95% interval (seeds and prompts as crossed random effects: images paired by prompt and "
+            "noise, seeds paired when both rows share them; docs/study.md) and its Holm-adjusted p-value p_H over "
+            f"the report's {results.get('primary', {}).get('family_size', 0)} secondary comparisons; **bold**: "
+            "p_H < 0.05. The intervals are exploratory. "
+            + (
+                "FD and the exposure gap are descriptive (no interval): no ordering claims about them. "
+                if kind == "shapes"
+                else "The exposure gap is descriptive (no interval). "
+            ),
+            "",
+        ]
+    )
     for arm, settings in results["summary"].items():
         arm_title = _arm_title(spec, arm)
         for key, table in settings.items():
@@ -351,7 +427,12 @@ def markdown(spec: StudySpec, results: dict, command: str, machine: str, wall_se
                 header.append(f"Δ {lead} vs {ref}")
             header.append(f"Δ {lead} vs base")
             others = [m for m in SCALARS[kind] if m != lead]
-            header += [f"{m} (no CI)" if m in DESCRIPTIVE[kind] else m for m in others] + ["steps", "train s", "fwd calls/step", "sample fwd/image"]
+            header += [f"{m} (no CI)" if m in DESCRIPTIVE[kind] else m for m in others] + [
+                "steps",
+                "train s",
+                "fwd calls/step",
+                "sample fwd/image",
+            ]
             body = []
             for row, e in table.items():
                 r = [row, str(len(e["seeds"])), _ms(e[lead])]
@@ -359,25 +440,57 @@ def markdown(spec: StudySpec, results: dict, command: str, machine: str, wall_se
                     r.append(_ci(e["compare"].get(ref, {}).get(lead)))
                 r.append(_ci(e["compare"].get(BASE_ROW, {}).get(lead)))
                 r += [_ms(e[m], "{:.2f}" if m == "frechet_distance" else "{:.3f}") for m in others]
-                r += [_ms(e["step"], "{:.0f}"), _ms(e["train_seconds"], "{:.1f}"),
-                      _ms(e["forwards_per_step"], "{:.1f}"), _ms(e["sample_forwards_per_image"], "{:.1f}")]
+                r += [
+                    _ms(e["step"], "{:.0f}"),
+                    _ms(e["train_seconds"], "{:.1f}"),
+                    _ms(e["forwards_per_step"], "{:.1f}"),
+                    _ms(e["sample_forwards_per_image"], "{:.1f}"),
+                ]
                 body.append(r)
             lines += _table(header, body) + [""]
             if kind == "shapes":
-                sub = [[row] + [c for m in ("reward", "diversity") for c in (
-                        _ci(e["compare"].get(ref, {}).get(m)) if ref else "-", _ci(e["compare"].get(BASE_ROW, {}).get(m)))]
-                       for row, e in table.items()]
-                lines += [f"Reward and diversity differences ({key}):", ""] + _table(
-                    ["row", f"Δ reward vs {ref}", "Δ reward vs base", f"Δ diversity vs {ref}", "Δ diversity vs base"],
-                    sub) + [""]
+                sub = [
+                    [row]
+                    + [
+                        c
+                        for m in ("reward", "diversity")
+                        for c in (
+                            _ci(e["compare"].get(ref, {}).get(m)) if ref else "-",
+                            _ci(e["compare"].get(BASE_ROW, {}).get(m)),
+                        )
+                    ]
+                    for row, e in table.items()
+                ]
+                lines += (
+                    [f"Reward and diversity differences ({key}):", ""]
+                    + _table(
+                        [
+                            "row",
+                            f"Δ reward vs {ref}",
+                            "Δ reward vs base",
+                            f"Δ diversity vs {ref}",
+                            "Δ diversity vs base",
+                        ],
+                        sub,
+                    )
+                    + [""]
+                )
     if spec.contrasts:
-        lines += ["## Contrasts", "", "Each pair's difference (row minus against): unadjusted 95% interval, "
-                  "Holm-adjusted p (exploratory, as above).", ""]
+        lines += [
+            "## Contrasts",
+            "",
+            "Each pair's difference (row minus against): unadjusted 95% interval, "
+            "Holm-adjusted p (exploratory, as above).",
+            "",
+        ]
         metrics = INTERVAL_METRICS[kind]
         for arm, settings in results["summary"].items():
             arm_title = _arm_title(spec, arm)
-            body = [[a, b, m] + [_ci(table.get(a, {}).get("compare", {}).get(b, {}).get(m)) for table in settings.values()]
-                    for a, b in spec.contrasts for m in metrics]
+            body = [
+                [a, b, m] + [_ci(table.get(a, {}).get("compare", {}).get(b, {}).get(m)) for table in settings.values()]
+                for a, b in spec.contrasts
+                for m in metrics
+            ]
             lines += [f"### {arm_title}", ""] + _table(["row", "against", "metric", *settings], body) + [""]
     head = headline_setting(spec)
     for arm, settings in results["summary"].items():
@@ -385,17 +498,24 @@ def markdown(spec: StudySpec, results: dict, command: str, machine: str, wall_se
         if kind == "shapes" and table:
             fams = list(next(iter(table.values()))["per_family"])
             lines += [f"## Per family ({arm}, {head})", ""]
-            lines += _table(["row"] + fams, [[row] + [_ms(e["per_family"][f]) for f in fams] for row, e in table.items()])
+            lines += _table(
+                ["row"] + fams, [[row] + [_ms(e["per_family"][f]) for f in fams] for row, e in table.items()]
+            )
             lines += [""]
         if table:
             bins = next(iter(table.values()))["exposure_bins"]
             lines += [f"## Exposure gap per sigma bin ({arm}, {head})", ""]
-            lines += _table(["row"] + [f"({b['sigma_low']:.2f}, {b['sigma_high']:.2f}]" for b in bins],
-                            [[row] + [_ms(b, "{:.4f}") for b in e["exposure_bins"]] for row, e in table.items()])
+            lines += _table(
+                ["row"] + [f"({b['sigma_low']:.2f}, {b['sigma_high']:.2f}]" for b in bins],
+                [[row] + [_ms(b, "{:.4f}") for b in e["exposure_bins"]] for row, e in table.items()],
+            )
             lines += [""]
     if results["failed"]:
-        lines += ["## Failed cells", ""] + [f"- {f['row']} seed {f['seed']} ({f['hash']}): {f['error']}"
-                                            for f in results["failed"]] + [""]
+        lines += (
+            ["## Failed cells", ""]
+            + [f"- {f['row']} seed {f['seed']} ({f['hash']}): {f['error']}" for f in results["failed"]]
+            + [""]
+        )
     lines += ["Plots: " + ", ".join(f"![{p}]({p})" for p in results.get("plots", [])), ""]
     return "\n".join(lines)
 
@@ -421,8 +541,16 @@ def plots(spec: StudySpec, results: dict, out: Path) -> list[str]:
             fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
             for ax, other in zip(axes, ("frechet_distance", "diversity")):
                 for row, e in table.items():
-                    ax.errorbar(e[other]["mean"], e[lead]["mean"], xerr=e[other]["std"], yerr=e[lead]["std"],
-                                fmt="o", capsize=3, color=colors[row], label=row)
+                    ax.errorbar(
+                        e[other]["mean"],
+                        e[lead]["mean"],
+                        xerr=e[other]["std"],
+                        yerr=e[lead]["std"],
+                        fmt="o",
+                        capsize=3,
+                        color=colors[row],
+                        label=row,
+                    )
                 ax.set_xlabel(other.replace("_", " ") + (" (lower is better)" if other == "frechet_distance" else ""))
                 ax.set_ylabel(f"ShapesEval {lead}")
                 ax.set_title(f"alignment vs {other.replace('_', ' ')} ({arm}, {head})")
@@ -438,8 +566,14 @@ def plots(spec: StudySpec, results: dict, out: Path) -> list[str]:
             width = 0.8 / max(len(table), 1)
             for i, (row, e) in enumerate(table.items()):
                 xs = [j + (i - (len(table) - 1) / 2) * width for j in range(len(fams))]
-                ax.bar(xs, [e["per_family"][f]["mean"] for f in fams], width,
-                       yerr=[e["per_family"][f]["std"] for f in fams], color=colors[row], label=row)
+                ax.bar(
+                    xs,
+                    [e["per_family"][f]["mean"] for f in fams],
+                    width,
+                    yerr=[e["per_family"][f]["std"] for f in fams],
+                    color=colors[row],
+                    label=row,
+                )
             ax.set_xticks(range(len(fams)), fams, rotation=20)
             ax.set_ylabel("accuracy")
             ax.set_title(f"ShapesEval per family ({arm}, {head})")
@@ -453,8 +587,15 @@ def plots(spec: StudySpec, results: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4))
         for row, e in table.items():
             mids = [(b["sigma_low"] + b["sigma_high"]) / 2 for b in e["exposure_bins"]]
-            ax.errorbar(mids, [b["mean"] for b in e["exposure_bins"]], yerr=[b["std"] for b in e["exposure_bins"]],
-                        marker="o", capsize=3, color=colors[row], label=row)
+            ax.errorbar(
+                mids,
+                [b["mean"] for b in e["exposure_bins"]],
+                yerr=[b["std"] for b in e["exposure_bins"]],
+                marker="o",
+                capsize=3,
+                color=colors[row],
+                label=row,
+            )
         ax.set_xlabel("sigma")
         ax.set_ylabel("exposure gap (own-state minus ideal x0 error)")
         ax.set_title(f"exposure gap per sigma bin ({arm}, {head})")
@@ -470,13 +611,21 @@ def plots(spec: StudySpec, results: dict, out: Path) -> list[str]:
         for row, cs in results["curves"].items():
             for i, c in enumerate(cs):
                 if c["points"]:
-                    ax.plot([p["train_seconds"] for p in c["points"]], [p["value"] for p in c["points"]],
-                            marker=".", color=colors[row], alpha=0.8, label=row if i == 0 else None)
+                    ax.plot(
+                        [p["train_seconds"] for p in c["points"]],
+                        [p["value"] for p in c["points"]],
+                        marker=".",
+                        color=colors[row],
+                        alpha=0.8,
+                        label=row if i == 0 else None,
+                    )
         ev = spec.evaluation
         ax.set_xlabel("training wall-clock (s, evaluation excluded)")
         ax.set_ylabel("ShapesEval overall (curve set)" if kind == "shapes" else "flow-matching loss")
-        ax.set_title(f"score vs wall-clock ({ev.curve_num_steps} steps, guidance {ev.curve_guidance_scale:g}, "
-                     f"every {ev.every_steps} steps)")
+        ax.set_title(
+            f"score vs wall-clock ({ev.curve_num_steps} steps, guidance {ev.curve_guidance_scale:g}, "
+            f"every {ev.every_steps} steps)"
+        )
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "curves.png", dpi=100)

@@ -121,8 +121,15 @@ def weights_path(out: Path, cell: Cell, arm: str) -> Path | None:
 class CellRun:
     """The step callback of one training run: curve points, budget evaluations, stop decision."""
 
-    def __init__(self, spec: StudySpec, evaluator, counter: ForwardCounter, images_per_step: int,
-                 progress: Callable[[str], None], save: Callable[[str, Any], None] | None = None):
+    def __init__(
+        self,
+        spec: StudySpec,
+        evaluator,
+        counter: ForwardCounter,
+        images_per_step: int,
+        progress: Callable[[str], None],
+        save: Callable[[str, Any], None] | None = None,
+    ):
         self.spec, self.evaluator, self.counter = spec, evaluator, counter
         self.save = save  # save(arm, model): weights a chained row starts from
         self.images_per_step = images_per_step
@@ -154,7 +161,9 @@ class CellRun:
         calls, rows = self.counter.calls, self.counter.rows
         metrics = self._evaluate(self.evaluator.full, model)
         self.arms[arm] = {
-            "step": step, "train_seconds": round(clock, 3), "capped": capped,
+            "step": step,
+            "train_seconds": round(clock, 3),
+            "capped": capped,
             "forwards_per_step": calls / max(step, 1),
             "sample_forwards_per_image": rows / max(step * self.images_per_step, 1),
             "metrics": metrics,
@@ -179,8 +188,16 @@ class CellRun:
         return not all(a in self.arms for a in b.arms)
 
 
-def run_cell(spec: StudySpec, cell: Cell, out: Path, evaluator, progress: Callable[[str], None],
-             keep_models: bool = False, save_arms: frozenset[str] = frozenset(), device: str = "cpu") -> dict:
+def run_cell(
+    spec: StudySpec,
+    cell: Cell,
+    out: Path,
+    evaluator,
+    progress: Callable[[str], None],
+    keep_models: bool = False,
+    save_arms: frozenset[str] = frozenset(),
+    device: str = "cpu",
+) -> dict:
     """Train (unless base) and evaluate one cell on `device`; returns its result record (status ok).
     ``save_arms``: arms whose weights a chained row starts from (written to cells/<hash>/weights_<arm>).
     The trainer's accelerator picks the device (the runner hides CUDA for ``cpu``); the result is checked."""
@@ -193,8 +210,9 @@ def run_cell(spec: StudySpec, cell: Cell, out: Path, evaluator, progress: Callab
     if cell.init_from is not None:
         source = weights_path(out, cell.init_from, cell.init_arm)
         if source is None:
-            raise FileNotFoundError(f"cell {cell.init_from.label} saved no {cell.init_arm}-arm weights to start "
-                                    f"from (did it fail?)")
+            raise FileNotFoundError(
+                f"cell {cell.init_from.label} saved no {cell.init_arm}-arm weights to start from (did it fail?)"
+            )
         extra["init_from"] = str(source)
     cfg = TrainConfig.from_dict({**cell.config, "output_dir": str(cdir / "run"), **extra})
     t0 = time.perf_counter()
@@ -208,9 +226,11 @@ def run_cell(spec: StudySpec, cell: Cell, out: Path, evaluator, progress: Callab
         for arm in spec.budget.arms:
             run.arms[arm] = {**run.arms["steps"], "train_seconds": 0.0}
         counter.handle.remove()
-        return {"arms": run.arms, "curve": [{"step": 0, "train_seconds": 0.0,
-                                              "value": run._evaluate(evaluator.curve, model)}],
-                "wall_seconds": round(time.perf_counter() - t0, 2)}
+        return {
+            "arms": run.arms,
+            "curve": [{"step": 0, "train_seconds": 0.0, "value": run._evaluate(evaluator.curve, model)}],
+            "wall_seconds": round(time.perf_counter() - t0, 2),
+        }
     if (cdir / "run").exists():
         shutil.rmtree(cdir / "run")  # an interrupted attempt: start the cell over
     set_seed(cfg.seed)  # as train() does before building the model
@@ -221,8 +241,14 @@ def run_cell(spec: StudySpec, cell: Cell, out: Path, evaluator, progress: Callab
         if arm in save_arms:
             task.save_model(getattr(m, "module", m), cdir / f"weights_{arm}")
 
-    run = CellRun(spec, evaluator, counter, cfg.train_batch_size * cfg.gradient_accumulation_steps, progress,
-                  save=save if save_arms else None)
+    run = CellRun(
+        spec,
+        evaluator,
+        counter,
+        cfg.train_batch_size * cfg.gradient_accumulation_steps,
+        progress,
+        save=save if save_arms else None,
+    )
     try:
         result = train(cfg, task, model, step_callback=run)
     finally:
@@ -230,15 +256,22 @@ def run_cell(spec: StudySpec, cell: Cell, out: Path, evaluator, progress: Callab
     trained = result.model
     where = next(trained.parameters()).device.type
     if where != device:
-        raise DeviceUnavailable(f"cell {cell.label} trained on {where}, not on the requested device {device!r} "
-                                f"(accelerate chose it; is ACCELERATE_USE_CPU or CUDA_VISIBLE_DEVICES set?)")
+        raise DeviceUnavailable(
+            f"cell {cell.label} trained on {where}, not on the requested device {device!r} "
+            f"(accelerate chose it; is ACCELERATE_USE_CPU or CUDA_VISIBLE_DEVICES set?)"
+        )
     for arm in spec.budget.arms:  # the step cap ended training before this arm's budget
         if arm not in run.arms:
             run.record_arm(arm, result.global_step, trained, capped=True)
     if not keep_models and (cdir / "run").exists():
         shutil.rmtree(cdir / "run")
-    return {"arms": run.arms, "curve": run.curve, "steps_trained": result.global_step,
-            "history": result.history, "wall_seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "arms": run.arms,
+        "curve": run.curve,
+        "steps_trained": result.global_step,
+        "history": result.history,
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -248,12 +281,12 @@ def cell_seconds(spec: StudySpec, timing: dict) -> float:
     steps_needed = max(b.steps or 0, math.ceil((b.seconds or 0) / max(timing["step"], 1e-6)))
     steps_needed = min(steps_needed, b.max_steps)
     curves = steps_needed // ev.every_steps if ev.every_steps else 0
-    return (timing["setup"] + steps_needed * timing["step"] + len(b.arms) * timing["eval"]
-            + curves * timing["curve"])
+    return timing["setup"] + steps_needed * timing["step"] + len(b.arms) * timing["eval"] + curves * timing["curve"]
 
 
-def calibrate(spec: StudySpec, cells: list[Cell], out: Path, evaluator, done: dict[str, dict],
-              log: Callable[[str], None]) -> dict[str, dict]:
+def calibrate(
+    spec: StudySpec, cells: list[Cell], out: Path, evaluator, done: dict[str, dict], log: Callable[[str], None]
+) -> dict[str, dict]:
     """Per-row timings: from a finished cell of the row when there is one, else a 3-step probe run.
     Evaluation cost: measured once on the first model (same cost for every cell)."""
     from accelerate.utils import set_seed
@@ -268,8 +301,13 @@ def calibrate(spec: StudySpec, cells: list[Cell], out: Path, evaluator, done: di
             arm = next(iter(r["arms"].values()))
             metric_s = sum(m.get("eval_seconds", 0) for m in arm["metrics"].values())
             last = max(r["arms"].values(), key=lambda a: a["step"])
-            timings[c.row] = {"step": last["train_seconds"] / max(last["step"], 1), "setup": 0.0, "eval": metric_s,
-                              "curve": 0.0, "source": "finished cell"}
+            timings[c.row] = {
+                "step": last["train_seconds"] / max(last["step"], 1),
+                "setup": 0.0,
+                "eval": metric_s,
+                "curve": 0.0,
+                "source": "finished cell",
+            }
             eval_s = eval_s or metric_s
     for c in cells:
         if c.row == BASE_ROW or c.row in timings:
@@ -294,8 +332,13 @@ def calibrate(spec: StudySpec, cells: list[Cell], out: Path, evaluator, done: di
                 e0 = time.perf_counter()
                 evaluator.curve(model)
                 curve_s = time.perf_counter() - e0
-        timings[c.row] = {"step": step, "setup": max(setup, 0.0), "eval": eval_s, "curve": curve_s or 0.0,
-                          "source": "3-step probe"}
+        timings[c.row] = {
+            "step": step,
+            "setup": max(setup, 0.0),
+            "eval": eval_s,
+            "curve": curve_s or 0.0,
+            "source": "3-step probe",
+        }
         shutil.rmtree(probe_dir, ignore_errors=True)
         log(f"  calibrated {c.row}: {step:.2f}s/step")
     for t in timings.values():
@@ -312,8 +355,14 @@ def _fmt_s(s: float) -> str:
 
 
 def failed_record(cell: Cell, error: str, run_info: dict | None = None, tb: str | None = None) -> dict:
-    record = {"row": cell.row, "seed": cell.seed, "hash": cell.hash, "config": cell.config, "status": "failed",
-              "error": error}
+    record = {
+        "row": cell.row,
+        "seed": cell.seed,
+        "hash": cell.hash,
+        "config": cell.config,
+        "status": "failed",
+        "error": error,
+    }
     if tb:
         record["traceback"] = tb
     if run_info:
@@ -338,9 +387,20 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def execute_cell(spec: StudySpec, cell: Cell, out: Path, evaluator, log: Callable[[str], None], *,
-                 keep_models: bool = False, save_arms: frozenset[str] = frozenset(), cells_dir: Path | None = None,
-                 device: str = "cpu", run_info: dict | None = None, first_config: dict | None = None) -> dict:
+def execute_cell(
+    spec: StudySpec,
+    cell: Cell,
+    out: Path,
+    evaluator,
+    log: Callable[[str], None],
+    *,
+    keep_models: bool = False,
+    save_arms: frozenset[str] = frozenset(),
+    cells_dir: Path | None = None,
+    device: str = "cpu",
+    run_info: dict | None = None,
+    first_config: dict | None = None,
+) -> dict:
     """Run one cell and record it, finished or failed, in ``<out>/cells/<hash>/result.json`` (and, finished, in
     `cells_dir`); returns the record. `evaluator` None: built here. A signal (Interrupted) records nothing."""
     record: dict[str, Any] = {"row": cell.row, "seed": cell.seed, "hash": cell.hash, "config": cell.config}
@@ -386,10 +446,20 @@ class _DeviceEnv:
                 os.environ["ACCELERATE_USE_CPU"] = self.previous
 
 
-def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_only: bool = False,
-              keep_models: bool = False, log: Callable[[str], None] | None = None, device: str = "cpu",
-              jobs: int = 1, cells_dir: Path | None = None, max_seconds: float | None = None,
-              quiet_workers: bool = False) -> list[dict]:
+def run_study(
+    spec: StudySpec,
+    out: Path,
+    *,
+    estimate: bool = True,
+    estimate_only: bool = False,
+    keep_models: bool = False,
+    log: Callable[[str], None] | None = None,
+    device: str = "cpu",
+    jobs: int = 1,
+    cells_dir: Path | None = None,
+    max_seconds: float | None = None,
+    quiet_workers: bool = False,
+) -> list[dict]:
     """Run every pending cell (cache, devices, jobs, time guard: module docstring) and return all cell records:
     finished, failed, and (time guard) ``status: pending``."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -421,12 +491,17 @@ def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_onl
                 done.pop(c.init_from.hash, None)  # a cached source without its weights reruns first
     pending = [c for c in cells if c.hash not in done]
     num_cached = len(done)
-    log(f"[study {spec.name}] {len(cells)} cells ({len(done)} cached"
-        + (f", {from_dir} of them from {cells_dir}" if from_dir else "") + f", {len(pending)} to run) -> {out}"
-        + (f" on {device}, {jobs} at once" if pending else ""))
+    log(
+        f"[study {spec.name}] {len(cells)} cells ({len(done)} cached"
+        + (f", {from_dir} of them from {cells_dir}" if from_dir else "")
+        + f", {len(pending)} to run) -> {out}"
+        + (f" on {device}, {jobs} at once" if pending else "")
+    )
     if pending and device == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable(f"--device cuda: no CUDA device is visible (torch.cuda.is_available() is False) and "
-                                f"{len(pending)} cell(s) must run; finished cells need no device")
+        raise DeviceUnavailable(
+            f"--device cuda: no CUDA device is visible (torch.cuda.is_available() is False) and "
+            f"{len(pending)} cell(s) must run; finished cells need no device"
+        )
 
     evaluator = None
 
@@ -445,12 +520,25 @@ def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_onl
             for c in pending:
                 predicted[c.hash] = base_eval if c.row == BASE_ROW else cell_seconds(spec, timings[c.row])
             total = sum(predicted.values())
-            log(f"[study {spec.name}] estimated total for {len(pending)} cells: {_fmt_s(total)}"
+            log(
+                f"[study {spec.name}] estimated total for {len(pending)} cells: {_fmt_s(total)}"
                 + (f" of cell time, about {_fmt_s(total / jobs)} with {jobs} at once" if jobs > 1 else "")
-                + " (per cell: " + ", ".join(f"{r} {_fmt_s(cell_seconds(spec, t))}" for r, t in timings.items()) + ")")
+                + " (per cell: "
+                + ", ".join(f"{r} {_fmt_s(cell_seconds(spec, t))}" for r, t in timings.items())
+                + ")"
+            )
             if estimate_only:
-                return [done.get(c.hash) or {"row": c.row, "seed": c.seed, "hash": c.hash, "status": "pending",
-                                             "estimated_seconds": predicted.get(c.hash)} for c in cells]
+                return [
+                    done.get(c.hash)
+                    or {
+                        "row": c.row,
+                        "seed": c.seed,
+                        "hash": c.hash,
+                        "status": "pending",
+                        "estimated_seconds": predicted.get(c.hash),
+                    }
+                    for c in cells
+                ]
 
     loop_start = time.perf_counter()
     failed: dict[str, dict] = {}
@@ -467,8 +555,10 @@ def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_onl
         elapsed = time.perf_counter() - started
         need = observed.get(cell.row, predicted.get(cell.hash, 0.0))
         if elapsed + need > max_seconds:
-            log(f"[study {spec.name}] --max_seconds {max_seconds:g}: not starting {cell.label} ({_fmt_s(elapsed)} "
-                f"elapsed, {_fmt_s(need)} needed); it stays pending")
+            log(
+                f"[study {spec.name}] --max_seconds {max_seconds:g}: not starting {cell.label} ({_fmt_s(elapsed)} "
+                f"elapsed, {_fmt_s(need)} needed); it stays pending"
+            )
             not_started.add(cell.hash)
             return False
         return True
@@ -482,17 +572,21 @@ def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_onl
             eta = _fmt_s((time.perf_counter() - loop_start) / finished * len(left))
         else:
             eta = "?"
-        return (f"[study {spec.name}] {len(done) + len(failed)}/{len(cells)} cells done, ETA {eta}, now: "
-                f"{cell.label}{where}")
+        return (
+            f"[study {spec.name}] {len(done) + len(failed)}/{len(cells)} cells done, ETA {eta}, now: "
+            f"{cell.label}{where}"
+        )
 
     def finish(cell: Cell, record: dict) -> None:
         (done if record.get("status") == "ok" else failed)[cell.hash] = record
         if record.get("wall_seconds") is not None:
             observed[cell.row] = float(record["wall_seconds"])
         if jobs > 1:
-            log(f"[study {spec.name}] {cell.label}: {record.get('status')}"
+            log(
+                f"[study {spec.name}] {cell.label}: {record.get('status')}"
                 + (f" ({record['error']})" if record.get("error") else "")
-                + f"; {len(done) + len(failed)}/{len(cells)} cells done")
+                + f"; {len(done) + len(failed)}/{len(cells)} cells done"
+            )
 
     if jobs == 1:
         with _DeviceEnv(device):
@@ -501,24 +595,56 @@ def run_study(spec: StudySpec, out: Path, *, estimate: bool = True, estimate_onl
                     continue
                 prefix = progress_prefix(cell)
                 log(prefix)
-                finish(cell, execute_cell(spec, cell, out, get_evaluator(), lambda msg, p=prefix: log(f"{p}: {msg}"),
-                                          keep_models=keep_models, save_arms=frozenset(save_arms.get(cell.hash, ())),
-                                          cells_dir=cells_dir, device=device, run_info=run_info))
+                finish(
+                    cell,
+                    execute_cell(
+                        spec,
+                        cell,
+                        out,
+                        get_evaluator(),
+                        lambda msg, p=prefix: log(f"{p}: {msg}"),
+                        keep_models=keep_models,
+                        save_arms=frozenset(save_arms.get(cell.hash, ())),
+                        cells_dir=cells_dir,
+                        device=device,
+                        run_info=run_info,
+                    ),
+                )
     else:
         from .parallel import run_parallel
 
-        run_parallel(spec, pending, out, device=device, jobs=jobs, cells_dir=cells_dir, keep_models=keep_models,
-                     save_arms=save_arms, run_info=run_info, first_config=cells[0].config, may_start=may_start,
-                     on_start=lambda cell, slot: _logged(log, progress_prefix(cell, f" on {slot.describe()}"),
-                                                         f"[study {spec.name}] {cell.label} ({slot.describe()})"),
-                     on_finish=finish, log=log, quiet=quiet_workers)
+        run_parallel(
+            spec,
+            pending,
+            out,
+            device=device,
+            jobs=jobs,
+            cells_dir=cells_dir,
+            keep_models=keep_models,
+            save_arms=save_arms,
+            run_info=run_info,
+            first_config=cells[0].config,
+            may_start=may_start,
+            on_start=lambda cell, slot: _logged(
+                log,
+                progress_prefix(cell, f" on {slot.describe()}"),
+                f"[study {spec.name}] {cell.label} ({slot.describe()})",
+            ),
+            on_finish=finish,
+            log=log,
+            quiet=quiet_workers,
+        )
     left = [c for c in pending if c.hash not in done and c.hash not in failed]
-    log(f"[study {spec.name}] {len(cells) - len(left)}/{len(cells)} cells done in "
-        f"{_fmt_s(time.perf_counter() - loop_start)}" + (f" ({len(failed)} failed)" if failed else "")
-        + (f"; {len(left)} pending (--max_seconds {max_seconds:g}): rerun the same command to continue"
-           if left else ""))
-    return [done.get(c.hash) or failed.get(c.hash) or {"row": c.row, "seed": c.seed, "hash": c.hash,
-                                                        "status": "pending"} for c in cells]
+    log(
+        f"[study {spec.name}] {len(cells) - len(left)}/{len(cells)} cells done in "
+        f"{_fmt_s(time.perf_counter() - loop_start)}"
+        + (f" ({len(failed)} failed)" if failed else "")
+        + (f"; {len(left)} pending (--max_seconds {max_seconds:g}): rerun the same command to continue" if left else "")
+    )
+    return [
+        done.get(c.hash) or failed.get(c.hash) or {"row": c.row, "seed": c.seed, "hash": c.hash, "status": "pending"}
+        for c in cells
+    ]
 
 
 def _logged(log: Callable[[str], None], msg: str, prefix: str) -> str:
@@ -547,6 +673,15 @@ def run_configurations(records: list[dict]) -> str:
 
 
 def spec_record(spec: StudySpec) -> dict:
-    return {"name": spec.name, "source": spec.source, "seeds": spec.seeds, "budget": asdict(spec.budget),
-            "evaluation": asdict(spec.evaluation), "reference": spec.reference, "include_base": spec.include_base,
-            "contrasts": [list(c) for c in spec.contrasts], "rows": [asdict(r) for r in spec.rows], "base": spec.base}
+    return {
+        "name": spec.name,
+        "source": spec.source,
+        "seeds": spec.seeds,
+        "budget": asdict(spec.budget),
+        "evaluation": asdict(spec.evaluation),
+        "reference": spec.reference,
+        "include_base": spec.include_base,
+        "contrasts": [list(c) for c in spec.contrasts],
+        "rows": [asdict(r) for r in spec.rows],
+        "base": spec.base,
+    }

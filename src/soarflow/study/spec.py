@@ -99,18 +99,28 @@ class EvalSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("shapes", "loss"):
             raise ValueError(f"evaluation.kind must be 'shapes' or 'loss', got {self.kind!r}")
-        for key in ("prompts_per_family", "images_per_prompt", "exposure_images", "num_samples", "curve_num_steps",
-                    "curve_prompts_per_family"):
+        for key in (
+            "prompts_per_family",
+            "images_per_prompt",
+            "exposure_images",
+            "num_samples",
+            "curve_num_steps",
+            "curve_prompts_per_family",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"evaluation.{key} must be >= 1, got {getattr(self, key)}")
         if self.kind == "shapes" and self.images_per_prompt < 2:
             # diversity is the spread among images of one prompt: a single image per prompt has none
-            raise ValueError(f"evaluation.images_per_prompt must be >= 2 for kind 'shapes' (diversity compares images "
-                             f"of the same prompt), got {self.images_per_prompt}")
+            raise ValueError(
+                f"evaluation.images_per_prompt must be >= 2 for kind 'shapes' (diversity compares images "
+                f"of the same prompt), got {self.images_per_prompt}"
+            )
         if not self.num_steps or any(n < 2 for n in self.num_steps):
             raise ValueError(f"evaluation.num_steps must be a non-empty list of values >= 2, got {self.num_steps}")
         if not self.guidance_scales or any(c <= 0 for c in self.guidance_scales):
-            raise ValueError(f"evaluation.guidance_scales must be a non-empty list of values > 0, got {self.guidance_scales}")
+            raise ValueError(
+                f"evaluation.guidance_scales must be a non-empty list of values > 0, got {self.guidance_scales}"
+            )
         if self.every_steps < 0:
             raise ValueError(f"evaluation.every_steps must be >= 0, got {self.every_steps}")
 
@@ -213,8 +223,21 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-STUDY_KEYS = {"name", "description", "base_config", "base", "seeds", "budget", "evaluation", "include_base",
-              "reference", "contrasts", "primary", "rows", "quick"}
+STUDY_KEYS = {
+    "name",
+    "description",
+    "base_config",
+    "base",
+    "seeds",
+    "budget",
+    "evaluation",
+    "include_base",
+    "reference",
+    "contrasts",
+    "primary",
+    "rows",
+    "quick",
+}
 
 
 def load_study(path: str | Path, quick: bool = False, only: list[str] | None = None) -> StudySpec:
@@ -223,8 +246,9 @@ def load_study(path: str | Path, quick: bool = False, only: list[str] | None = N
     raw = _load_yaml(path)
     unknown = set(raw) - STUDY_KEYS
     if unknown:
-        raise ValueError(f"study file {path}: unknown key(s) {', '.join(sorted(unknown))} "
-                         f"(known: {', '.join(sorted(STUDY_KEYS))})")
+        raise ValueError(
+            f"study file {path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(STUDY_KEYS))})"
+        )
     if quick:
         q = raw.get("quick") or {}
         if not isinstance(q, dict):
@@ -254,6 +278,7 @@ def load_study(path: str | Path, quick: bool = False, only: list[str] | None = N
     include_base = bool(raw.get("include_base", True))
     names = [r.name for r in rows] + ([BASE_ROW] if include_base else [])
     if only:
+
         def hit(name: str, pat: str) -> bool:  # exact names first: "soar[num_aux=1]" is not a glob class
             return name == pat or fnmatch.fnmatchcase(name, pat)
 
@@ -271,9 +296,19 @@ def load_study(path: str | Path, quick: bool = False, only: list[str] | None = N
         reference = None  # the reference row is filtered out (or absent): compare to the base only
     contrasts = _contrasts(raw.get("contrasts") or [], names, [r.name for r in rows] + [BASE_ROW] * include_base, path)
     primary = _primary(raw.get("primary"), names, budget, evaluation, path)
-    spec = StudySpec(name=str(raw.get("name") or path.stem), base=base, rows=rows, seeds=seeds, budget=budget,
-                     evaluation=evaluation, include_base=include_base, reference=reference, contrasts=contrasts,
-                     primary=primary, source=str(path))
+    spec = StudySpec(
+        name=str(raw.get("name") or path.stem),
+        base=base,
+        rows=rows,
+        seeds=seeds,
+        budget=budget,
+        evaluation=evaluation,
+        include_base=include_base,
+        reference=reference,
+        contrasts=contrasts,
+        primary=primary,
+        source=str(path),
+    )
     if not spec.rows and not spec.include_base:
         raise ValueError(f"study file {path}: no rows to run")
     expand_cells(spec)  # validates every cell before anything runs
@@ -290,8 +325,9 @@ def _primary(item: Any, names: list[str], budget: Budget, evaluation: EvalSpec, 
         raise ValueError(f"{where} must be a mapping {{row, against, setting, arm[, metric]}}, got {item!r}")
     unknown = set(item) - {"row", "against", "setting", "arm", "metric"}
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: row, against, setting, arm, "
-                         "metric)")
+        raise ValueError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: row, against, setting, arm, metric)"
+        )
     for key in ("row", "against", "setting", "arm"):
         if not isinstance(item.get(key), str):
             raise ValueError(f"{where}.{key} is required (a string), got {item.get(key)!r}")
@@ -308,8 +344,9 @@ def _primary(item: Any, names: list[str], budget: Budget, evaluation: EvalSpec, 
     metrics = INTERVAL_METRICS[evaluation.kind]
     metric = item.get("metric")
     if metric is not None and metric not in metrics:
-        raise ValueError(f"{where}.metric: {metric!r} has no interval for kind {evaluation.kind!r} "
-                         f"(metrics: {', '.join(metrics)})")
+        raise ValueError(
+            f"{where}.metric: {metric!r} has no interval for kind {evaluation.kind!r} (metrics: {', '.join(metrics)})"
+        )
     return Primary(item["row"], item["against"], item["setting"], item["arm"], metric)
 
 
@@ -324,8 +361,9 @@ def _contrasts(items: Any, names: list[str], kept: list[str], path: Path) -> lis
             raise ValueError(f"study file {path}: contrast {item!r} must be a pair [row, against]")
         for n in item:
             if n not in names:
-                raise ValueError(f"study file {path}: contrast {list(item)} names unknown row {n!r} "
-                                 f"(rows: {', '.join(names)})")
+                raise ValueError(
+                    f"study file {path}: contrast {list(item)} names unknown row {n!r} (rows: {', '.join(names)})"
+                )
         if item[0] == item[1]:
             raise ValueError(f"study file {path}: contrast {list(item)} compares a row with itself")
         if item[0] in kept and item[1] in kept:
@@ -342,8 +380,10 @@ def _expand_rows(items: list, path: Path) -> list[Row]:
             raise ValueError(f"study file {path}: rows[{i}] must be a mapping with a 'name'")
         bad = set(item) - {"name", "set", "sweep", "sweep_mode", "init_from_row", "init_from_arm"}
         if bad:
-            raise ValueError(f"study row '{item['name']}': unknown key(s) {', '.join(sorted(bad))} "
-                             "(known: name, set, sweep, sweep_mode, init_from_row, init_from_arm)")
+            raise ValueError(
+                f"study row '{item['name']}': unknown key(s) {', '.join(sorted(bad))} "
+                "(known: name, set, sweep, sweep_mode, init_from_row, init_from_arm)"
+            )
         chain = {"init_from_row": item.get("init_from_row"), "init_from_arm": item.get("init_from_arm")}
         base_set = dict(item.get("set") or {})
         sweep = dict(item.get("sweep") or {})
@@ -381,15 +421,19 @@ def _check_chains(rows: list[Row], budget: Budget, path: Path) -> None:
         else:
             src = earlier.get(r.init_from_row)
             if src is None:
-                raise ValueError(f"study row '{r.name}': init_from_row {r.init_from_row!r} must name a row listed "
-                                 f"before it (rows: {', '.join(x.name for x in rows)})")
+                raise ValueError(
+                    f"study row '{r.name}': init_from_row {r.init_from_row!r} must name a row listed "
+                    f"before it (rows: {', '.join(x.name for x in rows)})"
+                )
             if src.init_from_row is not None:
-                raise ValueError(f"study row '{r.name}': init_from_row {src.name!r} is itself chained; "
-                                 "chain from an unchained row")
+                raise ValueError(
+                    f"study row '{r.name}': init_from_row {src.name!r} is itself chained; chain from an unchained row"
+                )
             r.init_from_arm = r.init_from_arm or budget.arms[-1]
             if r.init_from_arm not in budget.arms:
-                raise ValueError(f"study row '{r.name}': init_from_arm must be one of {budget.arms}, "
-                                 f"got {r.init_from_arm!r}")
+                raise ValueError(
+                    f"study row '{r.name}': init_from_arm must be one of {budget.arms}, got {r.init_from_arm!r}"
+                )
         earlier[r.name] = r
 
 
@@ -451,8 +495,8 @@ _FINGERPRINTS: dict[str, str] = {}
 # invalidate every cached and committed cell; any other value is part of the identity. A new training-config key
 # belongs here (tests/study/test_spec.py pins a reference hash).
 NEUTRAL_LATER_KEYS: dict[str, Any] = {
-    "checkpoint_model": True,      # checkpoints also hold a loadable model (exports only)
-    "ema_device": "accelerator",   # where the EMA shadow lives (same numbers)
+    "checkpoint_model": True,  # checkpoints also hold a loadable model (exports only)
+    "ema_device": "accelerator",  # where the EMA shadow lives (same numbers)
 }
 
 
@@ -489,8 +533,13 @@ def cell_hash(spec: StudySpec, cell: Cell) -> str:
     key = json.dumps(cfg, sort_keys=True, default=str)
     if key not in _FINGERPRINTS:
         _FINGERPRINTS[key] = _base_model_fingerprint(cfg)
-    payload = {"config": cfg, "budget": budget, "evaluation": asdict(spec.evaluation),
-               "base_model": _FINGERPRINTS[key], "format": 1}
+    payload = {
+        "config": cfg,
+        "budget": budget,
+        "evaluation": asdict(spec.evaluation),
+        "base_model": _FINGERPRINTS[key],
+        "format": 1,
+    }
     if cell.init_from is not None:  # only chained cells carry the key, so other hashes stay as they were
         payload["init_from"] = [cell.init_from.hash, cell.init_arm]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -220,7 +220,7 @@ def _anova(x: np.ndarray) -> tuple[float, float, float]:
     ms_seed = p * float(((row - grand) ** 2).sum()) / (s - 1)
     ms_prompt = s * float(((col - grand) ** 2).sum()) / (p - 1)
     resid = x - row[:, None] - col[None, :] + grand
-    ms_resid = float((resid ** 2).sum()) / ((s - 1) * (p - 1))
+    ms_resid = float((resid**2).sum()) / ((s - 1) * (p - 1))
     return ms_seed, ms_prompt, ms_resid
 
 
@@ -260,8 +260,7 @@ def _seed_terms(x: np.ndarray) -> list[tuple[float, float]]:
     return [(ms_seed / (s * p), s - 1), (-ms_resid / (s * p), (s - 1) * (p - 1))]
 
 
-def crossed_diff(xa: np.ndarray, xb: np.ndarray, *, paired: bool | None = None,
-                 confidence: float = 0.95) -> DiffCI:
+def crossed_diff(xa: np.ndarray, xb: np.ndarray, *, paired: bool | None = None, confidence: float = 0.95) -> DiffCI:
     """Interval for mean(xa) - mean(xb) from (S, P) per-(seed, prompt) tables (module docstring). `paired`
     defaults to "same number of seeds" (rows s of xa and xb share training seed s); the caller knows better."""
     xa, xb = _check(xa, "row A"), _check(xb, "row B")
@@ -295,8 +294,14 @@ def crossed_diff(xa: np.ndarray, xb: np.ndarray, *, paired: bool | None = None,
     return _interval(diff, terms, confidence, "unpaired")
 
 
-def diff_interval(a: np.ndarray, b: np.ndarray, groups: np.ndarray | list[int], *, paired: bool | None = None,
-                  confidence: float = 0.95) -> DiffCI:
+def diff_interval(
+    a: np.ndarray,
+    b: np.ndarray,
+    groups: np.ndarray | list[int],
+    *,
+    paired: bool | None = None,
+    confidence: float = 0.95,
+) -> DiffCI:
     """`crossed_diff` of two (S, N) per-image matrices, clustered by `groups` (image -> prompt)."""
     return crossed_diff(cluster_means(a, groups), cluster_means(b, groups), paired=paired, confidence=confidence)
 
@@ -314,8 +319,15 @@ def holm(pvalues: list[float]) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------- bootstrap
-def cluster_bootstrap(xa: np.ndarray, xb: np.ndarray, *, paired: bool | None = None, num_resamples: int = 2000,
-                      confidence: float = 0.95, seed: int = 0) -> DiffCI:
+def cluster_bootstrap(
+    xa: np.ndarray,
+    xb: np.ndarray,
+    *,
+    paired: bool | None = None,
+    num_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> DiffCI:
     """Percentile interval of mean(xa) - mean(xb) from (S, P) per-(seed, prompt) tables: prompts resampled as
     clusters (shared by both rows), seeds with replacement (shared when `paired`), and each row's resampled seed
     means spread about their mean by sqrt(S/(S-1)) (the small-sample correction of the seed component)."""
@@ -342,5 +354,11 @@ def cluster_bootstrap(xa: np.ndarray, xb: np.ndarray, *, paired: bool | None = N
     deltas = seed_level(ma, sa) - seed_level(mb, sb)
     alpha = (1 - confidence) / 2
     low, high = np.quantile(deltas, [alpha, 1 - alpha])
-    return DiffCI(float(xa.mean() - xb.mean()), float(low), float(high), confidence, method="bootstrap",
-                  num_resamples=num_resamples)
+    return DiffCI(
+        float(xa.mean() - xb.mean()),
+        float(low),
+        float(high),
+        confidence,
+        method="bootstrap",
+        num_resamples=num_resamples,
+    )

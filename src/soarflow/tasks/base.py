@@ -80,8 +80,10 @@ class Task:
     def enable_gradient_checkpointing(self, model: nn.Module) -> None:
         """Recompute activations in the backward pass (config ``gradient_checkpointing``)."""
         if not hasattr(model, "enable_gradient_checkpointing"):
-            raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no enable_gradient_checkpointing(); "
-                             "set gradient_checkpointing: false")
+            raise ValueError(
+                f"gradient_checkpointing: {type(model).__name__} has no enable_gradient_checkpointing(); "
+                "set gradient_checkpointing: false"
+            )
         model.enable_gradient_checkpointing()
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ from .diffusers_sections import GUIDANCE_SCALE, DiffusersDataSection, DiffusersM
 
 logger = logging.getLogger(__name__)
 
+
 class DiffusersTask(Task):
     """Shared `Task` implementation; subclasses set the classes and the family-specific encoding."""
 
@@ -68,9 +69,14 @@ class DiffusersTask(Task):
         self.data_config = data
         self.train_config = train_config
         self.bad_samples = BadSampleLog(data.on_bad_sample)
-        self.pipeline = FrozenPipeline(self.pipeline_class_name, model.pretrained, revision=model.revision,
-                                       variant=model.variant, dtype=DTYPES[model.frozen_dtype],
-                                       offload=model.offload_frozen)  # loaded on first use
+        self.pipeline = FrozenPipeline(
+            self.pipeline_class_name,
+            model.pretrained,
+            revision=model.revision,
+            variant=model.variant,
+            dtype=DTYPES[model.frozen_dtype],
+            offload=model.offload_frozen,
+        )  # loaded on first use
         self._null: dict[torch.device, Any] = {}
         self._caches: tuple[EncodingCache, EncodingCache] | None = None
         self._records: list[ImageCaptionRecord] | None = None
@@ -86,8 +92,10 @@ class DiffusersTask(Task):
         task.check_config()
         method = getattr(train_config, "method", None)
         if d.format == "prompts" and method not in (None, "grpo"):
-            raise ValueError(f"config key 'data.format': 'prompts' holds no images, so only method grpo can train on "
-                             f"it (method is {method!r}); give an image dataset (imagefolder or soar_jsonl)")
+            raise ValueError(
+                f"config key 'data.format': 'prompts' holds no images, so only method grpo can train on "
+                f"it (method is {method!r}); give an image dataset (imagefolder or soar_jsonl)"
+            )
         return task
 
     def check_config(self) -> None:
@@ -106,10 +114,13 @@ class DiffusersTask(Task):
         check_pretrained(self.model_config.pretrained)
         extra: dict[str, Any] = {}
         if self.model_config.quantize_base is not None:
-            extra = {"quantization_config": quantization_config(self.model_config.quantize_base, self.pipeline.dtype),
-                     "torch_dtype": self.pipeline.dtype}
-        return self.transformer_class.from_pretrained(self.model_config.pretrained, subfolder="transformer",
-                                                      **self.pipeline.load_kwargs, **extra)
+            extra = {
+                "quantization_config": quantization_config(self.model_config.quantize_base, self.pipeline.dtype),
+                "torch_dtype": self.pipeline.dtype,
+            }
+        return self.transformer_class.from_pretrained(
+            self.model_config.pretrained, subfolder="transformer", **self.pipeline.load_kwargs, **extra
+        )
 
     def wrap(self, transformer: nn.Module) -> VelocityModule:
         raise NotImplementedError
@@ -136,9 +147,16 @@ class DiffusersTask(Task):
         """Where the data index (image sizes and hashes) is kept: under ``cache_dir/index/`` with a cache, else
         beside the data (a hidden file) when that folder is writable; None: in memory only."""
         d = self.data_config
-        sid = source_id({"format": d.format, "path": str(Path(d.path).resolve()) if Path(d.path).exists() else d.path,
-                         "image_dir": d.image_dir, "caption_column": d.caption_column, "image_column": d.image_column,
-                         "split": d.split})
+        sid = source_id(
+            {
+                "format": d.format,
+                "path": str(Path(d.path).resolve()) if Path(d.path).exists() else d.path,
+                "image_dir": d.image_dir,
+                "caption_column": d.caption_column,
+                "image_column": d.image_column,
+                "split": d.split,
+            }
+        )
         if d.cache_dir is not None:
             return Path(d.cache_dir) / "index" / f"{sid}.json"
         p = Path(d.path)
@@ -156,8 +174,10 @@ class DiffusersTask(Task):
         recs = read_records(self.data_source(), self.bad_samples)
         if d.bucketing or d.cache_dir is not None:
             index = DataIndex(self.index_path())
-            recs = [replace(rec, width=e.width, height=e.height, sha256=e.sha256)
-                    for rec, e in index.update(recs, self.bad_samples)]
+            recs = [
+                replace(rec, width=e.width, height=e.height, sha256=e.sha256)
+                for rec, e in index.update(recs, self.bad_samples)
+            ]
             logger.info("data index %s: %d images read", index.path, index.reads)
         logger.info("%s: %d samples, %s", d.path, len(recs), self.bad_samples.summary())
         self._records = recs
@@ -166,8 +186,13 @@ class DiffusersTask(Task):
     def _dataset(self, records, pixels: bool = True) -> ImageCaptionDataset:
         d = self.data_config
         return ImageCaptionDataset(
-            records, d.resolution, bucketing=d.bucketing, bucket_divisor=d.bucket_divisor,
-            max_aspect_ratio=d.max_aspect_ratio, random_flip=d.random_flip, bad_samples=self.bad_samples,
+            records,
+            d.resolution,
+            bucketing=d.bucketing,
+            bucket_divisor=d.bucket_divisor,
+            max_aspect_ratio=d.max_aspect_ratio,
+            random_flip=d.random_flip,
+            bad_samples=self.bad_samples,
             pixels=pixels,
         )
 
@@ -195,15 +220,23 @@ class DiffusersTask(Task):
             dataset = self._dataset(kept)
         captions, images = missing_entries(text, latents, dataset, self.data_config.validation_prompts)
         if not captions and not images:
-            logger.info("encoder cache %s is complete: training reads it and builds no encoder", self.data_config.cache_dir)
+            logger.info(
+                "encoder cache %s is complete: training reads it and builds no encoder", self.data_config.cache_dir
+            )
             self.cache_complete = True
             return self._dataset(dataset.records, pixels=False)
-        logger.warning("encoder cache %s lacks %d captions and %d images: they are encoded during training (run "
-                       "`soarflow cache --config <config>` first to encode them on every process before training)",
-                       self.data_config.cache_dir, len(captions), len(images))
+        logger.warning(
+            "encoder cache %s lacks %d captions and %d images: they are encoded during training (run "
+            "`soarflow cache --config <config>` first to encode them on every process before training)",
+            self.data_config.cache_dir,
+            len(captions),
+            len(images),
+        )
         return dataset
 
-    def batch_indices(self, dataset: ImageCaptionDataset, global_batch: int, seed: int, epoch: int) -> list[list[int]] | None:
+    def batch_indices(
+        self, dataset: ImageCaptionDataset, global_batch: int, seed: int, epoch: int
+    ) -> list[list[int]] | None:
         """With ``data.bucketing``: the epoch's global batches, each drawn from one aspect bucket (seeded by
         seed and epoch); None without bucketing (plain random batches). For a trainer that supports it; otherwise
         `collate` brings mixed batches to their most common bucket."""
@@ -228,9 +261,14 @@ class DiffusersTask(Task):
     def _model_identity(self) -> dict:
         m = self.model_config
         p = Path(m.pretrained)
-        return {"family": self.family, "pretrained": str(p.resolve()) if p.exists() else m.pretrained,
-                "revision": m.revision, "variant": m.variant, "frozen_dtype": m.frozen_dtype,
-                "cache_dtype": self.data_config.cache_dtype}
+        return {
+            "family": self.family,
+            "pretrained": str(p.resolve()) if p.exists() else m.pretrained,
+            "revision": m.revision,
+            "variant": m.variant,
+            "frozen_dtype": m.frozen_dtype,
+            "cache_dtype": self.data_config.cache_dtype,
+        }
 
     def _component_configs(self, names: Sequence[str]) -> dict:
         """The components' config files (read from disk: checking the cache loads no weights)."""
@@ -244,9 +282,13 @@ class DiffusersTask(Task):
 
     def text_cache_spec(self) -> dict:
         """What the cached text conditions depend on (its hash names the text cache folder)."""
-        return {**self._model_identity(), "max_sequence_length": self.model_config.max_sequence_length,
-                **self._component_configs(("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
-                                           "tokenizer_2", "tokenizer_3"))}
+        return {
+            **self._model_identity(),
+            "max_sequence_length": self.model_config.max_sequence_length,
+            **self._component_configs(
+                ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+            ),
+        }
 
     def latent_cache_spec(self) -> dict:
         """What the cached VAE posteriors depend on (its hash names the latent cache folder; the crop size is
@@ -263,8 +305,10 @@ class DiffusersTask(Task):
                 rank = torch.distributed.get_rank()
             d = self.data_config
             dtype = CACHE_DTYPES[d.cache_dtype]
-            self._caches = (EncodingCache(d.cache_dir, self.text_cache_spec(), d.cache_shard_size, rank, dtype, "text-"),
-                            EncodingCache(d.cache_dir, self.latent_cache_spec(), d.cache_shard_size, rank, dtype, "latent-"))
+            self._caches = (
+                EncodingCache(d.cache_dir, self.text_cache_spec(), d.cache_shard_size, rank, dtype, "text-"),
+                EncodingCache(d.cache_dir, self.latent_cache_spec(), d.cache_shard_size, rank, dtype, "latent-"),
+            )
         return self._caches
 
     def cache(self) -> EncodingCache | None:
@@ -291,8 +335,10 @@ class DiffusersTask(Task):
         with self.frozen_on(device) as pipe:
             vae = pipe.vae
             dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-        return [{"latent_mean": dist.mean[i].float().cpu(), "latent_std": dist.std[i].float().cpu()}
-                for i in range(pixels.shape[0])]
+        return [
+            {"latent_mean": dist.mean[i].float().cpu(), "latent_std": dist.std[i].float().cpu()}
+            for i in range(pixels.shape[0])
+        ]
 
     def text_condition(self, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
         """The stacked text condition of `prompts` (float32 on `device`): from the cache when it holds them
@@ -319,8 +365,11 @@ class DiffusersTask(Task):
         pixels = batch.get("pixel_values")
         sizes = batch["size"]
         latents = self.cache()
-        names = [latent_key(sha, h, w) if sha is not None else None for sha, (h, w) in zip(batch["sha256"], sizes)] \
-            if latents is not None else [None] * len(sizes)
+        names = (
+            [latent_key(sha, h, w) if sha is not None else None for sha, (h, w) in zip(batch["sha256"], sizes)]
+            if latents is not None
+            else [None] * len(sizes)
+        )
         entries: list[dict | None] = []
         for name, (h, w) in zip(names, sizes):
             if name is not None and (name in latents or pixels is None):
@@ -345,8 +394,9 @@ class DiffusersTask(Task):
         (entries named by content) when present and written to it otherwise; a batch without pixels (a complete
         cache) must be in the cache."""
         if is_prompt_batch(batch):
-            raise ValueError("data.format 'prompts': the batch holds prompts and no images; only method grpo "
-                             "trains on a prompt file")
+            raise ValueError(
+                "data.format 'prompts': the batch holds prompts and no images; only method grpo trains on a prompt file"
+            )
         self.encode_device = torch.device(device)
         mean, std = self._latent_posteriors(batch, device)
         shift, scale = self.pipeline.vae_factors()
@@ -411,28 +461,54 @@ class DiffusersTask(Task):
         return self.pipeline.decode(latents)
 
     @torch.no_grad()
-    def generate(self, model: nn.Module, prompts: Sequence[str], device: torch.device, *, num_steps: int,
-                 guidance_scale: float | None = None, seed: int = 0, height: int | None = None,
-                 width: int | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        model: nn.Module,
+        prompts: Sequence[str],
+        device: torch.device,
+        *,
+        num_steps: int,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> torch.Tensor:
         """Images in [-1, 1] from `model` with soarflow's Euler sampler (same schedule/shift as the objective's
         rollout) at ``guidance_scale`` (default: the task's). Image i's noise depends only on (seed, i)."""
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         res = self.data_config.validation_resolution or self.data_config.resolution
         shape = self.pipeline.latent_shape(height or res, width or res)
         prompts = list(prompts)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                             for i in range(len(prompts))]).to(device)
+        noise = torch.stack(
+            [
+                torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                for i in range(len(prompts))
+            ]
+        ).to(device)
         cond = self.finish_cond(cond_to(self.text_condition(prompts, device), device, torch.float32))
-        latents = sample_euler(model, noise, cond, null_cond=self.null_cond(len(prompts), device),
-                               num_steps=num_steps, guidance_scale=guidance_scale, shift=self.sample_shift)
+        latents = sample_euler(
+            model,
+            noise,
+            cond,
+            null_cond=self.null_cond(len(prompts), device),
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            shift=self.sample_shift,
+        )
         return self.decode(latents).cpu()
 
     def validation_images(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, list[str]]:
         prompts = list(self.data_config.validation_prompts)
         if not prompts:
             raise ValueError("data.validation_prompts is empty; add prompts or set validation_steps: 0")
-        images = self.generate(model, prompts, device, num_steps=self.data_config.validation_num_steps,
-                               guidance_scale=self.validation_guidance_scale, seed=self.data_config.validation_seed)
+        images = self.generate(
+            model,
+            prompts,
+            device,
+            num_steps=self.data_config.validation_num_steps,
+            guidance_scale=self.validation_guidance_scale,
+            seed=self.data_config.validation_seed,
+        )
         return images, prompts
 
     # -- weights -----------------------------------------------------------------------------------------
@@ -447,8 +523,11 @@ class DiffusersTask(Task):
             "guidance": self.model_config.guidance,
             "embedded_guidance_scale": self.model_config.embedded_guidance_scale,
             # the base the adapter was trained on (it loads onto the unquantized base as well)
-            "quantize_base": (None if self.model_config.quantize_base is None else
-                              f"{self.model_config.quantize_base.backend} {self.model_config.quantize_base.weights}"),
+            "quantize_base": (
+                None
+                if self.model_config.quantize_base is None
+                else f"{self.model_config.quantize_base.backend} {self.model_config.quantize_base.weights}"
+            ),
         }
 
     def save_model(self, model: nn.Module, path: Path) -> Path:
@@ -456,10 +535,15 @@ class DiffusersTask(Task):
         for cache in self._caches or ():
             cache.flush()
         m = self.model_config
-        options = SaveOptions(family=self.family, save_dtype=m.save_dtype, single_file=m.save_single_file,
-                              comfyui_lora=m.save_comfyui_lora)
-        path = save_model_folder(Path(path), model.transformer, self.pipeline.pipeline_class, self.manifest(model),
-                                 options)
+        options = SaveOptions(
+            family=self.family,
+            save_dtype=m.save_dtype,
+            single_file=m.save_single_file,
+            comfyui_lora=m.save_comfyui_lora,
+        )
+        path = save_model_folder(
+            Path(path), model.transformer, self.pipeline.pipeline_class, self.manifest(model), options
+        )
         logger.info("saved %s model to %s (%s)", self.family, path, self.bad_samples.summary())
         return path
 

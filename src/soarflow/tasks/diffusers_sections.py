@@ -47,13 +47,19 @@ class DiffusersModelSection:
         if self.guidance not in ("cfg", "embedded"):
             raise ValueError(f"config key 'guidance': must be cfg or embedded (got {self.guidance!r})")
         if self.quantize_base is not None and self.finetune != "lora":
-            raise ValueError("config key 'quantize_base': only a LoRA run trains on a quantized base (the frozen "
-                             "weights are quantized, the adapters are not); set finetune: lora or remove quantize_base")
+            raise ValueError(
+                "config key 'quantize_base': only a LoRA run trains on a quantized base (the frozen "
+                "weights are quantized, the adapters are not); set finetune: lora or remove quantize_base"
+            )
         if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"config key 'save_dtype': must be one of {', '.join(SAVE_DTYPES)} (got {self.save_dtype!r})")
+            raise ValueError(
+                f"config key 'save_dtype': must be one of {', '.join(SAVE_DTYPES)} (got {self.save_dtype!r})"
+            )
         if self.save_single_file and self.finetune != "full":
-            raise ValueError("config key 'save_single_file': applies to a full fine-tune (a LoRA run saves one "
-                             "adapter file already; see save_comfyui_lora)")
+            raise ValueError(
+                "config key 'save_single_file': applies to a full fine-tune (a LoRA run saves one "
+                "adapter file already; see save_comfyui_lora)"
+            )
         if self.save_comfyui_lora and self.finetune != "lora":
             raise ValueError("config key 'save_comfyui_lora': applies to finetune: lora")
 
@@ -68,7 +74,8 @@ class DiffusersDataSection:
     FORMER_KEYS: ClassVar[dict[str, str]] = {"validation_cfg": "validation_guidance_scale"}
 
     format: Literal["imagefolder", "soar_jsonl", "hf_dataset", "parquet", "hf_streaming", "webdataset", "prompts"] = (
-        "imagefolder")
+        "imagefolder"
+    )
     # folder (imagefolder, hf_dataset save_to_disk), JSONL (soar_jsonl), parquet file/folder/glob, hub id or local
     # dataset (hf_streaming), tar shards (webdataset); prompts (method grpo only): a .txt file (one prompt per line)
     # or .jsonl file (a "prompt" key per line), no images
@@ -97,10 +104,14 @@ class DiffusersDataSection:
         if self.format not in DATA_FORMATS:
             raise ValueError(f"config key 'format': must be one of {', '.join(DATA_FORMATS)} (got {self.format!r})")
         if not self.path:
-            raise ValueError("config key 'path': required — the image folder (imagefolder), JSONL file (soar_jsonl), "
-                             "saved dataset, parquet, dataset id, tar shards or prompt file (prompts)")
+            raise ValueError(
+                "config key 'path': required — the image folder (imagefolder), JSONL file (soar_jsonl), "
+                "saved dataset, parquet, dataset id, tar shards or prompt file (prompts)"
+            )
         if self.cache_dtype not in CACHE_DTYPES:
-            raise ValueError(f"config key 'cache_dtype': must be one of {', '.join(CACHE_DTYPES)} (got {self.cache_dtype!r})")
+            raise ValueError(
+                f"config key 'cache_dtype': must be one of {', '.join(CACHE_DTYPES)} (got {self.cache_dtype!r})"
+            )
         if self.format == "soar_jsonl" and not self.image_dir:
             raise ValueError("config key 'image_dir': required for format soar_jsonl (folder of {md5}.jpg)")
         if self.resolution < 8:
@@ -108,8 +119,10 @@ class DiffusersDataSection:
         if self.on_bad_sample not in ("skip", "fail"):
             raise ValueError(f"config key 'on_bad_sample': must be skip or fail (got {self.on_bad_sample!r})")
         if self.cache_dir and self.random_flip:
-            raise ValueError("config key 'cache_dir': the cache stores one latent per image, so it cannot be combined "
-                             "with random_flip; disable one of them")
+            raise ValueError(
+                "config key 'cache_dir': the cache stores one latent per image, so it cannot be combined "
+                "with random_flip; disable one of them"
+            )
         if self.validation_num_steps < 1:
             raise ValueError(f"config key 'validation_num_steps': must be >= 1 (got {self.validation_num_steps})")
 
@@ -118,5 +131,7 @@ class DiffusersDataSection:
 GUIDANCE_SCALE = 4.5
 
 
-def parse_sections(model: dict | None, data: dict | None, model_cls=DiffusersModelSection, data_cls=DiffusersDataSection):
+def parse_sections(
+    model: dict | None, data: dict | None, model_cls=DiffusersModelSection, data_cls=DiffusersDataSection
+):
     return from_dict(model_cls, model or {}, prefix="model"), from_dict(data_cls, data or {}, prefix="data")

@@ -93,7 +93,8 @@ class FluxTask(DiffusersTask):
                 f"config key 'data.validation_guidance_scale': model.guidance is 'embedded' (guidance-distilled FLUX), "
                 f"so validation uses the embedded guidance model.embedded_guidance_scale="
                 f"{self.model_config.embedded_guidance_scale} and two-pass CFG is off; leave it unset or set 1 "
-                f"(got {value}), or model.guidance: cfg")
+                f"(got {value}), or model.guidance: cfg"
+            )
         if self.train_config is None or self.train_config.method != "soar":
             return
         soar = self.train_config.soar
@@ -102,17 +103,21 @@ class FluxTask(DiffusersTask):
                 f"config key 'soar.guidance_scale': model.guidance is 'embedded' (guidance-distilled FLUX), so the "
                 f"rollout uses the embedded guidance model.embedded_guidance_scale="
                 f"{self.model_config.embedded_guidance_scale} and two-pass CFG is off; set soar.guidance_scale: 1 "
-                f"(got {soar.guidance_scale}), or model.guidance: cfg for a checkpoint trained with condition dropout")
+                f"(got {soar.guidance_scale}), or model.guidance: cfg for a checkpoint trained with condition dropout"
+            )
 
     def _has_guidance_embeds(self) -> bool:
-        transformer_config = self.transformer_class.load_config(self.model_config.pretrained, subfolder="transformer",
-                                                                **self.pipeline.load_kwargs)
+        transformer_config = self.transformer_class.load_config(
+            self.model_config.pretrained, subfolder="transformer", **self.pipeline.load_kwargs
+        )
         return bool(transformer_config.get("guidance_embeds", False))
 
     def wrap(self, transformer: torch.nn.Module) -> FluxVelocity:
         if self.model_config.guidance == "embedded" and not transformer.config.guidance_embeds:
-            raise ValueError(f"config key 'model.guidance': 'embedded' needs a guidance-distilled checkpoint, but "
-                             f"{self.model_config.pretrained} has no guidance embedding; use cfg")
+            raise ValueError(
+                f"config key 'model.guidance': 'embedded' needs a guidance-distilled checkpoint, but "
+                f"{self.model_config.pretrained} has no guidance embedding; use cfg"
+            )
         self._guidance_embeds = bool(transformer.config.guidance_embeds)
         return FluxVelocity(transformer)
 

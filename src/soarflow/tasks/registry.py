@@ -21,8 +21,10 @@ def get_task_class(name: str) -> type[Task]:
     elif ":" in name:
         target = name
     else:
-        raise ValueError(f"config key 'task': unknown task {name!r}; choose one of {', '.join(TASKS)} "
-                         "or give 'package.module:TaskClass'")
+        raise ValueError(
+            f"config key 'task': unknown task {name!r}; choose one of {', '.join(TASKS)} "
+            "or give 'package.module:TaskClass'"
+        )
     module_name, _, class_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -32,8 +34,10 @@ def get_task_class(name: str) -> type[Task]:
         raise ValueError(f"task {name!r}: module {module_name} has no class {class_name}")
     cls = getattr(module, class_name)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
-        raise ValueError(f"task {name!r}: {target} is not a subclass of soarflow.tasks.Task (the trainer calls its "
-                         "whole contract: from_config, build_model, ... and the hooks with defaults)")
+        raise ValueError(
+            f"task {name!r}: {target} is not a subclass of soarflow.tasks.Task (the trainer calls its "
+            "whole contract: from_config, build_model, ... and the hooks with defaults)"
+        )
     return cls
 
 

@@ -14,7 +14,14 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ..models.embedded import ARCHITECTURES, build_model, load_shapes_model, load_state, read_checkpoint, save_checkpoint
+from ..models.embedded import (
+    ARCHITECTURES,
+    build_model,
+    load_shapes_model,
+    load_state,
+    read_checkpoint,
+    save_checkpoint,
+)
 from ..shapes.generate import GUIDANCE_SCALE, encode_captions, generate_images, null_caption
 from ..shapes.corruption import Corruption
 from ..shapes.datasets import ShapesDataset
@@ -91,22 +98,39 @@ class ShapesTask(Task):
     def from_config(cls, model: dict | None = None, data: dict | None = None, train_config: Any = None) -> "ShapesTask":
         arch = sorted(k for k in (model or {}) if k != "pretrained")
         if arch and (model or {}).get("pretrained", "base") is not None:  # a checkpoint fixes its architecture
-            raise ValueError(f"config key 'model.{arch[0]}': architecture keys apply only to a model trained from "
-                             f"scratch (model.pretrained: null); model.pretrained="
-                             f"{(model or {}).get('pretrained', 'base')!r} fixes the architecture")
-        return cls(from_dict(ShapesModelSection, model or {}, prefix="model"), from_dict(ShapesDataSection, data or {}, prefix="data"))
+            raise ValueError(
+                f"config key 'model.{arch[0]}': architecture keys apply only to a model trained from "
+                f"scratch (model.pretrained: null); model.pretrained="
+                f"{(model or {}).get('pretrained', 'base')!r} fixes the architecture"
+            )
+        return cls(
+            from_dict(ShapesModelSection, model or {}, prefix="model"),
+            from_dict(ShapesDataSection, data or {}, prefix="data"),
+        )
 
     # -- model -------------------------------------------------------------------------------------
     def architecture_config(self) -> dict:
         """The architecture config (as a dict for `embedded.build_model`) of a model trained from scratch."""
         m = self.model_config
-        common = dict(image_size=self.data_config.image_size, num_heads=m.num_heads, vocab_size=len(VOCAB), max_tokens=MAX_TOKENS)
+        common = dict(
+            image_size=self.data_config.image_size, num_heads=m.num_heads, vocab_size=len(VOCAB), max_tokens=MAX_TOKENS
+        )
         if m.architecture == "unet":
-            return dict(common, channels=list(m.channels), num_res_blocks=m.num_res_blocks,
-                        attention_levels=list(m.attention_levels), text_dim=m.text_dim, text_layers=m.text_layers)
+            return dict(
+                common,
+                channels=list(m.channels),
+                num_res_blocks=m.num_res_blocks,
+                attention_levels=list(m.attention_levels),
+                text_dim=m.text_dim,
+                text_layers=m.text_layers,
+            )
         if m.architecture == "mmdit":
-            return dict(common, patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, mlp_ratio=m.mlp_ratio)
-        raise ValueError(f"config key 'model.architecture': unknown {m.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+            return dict(
+                common, patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, mlp_ratio=m.mlp_ratio
+            )
+        raise ValueError(
+            f"config key 'model.architecture': unknown {m.architecture!r}; choose one of {', '.join(ARCHITECTURES)}"
+        )
 
     def build_model(self) -> nn.Module:
         if self.model_config.pretrained is None:
@@ -122,8 +146,9 @@ class ShapesTask(Task):
     # -- data --------------------------------------------------------------------------------------
     def train_dataset(self) -> torch.utils.data.Dataset:
         d = self.data_config
-        return ShapesDataset(split=d.split, num_samples=d.num_samples, seed=d.seed, image_size=d.image_size,
-                             corruption=self.corruption)
+        return ShapesDataset(
+            split=d.split, num_samples=d.num_samples, seed=d.seed, image_size=d.image_size, corruption=self.corruption
+        )
 
     def collate(self, samples: Sequence[dict]) -> dict:
         return {"image": torch.stack([s["image"] for s in samples]), "caption": [s["caption"] for s in samples]}
@@ -137,8 +162,11 @@ class ShapesTask(Task):
     def validation_images(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, list[str]]:
         prompts = list(self.data_config.validation_prompts)
         images = generate_images(
-            model, prompts, num_steps=self.data_config.validation_steps,
-            guidance_scale=self.data_config.validation_guidance_scale, device=device
+            model,
+            prompts,
+            num_steps=self.data_config.validation_steps,
+            guidance_scale=self.data_config.validation_guidance_scale,
+            device=device,
         )
         return images, prompts
 
@@ -153,10 +181,17 @@ class ShapesTask(Task):
         images = generate_images(model, prompts, num_steps=40, guidance_scale=GUIDANCE_SCALE, seed=0)
         report = score(images, prompts)
         groups = [i // bench.images_per_prompt for i in range(len(prompts))]
-        return {"shapes_eval": {
-            "num_steps": 40, "cfg_scale": 4.0, "prompt_seed": 0, "overall": report.overall,
-            "per_family": report.per_family, "fd": frechet_distance(images, bench.render_real()),
-            "diversity": diversity(images, groups)}}
+        return {
+            "shapes_eval": {
+                "num_steps": 40,
+                "cfg_scale": 4.0,
+                "prompt_seed": 0,
+                "overall": report.overall,
+                "per_family": report.per_family,
+                "fd": frechet_distance(images, bench.render_real()),
+                "diversity": diversity(images, groups),
+            }
+        }
 
     # -- weights -----------------------------------------------------------------------------------
     def save_model(self, model: nn.Module, path: Path) -> None:

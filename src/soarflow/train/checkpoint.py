@@ -54,8 +54,10 @@ def resolve_resume(output_dir: str | Path, spec: str | None) -> Path | None:
     for candidate in (Path(spec), Path(output_dir) / spec):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"resume_from_checkpoint: checkpoint folder not found: {spec} "
-                            f"(looked in the working directory and in {output_dir})")
+    raise FileNotFoundError(
+        f"resume_from_checkpoint: checkpoint folder not found: {spec} "
+        f"(looked in the working directory and in {output_dir})"
+    )
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
@@ -64,7 +66,9 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         state = json.loads(path.read_text())
         int(state["global_step"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"checkpoint {checkpoint} is corrupt or incomplete: cannot read {STATE_FILE} ({err})") from None
+        raise ValueError(
+            f"checkpoint {checkpoint} is corrupt or incomplete: cannot read {STATE_FILE} ({err})"
+        ) from None
     return state
 
 
@@ -125,27 +129,40 @@ def check_output_dir(config: TrainConfig, resume_from: Path | None) -> None:
     cfg_file = out / CONFIG_FILE
     if not cfg_file.is_file():
         if any(out.iterdir()):
-            raise ValueError(f"output_dir {out} is not empty and holds no soarflow run ({CONFIG_FILE} missing); "
-                             "choose a new or empty folder")
+            raise ValueError(
+                f"output_dir {out} is not empty and holds no soarflow run ({CONFIG_FILE} missing); "
+                "choose a new or empty folder"
+            )
         return
     previous = upgrade_former_names(TrainConfig, _read_yaml(cfg_file))  # written before a key was renamed
     ignored = NON_DEFINING_KEYS | LOCATION_KEYS
-    diffs = [d for d in config_differences(previous, _auto_as_recorded(config.to_dict(), previous))
-             if d.split(":")[0] not in ignored]
+    diffs = [
+        d
+        for d in config_differences(previous, _auto_as_recorded(config.to_dict(), previous))
+        if d.split(":")[0] not in ignored
+    ]
     resume_cmd = f"soarflow train --config {cfg_file} --output_dir {out} --resume_from_checkpoint latest"
     if config.resume_from_checkpoint is None:
         if diffs:
-            raise ValueError(f"output_dir {out} already holds a different run (differences: {'; '.join(diffs)}); "
-                             "choose a new output_dir — nothing was changed")
-        raise ValueError(f"output_dir {out} already holds this run; pass --resume_from_checkpoint latest to continue "
-                         f"it ({resume_cmd}), or choose a new output_dir — nothing was changed")
+            raise ValueError(
+                f"output_dir {out} already holds a different run (differences: {'; '.join(diffs)}); "
+                "choose a new output_dir — nothing was changed"
+            )
+        raise ValueError(
+            f"output_dir {out} already holds this run; pass --resume_from_checkpoint latest to continue "
+            f"it ({resume_cmd}), or choose a new output_dir — nothing was changed"
+        )
     if diffs:
-        raise ValueError(f"output_dir {out} holds a run with a different config (differences: {'; '.join(diffs)}); "
-                         f"resume it with its own config ({resume_cmd}), or resume into a new output_dir "
-                         f"(--resume_from_checkpoint {out.resolve()}/checkpoint-N --output_dir <new folder>)")
+        raise ValueError(
+            f"output_dir {out} holds a run with a different config (differences: {'; '.join(diffs)}); "
+            f"resume it with its own config ({resume_cmd}), or resume into a new output_dir "
+            f"(--resume_from_checkpoint {out.resolve()}/checkpoint-N --output_dir <new folder>)"
+        )
     if resume_from is None and find_final_model(out) is not None:
-        raise ValueError(f"output_dir {out} holds a finished run without checkpoints to resume from; "
-                         "choose a new output_dir — nothing was changed")
+        raise ValueError(
+            f"output_dir {out} holds a finished run without checkpoints to resume from; "
+            "choose a new output_dir — nothing was changed"
+        )
 
 
 def find_final_model(output_dir: Path) -> Path | None:
@@ -202,7 +219,9 @@ def register_trainable_state_hooks(accelerator: Any, layout: Any = None) -> None
         try:
             tensors = load_file(str(path))
         except Exception as err:  # missing / truncated file: safetensors raises several types
-            raise ValueError(f"checkpoint {input_dir} is corrupt or incomplete: cannot read {path.name} ({err})") from None
+            raise ValueError(
+                f"checkpoint {input_dir} is corrupt or incomplete: cannot read {path.name} ({err})"
+            ) from None
         for i, model in enumerate(models):
             prefix = f"{i}." if len(models) > 1 else ""
             params = _named_trainable(accelerator.unwrap_model(model))
@@ -213,8 +232,10 @@ def register_trainable_state_hooks(accelerator: Any, layout: Any = None) -> None
                 for name, p in params.items():
                     t = tensors[prefix + name]
                     if t.shape != p.shape:
-                        raise ValueError(f"checkpoint {input_dir} does not match the model: {name} has shape "
-                                         f"{tuple(t.shape)}, the model {tuple(p.shape)}")
+                        raise ValueError(
+                            f"checkpoint {input_dir} does not match the model: {name} has shape "
+                            f"{tuple(t.shape)}, the model {tuple(p.shape)}"
+                        )
                     p.copy_(t.to(p.device, p.dtype))
         models.clear()  # loaded here; accelerate must not look for a full state dict
 
@@ -222,8 +243,9 @@ def register_trainable_state_hooks(accelerator: Any, layout: Any = None) -> None
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator: Any, output_dir: Path, global_step: int, limit: int | None,
-                    state: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Any, output_dir: Path, global_step: int, limit: int | None, state: dict[str, Any] | None = None
+) -> Path:
     """Write ``checkpoint-{global_step}`` atomically (via a .tmp folder), then prune to `limit`. All processes call it.
 
     The caller has verified the weights are finite; trainer_state.json records that (``"finite": true``) and

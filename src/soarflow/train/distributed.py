@@ -78,11 +78,15 @@ def check_supported(layout: Layout, accelerator: Any, config: Any) -> None:
     if layout.backend == "fsdp":
         version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
         if int(version) != 2:
-            raise ValueError(f"FSDP version {version} is not supported: set fsdp_version: 2 in the accelerate config "
-                             "(configs/accelerate/fsdp_8gpu.yaml uses FSDP2, torch's fully_shard)")
+            raise ValueError(
+                f"FSDP version {version} is not supported: set fsdp_version: 2 in the accelerate config "
+                "(configs/accelerate/fsdp_8gpu.yaml uses FSDP2, torch's fully_shard)"
+            )
     if layout.backend == "deepspeed" and layout.sharded and config.use_ema:
-        raise ValueError("use_ema with DeepSpeed ZeRO-3: the EMA cannot read ZeRO-3's partitioned parameters; use "
-                         "FSDP2 (configs/accelerate/fsdp_8gpu.yaml) or ZeRO-2 for EMA runs, or set use_ema: false")
+        raise ValueError(
+            "use_ema with DeepSpeed ZeRO-3: the EMA cannot read ZeRO-3's partitioned parameters; use "
+            "FSDP2 (configs/accelerate/fsdp_8gpu.yaml) or ZeRO-2 for EMA runs, or set use_ema: false"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- sharded tensors
@@ -113,8 +117,9 @@ def copy_full_into(dst: torch.Tensor, full: torch.Tensor) -> None:
         if _is_dtensor(dst):
             from torch.distributed.tensor import distribute_tensor
 
-            full = distribute_tensor(full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements,
-                                     src_data_rank=None)
+            full = distribute_tensor(
+                full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None
+            )
         dst.copy_(full)
 
 
@@ -162,7 +167,9 @@ def trainable_state(accelerator: Any, layout: Layout, model: nn.Module) -> dict[
     return {n: full_tensor(params[n].detach()).to("cpu").contiguous() for n in names}
 
 
-def gathered_model(accelerator: Any, layout: Layout, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+def gathered_model(
+    accelerator: Any, layout: Layout, model: nn.Module, build: Callable[[], nn.Module]
+) -> nn.Module | None:
     """The model with whole weights for saving: the unwrapped module itself when the weights are replicated;
     with sharded weights, a fresh ``build()`` on the main process holding the gathered full state dict
     (``accelerator.get_state_dict``, collective: every process calls it) and None on the others."""
@@ -175,6 +182,8 @@ def gathered_model(accelerator: Any, layout: Layout, model: nn.Module, build: Ca
     fresh = build()
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"the gathered weights do not match a freshly built model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"the gathered weights do not match a freshly built model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     return fresh.to("cpu").eval()

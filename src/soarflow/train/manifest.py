@@ -32,15 +32,17 @@ def write_manifest(cfg: Any, result: Any, task: Any, command: str, args: dict[st
     manifest: dict[str, Any] = {"command": command}
     if args is not None:
         manifest["args"] = args
-    manifest.update({
-        "config": (resolved_for_device(cfg, device) if isinstance(cfg, TrainConfig) else cfg).to_dict(),
-        "steps": result.global_step,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "final_loss_ema": final_loss_ema(result.history),
-        "wall_clock_s": round(result.wall_time_s, 1),
-        "machine": f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
-    })
+    manifest.update(
+        {
+            "config": (resolved_for_device(cfg, device) if isinstance(cfg, TrainConfig) else cfg).to_dict(),
+            "steps": result.global_step,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "final_loss_ema": final_loss_ema(result.history),
+            "wall_clock_s": round(result.wall_time_s, 1),
+            "machine": f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+            + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+        }
+    )
     if task is not None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             manifest.update(task.manifest_evaluation(model))

@@ -72,8 +72,9 @@ def process_draws(config: SOARConfig, x0: torch.Tensor, ctx: StepContext) -> Dra
     """The objective's random draws (:func:`soarflow.objective.draw_randomness`) for the whole global batch from
     the shared generator; this process's rows. The loss then does not depend on the number of processes."""
     b = x0.shape[0]
-    draws = draw_randomness(config, (ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device,
-                            dtype=x0.dtype)
+    draws = draw_randomness(
+        config, (ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device, dtype=x0.dtype
+    )
     return draws.rows(slice(ctx.rank * b, (ctx.rank + 1) * b))
 
 
@@ -124,8 +125,15 @@ class MainTermMethod(TrainMethod):
 class FlowMatchingMethod(TrainMethod):
     """sft and soar: :func:`soarflow.objective.sft_loss` / ``soar_loss``."""
 
-    metric_keys = ("loss", "main_loss", "aux_loss", "num_aux_points", "mean_sigma", "mean_aux_sigma",
-                   "rollout_deviation") + COMMON_KEYS
+    metric_keys = (
+        "loss",
+        "main_loss",
+        "aux_loss",
+        "num_aux_points",
+        "mean_sigma",
+        "mean_aux_sigma",
+        "rollout_deviation",
+    ) + COMMON_KEYS
     progress_keys = ("loss", "main_loss", "aux_loss")
     summed_keys = ("num_aux_points",)
 
@@ -154,20 +162,42 @@ class InputPerturbationMethod(MainTermMethod):
         noise, t = draws.noise[0], draws.t[0]
         b = x0.shape[0]
         rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
-        xi = torch.randn((ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device,
-                         dtype=torch.float32)[rows].to(x0.dtype)
+        xi = torch.randn((ctx.world * b, *x0.shape[1:]), generator=ctx.shared, device=ctx.device, dtype=torch.float32)[
+            rows
+        ].to(x0.dtype)
         cond, _ = apply_cond_dropout(cond, task.null_cond(b, ctx.device), draws.drop_u, self.main_term, b, ctx.device)
         counter = ForwardCounter(model)
-        out = input_perturbation_loss(counter, x0, cond, noise=noise, perturbation=xi,
-                                      sigma=shift_sigma(t, self.objective.shift), gamma=self.config.input_perturbation.gamma,
-                                      weighting=self.objective.weighting)
-        return MethodOutput(out.loss, {"loss": float(out.loss.detach()), "flow_loss": float(out.flow_loss),
-                                       "mean_sigma": float(out.mean_sigma), **counter.metrics(b)})
+        out = input_perturbation_loss(
+            counter,
+            x0,
+            cond,
+            noise=noise,
+            perturbation=xi,
+            sigma=shift_sigma(t, self.objective.shift),
+            gamma=self.config.input_perturbation.gamma,
+            weighting=self.objective.weighting,
+        )
+        return MethodOutput(
+            out.loss,
+            {
+                "loss": float(out.loss.detach()),
+                "flow_loss": float(out.flow_loss),
+                "mean_sigma": float(out.mean_sigma),
+                **counter.metrics(b),
+            },
+        )
 
 
 class ScheduledSamplingMethod(MainTermMethod):
     name = "scheduled_sampling"
-    metric_keys = ("loss", "flow_loss", "mean_offset", "rollout_deviation", "rollout_probability", "mean_sigma") + COMMON_KEYS
+    metric_keys = (
+        "loss",
+        "flow_loss",
+        "mean_offset",
+        "rollout_deviation",
+        "rollout_probability",
+        "mean_sigma",
+    ) + COMMON_KEYS
     progress_keys = ("loss", "mean_offset")
 
     def compute_loss(self, model, task, batch, ctx):
@@ -185,12 +215,30 @@ class ScheduledSamplingMethod(MainTermMethod):
         null = task.null_cond(b, ctx.device)
         cond, _ = apply_cond_dropout(cond, null, draws.drop_u, self.main_term, b, ctx.device)
         counter = ForwardCounter(model)
-        out = scheduled_sampling_loss(counter, x0, cond, noise=noise, t=t, offsets=offsets, null_cond=null, config=ss,
-                                      shift=self.objective.shift, weighting=self.objective.weighting)
-        return MethodOutput(out.loss, {
-            "loss": float(out.loss.detach()), "flow_loss": float(out.flow_loss), "mean_offset": float(out.mean_offset),
-            "rollout_deviation": float(out.rollout_deviation), "rollout_probability": p,
-            "mean_sigma": float(out.mean_sigma), **counter.metrics(b)})
+        out = scheduled_sampling_loss(
+            counter,
+            x0,
+            cond,
+            noise=noise,
+            t=t,
+            offsets=offsets,
+            null_cond=null,
+            config=ss,
+            shift=self.objective.shift,
+            weighting=self.objective.weighting,
+        )
+        return MethodOutput(
+            out.loss,
+            {
+                "loss": float(out.loss.detach()),
+                "flow_loss": float(out.flow_loss),
+                "mean_offset": float(out.mean_offset),
+                "rollout_deviation": float(out.rollout_deviation),
+                "rollout_probability": p,
+                "mean_sigma": float(out.mean_sigma),
+                **counter.metrics(b),
+            },
+        )
 
 
 # ---------------------------------------------------------------------------------------------- grpo
@@ -203,9 +251,11 @@ def resolve_reward(spec: str, kwargs: dict[str, Any], task_name: str) -> tuple[C
     ``soarflow eval`` (``soarflow.scorers.build_scorer(name, **reward_kwargs)``)."""
     if spec == "auto":
         if task_name != "shapes":
-            raise ValueError(f"config key 'grpo.reward': task {task_name!r} has no default reward; name a scorer of "
-                             "`soarflow eval` (e.g. clip_score) or a 'package.module:callable' (e.g. "
-                             "soarflow.scorers:CLIPScorer.from_pretrained with grpo.reward_kwargs: {path: ...})")
+            raise ValueError(
+                f"config key 'grpo.reward': task {task_name!r} has no default reward; name a scorer of "
+                "`soarflow eval` (e.g. clip_score) or a 'package.module:callable' (e.g. "
+                "soarflow.scorers:CLIPScorer.from_pretrained with grpo.reward_kwargs: {path: ...})"
+            )
         spec = "soarflow.shapes:reward"
     module_name, sep, attr = spec.partition(":")
     if not sep:
@@ -232,8 +282,10 @@ def _scorer_by_name(name: str, kwargs: dict[str, Any]) -> Callable:
     scorers = importlib.import_module("soarflow.scorers")
     build = getattr(scorers, "build_scorer", None)
     if build is None:
-        raise ValueError(f"config key 'grpo.reward': {name!r} is not 'package.module:callable', and this soarflow has "
-                         "no scorer registry (soarflow.scorers.build_scorer) to look the name up in")
+        raise ValueError(
+            f"config key 'grpo.reward': {name!r} is not 'package.module:callable', and this soarflow has "
+            "no scorer registry (soarflow.scorers.build_scorer) to look the name up in"
+        )
     try:
         scorer = build(name, **kwargs)
     except (KeyError, ValueError, ImportError, OSError) as err:  # unknown name, missing package or weights
@@ -282,8 +334,17 @@ class GRPOMethod(TrainMethod):
     transformer with its adapters disabled; otherwise a frozen copy."""
 
     name = "grpo"
-    metric_keys = ("loss", "policy_loss", "kl", "reward_mean", "reward_std", "clip_frac", "approx_kl_old", "entropy",
-                   "advantage_abs") + COMMON_KEYS
+    metric_keys = (
+        "loss",
+        "policy_loss",
+        "kl",
+        "reward_mean",
+        "reward_std",
+        "clip_frac",
+        "approx_kl_old",
+        "entropy",
+        "advantage_abs",
+    ) + COMMON_KEYS
     progress_keys = ("loss", "reward_mean", "kl")
 
     def __init__(self, config: Any, reward: Callable | None = None):
@@ -292,7 +353,9 @@ class GRPOMethod(TrainMethod):
         if reward is not None:
             self.reward, self.reward_name = reward, getattr(reward, "__name__", type(reward).__name__)
         else:
-            self.reward, self.reward_name = resolve_reward(config.grpo.reward, dict(config.grpo.reward_kwargs), config.task)
+            self.reward, self.reward_name = resolve_reward(
+                config.grpo.reward, dict(config.grpo.reward_kwargs), config.task
+            )
         self.reference: Callable | None = None
         self._cache: dict[int, tuple] = {}
         self._reward_takes_metadata = _accepts_keyword(self.reward, "metadata")
@@ -302,9 +365,11 @@ class GRPOMethod(TrainMethod):
             return
         transformer = _lora_transformer(model)
         if transformer is not None and not self.config.init_from:
+
             def reference(x, sigma, cond):
                 with _adapters_disabled(transformer):
                     return model(x, sigma, cond)
+
             self.reference = reference
         else:
             frozen = copy.deepcopy(model).requires_grad_(False).eval()
@@ -330,8 +395,9 @@ class GRPOMethod(TrainMethod):
         cond = cond_index(cond, pick)
         null = task.null_cond(b, ctx.device)
         noise = torch.randn((b, *shape), generator=ctx.local, device=ctx.device, dtype=torch.float32)
-        rollout = grpo_math.sample_with_log_probs(model, noise, cond, null_cond=null, config=self.grpo,
-                                                  shift=self.objective.shift, generator=ctx.local)
+        rollout = grpo_math.sample_with_log_probs(
+            model, noise, cond, null_cond=null, config=self.grpo, shift=self.objective.shift, generator=ctx.local
+        )
         images = decode_images(task, rollout.images, ctx.device)
         metadata = batch.get("metadata") if isinstance(batch, dict) else None
         if metadata is not None and self._reward_takes_metadata and all(m is not None for m in metadata[: b // g]):
@@ -343,8 +409,9 @@ class GRPOMethod(TrainMethod):
         rewards = grpo_math.check_rewards(raw, b, self.reward_name, ctx.step)
         rewards = rewards.to(ctx.device)
         # Flow-GRPO's stat tracker: per-prompt mean (and std) over the prompts and rewards of every process
-        adv = grpo_math.gather_prompt_advantages(prompts, rewards, self.grpo.adv_clip_max,
-                                                 global_std=self.grpo.global_std)
+        adv = grpo_math.gather_prompt_advantages(
+            prompts, rewards, self.grpo.adv_clip_max, global_std=self.grpo.global_std
+        )
         return rollout, cond, null, rewards, adv
 
     def compute_loss(self, model, task, batch, ctx):
@@ -357,16 +424,27 @@ class GRPOMethod(TrainMethod):
         b = rewards.shape[0]
         steps = grpo_math.choose_timesteps(b, self.grpo, ctx.local, ctx.device)
         reference = ForwardCounter(self.reference) if self.reference is not None else None
-        out = grpo_math.grpo_loss(counter, rollout, adv, steps, cond, null_cond=null, config=self.grpo,
-                                  reference=reference)
+        out = grpo_math.grpo_loss(
+            counter, rollout, adv, steps, cond, null_cond=null, config=self.grpo, reference=reference
+        )
         metrics = counter.metrics(b)
         if reference is not None:
             metrics["forwards_per_sample"] += reference.rows / b
-        return MethodOutput(out.loss, {
-            "loss": float(out.loss.detach()), "policy_loss": float(out.policy_loss), "kl": float(out.kl),
-            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
-            "clip_frac": float(out.clip_frac), "approx_kl_old": float(out.approx_kl_old),
-            "entropy": float(out.entropy), "advantage_abs": float(adv.abs().mean()), **metrics})
+        return MethodOutput(
+            out.loss,
+            {
+                "loss": float(out.loss.detach()),
+                "policy_loss": float(out.policy_loss),
+                "kl": float(out.kl),
+                "reward_mean": float(rewards.mean()),
+                "reward_std": float(rewards.std(unbiased=False)),
+                "clip_frac": float(out.clip_frac),
+                "approx_kl_old": float(out.approx_kl_old),
+                "entropy": float(out.entropy),
+                "advantage_abs": float(adv.abs().mean()),
+                **metrics,
+            },
+        )
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -425,14 +503,28 @@ def load_init_weights(task: Any, model: nn.Module, path: str | Path) -> Path:
 # build configs programmatically (e.g. a demo comparing methods on the same base and data budget).
 SHAPES_RECIPES: dict[str, dict[str, Any]] = {
     "sft": {},
-    "soar": {"soar.num_aux": 4, "soar.rollout_steps": 40, "soar.guidance_scale": SHAPES_GUIDANCE_SCALE,
-             "soar.num_rollout_paths": 1},
-    "grpo": {"grpo.group_size": 4, "grpo.num_steps": 10, "grpo.train_timesteps": 3,
-             "grpo.guidance_scale": SHAPES_GUIDANCE_SCALE, "grpo.beta": 0.04, "grpo.kl_form": "release",
-             "grpo.global_std": True, "grpo.sample_reuse": 1,
-             "cond_dropout": 0.0},
-    "scheduled_sampling": {"scheduled_sampling.max_step_offset": 3, "scheduled_sampling.num_steps": 40,
-                           "scheduled_sampling.guidance_scale": SHAPES_GUIDANCE_SCALE},
+    "soar": {
+        "soar.num_aux": 4,
+        "soar.rollout_steps": 40,
+        "soar.guidance_scale": SHAPES_GUIDANCE_SCALE,
+        "soar.num_rollout_paths": 1,
+    },
+    "grpo": {
+        "grpo.group_size": 4,
+        "grpo.num_steps": 10,
+        "grpo.train_timesteps": 3,
+        "grpo.guidance_scale": SHAPES_GUIDANCE_SCALE,
+        "grpo.beta": 0.04,
+        "grpo.kl_form": "release",
+        "grpo.global_std": True,
+        "grpo.sample_reuse": 1,
+        "cond_dropout": 0.0,
+    },
+    "scheduled_sampling": {
+        "scheduled_sampling.max_step_offset": 3,
+        "scheduled_sampling.num_steps": 40,
+        "scheduled_sampling.guidance_scale": SHAPES_GUIDANCE_SCALE,
+    },
     "input_perturbation": {"input_perturbation.gamma": 0.1},
 }
 

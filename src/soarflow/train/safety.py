@@ -94,8 +94,12 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 def step_flags(accelerator, nonfinite: torch.Tensor, stop: bool) -> tuple[bool, bool]:
     """(any process saw a non-finite value, any process got a stop signal): one small all-reduce per step."""
-    flags = torch.stack([nonfinite.to(accelerator.device, torch.float32).reshape(()),
-                         torch.tensor(float(stop), device=accelerator.device)])
+    flags = torch.stack(
+        [
+            nonfinite.to(accelerator.device, torch.float32).reshape(()),
+            torch.tensor(float(stop), device=accelerator.device),
+        ]
+    )
     if accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, reduction="sum")
     bad, stopped = flags.tolist()
@@ -104,9 +108,12 @@ def step_flags(accelerator, nonfinite: torch.Tensor, stop: bool) -> tuple[bool, 
 
 def diverged_message(step: int, last_good: Path | None, what: str, budget: int = 0) -> str:
     """The :class:`Diverged` text: what went wrong at `step` and how to go on from the last good checkpoint."""
-    where = (f"the last good checkpoint is {last_good}; resume from it with a lower learning_rate into a new folder: "
-             f"--resume_from_checkpoint {last_good.resolve()} --output_dir <new folder> --learning_rate <lower>"
-             if last_good is not None else "no checkpoint was saved before it; lower learning_rate and start again")
+    where = (
+        f"the last good checkpoint is {last_good}; resume from it with a lower learning_rate into a new folder: "
+        f"--resume_from_checkpoint {last_good.resolve()} --output_dir <new folder> --learning_rate <lower>"
+        if last_good is not None
+        else "no checkpoint was saved before it; lower learning_rate and start again"
+    )
     allowed = f" (skip_nonfinite_steps: {budget} skipped steps allowed, all used)" if budget else ""
     return f"training diverged at step {step}: {what}{allowed}; {where}"
 
@@ -121,8 +128,16 @@ class StepGuard:
     (`can_skip` False: DeepSpeed steps its optimizer inside ``backward``) a non-finite step raises at once.
     """
 
-    def __init__(self, budget: int, device, *, check_grads: bool = True, can_skip: bool = True,
-                 skipped: int = 0, last_good: Path | None = None):
+    def __init__(
+        self,
+        budget: int,
+        device,
+        *,
+        check_grads: bool = True,
+        can_skip: bool = True,
+        skipped: int = 0,
+        last_good: Path | None = None,
+    ):
         self.budget, self.check_grads, self.can_skip = budget, check_grads, can_skip
         self.skipped, self.last_good = skipped, last_good
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -130,7 +145,9 @@ class StepGuard:
     def saw_loss(self, loss: torch.Tensor) -> None:
         self._nonfinite = self._nonfinite | ~torch.isfinite(loss.detach())
 
-    def decide(self, accelerator, norm: torch.Tensor | float | None, stop_requested: bool, step: int) -> tuple[bool, bool]:
+    def decide(
+        self, accelerator, norm: torch.Tensor | float | None, stop_requested: bool, step: int
+    ) -> tuple[bool, bool]:
         """(skip this update, stop after this step) for optimizer step `step` (1-based), alike on every process:
         the gradients are all-reduced and the flags combined. `norm` None: unknown (not checked)."""
         if self.check_grads and norm is not None:
@@ -141,16 +158,26 @@ class StepGuard:
             return False, stop
         if not self.can_skip or self.skipped >= self.budget:
             budget = self.budget if self.can_skip else 0
-            what = "non-finite loss or gradient norm" + ("" if self.can_skip else
-                                                         " (this backend cannot skip an update)")
+            what = "non-finite loss or gradient norm" + (
+                "" if self.can_skip else " (this backend cannot skip an update)"
+            )
             raise Diverged(diverged_message(step, self.last_good, what, budget), step, self.last_good)
         self.skipped += 1
-        logger.warning("step %d: non-finite loss or gradient norm; update skipped (%d of %d allowed by "
-                       "skip_nonfinite_steps)", step, self.skipped, self.budget)
+        logger.warning(
+            "step %d: non-finite loss or gradient norm; update skipped (%d of %d allowed by skip_nonfinite_steps)",
+            step,
+            self.skipped,
+            self.budget,
+        )
         return True, stop
 
-    def check_weights(self, tensors: Iterable[torch.Tensor], step: int, what: str,
-                      finite: Callable[[Iterable[torch.Tensor]], bool] = all_finite) -> None:
+    def check_weights(
+        self,
+        tensors: Iterable[torch.Tensor],
+        step: int,
+        what: str,
+        finite: Callable[[Iterable[torch.Tensor]], bool] = all_finite,
+    ) -> None:
         """Raise :class:`Diverged` unless every value of `tensors` is finite (before a save)."""
         if not finite(tensors):
             raise Diverged(diverged_message(step, self.last_good, what), step, self.last_good)

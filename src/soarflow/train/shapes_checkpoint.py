@@ -48,8 +48,9 @@ def describe(path: str | Path) -> tuple[str, Path]:
         if not (p.parent / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"checkpoint {p}: {p.parent / CONFIG_FILE} (the run's config) is missing")
         return "checkpoint", p
-    raise FileNotFoundError(f"checkpoint {p}: not a model file, a run folder ({CONFIG_FILE}) or a checkpoint-N "
-                            f"folder ({TRAINABLE_FILE})")
+    raise FileNotFoundError(
+        f"checkpoint {p}: not a model file, a run folder ({CONFIG_FILE}) or a checkpoint-N folder ({TRAINABLE_FILE})"
+    )
 
 
 def load_shapes_checkpoint(path: str | Path) -> nn.Module:
@@ -64,10 +65,12 @@ def load_shapes_checkpoint(path: str | Path) -> nn.Module:
             if str(resolved) in str(err):
                 raise
             raise (FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError)(
-                f"{resolved}: {err}") from None
+                f"{resolved}: {err}"
+            ) from None
         except Exception as err:  # a damaged file can fail in many ways inside the loader (bad JSON metadata, ...)
-            raise ValueError(f"{resolved} is not a readable shapes model checkpoint "
-                             f"({type(err).__name__}: {err})") from None
+            raise ValueError(
+                f"{resolved} is not a readable shapes model checkpoint ({type(err).__name__}: {err})"
+            ) from None
     return _load_training_checkpoint(resolved)
 
 

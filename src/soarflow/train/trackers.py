@@ -36,8 +36,10 @@ def check_installed(report_to: str) -> None:
     for name in tracker_names(report_to):
         module, package = TRACKERS[name]
         if importlib.util.find_spec(module) is None:
-            raise ValueError(f"config key 'report_to': {name} needs the package {package} (pip install {package}), "
-                             "or choose another tracker (tensorboard | wandb | all | none)")
+            raise ValueError(
+                f"config key 'report_to': {name} needs the package {package} (pip install {package}), "
+                "or choose another tracker (tensorboard | wandb | all | none)"
+            )
 
 
 def log_with(report_to: str) -> list[str] | None:

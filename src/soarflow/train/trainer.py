@@ -64,7 +64,9 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def _local_batches(num_samples: int, global_batch: int, batch: int, rank: int, epoch: int, seed: int) -> list[list[int]]:
+def _local_batches(
+    num_samples: int, global_batch: int, batch: int, rank: int, epoch: int, seed: int
+) -> list[list[int]]:
     """This process's sample indices for every step of `epoch` (drop_last over the global batch)."""
     perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(_seed(seed, epoch, 17))).tolist()
     steps = num_samples // global_batch
@@ -96,13 +98,19 @@ def _make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.op
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ValueError("use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes), "
-                             "or set use_8bit_adam: false") from None
+            raise ValueError(
+                "use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes), or set use_8bit_adam: false"
+            ) from None
         cls = bnb.optim.AdamW8bit
     else:
         cls = torch.optim.AdamW
-    return cls(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-               weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    return cls(
+        params,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
 
 
 def lr_lambda(name: str, warmup: int, total: int):
@@ -130,7 +138,8 @@ def _make_scheduler(config: TrainConfig, optimizer, num_processes: int):
     # accelerate's prepared scheduler steps once per process per optimizer step (diffusers' convention), so
     # warm-up and length are counted in process-steps.
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.lr_scheduler, config.lr_warmup_steps * num_processes, config.max_train_steps * num_processes)
+        optimizer,
+        lr_lambda(config.lr_scheduler, config.lr_warmup_steps * num_processes, config.max_train_steps * num_processes),
     )
 
 
@@ -214,8 +223,13 @@ def _validate(accelerator, task, model: nn.Module, ema, step: int, output_dir: P
 # ---------------------------------------------------------------------------------------------- train
 
 
-def train(config: TrainConfig, task: Any = None, model: nn.Module | None = None, reward: Any = None,
-          step_callback: Callable[[int, nn.Module], bool | None] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    task: Any = None,
+    model: nn.Module | None = None,
+    reward: Any = None,
+    step_callback: Callable[[int, nn.Module], bool | None] | None = None,
+) -> TrainResult:
     """Train `model` (default ``task.build_model()``) with ``config.method`` for ``config.max_train_steps`` steps.
 
     ``reward(images, prompts) -> (B,)`` overrides ``grpo.reward`` for method grpo. With ``init_from`` the
@@ -249,8 +263,17 @@ def train(config: TrainConfig, task: Any = None, model: nn.Module | None = None,
         _reset_accelerate_state(process_type)
 
 
-def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path, resume_from: Path | None,
-         signals: safety.StopSignals, step_callback=None) -> TrainResult:
+def _run(
+    config,
+    task,
+    model,
+    method: TrainMethod,
+    accelerator,
+    output_dir: Path,
+    resume_from: Path | None,
+    signals: safety.StopSignals,
+    step_callback=None,
+) -> TrainResult:
     from accelerate.utils import set_seed
 
     start_time = time.perf_counter()
@@ -263,8 +286,9 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
     dataset = task.train_dataset()
     batches_per_epoch = len(dataset) // (config.train_batch_size * world)
     if batches_per_epoch == 0:
-        raise ValueError(f"train_batch_size: {config.train_batch_size} x {world} process(es) exceeds the dataset size "
-                         f"{len(dataset)}")
+        raise ValueError(
+            f"train_batch_size: {config.train_batch_size} x {world} process(es) exceeds the dataset size {len(dataset)}"
+        )
     optimizer = _make_optimizer(config, trainable_parameters(model))
     lr_scheduler = _make_scheduler(config, optimizer, world)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
@@ -276,7 +300,9 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     ckpt.register_trainable_state_hooks(accelerator, layout)
-    method.setup(unwrapped, task, accelerator.device)  # before a checkpoint is restored: a KL reference is the start model
+    method.setup(
+        unwrapped, task, accelerator.device
+    )  # before a checkpoint is restored: a KL reference is the start model
 
     global_step = 0
     if resume_from is not None:
@@ -284,10 +310,26 @@ def _run(config, task, model, method: TrainMethod, accelerator, output_dir: Path
         logger.info("resumed from %s at step %d", resume_from, global_step)
     _start_outputs(config, accelerator, output_dir)
 
-    loop = _Loop(config, task, method, accelerator, layout, output_dir, signals, step_callback,
-                 model=model, unwrapped=unwrapped, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                 ema=ema, dataset=dataset, batches_per_epoch=batches_per_epoch, global_step=global_step,
-                 resume_from=resume_from)
+    loop = _Loop(
+        config,
+        task,
+        method,
+        accelerator,
+        layout,
+        output_dir,
+        signals,
+        step_callback,
+        model=model,
+        unwrapped=unwrapped,
+        params=params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        ema=ema,
+        dataset=dataset,
+        batches_per_epoch=batches_per_epoch,
+        global_step=global_step,
+        resume_from=resume_from,
+    )
     loop.run()
     model_path = _save_final(config, task, accelerator, loop)
     return TrainResult(
@@ -319,7 +361,6 @@ def _build_model(config: TrainConfig, task, model: nn.Module | None, device: tor
     return model
 
 
-
 def _start_outputs(config: TrainConfig, accelerator, output_dir: Path) -> None:
     """config.yaml and the trackers, once every process has checked output_dir."""
     # config.yaml and the tracker record the layout `soar.reuse_main_output: auto` resolves to on this device type,
@@ -337,9 +378,28 @@ class _Loop:
     """The optimizer-step loop of one `train()` call: its counters, the step's data and what follows each step
     (logging, checkpoints, stops, validation)."""
 
-    def __init__(self, config: TrainConfig, task, method: TrainMethod, accelerator, layout: distributed.Layout,
-                 output_dir: Path, signals: safety.StopSignals, step_callback, *, model, unwrapped, params, optimizer,
-                 lr_scheduler, ema, dataset, batches_per_epoch: int, global_step: int, resume_from: Path | None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        task,
+        method: TrainMethod,
+        accelerator,
+        layout: distributed.Layout,
+        output_dir: Path,
+        signals: safety.StopSignals,
+        step_callback,
+        *,
+        model,
+        unwrapped,
+        params,
+        optimizer,
+        lr_scheduler,
+        ema,
+        dataset,
+        batches_per_epoch: int,
+        global_step: int,
+        resume_from: Path | None,
+    ):
         self.config, self.task, self.method, self.accelerator, self.layout = config, task, method, accelerator, layout
         self.output_dir, self.signals, self.step_callback = output_dir, signals, step_callback
         self.model, self.unwrapped, self.params, self.ema = model, unwrapped, params, ema
@@ -356,8 +416,14 @@ class _Loop:
         self.grad_norm = float("nan")
         skipped = int(ckpt.read_trainer_state(resume_from).get("skipped_nonfinite_steps", 0)) if resume_from else 0
         # fp16 loss scaling produces inf gradients on purpose and skips those steps itself
-        self.guard = safety.StepGuard(config.skip_nonfinite_steps, self.device, check_grads=accelerator.scaler is None,
-                                      can_skip=layout.can_skip_updates, skipped=skipped, last_good=resume_from)
+        self.guard = safety.StepGuard(
+            config.skip_nonfinite_steps,
+            self.device,
+            check_grads=accelerator.scaler is None,
+            can_skip=layout.can_skip_updates,
+            skipped=skipped,
+            last_good=resume_from,
+        )
         self.step_start = 0.0
         self.loop_start = 0.0
         self.progress = None
@@ -367,9 +433,13 @@ class _Loop:
         from tqdm.auto import tqdm
 
         config = self.config
-        self.progress = tqdm(total=config.max_train_steps, initial=self.global_step,
-                             desc=f"{config.method} ({config.task})", dynamic_ncols=True,
-                             disable=not (config.show_progress and self.accelerator.is_local_main_process))
+        self.progress = tqdm(
+            total=config.max_train_steps,
+            initial=self.global_step,
+            desc=f"{config.method} ({config.task})",
+            dynamic_ncols=True,
+            disable=not (config.show_progress and self.accelerator.is_local_main_process),
+        )
         stopped = False  # step_callback returned False, or max_train_seconds is reached
         self.loop_start = time.perf_counter()
         while self.global_step < config.max_train_steps and not stopped:
@@ -393,9 +463,12 @@ class _Loop:
         self.local.manual_seed(_seed(config.seed, self.micro, 1 + self.rank))
         skip = stop_now = False
         with accelerator.accumulate(self.model):
-            out = self.method.compute_loss(self.model, self.task, batch,
-                                           StepContext(self.device, self.shared, self.local, self.rank, self.world,
-                                                       self.global_step, self.micro))
+            out = self.method.compute_loss(
+                self.model,
+                self.task,
+                batch,
+                StepContext(self.device, self.shared, self.local, self.rank, self.world, self.global_step, self.micro),
+            )
             self.guard.saw_loss(out.loss)
             accelerator.backward(out.loss)
             if accelerator.sync_gradients:
@@ -405,8 +478,9 @@ class _Loop:
                     norm = safety.grad_norm(self.params)
                 # every process decides alike: gradients are all-reduced, flags are combined
                 norm = distributed.scalar(norm)  # None under DeepSpeed before its first step
-                skip, stop_now = self.guard.decide(accelerator, norm, self.signals.received is not None,
-                                                   self.global_step + 1)
+                skip, stop_now = self.guard.decide(
+                    accelerator, norm, self.signals.received is not None, self.global_step + 1
+                )
                 self.grad_norm = float("nan") if norm is None else float(norm)
             if not skip:
                 self.optimizer.step()
@@ -440,7 +514,10 @@ class _Loop:
             raise safety.Interrupted(
                 f"stopped by {name} after step {step}; saved {self.guard.last_good}. Continue with: "
                 f"soarflow train --config {self.output_dir / ckpt.CONFIG_FILE} --resume_from_checkpoint latest",
-                step, self.guard.last_good, name)
+                step,
+                self.guard.last_good,
+                name,
+            )
         stopped = self.step_callback is not None and self.step_callback(step, self.unwrapped) is False
         stopped = _out_of_time(accelerator, config.max_train_seconds, self.loop_start) or stopped
         is_last = step >= config.max_train_steps or stopped
@@ -463,8 +540,7 @@ class _Loop:
             entry["skipped_nonfinite_steps"] = self.guard.skipped
         self.history.append(entry)
         self.accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=self.global_step)
-        self.progress.set_postfix(**{k: f"{entry[k]:.4f}" for k in method.progress_keys}, lr=f"{lr:.2e}",
-                                  refresh=False)
+        self.progress.set_postfix(**{k: f"{entry[k]:.4f}" for k in method.progress_keys}, lr=f"{lr:.2e}", refresh=False)
 
     def finite(self, tensors) -> bool:
         return distributed.all_finite(self.accelerator, tensors)
@@ -473,8 +549,13 @@ class _Loop:
         """checkpoint-{step} (every process calls it), after checking that the weights are finite."""
         tensors = list(self.params) + (list(self.ema.shadow_params) if self.ema is not None else [])
         self.guard.check_weights(tensors, step, "the weights are non-finite", finite=self.finite)
-        path = ckpt.save_checkpoint(self.accelerator, self.output_dir, step, self.config.checkpoints_total_limit,
-                                    state={"skipped_nonfinite_steps": self.guard.skipped})
+        path = ckpt.save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            step,
+            self.config.checkpoints_total_limit,
+            state={"skipped_nonfinite_steps": self.guard.skipped},
+        )
         if self.config.checkpoint_model and self.layout.sharded:  # gathered, with the EMA weights swapped in
             with torch.no_grad(), ema_weights(self.ema, self.unwrapped):
                 whole = distributed.gathered_model(self.accelerator, self.layout, self.model, self.task.build_model)
@@ -495,8 +576,9 @@ def _save_final(config: TrainConfig, task, accelerator, loop: _Loop) -> Path:
         copy_ema_to(loop.ema, loop.unwrapped)
     output_dir = loop.output_dir
     model_path = output_dir / ckpt.MODEL_DIR
-    loop.guard.check_weights(trainable_parameters(loop.unwrapped), loop.global_step,
-                             "the final weights are non-finite", finite=loop.finite)
+    loop.guard.check_weights(
+        trainable_parameters(loop.unwrapped), loop.global_step, "the final weights are non-finite", finite=loop.finite
+    )
     # sharded weights are gathered into a freshly built model on the main process (collective)
     whole = distributed.gathered_model(accelerator, loop.layout, loop.model, task.build_model)
     if distributed.writes_files(accelerator):
@@ -517,8 +599,9 @@ def _out_of_time(accelerator, max_seconds: float | None, start: float) -> bool:
     return bool(late > 0)
 
 
-def _reduce_metrics(accelerator, per_micro: list[dict[str, float]], keys=METRIC_KEYS,
-                    summed=("num_aux_points",)) -> dict[str, float]:
+def _reduce_metrics(
+    accelerator, per_micro: list[dict[str, float]], keys=METRIC_KEYS, summed=("num_aux_points",)
+) -> dict[str, float]:
     """Mean over this step's micro-batches, then over processes (each process's loss is already scaled so
     that the mean over processes is the global-batch loss); `summed` keys are per-process counts -> global."""
     values = torch.tensor([[m[k] for k in keys] for m in per_micro], dtype=torch.float32).mean(0)

@@ -49,6 +49,7 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert/validate `value` for type annotation `tp`; ValueError naming `key` on mismatch."""
+
     def bad() -> ValueError:
         return ValueError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
@@ -186,14 +187,18 @@ def rename_former_keys(cls: type, d: dict[str, Any], prefix: str = "", warn: boo
             if new in d:
                 raise ValueError(f"config key '{dot}{key}' is the former name of '{dot}{new}'; set only '{dot}{new}'")
             if warn:
-                warnings.warn(f"config key '{dot}{key}' is now '{dot}{new}'; the old name will stop working",
-                              FutureWarning, stacklevel=3)
+                warnings.warn(
+                    f"config key '{dot}{key}' is now '{dot}{new}'; the old name will stop working",
+                    FutureWarning,
+                    stacklevel=3,
+                )
             key = new
         renamed = former_values.get(key, {})
         if isinstance(value, str) and value in renamed:
             if warn:
-                warnings.warn(f"config key '{dot}{key}': {value!r} is now {renamed[value]!r}", FutureWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"config key '{dot}{key}': {value!r} is now {renamed[value]!r}", FutureWarning, stacklevel=3
+                )
             value = renamed[value]
         out[key] = value
     return out
@@ -206,8 +211,10 @@ def upgrade_former_names(cls: type, d: Any, prefix: str = "") -> Any:
         return d
     d = rename_former_keys(cls, d, prefix, warn=False)
     hints = typing.get_type_hints(cls)
-    return {k: upgrade_former_names(hints[k], v, f"{prefix}.{k}" if prefix else k) if k in hints else v
-            for k, v in d.items()}
+    return {
+        k: upgrade_former_names(hints[k], v, f"{prefix}.{k}" if prefix else k) if k in hints else v
+        for k, v in d.items()
+    }
 
 
 def _config_fields(cls: type) -> list[dataclasses.Field]:
@@ -264,8 +271,9 @@ def field_type(root: type, path: Sequence[str]) -> Any:
     return tp
 
 
-def apply_overrides(root: type, d: dict[str, Any], overrides: Sequence[str],
-                    free_form: tuple[str, ...] = ()) -> dict[str, Any]:
+def apply_overrides(
+    root: type, d: dict[str, Any], overrides: Sequence[str], free_form: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """A copy of the raw config mapping `d` (of dataclass `root`) with the dotted command-line overrides applied.
     Dashes in a key read as underscores, except below the `free_form` sections."""
     out = yaml.safe_load(yaml.safe_dump(d)) if d else {}
@@ -288,8 +296,9 @@ def set_dotted(mapping: dict[str, Any], key: str, path: Sequence[str], value: An
     section = field_type(root, path[:-1]) if root is not None else None
     if path[-1] in getattr(section, "FORMER_KEYS", {}):  # overrides the current key wherever it was set
         path = [*path[:-1], section.FORMER_KEYS[path[-1]]]
-        warnings.warn(f"config key '{key}' is now '{'.'.join(path)}'; the old name will stop working", FutureWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"config key '{key}' is now '{'.'.join(path)}'; the old name will stop working", FutureWarning, stacklevel=2
+        )
     node = mapping
     for part in path[:-1]:
         nxt = node.setdefault(part, {})

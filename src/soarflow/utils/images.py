@@ -52,12 +52,17 @@ def make_grid(
     if marks is not None:
         pad = max(pad, 4)  # room for the border
     legend_h = 14 if marks is not None else 0
-    sheet = Image.new("RGB", (ncol * (cell_w + pad) + pad, legend_h + nrow * (cell_h + text_h + pad) + pad),
-                      (255, 255, 255))
+    sheet = Image.new(
+        "RGB", (ncol * (cell_w + pad) + pad, legend_h + nrow * (cell_h + text_h + pad) + pad), (255, 255, 255)
+    )
     draw = ImageDraw.Draw(sheet)
     if marks is not None:
-        draw.text((pad, 2), f"border: green = scorer pass ({sum(map(bool, marks))}), red = fail "
-                            f"({b - sum(map(bool, marks))})", fill=(0, 0, 0), font=font)
+        draw.text(
+            (pad, 2),
+            f"border: green = scorer pass ({sum(map(bool, marks))}), red = fail ({b - sum(map(bool, marks))})",
+            fill=(0, 0, 0),
+            font=font,
+        )
     for i in range(b):
         r, c = divmod(i, ncol)
         x0, y0 = pad + c * (cell_w + pad), legend_h + pad + r * (cell_h + text_h + pad)
@@ -71,7 +76,10 @@ def make_grid(
 
 
 def save_image_grid(
-    images: torch.Tensor, captions: Sequence[str] | None, path: str | Path, ncol: int = 8,
+    images: torch.Tensor,
+    captions: Sequence[str] | None,
+    path: str | Path,
+    ncol: int = 8,
     marks: Sequence[bool] | None = None,
 ) -> Path:
     """Write `make_grid(images, captions, ncol, marks=marks)` as a PNG (parent folders are created)."""
