@@ -328,3 +328,21 @@ def test_trainer_uses_task_batch_indices_and_reports_data_summary(tmp_path):
     # Batches come from the task (incomplete ones dropped), in its order: all even, then all odd indices.
     assert task.seen_indices == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert result.data_summary == "0 bad samples skipped"
+
+
+def test_step_callback_sees_the_weights_the_run_would_save(tmp_path):
+    # With use_ema the callback (a study's evaluation) must see the EMA weights, then training goes on with the
+    # raw ones: the callback at the last step sees exactly the saved (EMA) model, and the raw run is unaffected.
+    seen = {}
+
+    def callback(step, model):
+        seen[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    ema = train(config(tmp_path, "ema_cb", "--use_ema", "--ema_decay", "0.9"), task=ToyTask(), step_callback=callback)
+    assert_same(seen[3], weights(ema))
+    raw = weights(train(config(tmp_path, "raw_cb"), task=ToyTask()))
+    assert not torch.equal(seen[3]["net.0.weight"], raw["net.0.weight"])
+    seen.clear()
+    plain = train(config(tmp_path, "plain_cb"), task=ToyTask(), step_callback=callback)
+    assert_same(seen[3], weights(plain))
+    assert_same(weights(plain), raw)  # the callback does not disturb training

@@ -540,6 +540,8 @@ def cell_hash(spec: StudySpec, cell: Cell) -> str:
         "base_model": _FINGERPRINTS[key],
         "format": 1,
     }
+    if cfg.get("use_ema"):  # EMA cells are evaluated on their EMA weights since 2026-12-06 (before: the raw ones)
+        payload["evaluated_on"] = "ema"
     if cell.init_from is not None:  # only chained cells carry the key, so other hashes stay as they were
         payload["init_from"] = [cell.init_from.hash, cell.init_arm]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -239,7 +239,8 @@ def train(
     Writes ``config.yaml``, ``checkpoint-{step}`` folders, ``logs/`` (tensorboard), ``validation/step_*.png``
     and the final weights (``task.save_model(model, output_dir / "model")``) into ``config.output_dir``.
     `step_callback(global_step, model)` runs after every optimizer step (e.g. `soarflow study`'s evaluations and
-    time budget); returning False ends training there, as if max_train_steps had been reached.
+    time budget) on the weights the run would save at that step (the EMA weights when ``use_ema``; the training
+    weights come back after it); returning False ends training there, as if max_train_steps had been reached.
     """
     config.validate()
     output_dir = Path(config.output_dir)
@@ -518,7 +519,12 @@ class _Loop:
                 self.guard.last_good,
                 name,
             )
-        stopped = self.step_callback is not None and self.step_callback(step, self.unwrapped) is False
+        if self.step_callback is not None:
+            # the callback sees the weights the run would save now: the EMA's when use_ema (a study's evaluation)
+            with ema_weights(self.ema, self.unwrapped) as current:
+                stopped = self.step_callback(step, current) is False
+        else:
+            stopped = False
         stopped = _out_of_time(accelerator, config.max_train_seconds, self.loop_start) or stopped
         is_last = step >= config.max_train_steps or stopped
         if config.validation_steps and (step % config.validation_steps == 0 or is_last):
