@@ -144,7 +144,10 @@ def test_sd3_full_and_lora_under_fsdp2_save_what_diffusers_loads(tmp_path):
     expected = load_file(str(ddp / "lora" / "model" / LORA_WEIGHTS))
     assert saved.keys() == expected.keys() and saved
     for k, v in expected.items():
-        torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=1e-5)
+        # lora_B starts at 0, so Adam's first steps move each element by about lr (1e-3) whatever its gradient's
+        # size: a reduction-order difference between FSDP's reduce-scatter and DDP's all-reduce on a near-zero
+        # gradient shows up as a few percent of lr (2.7e-5 seen in CI, 1 element of 128). Tolerance: 5% of lr.
+        torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=5e-5)
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at 0: training moved it
     ckpt = load_file(str(fsdp / "lora" / "checkpoint-2" / "trainable_params.safetensors"))
     assert ckpt and all("lora_" in k for k in ckpt)
