@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "report.md").write_text(markdown(spec, results, command, machine, wall))
+    # the recorded (rounded) wall-clock, so that `soarflow study-report` rebuilds the same text from results.json
+    (out / "report.md").write_text(markdown(spec, results, command, machine, results["wall_seconds"]))
     print(f"report: {out / 'report.md'}, results: {out / 'results.json'}, plots: {', '.join(results['plots'])}")
     return 1 if results["failed"] else 0
