@@ -145,9 +145,12 @@ def test_sd3_full_and_lora_under_fsdp2_save_what_diffusers_loads(tmp_path):
     assert saved.keys() == expected.keys() and saved
     for k, v in expected.items():
         # lora_B starts at 0, so Adam's first steps move each element by about lr (1e-3) whatever its gradient's
-        # size: a reduction-order difference between FSDP's reduce-scatter and DDP's all-reduce on a near-zero
-        # gradient shows up as a few percent of lr (2.7e-5 seen in CI, 1 element of 128). Tolerance: 5% of lr.
-        torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=5e-5)
+        # size: where a gradient is near 0, the reduction order of FSDP's reduce-scatter vs DDP's all-reduce can
+        # change that step by up to 2 lr per step (2.7e-5 and 9.1e-4 seen in CI, each in 1 element of 128). So:
+        # nearly every element agrees to 1e-5, and none differs by more than Adam's bound of 2 lr x 2 steps.
+        diff = (saved[k] - v).abs()
+        assert (diff > 1e-5 + 1e-4 * v.abs()).float().mean() <= 0.02, (k, diff.max())
+        assert diff.max() <= 2 * 1e-3 * 2, (k, diff.max())
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at 0: training moved it
     ckpt = load_file(str(fsdp / "lora" / "checkpoint-2" / "trainable_params.safetensors"))
     assert ckpt and all("lora_" in k for k in ckpt)
