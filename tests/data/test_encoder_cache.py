@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from diffusers_testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from launching import launch_two_processes  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from soarflow.commands.cache import main as cache_main  # noqa: E402
@@ -270,44 +271,14 @@ def test_cache_command_errors_name_the_problem(tmp_path, sd3_path, images, capsy
 
 @pytest.mark.slow
 def test_two_processes_share_the_work_and_write_the_same_entries(tmp_path, sd3_path, images):
-    import os
-    import socket
-    import subprocess
-    import sys
 
     cfg = config(
         tmp_path, "p2", "sd3", sd3_path, images, f"--data.cache_dir={tmp_path / 'two'}", "--data.cache_dtype=float32"
     )
     (tmp_path / "two.yaml").write_text(cfg.to_yaml())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        "-m",
-        "soarflow",
-        "cache",
-        "--config",
-        str(tmp_path / "two.yaml"),
-        "--batch_size",
-        "2",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch_two_processes(
+        "-m", "soarflow", "cache", "--config", str(tmp_path / "two.yaml"), "--batch_size", "2", timeout=300
+    )
     assert "rank 0: text 3 encoded" in proc.stdout and "rank 1: text 3 encoded" in proc.stdout
     assert "complete" in proc.stdout
     assert {p.name.rsplit("-", 1)[1] for p in shards(tmp_path / "two", "latent")} == {

@@ -16,6 +16,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E
 
 from soarflow.models.diffusers_weights import MANIFEST  # noqa: E402
 from diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from launching import launch_two_processes  # noqa: E402
 from soarflow.models.lora import LORA_WEIGHTS  # noqa: E402
 from soarflow.tasks.sd3 import SD3Task, SD3Velocity  # noqa: E402
 from soarflow.objective import SOARConfig, sft_loss, soar_loss  # noqa: E402
@@ -457,30 +458,8 @@ def test_lora_with_bf16_frozen_base_keeps_float32_adapters(sd3_path, images):
 def test_two_process_ddp_lora_run_with_gradient_checkpointing(tmp_path, sd3_path, images):
     """`accelerate launch` with 2 CPU processes (gloo): DDP over the wrapped transformer works (no unused
     parameters, checkpoint + LoRA save from the main process)."""
-    import os
-    import socket
-    import subprocess
-    import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
+    proc = launch_two_processes(
         "-m",
         "soarflow",
         "train",
@@ -508,8 +487,7 @@ def test_two_process_ddp_lora_run_with_gradient_checkpointing(tmp_path, sd3_path
         "--model.finetune=lora",
         f"--data.path={images}",
         "--data.resolution=32",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        timeout=300,
+    )
     assert "2 process(es)" in proc.stdout + proc.stderr
     assert (tmp_path / "ddp" / "model" / LORA_WEIGHTS).is_file() and (tmp_path / "ddp" / "checkpoint-2").is_dir()

@@ -7,12 +7,10 @@ with the same number of processes see the same latents.)"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launching import launch_two_processes
 import torch
 
 pytest.importorskip("diffusers")
@@ -27,45 +25,12 @@ from soarflow.models.lora import LORA_WEIGHTS  # noqa: E402
 WORKER = Path(__file__).resolve().parents[1] / "train" / "fsdp_worker.py"
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(mode: str, out: Path, *args: str) -> None:
     env = dict(
-        os.environ,
-        ACCELERATE_USE_CPU="1",
-        CUDA_VISIBLE_DEVICES="",
-        OMP_NUM_THREADS="1",
         FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
         FSDP_TRANSFORMER_CLS_TO_WRAP="JointTransformerBlock",
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_port()),
-        str(WORKER),
-        str(out),
-        mode,
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = launch_two_processes(str(WORKER), str(out), mode, *args, env=env, timeout=600)
     assert "2 process(es)" in proc.stdout + proc.stderr
 
 

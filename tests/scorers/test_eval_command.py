@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import pytest
+from launching import launch_two_processes
 
 pytest.importorskip("diffusers")
 
@@ -56,12 +55,6 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_one_and_two_processes_give_the_same_numbers(setup):
     root, scorers = setup
@@ -91,36 +84,11 @@ def test_one_and_two_processes_give_the_same_numbers(setup):
     assert set(scorers) == expected
     assert one["num_processes"] == 1 and set(one["summary"]) == expected
     env = dict(
-        os.environ,
-        ACCELERATE_USE_CPU="1",
-        CUDA_VISIBLE_DEVICES="",
-        OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")]),
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(WORKER),
-        str(root / "standins"),
-        "--",
-        *args,
-        "--output_dir",
-        str(root / "two"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch_two_processes(
+        str(WORKER), str(root / "standins"), "--", *args, "--output_dir", str(root / "two"), env=env, timeout=900
+    )
     # each process generated its own prompts: 0 and 2 on process 0, 1 on process 1
     assert "[process 0] generated 4 image(s)" in proc.stderr and "[process 1] generated 2 image(s)" in proc.stderr
     two = json.loads((root / "two" / "results.json").read_text())

@@ -210,3 +210,34 @@ def test_corruption_config_errors_name_the_key():
         ShapesTask.from_config(data={"split": "pretrain", "corruption": {"wrong": 1.5}})
     task = ShapesTask.from_config(data={"split": "pretrain", "corruption": {"wrong": 0.3}})
     assert task.train_dataset().corruption.wrong == 0.3 and task.train_dataset().corruption.clutter == 0.25
+
+
+def test_curated_family_weights_target_families():
+    from collections import Counter
+
+    from soarflow.shapes.grammar import parse_prompt
+
+    def families(ds, n=600):
+        return Counter(parse_prompt(ds.sample(i).caption).family for i in range(n))
+
+    only = families(ShapesDataset("curated", seed=0, family_weights={"counting": 1, "position": 1}))
+    assert set(only) == {"counting", "position"} and 240 < only["counting"] < 360  # 300 expected, sd ~12
+    skewed = families(ShapesDataset("curated", seed=0, family_weights={"counting": 3, "single_object": 1}))
+    assert 400 < skewed["counting"] < 500  # 450 expected, sd ~11
+    # {} or None keeps the uniform split, item for item (its digest is pinned above)
+    assert _digest(ShapesDataset("curated", seed=0, family_weights={}), 20)[:16] == CURATED_DIGEST
+
+
+def test_family_weight_errors_name_the_input():
+    from soarflow.tasks.shapes import ShapesTask
+
+    with pytest.raises(ValueError, match="unknown families \\['countin'\\]"):
+        ShapesTask.from_config(data={"family_weights": {"countin": 1}})
+    with pytest.raises(ValueError, match="non-negative"):
+        ShapesTask.from_config(data={"family_weights": {"counting": -1}})
+    with pytest.raises(ValueError, match="positive sum"):
+        ShapesDataset("curated", family_weights={"counting": 0})
+    with pytest.raises(ValueError, match="curated"):
+        ShapesTask.from_config(data={"split": "pretrain", "family_weights": {"counting": 1}})
+    task = ShapesTask.from_config(data={"family_weights": {"position": 2, "color_attr": 1}})
+    assert task.train_dataset().family_weights["position"] == 2.0

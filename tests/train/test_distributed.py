@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from launching import launch_two_processes
 from safetensors.torch import load_file
 
 from soarflow.train import load_config, train
@@ -37,37 +34,8 @@ RUN = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(WORKER),
-        str(tmp_path / "dist"),
-        "--train_batch_size",
-        "2",
-        *RUN,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_two_processes(str(WORKER), str(tmp_path / "dist"), "--train_batch_size", "2", *RUN, timeout=180)
     dist = json.loads((tmp_path / "dist" / "history.json").read_text())
     assert dist["num_processes"] == 2
     ckpt = tmp_path / "dist" / "run" / "checkpoint-2"
@@ -89,28 +57,8 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
 
 
 def test_a_signal_on_one_process_stops_every_process_at_the_same_saved_step(tmp_path):
-    env = dict(
-        os.environ,
-        ACCELERATE_USE_CPU="1",
-        CUDA_VISIBLE_DEVICES="",
-        OMP_NUM_THREADS="1",
-        SOARFLOW_TEST_SIGTERM_RANK1_AT="3",
-    )  # rank 1 gets SIGTERM in its 3rd micro-batch = step 3
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+    env = {"SOARFLOW_TEST_SIGTERM_RANK1_AT": "3"}  # rank 1 gets SIGTERM in its 3rd micro-batch = step 3
+    launch_two_processes(
         str(WORKER),
         str(tmp_path / "dist"),
         "--train_batch_size",
@@ -127,9 +75,9 @@ def test_a_signal_on_one_process_stops_every_process_at_the_same_saved_step(tmp_
         "1",
         "--soar.rollout_steps",
         "4",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        env=env,
+        timeout=180,
+    )
     stops = [json.loads((tmp_path / "dist" / f"stopped_{r}.json").read_text()) for r in (0, 1)]
     assert stops[0]["step"] == stops[1]["step"] == 3
     assert stops[1]["signal"] == "SIGTERM" and "another process" in stops[0]["signal"]

@@ -5,18 +5,16 @@ on the same global batch, validation runs on every rank, resume is exact, and th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launching import launch_two_processes
 import torch
 from safetensors.torch import load_file
 
 from soarflow.train import load_config, train
 
-from .test_distributed import free_port
 from .toy_task import ToyTask
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -48,30 +46,7 @@ RUN = [
 
 
 def launch(out: Path, mode: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(WORKER),
-        str(out),
-        mode,
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+    return launch_two_processes(str(WORKER), str(out), mode, *args, timeout=timeout)
 
 
 def test_fsdp2_two_processes_match_one_process_resume_exactly_and_save_whole_weights(tmp_path):

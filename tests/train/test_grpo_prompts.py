@@ -4,12 +4,10 @@ processes whose per-prompt statistics are shared (Flow-GRPO's stat tracker over 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launching import launch_two_processes
 import torch
 
 pytest.importorskip("diffusers")
@@ -20,7 +18,6 @@ from soarflow.methods.grpo import prompt_advantages  # noqa: E402
 from soarflow.train import load_config  # noqa: E402
 from soarflow.train.methods import resolve_reward  # noqa: E402
 
-from .test_distributed import free_port  # noqa: E402
 
 WORKER = Path(__file__).with_name("grpo_dist_worker.py")
 
@@ -91,22 +88,8 @@ def test_two_processes_share_per_prompt_statistics_on_a_prompt_file(tmp_path):
     # prompts, whose images then share one mean
     prompts = ["a dog running in the park"] * 5 + ["a blue square and a green triangle"] * 3
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+    # grpo.reward=clip: soarflow eval's CLIP score by name
+    launch_two_processes(
         str(WORKER),
         str(tmp_path / "dist"),
         "--task=sd3",
@@ -123,7 +106,7 @@ def test_two_processes_share_per_prompt_statistics_on_a_prompt_file(tmp_path):
         "--grpo.train_timesteps=1",
         "--grpo.guidance_scale=2.0",
         "--grpo.reward=clip",
-        f"--grpo.reward_kwargs={{path: {clip}}}",  # soarflow eval's CLIP score by name
+        f"--grpo.reward_kwargs={{path: {clip}}}",
         f"--model.pretrained={sd3}",
         "--model.max_sequence_length=8",
         "--model.finetune=lora",
@@ -131,9 +114,8 @@ def test_two_processes_share_per_prompt_statistics_on_a_prompt_file(tmp_path):
         "--data.format=prompts",
         f"--data.path={tmp_path / 'prompts.jsonl'}",
         "--data.resolution=32",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        timeout=400,
+    )
     ranks = [json.loads((tmp_path / "dist" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["num_processes"] == 2 and len(ranks[0]["calls"]) == len(ranks[1]["calls"]) == 2
     shared = differs = 0

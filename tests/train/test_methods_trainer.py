@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launching import launch_two_processes
 import torch
 
 from soarflow.train import load_config, train
 from soarflow.train.config import TrainConfig
 from soarflow.train.methods import METHODS, build_method, load_init_weights, method_config
 
-from .test_distributed import WORKER, free_port
+from .test_distributed import WORKER
 from .toy_task import ToyTask, toy_reward
 
 COMMON = ["--report_to", "none", "--show_progress", "false", "--checkpointing_steps", "0", "--learning_rate", "1e-2"]
@@ -176,31 +174,8 @@ def test_method_config_builds_each_shapes_recipe():
 def test_two_processes(tmp_path, method):
     """scheduled_sampling (like input_perturbation) draws every random number for the global batch, so two processes
     match one; grpo's rollouts are per process, so there it runs under DDP and gives finite metrics."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     args = ["--method", method, "--max_train_steps", "2", *COMMON, *METHOD_ARGS[method]]
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(WORKER),
-        str(tmp_path / "dist"),
-        "--train_batch_size",
-        "2",
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_two_processes(WORKER, tmp_path / "dist", "--train_batch_size", "2", *args, timeout=240)
     dist = json.loads((tmp_path / "dist" / "history.json").read_text())
     assert dist["num_processes"] == 2
     if method == "grpo":

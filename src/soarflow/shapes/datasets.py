@@ -24,13 +24,26 @@ PRETRAIN_FAMILY_WEIGHTS = {
 P_DUPLICATE = 0.05  # an item repeats an earlier one
 
 
-def _weighted_family(rng: random.Random) -> str:
-    u, acc = rng.random(), 0.0
-    for f, w in PRETRAIN_FAMILY_WEIGHTS.items():
+def _weighted_family(rng: random.Random, weights: dict[str, float] = PRETRAIN_FAMILY_WEIGHTS) -> str:
+    u, acc = rng.random() * sum(weights.values()), 0.0
+    for f, w in weights.items():
         acc += w
         if u < acc:
             return f
-    return FAMILIES[-1]
+    return [f for f, w in weights.items() if w > 0][-1]
+
+
+def check_family_weights(weights: dict[str, float] | None, name: str = "family_weights") -> dict[str, float] | None:
+    """None/{} (uniform) or relative weights over a subset of FAMILIES (missing families weigh 0)."""
+    if not weights:
+        return None
+    unknown = sorted(set(weights) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"{name}: unknown families {unknown}; choose from {list(FAMILIES)}")
+    bad = {f: w for f, w in weights.items() if not (isinstance(w, (int, float)) and w >= 0)}
+    if bad or not sum(weights.values()) > 0:
+        raise ValueError(f"{name} must be non-negative numbers with a positive sum, got {dict(weights)}")
+    return {f: float(weights.get(f, 0.0)) for f in FAMILIES}
 
 
 @dataclass(frozen=True)
@@ -43,8 +56,9 @@ class Sample:
 class ShapesDataset(torch.utils.data.Dataset):
     """Training splits, generated on the fly and deterministically from (split, seed, index).
 
-    * ``curated`` (default 2,000 items): clean; a uniformly chosen family, a uniformly chosen *seen* prompt of it,
-      a scene with exactly the described objects and the exact caption.
+    * ``curated`` (default 2,000 items): clean; a uniformly chosen family (or one drawn by ``family_weights``, to
+      target what a base gets wrong), a uniformly chosen *seen* prompt of it, a scene with exactly the described
+      objects and the exact caption.
     * ``pretrain`` (default 200,000 items): broad and noisy like web data. Per item, independently:
       with p=0.05 it duplicates an earlier item; otherwise a family (weights ``PRETRAIN_FAMILY_WEIGHTS``) and a
       seen prompt are drawn and rendered, then with p=0.25 1-2 unmentioned clutter objects are added; the caption
@@ -66,6 +80,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         seed: int = 0,
         image_size: int = 32,
         corruption: Corruption = Corruption(),
+        family_weights: dict[str, float] | None = None,
     ):
         if split not in self.SPLITS:
             raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
@@ -75,6 +90,9 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"image_size must be >= 24 pixels for classifiable shapes, got {image_size}")
         self.split, self.seed, self.image_size = split, int(seed), int(image_size)
         self.corruption = corruption  # the pretrain split's noise rates (unused by curated)
+        self.family_weights = check_family_weights(family_weights)  # the curated split's (pretrain has its own)
+        if self.family_weights is not None and split != "curated":
+            raise ValueError("family_weights applies to the curated split only (the pretrain corpus has its own)")
         self.num_samples = int(num_samples or self.DEFAULT_SIZES[split])
 
     def __len__(self) -> int:
@@ -95,8 +113,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         if self.split == "pretrain":
             rng.random()  # the duplicate draw
             family = _weighted_family(rng)
+        elif self.family_weights is not None:
+            family = _weighted_family(rng, self.family_weights)
         else:
-            family = rand_choice(rng, FAMILIES)
+            family = rand_choice(rng, FAMILIES)  # uniform, drawn as before weights existed (same items)
         spec = rand_choice(rng, SEEN_PROMPTS[family])
         scene = scene_for_spec(spec, rng, self.image_size, allow_held_out=False)
         caption = spec.text

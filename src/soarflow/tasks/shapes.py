@@ -24,7 +24,7 @@ from ..models.embedded import (
 )
 from ..shapes.generate import GUIDANCE_SCALE, encode_captions, generate_images, null_caption
 from ..shapes.corruption import Corruption
-from ..shapes.datasets import ShapesDataset
+from ..shapes.datasets import ShapesDataset, check_family_weights
 from ..shapes.grammar import MAX_TOKENS, VOCAB
 from ..utils.config_parsing import from_dict
 from .base import Task
@@ -65,6 +65,8 @@ class ShapesDataSection:
     image_size: int = 32
     # split "pretrain": per-item noise rates (clutter, wrong, incomplete, generic, prefix); {} = the shipped corpus
     corruption: dict = field(default_factory=dict)
+    # split "curated": relative weights of the families, e.g. {counting: 1, position: 1}; {} = uniform
+    family_weights: dict = field(default_factory=dict)
     validation_prompts: list[str] = field(
         default_factory=lambda: [
             "a red circle",
@@ -93,6 +95,9 @@ class ShapesTask(Task):
         if self.data_config.split not in ("curated", "pretrain"):
             raise ValueError(f"data.split must be 'curated' or 'pretrain', got {self.data_config.split!r}")
         self.corruption = from_dict(Corruption, dict(self.data_config.corruption), prefix="data.corruption")
+        if self.data_config.family_weights and self.data_config.split != "curated":
+            raise ValueError("data.family_weights applies to data.split 'curated' only")
+        check_family_weights(dict(self.data_config.family_weights), name="data.family_weights")
 
     @classmethod
     def from_config(cls, model: dict | None = None, data: dict | None = None, train_config: Any = None) -> "ShapesTask":
@@ -147,7 +152,12 @@ class ShapesTask(Task):
     def train_dataset(self) -> torch.utils.data.Dataset:
         d = self.data_config
         return ShapesDataset(
-            split=d.split, num_samples=d.num_samples, seed=d.seed, image_size=d.image_size, corruption=self.corruption
+            split=d.split,
+            num_samples=d.num_samples,
+            seed=d.seed,
+            image_size=d.image_size,
+            corruption=self.corruption,
+            family_weights=dict(d.family_weights) or None,
         )
 
     def collate(self, samples: Sequence[dict]) -> dict:

@@ -1,0 +1,51 @@
+"""Run a worker script in 2 CPU processes with `accelerate launch`, as the multi-process tests do."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(
+    *program: str | Path, env: dict[str, str] | None = None, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 PROGRAM...` on the CPU (one thread per process, a free
+    port): a script and its arguments, or ``"-m", module, ...``. `env` adds variables. With `check`, a non-zero
+    exit fails the test with the end of both outputs."""
+    full_env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *map(str, program),
+    ]
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
