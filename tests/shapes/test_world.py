@@ -241,3 +241,32 @@ def test_family_weight_errors_name_the_input():
         ShapesTask.from_config(data={"split": "pretrain", "family_weights": {"counting": 1}})
     task = ShapesTask.from_config(data={"family_weights": {"position": 2, "color_attr": 1}})
     assert task.train_dataset().family_weights["position"] == 2.0
+
+
+def test_curated_replay_mixes_in_pretraining_items():
+    from soarflow.shapes.grammar import parse_prompt
+
+    curated = ShapesDataset("curated", seed=0)
+    mixed = ShapesDataset("curated", seed=0, replay_fraction=0.5)
+    pretrain = ShapesDataset("pretrain", seed=0)
+    same = [mixed.sample(i).caption == curated.sample(i).caption for i in range(400)]
+    assert 150 < sum(same) < 260  # ~half the items are curated items, the same ones as without replay (~200 + ties)
+    replayed = [mixed.sample(i) for i in range(400) if mixed.sample(i).caption != curated.sample(i).caption]
+    # replayed items are pretraining items: their captions are from the web-like corpus (some outside the grammar)
+    assert all(s.caption == pretrain.sample(s.source).caption for s in replayed[:50])
+
+    def out_of_grammar(caption):
+        try:
+            parse_prompt(caption)
+            return False
+        except ValueError:
+            return True
+
+    assert sum(out_of_grammar(s.caption) for s in replayed) > 0.1 * len(replayed)
+    assert _digest(ShapesDataset("curated", seed=0, replay_fraction=0.0), 20)[:16] == CURATED_DIGEST
+    with pytest.raises(ValueError, match="replay_fraction must lie in \\[0, 1\\], got 1.5"):
+        ShapesDataset("curated", replay_fraction=1.5)
+    with pytest.raises(ValueError, match="data.replay_fraction applies to data.split 'curated' only"):
+        from soarflow.tasks.shapes import ShapesTask
+
+        ShapesTask.from_config(data={"split": "pretrain", "replay_fraction": 0.2})

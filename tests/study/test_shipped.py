@@ -17,8 +17,8 @@ STUDIES = [
     "study_claim_focus.yaml",
     "study_claim_powered.yaml",
 ]
-# every shipped study file; study_headroom compares SFT with the base at equal steps only
-ALL_STUDIES = STUDIES + ["study_headroom.yaml"]
+# every shipped study file; the headroom studies compare SFT with the base at equal steps only
+ALL_STUDIES = STUDIES + ["study_headroom.yaml", "study_headroom_targeted.yaml"]
 
 
 def test_claim_quick_runs_the_whole_pipeline(tmp_path):

@@ -27,9 +27,9 @@ import torch
 
 @dataclass
 class DemoSettings:
-    # 40 steps, 48 images at the paper's 40 sampler steps: the demo must fit 10 minutes with room on a slow 2-core
-    # CPU, where a SOAR step of the U-Net base costs ~4.4 s (issue 22 measured 860 s for the former 100 steps)
-    max_train_steps: int = 40
+    # 30 steps, 36 images at the paper's 40 sampler steps: the demo must fit 10 minutes with room on a slow 2-core
+    # CPU, where an SFT step costs ~1.2 s, a SOAR step ~5.8 s and each model's evaluation ~55 s
+    max_train_steps: int = 30
     train_batch_size: int = 32
     learning_rate: float = 1e-4
     lr_scheduler: str = "constant"
@@ -42,7 +42,7 @@ class DemoSettings:
     rollout_guidance_scale: float = 4.0
     eval_num_steps: list[int] = field(default_factory=lambda: [40])  # add 10 to see few-step exposure bias
     guidance_scale: float = 4.0  # evaluation
-    prompts_per_family: int = 4
+    prompts_per_family: int = 3
     images_per_prompt: int = 2
     exposure_images: int = 16
     base: str = "base"

@@ -58,7 +58,8 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     * ``curated`` (default 2,000 items): clean; a uniformly chosen family (or one drawn by ``family_weights``, to
       target what a base gets wrong), a uniformly chosen *seen* prompt of it, a scene with exactly the described
-      objects and the exact caption.
+      objects and the exact caption. With ``replay_fraction`` p, a fraction p of the items (decided per index) are
+      items of the pretraining corpus instead (replay against forgetting).
     * ``pretrain`` (default 200,000 items): broad and noisy like web data. Per item, independently:
       with p=0.05 it duplicates an earlier item; otherwise a family (weights ``PRETRAIN_FAMILY_WEIGHTS``) and a
       seen prompt are drawn and rendered, then with p=0.25 1-2 unmentioned clutter objects are added; the caption
@@ -81,6 +82,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         image_size: int = 32,
         corruption: Corruption = Corruption(),
         family_weights: dict[str, float] | None = None,
+        replay_fraction: float = 0.0,
     ):
         if split not in self.SPLITS:
             raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
@@ -94,6 +96,14 @@ class ShapesDataset(torch.utils.data.Dataset):
         if self.family_weights is not None and split != "curated":
             raise ValueError("family_weights applies to the curated split only (the pretrain corpus has its own)")
         self.num_samples = int(num_samples or self.DEFAULT_SIZES[split])
+        if not 0.0 <= replay_fraction <= 1.0:
+            raise ValueError(f"replay_fraction must lie in [0, 1], got {replay_fraction}")
+        if replay_fraction and split != "curated":
+            raise ValueError("replay_fraction applies to the curated split only")
+        # Replay: that fraction of curated items are items of the pretraining corpus (same seed and corruption),
+        # as post-training recipes mix pretraining data back in against forgetting.
+        self.replay_fraction = float(replay_fraction)
+        self._replay = ShapesDataset("pretrain", None, seed, image_size, corruption) if replay_fraction else None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -104,6 +114,10 @@ class ShapesDataset(torch.utils.data.Dataset):
     def sample(self, i: int) -> Sample:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"index {i} out of range for {self.split} split of {self.num_samples} items")
+        if self._replay is not None:
+            r = random.Random(f"replay:{self.seed}:{i}")  # its own stream: curated items stay the same items
+            if r.random() < self.replay_fraction:
+                return self._replay.sample(rand_int(r, 0, len(self._replay) - 1))
         source = i
         if self.split == "pretrain":
             # Duplicates point to an earlier item; follow the chain to an original.

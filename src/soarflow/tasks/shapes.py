@@ -67,6 +67,8 @@ class ShapesDataSection:
     corruption: dict = field(default_factory=dict)
     # split "curated": relative weights of the families, e.g. {counting: 1, position: 1}; {} = uniform
     family_weights: dict = field(default_factory=dict)
+    # split "curated": that fraction of items come from the pretraining corpus instead (replay); 0 = none
+    replay_fraction: float = 0.0
     validation_prompts: list[str] = field(
         default_factory=lambda: [
             "a red circle",
@@ -98,6 +100,10 @@ class ShapesTask(Task):
         if self.data_config.family_weights and self.data_config.split != "curated":
             raise ValueError("data.family_weights applies to data.split 'curated' only")
         check_family_weights(dict(self.data_config.family_weights), name="data.family_weights")
+        if not 0.0 <= self.data_config.replay_fraction <= 1.0:
+            raise ValueError(f"data.replay_fraction must lie in [0, 1], got {self.data_config.replay_fraction}")
+        if self.data_config.replay_fraction and self.data_config.split != "curated":
+            raise ValueError("data.replay_fraction applies to data.split 'curated' only")
 
     @classmethod
     def from_config(cls, model: dict | None = None, data: dict | None = None, train_config: Any = None) -> "ShapesTask":
@@ -158,6 +164,7 @@ class ShapesTask(Task):
             image_size=d.image_size,
             corruption=self.corruption,
             family_weights=dict(d.family_weights) or None,
+            replay_fraction=d.replay_fraction,
         )
 
     def collate(self, samples: Sequence[dict]) -> dict:
