@@ -18,7 +18,7 @@ STUDIES = [
     "study_claim_powered.yaml",
 ]
 # every shipped study file; the headroom studies compare SFT with the base at equal steps only
-ALL_STUDIES = STUDIES + ["study_headroom.yaml", "study_headroom_targeted.yaml"]
+ALL_STUDIES = STUDIES + ["study_headroom.yaml", "study_headroom_targeted.yaml", "study_headroom_replay.yaml"]
 
 
 def test_claim_quick_runs_the_whole_pipeline(tmp_path):
