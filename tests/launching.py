@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 
+LEAKED_PREFIXES = ("ACCELERATE_", "FSDP_", "MASTER_", "TORCHELASTIC_")
+LEAKED_KEYS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -21,8 +25,11 @@ def launch_two_processes(
     """`accelerate launch --multi_gpu --num_processes 2 PROGRAM...` on the CPU (one thread per process, a free
     port): a script and its arguments, or ``"-m", module, ...``. `env` adds variables. With `check`, a non-zero
     exit fails the test with the end of both outputs."""
+    # In-process tests leave accelerate/torch.distributed variables in os.environ (ACCELERATE_*, FSDP_*,
+    # MASTER_PORT, RANK...); inherited, they reconfigure or stall the workers, so they are dropped.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(LEAKED_PREFIXES) and k not in LEAKED_KEYS}
     full_env = {
-        **os.environ,
+        **inherited,
         "ACCELERATE_USE_CPU": "1",
         "CUDA_VISIBLE_DEVICES": "",
         "OMP_NUM_THREADS": "1",
