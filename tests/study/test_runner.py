@@ -484,3 +484,33 @@ def test_rebuild_from_per_image_data_gives_the_same_intervals(tmp_path, tiny_bas
     report = markdown(spec, rebuilt, "cmd", "machine", 1.0)
     assert f"**{ci['diff']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]**" in report
     assert "frechet_distance (no CI)" in report and "exposure_gap (no CI)" in report
+
+
+def test_cells_run_seed_major_and_seeds_makes_an_interim_report(tmp_path, tiny_base, monkeypatch, capsys):
+    rows = [{"name": "sft", "set": {"method": "sft"}}, {"name": "soar", "set": {"method": "soar"}}]
+    path = write_study(tmp_path, tiny_base, rows, seeds=[0, 1, 2])
+    out = tmp_path / "out"
+    # an interim report from seed 0: same cells (hashes) as the declared study, and it says what it is
+    assert main(["--config", str(path), "--output_dir", str(out), "--no_estimate", "--seeds", "0"]) == 0
+    report = (out / "report.md").read_text()
+    assert "**interim report**: seeds [0] of the 3 the study declares ([0, 1, 2])" in report
+    assert json.loads((out / "results.json").read_text())["study"]["declared_seeds"] == [0, 1, 2]
+    interim, full = load_study(path, seeds=[0]), load_study(path)
+    assert interim.interim and not full.interim and interim.seeds == [0]
+    assert {c.hash for c in expand_cells(interim)} < {c.hash for c in expand_cells(full)}
+    # the rest runs seed-major, so that a run cut short leaves whole seeds
+    ran = []
+    real_run_cell = runner_mod.run_cell
+
+    def counting(spec, cell, *a, **k):
+        ran.append(cell.label)
+        return real_run_cell(spec, cell, *a, **k)
+
+    monkeypatch.setattr(runner_mod, "run_cell", counting)
+    records = run_study(full, out, estimate=False, log=quiet)
+    assert ran == ["sft seed 1", "soar seed 1", "sft seed 2", "soar seed 2"]
+    assert all(r["status"] == "ok" for r in records)
+    # a seed the file does not declare is refused, naming it
+    capsys.readouterr()
+    assert main(["--config", str(path), "--output_dir", str(out), "--seeds", "0", "7"]) == 2
+    assert "--seeds [7] not among the seeds" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""`soarflow study --config configs/study_claim.yaml [--quick] [--only ROW ...] [--output_dir DIR] [--jobs N]
-[--device cpu|cuda] [--cells_dir DIR] [--max_seconds S]`."""
+"""`soarflow study --config configs/study_claim.yaml [--quick] [--only ROW ...] [--seeds S ...] [--output_dir DIR]
+[--jobs N] [--device cpu|cuda] [--cells_dir DIR] [--max_seconds S]`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", help="study folder (default runs/study_<name>[_quick]); rerunning continues it")
     p.add_argument("--quick", action="store_true", help="the study file's quick: section (few steps, seeds, images)")
     p.add_argument("--only", nargs="+", metavar="ROW", help="run only rows matching these names / glob patterns")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        metavar="S",
+        help="run and report only these of the file's seeds: an interim report (e.g. the seeds a run cut short by "
+        "--max_seconds finished; cells keep their cache hashes)",
+    )
     p.add_argument("--estimate_only", action="store_true", help="print the estimated wall-clock and stop")
     p.add_argument("--no_estimate", action="store_true", help="skip the timing probe before running")
     p.add_argument("--keep_models", action="store_true", help="keep each cell's trained weights")
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        spec = load_study(args.config, quick=args.quick, only=args.only)
+        spec = load_study(args.config, quick=args.quick, only=args.only, seeds=args.seeds)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,9 +1,9 @@
-"""`soarflow study-report FOLDER --config STUDY.yaml [--quick] [--only ROW ...]`: rebuild a study report's intervals.
+"""`soarflow study-report FOLDER --config STUDY.yaml [--quick] [--only ROW ...] [--seeds S ...]`: rebuild a study report's intervals.
 
 Reads ``FOLDER/results.json`` (scalars, curves, cells) and ``FOLDER/per_image.npz`` (the per-image results the
 intervals come from), recomputes every interval, the primary contrast, its MDE and the Holm adjustment with the
 study file's current ``primary``/``contrasts``/``reference``, and rewrites results.json and report.md in place
-(``--output_dir`` to write elsewhere). No cell is trained or evaluated. Pass the same ``--quick`` / ``--only`` as
+(``--output_dir`` to write elsewhere). No cell is trained or evaluated. Pass the same ``--quick`` / ``--only`` / ``--seeds`` as
 the run that made the folder.
 """
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="the study YAML the folder was made from")
     p.add_argument("--quick", action="store_true", help="the folder was made with --quick")
     p.add_argument("--only", nargs="+", metavar="ROW", help="the folder was made with --only ROW ...")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="the folder was made with --seeds S ...")
     p.add_argument("--output_dir", help="write results.json and report.md here instead of FOLDER")
     p.add_argument("--num_resamples", type=int, default=2000, help="bootstrap cross-check resamples (default 2000)")
     return p
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        spec = load_study(args.config, quick=args.quick, only=args.only)
+        spec = load_study(args.config, quick=args.quick, only=args.only, seeds=args.seeds)
         results = rebuild(spec, Path(args.folder), num_resamples=args.num_resamples)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

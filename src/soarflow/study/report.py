@@ -389,6 +389,15 @@ def markdown(spec: StudySpec, results: dict, command: str, machine: str, wall_se
             f"- machine: {machine}",
             f"- wall-clock of this invocation: {wall_seconds:.0f} s; of all its cells (each measured when it ran): "
             f"{sum(c.get('wall_seconds') or 0 for c in results.get('cells', [])) / 60:.0f} min",
+            *(
+                [
+                    f"- **interim report**: seeds {spec.seeds} of the {len(spec.declared_seeds)} the study declares "
+                    f"({spec.declared_seeds}); its intervals and MDE are those of this subset, not of the study as "
+                    "declared"
+                ]
+                if spec.interim
+                else []
+            ),
             f"- seeds: {spec.seeds}; budget: steps {spec.budget.steps}, seconds {spec.budget.seconds} "
             f"(cap {spec.budget.max_steps} steps); evaluation: {kind}, settings "
             + ", ".join(setting_key(n, w) for n, w in spec.evaluation.settings),

@@ -489,7 +489,12 @@ def run_study(
             save_arms.setdefault(c.init_from.hash, set()).add(c.init_arm)
             if c.hash not in done and weights_path(out, c.init_from, c.init_arm) is None:
                 done.pop(c.init_from.hash, None)  # a cached source without its weights reruns first
-    pending = [c for c in cells if c.hash not in done]
+    # seed-major (base, then every row of seed 0, then seed 1, ...): a run cut short by --max_seconds leaves whole
+    # seeds, from which `--seeds` makes an interim report; a chained cell still follows its source (same seed)
+    rank = {id(c): i for i, c in enumerate(cells)}
+    pending = sorted(
+        (c for c in cells if c.hash not in done), key=lambda c: (c.seed is not None, c.seed or 0, rank[id(c)])
+    )
     num_cached = len(done)
     log(
         f"[study {spec.name}] {len(cells)} cells ({len(done)} cached"
@@ -677,6 +682,7 @@ def spec_record(spec: StudySpec) -> dict:
         "name": spec.name,
         "source": spec.source,
         "seeds": spec.seeds,
+        **({"declared_seeds": spec.declared_seeds} if spec.interim else {}),
         "budget": asdict(spec.budget),
         "evaluation": asdict(spec.evaluation),
         "reference": spec.reference,

@@ -187,6 +187,12 @@ class StudySpec:
     contrasts: list[tuple[str, str]] = field(default_factory=list)  # (row, against): extra paired comparisons
     primary: Primary | None = None
     source: str = ""
+    declared_seeds: list[int] | None = None  # set by `seeds=`: the file's seeds, of which `seeds` is a subset
+
+    @property
+    def interim(self) -> bool:
+        """A report from some of the declared seeds (`soarflow study --seeds`), not the study as declared."""
+        return self.declared_seeds is not None and self.declared_seeds != self.seeds
 
     def row_names(self) -> list[str]:
         return ([BASE_ROW] if self.include_base else []) + [r.name for r in self.rows]
@@ -240,8 +246,11 @@ STUDY_KEYS = {
 }
 
 
-def load_study(path: str | Path, quick: bool = False, only: list[str] | None = None) -> StudySpec:
-    """Parse and validate a study file (every cell's training config included); see the module docstring."""
+def load_study(
+    path: str | Path, quick: bool = False, only: list[str] | None = None, seeds: list[int] | None = None
+) -> StudySpec:
+    """Parse and validate a study file (every cell's training config included); see the module docstring.
+    `seeds`: run (and report) only these of the file's seeds, an interim report (cells keep their hashes)."""
     path = Path(path)
     raw = _load_yaml(path)
     unknown = set(raw) - STUDY_KEYS
@@ -268,9 +277,17 @@ def load_study(path: str | Path, quick: bool = False, only: list[str] | None = N
     if not isinstance(raw.get("base") or {}, dict):
         raise ValueError(f"study file {path}: 'base' must be a mapping of (dotted) config keys")
     base = with_overrides(base, raw.get("base") or {})
-    seeds = raw.get("seeds", [0, 1, 2])
+    subset, seeds = seeds, raw.get("seeds", [0, 1, 2])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ValueError(f"study file {path}: 'seeds' must be a non-empty list of integers >= 0, got {seeds!r}")
+    declared_seeds = None
+    if subset is not None:
+        if not subset or len(set(subset)) != len(subset):
+            raise ValueError(f"--seeds must list distinct seeds, got {subset}")
+        extra = [s for s in subset if s not in seeds]
+        if extra:
+            raise ValueError(f"--seeds {extra} not among the seeds of {path}: {seeds}")
+        declared_seeds, seeds = seeds, [s for s in seeds if s in subset]
     budget = from_dict(Budget, raw.get("budget") or {}, prefix="budget")
     evaluation = from_dict(EvalSpec, raw.get("evaluation") or {}, prefix="evaluation")
     rows = _expand_rows(raw.get("rows") or [], path)
@@ -308,6 +325,7 @@ def load_study(path: str | Path, quick: bool = False, only: list[str] | None = N
         contrasts=contrasts,
         primary=primary,
         source=str(path),
+        declared_seeds=declared_seeds,
     )
     if not spec.rows and not spec.include_base:
         raise ValueError(f"study file {path}: no rows to run")
