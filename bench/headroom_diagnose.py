@@ -5,13 +5,16 @@ uncoloured single-object prompts and their coloured counterparts at several guid
 both models, and sorts every image into one of:
 
 * ``correct``: the scorer finds an object of the asked shape;
-* ``blank``: almost nothing is drawn (fewer than the scorer's minimum area of pixels brighter than the background);
+* ``blank``: almost nothing is drawn (fewer than the scorer's minimum object area of "ink" pixels: a channel at
+  least 0.15 above the background's brightest);
 * ``off_palette``: something is drawn, but too few of its pixels have a palette colour for the scorer to see an
   object (a colour between palette colours, or too dim);
 * ``wrong_shape``: an object is found, of another shape or an unclassifiable one.
 
-One JSON line per (model, prompt kind, guidance) goes to ``--out``; a grid of the first images per setting is
-written next to it. Command used for docs/headroom.md:
+One JSON line per (model, prompt kind, guidance) is appended to ``--out`` (default runs/headroom/diagnose.jsonl);
+a grid of the first images per setting is written next to it. The trained SFT weights are cached under a name
+that covers the config, the overrides and the seed, so a run with other settings trains afresh. Command used for
+docs/headroom.md (docs/perf/headroom/diagnose.jsonl):
 
     OMP_NUM_THREADS=1 python bench/headroom_diagnose.py --seed 2 --out docs/perf/headroom/diagnose.jsonl
 """
@@ -19,6 +22,7 @@ written next to it. Command used for docs/headroom.md:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -77,11 +81,13 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs/shapes_sft.yaml"))
     ap.add_argument("--set", nargs="*", default=["learning_rate=1e-4", "max_train_steps=300"])
     ap.add_argument("--seed", type=int, default=2)
-    ap.add_argument("--weights", default=None, help="SFT weights to load or save (default /tmp/diag/sft_<seed>.pt)")
+    ap.add_argument(
+        "--weights", default=None, help="SFT weights to load or save (default /tmp/diag/sft_<seed>_<settings hash>.pt)"
+    )
     ap.add_argument("--images", type=int, default=32, help="images per prompt")
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--out", default=str(ROOT / "docs/perf/headroom/diagnose.jsonl"))
+    ap.add_argument("--out", default="runs/headroom/diagnose.jsonl", help="JSON lines, appended")
     ap.add_argument(
         "--split_guidance",
         action="store_true",
@@ -99,7 +105,8 @@ def main() -> None:
     config = TrainConfig.from_dict(raw)
     task = build_task(config)
     base = task.build_model().float().eval()
-    weights = Path(args.weights or f"/tmp/diag/sft_{args.seed}.pt")
+    settings = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    weights = Path(args.weights or f"/tmp/diag/sft_{args.seed}_{settings}.pt")
     tuned = task.build_model().float().eval()
     if weights.exists():
         tuned.load_state_dict(torch.load(weights))

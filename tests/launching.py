@@ -52,7 +52,22 @@ def launch_two_processes(
         str(free_port()),
         *map(str, program),
     ]
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    launcher = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchelastic starts the workers in sessions of their own: a SIGKILLed launcher would leave them running
+        # (stalled, holding the port); SIGTERM lets it stop them first
+        launcher.terminate()
+        try:
+            stdout, stderr = launcher.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            stdout, stderr = launcher.communicate()
+        raise AssertionError(
+            f"{' '.join(map(str, program))}: no exit after {timeout} s (stopped)\n{stdout[-4000:]}{stderr[-4000:]}"
+        ) from None
+    proc = subprocess.CompletedProcess(cmd, launcher.returncode, stdout, stderr)
     if check:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc

@@ -237,6 +237,10 @@ def test_family_weight_errors_name_the_input():
         ShapesTask.from_config(data={"family_weights": {"counting": -1}})
     with pytest.raises(ValueError, match="positive sum"):
         ShapesDataset("curated", family_weights={"counting": 0})
+    # inf would draw only the last family with a positive weight; True is not a weight
+    for weight in (float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="finite non-negative numbers"):
+            ShapesDataset("curated", family_weights={"counting": weight, "position": 1})
     with pytest.raises(ValueError, match="curated"):
         ShapesTask.from_config(data={"split": "pretrain", "family_weights": {"counting": 1}})
     task = ShapesTask.from_config(data={"family_weights": {"position": 2, "color_attr": 1}})

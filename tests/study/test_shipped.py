@@ -1,7 +1,9 @@
-"""The shipped study files: `--quick` runs end to end on the shipped base (the CI smoke run), and every file
-parses with its seeds, both compute arms and contrasts between rows it runs."""
+"""The shipped study files: `--quick` runs end to end on the shipped base (the CI smoke run), every file
+parses with its seeds, both compute arms and contrasts between rows it runs, and every shipped report rebuilds
+from its per-image data into the same text and numbers."""
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,9 @@ import pytest
 from soarflow.study import load_study
 from soarflow.commands.study import main
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
+REPORTS = sorted(p.parent for p in (ROOT / "docs" / "results").glob("study_*/per_image.npz"))
 STUDIES = [
     "study_claim.yaml",
     "study_knobs.yaml",
@@ -55,3 +59,23 @@ def test_quick_sections_use_rows_that_exist_here(name):
     assert spec.rows and spec.include_base
     # the quick run evaluates its primary contrast (both rows run, at a setting it evaluates)
     assert {spec.primary.row, spec.primary.against} <= set(spec.row_names())
+
+
+@pytest.mark.parametrize("folder", REPORTS, ids=lambda p: p.name)
+def test_shipped_reports_rebuild_from_their_per_image_data(folder, tmp_path):
+    from soarflow.commands.study import build_parser
+    from soarflow.commands.study_report import main as rebuild_report
+
+    results = json.loads((folder / "results.json").read_text())
+    made_with, _ = build_parser().parse_known_args(shlex.split(results["command"])[2:])  # after "soarflow study"
+    args = [str(folder), "--config", str(ROOT / made_with.config), "--output_dir", str(tmp_path)]
+    args += ["--quick"] if made_with.quick else []
+    args += ["--only", *made_with.only] if made_with.only else []
+    args += ["--seeds", *map(str, made_with.seeds)] if made_with.seeds else []
+    assert rebuild_report(args) == 0
+    assert (tmp_path / "report.md").read_text() == (folder / "report.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_the_shipped_reports_are_found():
+    assert {p.name for p in REPORTS} >= {"study_headroom", "study_headroom_targeted", "study_headroom_replay"}

@@ -340,6 +340,9 @@ def test_step_callback_sees_the_weights_the_run_would_save(tmp_path):
 
     ema = train(config(tmp_path, "ema_cb", "--use_ema", "--ema_decay", "0.9"), task=ToyTask(), step_callback=callback)
     assert_same(seen[3], weights(ema))
+    # the raw weights are put back after every callback: an EMA run without callbacks saves the same EMA
+    ema_alone = train(config(tmp_path, "ema_alone", "--use_ema", "--ema_decay", "0.9"), task=ToyTask())
+    assert_same(weights(ema_alone), weights(ema))
     raw = weights(train(config(tmp_path, "raw_cb"), task=ToyTask()))
     assert not torch.equal(seen[3]["net.0.weight"], raw["net.0.weight"])
     seen.clear()

@@ -3,6 +3,7 @@ evaluation prompt set (`ShapesEval`)."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -40,9 +41,13 @@ def check_family_weights(weights: dict[str, float] | None, name: str = "family_w
     unknown = sorted(set(weights) - set(FAMILIES))
     if unknown:
         raise ValueError(f"{name}: unknown families {unknown}; choose from {list(FAMILIES)}")
-    bad = {f: w for f, w in weights.items() if not (isinstance(w, (int, float)) and w >= 0)}
+    bad = {
+        f: w
+        for f, w in weights.items()
+        if isinstance(w, bool) or not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)
+    }
     if bad or not sum(weights.values()) > 0:
-        raise ValueError(f"{name} must be non-negative numbers with a positive sum, got {dict(weights)}")
+        raise ValueError(f"{name} must be finite non-negative numbers with a positive sum, got {dict(weights)}")
     return {f: float(weights.get(f, 0.0)) for f in FAMILIES}
 
 
@@ -91,7 +96,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if image_size < 24:
             raise ValueError(f"image_size must be >= 24 pixels for classifiable shapes, got {image_size}")
         self.split, self.seed, self.image_size = split, int(seed), int(image_size)
-        self.corruption = corruption  # the pretrain split's noise rates (unused by curated)
+        self.corruption = corruption  # noise rates of the pretrain split and of replayed items
         self.family_weights = check_family_weights(family_weights)  # the curated split's (pretrain has its own)
         if self.family_weights is not None and split != "curated":
             raise ValueError("family_weights applies to the curated split only (the pretrain corpus has its own)")

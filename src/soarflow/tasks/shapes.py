@@ -63,7 +63,8 @@ class ShapesDataSection:
     num_samples: int | None = None  # None: the split's default size
     seed: int = 0
     image_size: int = 32
-    # split "pretrain": per-item noise rates (clutter, wrong, incomplete, generic, prefix); {} = the shipped corpus
+    # split "pretrain" (and the replayed items of a curated split): per-item noise rates (clutter, wrong,
+    # incomplete, generic, prefix); {} = the shipped corpus
     corruption: dict = field(default_factory=dict)
     # split "curated": relative weights of the families, e.g. {counting: 1, position: 1}; {} = uniform
     family_weights: dict = field(default_factory=dict)
