@@ -13,6 +13,15 @@ LEAKED_PREFIXES = ("ACCELERATE_", "FSDP_", "MASTER_", "TORCHELASTIC_")
 LEAKED_KEYS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK"}
 
 
+def _descendants(pid: int) -> list:
+    import psutil  # an accelerate dependency
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,16 +65,19 @@ def launch_two_processes(
     try:
         stdout, stderr = launcher.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        # torchelastic starts the workers in sessions of their own: a SIGKILLed launcher would leave them running
-        # (stalled, holding the port); SIGTERM lets it stop them first
-        launcher.terminate()
-        try:
-            stdout, stderr = launcher.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            stdout, stderr = launcher.communicate()
+        # torchelastic starts the workers in sessions of their own, and a worker defers SIGTERM to the end of its
+        # step (which a stalled collective never reaches): kill the launcher and every worker, or they live on,
+        # holding the port and the output pipes
+        workers = _descendants(launcher.pid)
+        launcher.kill()
+        for worker in workers:
+            try:
+                worker.kill()
+            except Exception:  # psutil.NoSuchProcess: it ended meanwhile
+                pass
+        stdout, stderr = launcher.communicate()
         raise AssertionError(
-            f"{' '.join(map(str, program))}: no exit after {timeout} s (stopped)\n{stdout[-4000:]}{stderr[-4000:]}"
+            f"{' '.join(map(str, program))}: no exit after {timeout} s (killed)\n{stdout[-4000:]}{stderr[-4000:]}"
         ) from None
     proc = subprocess.CompletedProcess(cmd, launcher.returncode, stdout, stderr)
     if check:
