@@ -10,6 +10,10 @@ Sizes follow diffusers' own tests: SD3 transformer with sample size 32, patch 1,
 and RMS qk-norm; a one-block `AutoencoderKL` (no downsampling, so latents have the image's size).
 
     path = build_tiny_sd3_pipeline(tmp / "sd3")          # then SD3Task(model={"pretrained": str(path)}, ...)
+
+A run or a sampling command on them takes the tiny sizes too: `tiny_train_args` (`soarflow train`),
+`TINY_GENERATION_ARGS` (`soarflow sample` / `soarflow eval`), `generate_tiny` (a diffusers pipeline call). The
+`sd3_path` and `images` fixtures (tests/conftest.py) build one pipeline and one imagefolder per test module.
 """
 
 from __future__ import annotations
@@ -257,3 +261,56 @@ def make_imagefolder(
         rows.append(json.dumps({"file_name": f"img_{i:03d}.png", "text": caption}))
     (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return root
+
+
+# `soarflow sample` / `soarflow eval` options for images of the tiny pipelines: 2 steps, 32x32 pixels, 8-token prompts
+TINY_GENERATION_ARGS = ["--num_inference_steps", "2", "--height", "32", "--width", "32", "--max_sequence_length", "8"]
+
+
+def generate_tiny(pipe, prompt: str, **kwargs) -> torch.Tensor:
+    """`pipe(prompt, **kwargs).images` for a tiny pipeline: 2 steps, 32x32 pixels, 8-token prompts."""
+    return pipe(prompt, num_inference_steps=2, height=32, width=32, max_sequence_length=8, **kwargs).images
+
+
+def tiny_train_args(
+    task: str,
+    output_dir: str | Path,
+    pipeline: str | Path,
+    images: str | Path,
+    *,
+    method: str | None = None,
+    batch_size: int = 2,
+    checkpointing_steps: int = 1,
+    learning_rate: str | None = None,
+    validation_prompts: Sequence[str] = (),
+) -> list[str]:
+    """`soarflow train` overrides for a 2-step run of `task` on the tiny pipeline folder `pipeline` (8-token prompts)
+    and the imagefolder `images` at 32 pixels, without trackers or progress bar; with `validation_prompts`, the
+    validation images of those prompts take 2 sampling steps. The method's own overrides go after these."""
+    args = [
+        "--task",
+        task,
+        "--output_dir",
+        str(output_dir),
+        "--train_batch_size",
+        str(batch_size),
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        str(checkpointing_steps),
+        "--report_to",
+        "none",
+        "--show_progress",
+        "false",
+        f"--model.pretrained={pipeline}",
+        "--model.max_sequence_length=8",
+        f"--data.path={images}",
+        "--data.resolution=32",
+    ]
+    if method is not None:
+        args += ["--method", method]
+    if learning_rate is not None:
+        args += ["--learning_rate", learning_rate]
+    if validation_prompts:
+        args += ["--data.validation_num_steps=2", f"--data.validation_prompts={list(validation_prompts)}"]
+    return args

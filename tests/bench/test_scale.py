@@ -13,37 +13,27 @@ pytest.importorskip("peft")
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "scale.py"
 
 
-def run(monkeypatch, *argv):
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+def run_tiny_scale(monkeypatch, *argv, archs, finetune, ks):
+    """bench/scale.py on the CPU with the architectures at 4% of their published depth and width, 64-pixel images,
+    8 text tokens and gradient checkpointing, over `archs` x `finetune` x `ks`; `argv` adds options."""
+    tiny = ["--device", "cpu", "--scale", "0.04", "--resolutions", "64", "--text-len", "8", "--grad-ckpt", "1"]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *tiny, "--archs", archs, "--finetune", finetune, "--ks", ks, *argv])
     runpy.run_path(str(SCRIPT), run_name="__main__")
 
 
 def test_tiny_scale_runs_every_kind_of_configuration(tmp_path, monkeypatch):
     out = tmp_path / "scale.json"
-    run(
+    run_tiny_scale(
         monkeypatch,
-        "--device",
-        "cpu",
-        "--scale",
-        "0.04",
-        "--resolutions",
-        "64",
-        "--text-len",
-        "8",
-        "--ks",
-        "2",
-        "--archs",
-        "sd3m,flux",
-        "--finetune",
-        "lora,full",
-        "--grad-ckpt",
-        "1",
         "--aux-chunks",
         "none,1",
         "--steps",
         "1",
         "--out",
         str(out),
+        archs="sd3m,flux",
+        finetune="lora,full",
+        ks="2",
     )
     data = json.loads(out.read_text())
     rows = data["rows"]
@@ -60,29 +50,7 @@ def test_tiny_scale_runs_every_kind_of_configuration(tmp_path, monkeypatch):
 
 def test_budget_skips_and_records(tmp_path, monkeypatch):
     out = tmp_path / "scale.json"
-    run(
-        monkeypatch,
-        "--device",
-        "cpu",
-        "--scale",
-        "0.04",
-        "--resolutions",
-        "64",
-        "--text-len",
-        "8",
-        "--ks",
-        "1",
-        "--archs",
-        "sd3m",
-        "--finetune",
-        "lora",
-        "--grad-ckpt",
-        "1",
-        "--max-seconds",
-        "0",
-        "--out",
-        str(out),
-    )
+    run_tiny_scale(monkeypatch, "--max-seconds", "0", "--out", str(out), archs="sd3m", finetune="lora", ks="1")
     rows = json.loads(out.read_text())["rows"]
     assert [r["status"] for r in rows] == ["skipped", "skipped"]
 
@@ -111,24 +79,8 @@ def test_published_configs_at_full_scale():
 
 def test_batches_official_anchor_layouts_and_the_ratio_table(tmp_path, monkeypatch):
     out, md = tmp_path / "scale.json", tmp_path / "scale.md"
-    run(
+    run_tiny_scale(
         monkeypatch,
-        "--device",
-        "cpu",
-        "--scale",
-        "0.04",
-        "--resolutions",
-        "64",
-        "--text-len",
-        "8",
-        "--ks",
-        "1",
-        "--archs",
-        "sd3m",
-        "--finetune",
-        "lora",
-        "--grad-ckpt",
-        "1",
         "--batches",
         "1,2",
         "--official",
@@ -144,6 +96,9 @@ def test_batches_official_anchor_layouts_and_the_ratio_table(tmp_path, monkeypat
         str(out),
         "--markdown",
         str(md),
+        archs="sd3m",
+        finetune="lora",
+        ks="1",
     )
     data = json.loads(out.read_text())
     rows = data["rows"]
@@ -176,29 +131,7 @@ def test_batches_official_anchor_layouts_and_the_ratio_table(tmp_path, monkeypat
 
 def test_full_finetunes_that_cannot_fit_are_skipped_before_building(tmp_path, monkeypatch):
     out = tmp_path / "scale.json"
-    run(
-        monkeypatch,
-        "--device",
-        "cpu",
-        "--scale",
-        "0.04",
-        "--resolutions",
-        "64",
-        "--text-len",
-        "8",
-        "--ks",
-        "1",
-        "--archs",
-        "flux",
-        "--finetune",
-        "full",
-        "--grad-ckpt",
-        "1",
-        "--memory-gib",
-        "0.001",
-        "--out",
-        str(out),
-    )
+    run_tiny_scale(monkeypatch, "--memory-gib", "0.001", "--out", str(out), archs="flux", finetune="full", ks="1")
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all(
         r["status"].startswith("skipped: weights, gradients and optimizer state alone need") for r in rows

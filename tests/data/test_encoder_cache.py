@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusers_testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from diffusers_testing import build_tiny_flux_pipeline, make_imagefolder, tiny_train_args  # noqa: E402
 from launching import launch_two_processes  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -25,11 +25,6 @@ from soarflow.tasks.registry import build_task  # noqa: E402
 from soarflow.train import load_config, train  # noqa: E402
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def sd3_path(tmp_path_factory):
-    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe")
 
 
 @pytest.fixture(scope="module")
@@ -46,42 +41,28 @@ def config(tmp_path, name, task, pipe, images, *extra):
     return load_config(
         None,
         [
-            "--task",
-            task,
-            "--method",
-            "soar",
-            "--output_dir",
-            str(tmp_path / name),
+            *tiny_train_args(
+                task,
+                tmp_path / name,
+                pipe,
+                images,
+                method="soar",
+                checkpointing_steps=0,
+                learning_rate="1e-3",
+                validation_prompts=["a red circle", "a blue square"],
+            ),
             "--seed",
             "3",
-            "--train_batch_size",
-            "2",
-            "--max_train_steps",
-            "2",
             "--logging_steps",
             "1",
             "--validation_steps",
             "2",
-            "--checkpointing_steps",
-            "0",
-            "--report_to",
-            "none",
-            "--show_progress",
-            "false",
-            "--learning_rate",
-            "1e-3",
             "--soar.num_aux",
             "2",
             "--soar.rollout_steps",
             "4",
             "--soar.guidance_scale",
             "2.0",
-            f"--model.pretrained={pipe}",
-            "--model.max_sequence_length=8",
-            f"--data.path={images}",
-            "--data.resolution=32",
-            "--data.validation_num_steps=2",
-            "--data.validation_prompts=['a red circle', 'a blue square']",
             *extra,
         ],
     )

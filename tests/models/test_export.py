@@ -19,7 +19,12 @@ from diffusers import (  # noqa: E402
 )
 from safetensors import safe_open  # noqa: E402
 
-from diffusers_testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from diffusers_testing import (  # noqa: E402
+    build_tiny_flux_pipeline,
+    build_tiny_sd3_pipeline,
+    generate_tiny,
+    tiny_train_args,
+)
 from soarflow.models.diffusers_export import lora_to_comfyui, sd3_to_original  # noqa: E402
 from soarflow.models.diffusers_weights import COMFYUI_LORA  # noqa: E402
 from soarflow.models.lora import LORA_WEIGHTS  # noqa: E402
@@ -32,38 +37,12 @@ def sd35_path(tmp_path_factory):
     return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd35x") / "pipe", variant="sd35")
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_imagefolder(tmp_path_factory.mktemp("datax") / "imgs")
-
-
 def _run(tmp_path, name, path, images, *extra):
     return train(
         load_config(
             None,
             [
-                "--task",
-                "sd3",
-                "--method",
-                "sft",
-                "--output_dir",
-                str(tmp_path / name),
-                "--train_batch_size",
-                "2",
-                "--max_train_steps",
-                "2",
-                "--checkpointing_steps",
-                "1",
-                "--report_to",
-                "none",
-                "--show_progress",
-                "false",
-                "--learning_rate",
-                "1e-2",
-                f"--model.pretrained={path}",
-                "--model.max_sequence_length=8",
-                f"--data.path={images}",
-                "--data.resolution=32",
+                *tiny_train_args("sd3", tmp_path / name, path, images, method="sft", learning_rate="1e-2"),
                 *extra,
             ],
         )
@@ -76,16 +55,7 @@ def _dtypes(file):
 
 
 def _latents(pipe, **kw):
-    return pipe(
-        prompt="a red circle",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="latent",
-        max_sequence_length=8,
-        generator=torch.Generator().manual_seed(0),
-        **kw,
-    ).images
+    return generate_tiny(pipe, "a red circle", output_type="latent", generator=torch.Generator().manual_seed(0), **kw)
 
 
 def test_full_finetune_bf16_single_file_and_every_checkpoint_load_in_diffusers(tmp_path, sd35_path, images):

@@ -14,7 +14,12 @@ pytest.importorskip("peft")
 from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: E402
 
 from soarflow.models.diffusers_weights import MANIFEST  # noqa: E402
-from diffusers_testing import build_tiny_flux_pipeline, make_imagefolder  # noqa: E402
+from diffusers_testing import (  # noqa: E402
+    TINY_GENERATION_ARGS,
+    build_tiny_flux_pipeline,
+    generate_tiny,
+    tiny_train_args,
+)
 from soarflow.tasks.flux import FluxTask, FluxVelocity, image_ids, pack_latents, unpack_latents  # noqa: E402
 from soarflow.objective import SOARConfig, soar_loss  # noqa: E402
 from soarflow.train import load_config, train  # noqa: E402
@@ -34,11 +39,6 @@ def plain_path(tmp_path_factory):
     return build_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "plain", guidance_embeds=False, seed=1)
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_imagefolder(tmp_path_factory.mktemp("data") / "imgs")
-
-
 def make_task(path, images, train_config=None, **model):
     return FluxTask.from_config(
         {"pretrained": str(path), "max_sequence_length": 8, **model},
@@ -51,32 +51,13 @@ def run_config(tmp_path, name, path, images, *extra):
     return load_config(
         None,
         [
-            "--task",
-            "flux",
-            "--output_dir",
-            str(tmp_path / name),
-            "--train_batch_size",
-            "2",
-            "--max_train_steps",
-            "2",
-            "--checkpointing_steps",
-            "1",
-            "--report_to",
-            "none",
-            "--show_progress",
-            "false",
-            "--learning_rate",
-            "1e-3",
+            *tiny_train_args(
+                "flux", tmp_path / name, path, images, learning_rate="1e-3", validation_prompts=["a red circle"]
+            ),
             "--soar.num_aux",
             "2",
             "--soar.rollout_steps",
             "4",
-            f"--model.pretrained={path}",
-            "--model.max_sequence_length=8",
-            f"--data.path={images}",
-            "--data.resolution=32",
-            "--data.validation_num_steps=2",
-            "--data.validation_prompts=['a red circle']",
             *extra,
         ],
     )
@@ -190,9 +171,7 @@ def test_lora_soar_with_embedded_guidance_trains_resumes_and_loads(tmp_path, dev
     ours = result.model(x, sigma, cond)
     theirs = FluxVelocity(pipe.transformer)(x, sigma, cond)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
-    image = pipe(
-        "a dog", num_inference_steps=2, height=32, width=32, max_sequence_length=8, guidance_scale=3.5, output_type="pt"
-    ).images
+    image = generate_tiny(pipe, "a dog", guidance_scale=3.5, output_type="pt")
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
 
 
@@ -204,16 +183,7 @@ def test_full_sft_with_cfg_saves_a_transformer_the_pipeline_uses(tmp_path, plain
     assert not torch.equal(transformer.x_embedder.weight, base.x_embedder.weight)
     torch.testing.assert_close(transformer.x_embedder.weight, result.model.transformer.x_embedder.weight.detach())
     pipe = FluxPipeline.from_pretrained(str(plain_path), transformer=transformer)
-    image = pipe(
-        "a cat",
-        negative_prompt="",
-        true_cfg_scale=2.0,
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        max_sequence_length=8,
-        output_type="pt",
-    ).images
+    image = generate_tiny(pipe, "a cat", negative_prompt="", true_cfg_scale=2.0, output_type="pt")
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
 
     from soarflow.commands.sample import main
@@ -230,14 +200,7 @@ def test_full_sft_with_cfg_saves_a_transformer_the_pipeline_uses(tmp_path, plain
                 str(out),
                 "--guidance_scale",
                 "2",
-                "--num_inference_steps",
-                "2",
-                "--height",
-                "32",
-                "--width",
-                "32",
-                "--max_sequence_length",
-                "8",
+                *TINY_GENERATION_ARGS,
             ]
         )
         == 0

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder, tiny_train_args  # noqa: E402
 from soarflow.models.lora import LORA_WEIGHTS  # noqa: E402
 from soarflow.train import load_config, train  # noqa: E402
 
@@ -24,24 +24,16 @@ def test_tiny_sd3_lora_grpo_run(tmp_path):
     cfg = load_config(
         None,
         [
-            "--task",
-            "sd3",
-            "--method",
-            "grpo",
-            "--output_dir",
-            str(tmp_path / "run"),
-            "--train_batch_size",
-            "4",
-            "--max_train_steps",
-            "2",
-            "--checkpointing_steps",
-            "0",
-            "--report_to",
-            "none",
-            "--show_progress",
-            "false",
-            "--learning_rate",
-            "1e-2",
+            *tiny_train_args(
+                "sd3",
+                tmp_path / "run",
+                sd3,
+                images,
+                method="grpo",
+                batch_size=4,
+                checkpointing_steps=0,
+                learning_rate="1e-2",
+            ),
             "--grpo.group_size",
             "2",
             "--grpo.num_steps",
@@ -50,12 +42,8 @@ def test_tiny_sd3_lora_grpo_run(tmp_path):
             "1",
             "--grpo.guidance_scale",
             "2.0",
-            f"--model.pretrained={sd3}",
-            "--model.max_sequence_length=8",
             "--model.finetune=lora",
             "--model.lora={rank: 4, alpha: 8}",
-            f"--data.path={images}",
-            "--data.resolution=32",
         ],
     )
     with pytest.raises(ValueError, match="config key 'grpo.reward': task 'sd3' has no default reward"):

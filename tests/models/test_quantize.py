@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from diffusers_testing import generate_tiny, tiny_train_args  # noqa: E402
 from soarflow.models.quantize import QuantizeSection, is_quantized  # noqa: E402
 from soarflow.objective import SOARConfig, sft_loss  # noqa: E402
 from soarflow.tasks.sd3 import SD3Task  # noqa: E402
@@ -22,16 +22,6 @@ BACKENDS = [
     ("quanto", "float8", "optimum.quanto"),
     ("torchao", "int8", "torchao"),
 ]
-
-
-@pytest.fixture(scope="module")
-def sd3_path(tmp_path_factory):
-    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3q") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_imagefolder(tmp_path_factory.mktemp("dataq") / "imgs")
 
 
 def _task(sd3_path, images, backend, weights):
@@ -89,31 +79,12 @@ def test_adapter_trained_on_a_quantized_base_loads_onto_the_unquantized_pipeline
     config = load_config(
         None,
         [
-            "--task",
-            "sd3",
-            "--method",
-            "sft",
-            "--output_dir",
-            str(tmp_path / "run"),
-            "--train_batch_size",
-            "2",
-            "--max_train_steps",
-            "2",
-            "--checkpointing_steps",
-            "0",
-            "--report_to",
-            "none",
-            "--show_progress",
-            "false",
-            "--learning_rate",
-            "1e-2",
-            f"--model.pretrained={sd3_path}",
-            "--model.max_sequence_length=8",
+            *tiny_train_args(
+                "sd3", tmp_path / "run", sd3_path, images, method="sft", checkpointing_steps=0, learning_rate="1e-2"
+            ),
             "--model.finetune=lora",
             "--model.lora={rank: 4}",
             "--model.quantize_base={backend: quanto, weights: int8}",
-            f"--data.path={images}",
-            "--data.resolution=32",
         ],
     )
     result = train(config)
@@ -121,12 +92,9 @@ def test_adapter_trained_on_a_quantized_base_loads_onto_the_unquantized_pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_path))
     assert not is_quantized(pipe.transformer)
-    kw = dict(
-        prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="latent", max_sequence_length=8
-    )
-    before = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    before = generate_tiny(pipe, "a red circle", output_type="latent", generator=torch.Generator().manual_seed(0))
     pipe.load_lora_weights(str(result.model_path))
-    after = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    after = generate_tiny(pipe, "a red circle", output_type="latent", generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(after).all()
     assert (after - before).abs().max() > 1e-4  # the adapter is applied
 

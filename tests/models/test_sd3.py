@@ -15,7 +15,13 @@ pytest.importorskip("peft")
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
 
 from soarflow.models.diffusers_weights import MANIFEST  # noqa: E402
-from diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from diffusers_testing import (  # noqa: E402
+    TINY_GENERATION_ARGS,
+    build_tiny_sd3_pipeline,
+    generate_tiny,
+    make_imagefolder,
+    tiny_train_args,
+)
 from launching import launch_two_processes  # noqa: E402
 from soarflow.models.lora import LORA_WEIGHTS  # noqa: E402
 from soarflow.tasks.sd3 import SD3Task, SD3Velocity  # noqa: E402
@@ -23,11 +29,6 @@ from soarflow.objective import SOARConfig, sft_loss, soar_loss  # noqa: E402
 from soarflow.train import load_config, train  # noqa: E402
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def sd3_path(tmp_path_factory):
-    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe", variant="sd3")
 
 
 @pytest.fixture(scope="module")
@@ -59,38 +60,23 @@ def run_config(tmp_path, name, sd3_path, images, *extra, finetune="full", method
     return load_config(
         None,
         [
-            "--task",
-            "sd3",
-            "--method",
-            method,
-            "--output_dir",
-            str(tmp_path / name),
-            "--train_batch_size",
-            "2",
-            "--max_train_steps",
-            "2",
-            "--checkpointing_steps",
-            "1",
-            "--report_to",
-            "none",
-            "--show_progress",
-            "false",
-            "--learning_rate",
-            "1e-3",
+            *tiny_train_args(
+                "sd3",
+                tmp_path / name,
+                sd3_path,
+                images,
+                method=method,
+                learning_rate="1e-3",
+                validation_prompts=["a red circle"],
+            ),
             "--soar.num_aux",
             "2",
             "--soar.rollout_steps",
             "4",
             "--soar.guidance_scale",
             "2.0",
-            f"--model.pretrained={sd3_path}",
-            "--model.max_sequence_length=8",
             f"--model.finetune={finetune}",
             "--model.lora={rank: 4, alpha: 8}",
-            f"--data.path={images}",
-            "--data.resolution=32",
-            "--data.validation_num_steps=2",
-            "--data.validation_prompts=['a red circle']",
             *extra,
         ],
     )
@@ -218,15 +204,7 @@ def test_full_finetune_soar_trains_resumes_and_loads_into_a_pipeline(tmp_path, s
     for name, p in trained.named_parameters():
         torch.testing.assert_close(transformer.state_dict()[name], p.detach())
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_path), transformer=transformer)
-    image = pipe(
-        "a red circle",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        max_sequence_length=8,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(0),
-    ).images
+    image = generate_tiny(pipe, "a red circle", output_type="pt", generator=torch.Generator().manual_seed(0))
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
 
     # load_model_weights restores the saved weights into a freshly built model
@@ -263,7 +241,7 @@ def test_lora_sft_saves_diffusers_lora_that_pipeline_loads(tmp_path, sd3_path, i
     base = SD3Velocity(SD3Transformer2DModel.from_pretrained(str(sd3_path), subfolder="transformer"))(x, sigma, cond)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)  # alpha/rank scale survives the round trip
     assert not torch.allclose(base, ours, atol=1e-6)
-    image = pipe("a dog", num_inference_steps=2, height=32, width=32, max_sequence_length=8, output_type="pt").images
+    image = generate_tiny(pipe, "a dog", output_type="pt")
     assert image.shape == (1, 3, 32, 32)
 
     # load_model_weights into a fresh LoRA model reproduces the trained velocity
@@ -277,48 +255,12 @@ def test_lora_sft_saves_diffusers_lora_that_pipeline_loads(tmp_path, sd3_path, i
 
     out = tmp_path / "samples"
     assert (
-        main(
-            [
-                "--model",
-                str(result.output_dir),
-                "--prompt",
-                "a cat",
-                "--output_dir",
-                str(out),
-                "--num_inference_steps",
-                "2",
-                "--height",
-                "32",
-                "--width",
-                "32",
-                "--max_sequence_length",
-                "8",
-            ]
-        )
+        main(["--model", str(result.output_dir), "--prompt", "a cat", "--output_dir", str(out), *TINY_GENERATION_ARGS])
         == 0
     )
     assert (out / "000.png").is_file()
-    assert (
-        main(
-            [
-                "--model",
-                str(result.output_dir / "checkpoint-2"),
-                "--prompt",
-                "a cat",
-                "--output_dir",
-                str(out),
-                "--num_inference_steps",
-                "2",
-                "--height",
-                "32",
-                "--width",
-                "32",
-                "--max_sequence_length",
-                "8",
-            ]
-        )
-        == 0
-    )
+    checkpoint = result.output_dir / "checkpoint-2"
+    assert main(["--model", str(checkpoint), "--prompt", "a cat", "--output_dir", str(out), *TINY_GENERATION_ARGS]) == 0
     assert (out / "001.png").is_file()  # earlier samples are kept
     assert json.loads((out / "prompts.json").read_text()) == {"000.png": "a cat", "001.png": "a cat"}
 
@@ -326,20 +268,7 @@ def test_lora_sft_saves_diffusers_lora_that_pipeline_loads(tmp_path, sd3_path, i
     from soarflow.commands.eval import build_parser, run
 
     (tmp_path / "p.txt").write_text("a cat\n")
-    common = [
-        "--suite",
-        "file",
-        "--prompts_file",
-        str(tmp_path / "p.txt"),
-        "--num_inference_steps",
-        "2",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--max_sequence_length",
-        "8",
-    ]
+    common = ["--suite", "file", "--prompts_file", str(tmp_path / "p.txt"), *TINY_GENERATION_ARGS]
     mean = {"mean": lambda images, prompts: images.mean((1, 2, 3))}
     lora = run(
         build_parser().parse_args(["--model", str(result.output_dir), "--output_dir", str(tmp_path / "e1"), *common]),
@@ -463,30 +392,13 @@ def test_two_process_ddp_lora_run_with_gradient_checkpointing(tmp_path, sd3_path
         "-m",
         "soarflow",
         "train",
-        "--task",
-        "sd3",
-        "--output_dir",
-        str(tmp_path / "ddp"),
-        "--train_batch_size",
-        "1",
-        "--max_train_steps",
-        "2",
-        "--checkpointing_steps",
-        "2",
-        "--report_to",
-        "none",
-        "--show_progress",
-        "false",
+        *tiny_train_args("sd3", tmp_path / "ddp", sd3_path, images, batch_size=1, checkpointing_steps=2),
         "--soar.num_aux",
         "2",
         "--soar.rollout_steps",
         "4",
         "--gradient_checkpointing",
-        f"--model.pretrained={sd3_path}",
-        "--model.max_sequence_length=8",
         "--model.finetune=lora",
-        f"--data.path={images}",
-        "--data.resolution=32",
         timeout=300,
     )
     assert "2 process(es)" in proc.stdout + proc.stderr

@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from diffusers_testing import build_tiny_sd3_pipeline, make_imagefolder  # noqa: E402
+from diffusers_testing import build_tiny_sd3_pipeline, generate_tiny, make_imagefolder, tiny_train_args  # noqa: E402
 from soarflow.models.lora import LORA_WEIGHTS  # noqa: E402
 
 WORKER = Path(__file__).resolve().parents[1] / "train" / "fsdp_worker.py"
@@ -36,26 +36,18 @@ def _launch(mode: str, out: Path, *args: str) -> None:
 
 def _args(out: Path, sd3: Path, images: Path, finetune: str) -> list[str]:
     return [
-        "--task",
-        "sd3",
-        "--method",
-        "soar",
-        "--output_dir",
-        str(out),
-        "--train_batch_size",
-        "1",
-        "--max_train_steps",
-        "2",
-        "--checkpointing_steps",
-        "1",
+        *tiny_train_args(
+            "sd3",
+            out,
+            sd3,
+            images,
+            method="soar",
+            batch_size=1,
+            learning_rate="1e-3",
+            validation_prompts=["a red circle"],
+        ),
         "--validation_steps",
         "2",
-        "--report_to",
-        "none",
-        "--show_progress",
-        "false",
-        "--learning_rate",
-        "1e-3",
         "--soar.num_aux",
         "2",
         "--soar.rollout_steps",
@@ -63,14 +55,8 @@ def _args(out: Path, sd3: Path, images: Path, finetune: str) -> list[str]:
         "--use_ema",
         "--ema_decay",
         "0.5",
-        f"--model.pretrained={sd3}",
-        "--model.max_sequence_length=8",
         f"--model.finetune={finetune}",
         "--model.lora={rank: 4, alpha: 8}",
-        f"--data.path={images}",
-        "--data.resolution=32",
-        "--data.validation_num_steps=2",
-        "--data.validation_prompts=['a red circle']",
     ]
 
 
@@ -93,15 +79,7 @@ def test_sd3_full_and_lora_under_fsdp2_save_what_diffusers_loads(tmp_path):
     assert not torch.equal(base.pos_embed.proj.weight, transformer.pos_embed.proj.weight)
     assert (fsdp / "full" / "validation" / "step_000002.png").is_file()
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3), transformer=transformer)
-    image = pipe(
-        "a red circle",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        max_sequence_length=8,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(0),
-    ).images
+    image = generate_tiny(pipe, "a red circle", output_type="pt", generator=torch.Generator().manual_seed(0))
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
 
     # LoRA: only the adapters were saved, equal to the DDP run's, and load_lora_weights takes them
@@ -121,5 +99,5 @@ def test_sd3_full_and_lora_under_fsdp2_save_what_diffusers_loads(tmp_path):
     assert ckpt and all("lora_" in k for k in ckpt)
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3))
     pipe.load_lora_weights(str(fsdp / "lora" / "model"))
-    image = pipe("a dog", num_inference_steps=2, height=32, width=32, max_sequence_length=8, output_type="pt").images
+    image = generate_tiny(pipe, "a dog", output_type="pt")
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()

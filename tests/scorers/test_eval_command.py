@@ -16,7 +16,7 @@ from launching import launch_two_processes
 
 pytest.importorskip("diffusers")
 
-from diffusers_testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline  # noqa: E402
+from diffusers_testing import TINY_GENERATION_ARGS, build_tiny_flux_pipeline, build_tiny_sd3_pipeline  # noqa: E402
 from scorer_testing import build_standins, open_clip_missing  # noqa: E402
 from soarflow.commands.eval import build_parser, image_seed, main, run  # noqa: E402
 from soarflow.scorers import SCORER_NAMES  # noqa: E402
@@ -200,14 +200,7 @@ def test_a_flux_pipeline_folder(tmp_path):
         "file",
         "--prompts_file",
         str(tmp_path / "p.txt"),
-        "--num_inference_steps",
-        "2",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--max_sequence_length",
-        "8",
+        *TINY_GENERATION_ARGS,
     ]
     a = run(build_parser().parse_args([*argv, "--output_dir", str(tmp_path / "a"), "--guidance_scale", "1.0"]), mean)
     b = run(build_parser().parse_args([*argv, "--output_dir", str(tmp_path / "b"), "--guidance_scale", "9.0"]), mean)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-import yaml
+from study_testing import quiet, write_study
 
 from soarflow.commands.study import main
 from soarflow.study import expand_cells, load_study
@@ -20,54 +20,7 @@ from soarflow.study import runner as runner_mod
 from soarflow.study.cache import compact, load_committed, write_committed
 from soarflow.study.parallel import Slot, plan_slots, run_parallel
 from soarflow.study.runner import device_hashes, run_configurations, run_study
-from soarflow.tasks.shapes import ShapesDataSection, ShapesModelSection, ShapesTask
 from soarflow.train.safety import Interrupted
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    task = ShapesTask(
-        ShapesModelSection(pretrained=None, architecture="mmdit", hidden_size=32, depth=1, num_heads=2),
-        ShapesDataSection(),
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
-    task.save_model(task.build_model(), path)
-    return path
-
-
-def write_study(tmp_path, base, rows, **extra):
-    study = {
-        "name": "t",
-        "base": {
-            "task": "shapes",
-            "train_batch_size": 4,
-            "learning_rate": 1e-3,
-            "model.pretrained": str(base),
-            "soar.num_aux": 2,
-            "soar.rollout_steps": 5,
-            "soar.guidance_scale": 2.0,
-            "soar.shift": 1.0,
-        },
-        "seeds": [0],
-        "budget": {"steps": 2},
-        "evaluation": {
-            "num_steps": [3],
-            "guidance_scales": [2.0],
-            "prompts_per_family": 1,
-            "images_per_prompt": 2,
-            "exposure_images": 4,
-        },
-        "rows": rows,
-    }
-    study.update(extra)
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
-    return path
-
-
-def quiet(msg):
-    pass
 
 
 def per_image(records, arm="steps"):

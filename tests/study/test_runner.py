@@ -6,62 +6,13 @@ import json
 import numpy as np
 
 import pytest
-import torch
-import yaml
+from study_testing import quiet, write_study
 
-from soarflow.tasks.shapes import ShapesDataSection, ShapesModelSection, ShapesTask
 from soarflow.study import expand_cells, load_study
 from soarflow.study import runner as runner_mod
 from soarflow.commands.study import main
 from soarflow.study.report import aggregate
 from soarflow.study.runner import run_study
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    task = ShapesTask(
-        ShapesModelSection(pretrained=None, architecture="mmdit", hidden_size=32, depth=1, num_heads=2),
-        ShapesDataSection(),
-    )
-    torch.manual_seed(0)
-    model = task.build_model()
-    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
-    task.save_model(model, path)
-    return path
-
-
-def write_study(tmp_path, base, rows, **extra):
-    study = {
-        "name": "t",
-        "base": {
-            "task": "shapes",
-            "train_batch_size": 4,
-            "learning_rate": 1e-3,
-            "model.pretrained": str(base),
-            "soar.num_aux": 2,
-            "soar.rollout_steps": 5,
-            "soar.guidance_scale": 2.0,
-            "soar.shift": 1.0,
-        },
-        "seeds": [0],
-        "budget": {"steps": 2},
-        "evaluation": {
-            "num_steps": [3],
-            "guidance_scales": [2.0],
-            "prompts_per_family": 1,
-            "images_per_prompt": 2,
-            "exposure_images": 4,
-        },
-        "rows": rows,
-    }
-    study.update(extra)
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
-    return path
-
-
-def quiet(msg):
-    pass
 
 
 def test_grid_is_validated_before_anything_runs_naming_row_and_key(tmp_path, tiny_base):

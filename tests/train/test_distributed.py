@@ -11,27 +11,10 @@ from safetensors.torch import load_file
 
 from soarflow.train import load_config, train
 
-from .toy_task import ToyTask
+from .toy_task import TWO_PROCESS_SOAR_RUN, ToyTask
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-RUN = [
-    "--max_train_steps",
-    "2",
-    "--report_to",
-    "none",
-    "--show_progress",
-    "false",
-    "--checkpointing_steps",
-    "1",
-    "--soar.num_aux",
-    "3",
-    "--soar.rollout_steps",
-    "4",
-    "--learning_rate",
-    "1e-2",
-    "--gradient_accumulation_steps",
-    "2",
-]
+RUN = ["--max_train_steps", "2", *TWO_PROCESS_SOAR_RUN]
 
 
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):

@@ -15,26 +15,13 @@ from safetensors.torch import load_file
 
 from soarflow.train import load_config, train
 
-from .toy_task import ToyTask
+from .toy_task import TWO_PROCESS_SOAR_RUN, ToyTask
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 RUN = [
     "--max_train_steps",
     "3",
-    "--report_to",
-    "none",
-    "--show_progress",
-    "false",
-    "--checkpointing_steps",
-    "1",
-    "--soar.num_aux",
-    "3",
-    "--soar.rollout_steps",
-    "4",
-    "--learning_rate",
-    "1e-2",
-    "--gradient_accumulation_steps",
-    "2",
+    *TWO_PROCESS_SOAR_RUN,
     "--use_ema",
     "--ema_decay",
     "0.9",

@@ -17,6 +17,26 @@ from soarflow.tasks import Task
 SHAPE = (2, 4, 4)
 COND_DIM = 4
 
+# What the runs that two processes and one process make of the same global batch share (test_distributed.py under
+# DDP, test_fsdp.py under FSDP2): SOAR with 3 auxiliary points, 2 accumulated micro-batches a step, a checkpoint
+# every step, no trackers and no progress bar.
+TWO_PROCESS_SOAR_RUN = [
+    "--report_to",
+    "none",
+    "--show_progress",
+    "false",
+    "--checkpointing_steps",
+    "1",
+    "--soar.num_aux",
+    "3",
+    "--soar.rollout_steps",
+    "4",
+    "--learning_rate",
+    "1e-2",
+    "--gradient_accumulation_steps",
+    "2",
+]
+
 
 class ToyVelocity(nn.Module):
     def __init__(self, hidden: int = 32):
