@@ -77,9 +77,9 @@ def launch_two_processes(
                 pass
         stdout, stderr = launcher.communicate()
         raise AssertionError(
-            f"{' '.join(map(str, program))}: no exit after {timeout} s (killed)\n{stdout[-4000:]}{stderr[-4000:]}"
+            f"{' '.join(map(str, program))}: no exit after {timeout} s (killed)\n{stdout[-4000:]}{stderr[-12000:]}"
         ) from None
     proc = subprocess.CompletedProcess(cmd, launcher.returncode, stdout, stderr)
     if check:
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-12000:]
     return proc

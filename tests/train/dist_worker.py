@@ -7,6 +7,16 @@ from pathlib import Path
 
 import torch
 
+
+def watchdog() -> None:
+    """A stalled collective would hang the launch until the test's timeout: after
+    SOARFLOW_TEST_WORKER_WATCHDOG_S seconds (default 420) print every thread's stack to stderr (the test's failure
+    message shows it) and exit."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(float(os.environ.get("SOARFLOW_TEST_WORKER_WATCHDOG_S", "420")), exit=True)
+
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ -> `train.toy_task`
 
 from train.toy_task import ToyTask  # noqa: E402
@@ -34,6 +44,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     overrides = sys.argv[2:]
     torch.set_num_threads(1)
+    watchdog()
     cfg = load_config(None, ["--output_dir", str(out / "run"), *overrides])
     signal_at = int(os.environ.get("SOARFLOW_TEST_SIGTERM_RANK1_AT", "0"))
     if signal_at:

@@ -8,12 +8,11 @@ its FSDP2 code path (sharding, `get_state_dict`, sharded `save_state`/`load_stat
 soarflow is changed for the test; the plugin comes from the same environment variables `accelerate launch
 --config_file configs/accelerate/fsdp_8gpu.yaml` sets.
 
-    fsdp_worker.py OUT toy|cli [train overrides...]
+    fsdp_worker.py OUT toy|toy-resume|cli|ddp-cli [train overrides...]
 
-toy: trains ToyTask into OUT/run, then resumes OUT/run/checkpoint-1 into OUT/resumed (the same number of steps);
-rank 0 writes OUT/result.json. cli: runs `soarflow train` (the CLI's main) with the overrides; several runs are
-separated by "::" (under FSDP only: `Accelerator.end_training` destroys the process group, and only FSDP's
-device mesh starts it again). ddp-cli: one run under plain DDP (no FSDP), for comparison.
+toy: trains ToyTask into OUT/run, rank 0 writes OUT/run.json; toy-resume: resumes OUT/run/checkpoint-1 into
+OUT/resumed (the same number of steps), rank 0 writes OUT/resumed.json. cli: runs `soarflow train` (the CLI's
+main) with the overrides. ddp-cli: the same under plain DDP (no FSDP), for comparison.
 """
 
 import json
@@ -22,6 +21,16 @@ import sys
 from pathlib import Path
 
 import torch
+
+
+def watchdog() -> None:
+    """A stalled collective would hang the launch until the test's timeout: after
+    SOARFLOW_TEST_WORKER_WATCHDOG_S seconds (default 420) print every thread's stack to stderr (the test's failure
+    message shows it) and exit."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(float(os.environ.get("SOARFLOW_TEST_WORKER_WATCHDOG_S", "420")), exit=True)
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ -> `train.toy_task`
 
@@ -44,35 +53,24 @@ def start_fsdp_on_cpu() -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # so that FSDP is not dropped
 
 
-def run_toy(out: Path, overrides: list[str]) -> None:
+def run_toy(out: Path, overrides: list[str], resume: bool) -> None:
+    """One training per launch: the trainer's `end_training` destroys the process group, and a second run in the
+    same processes re-creates it on the same store, which stalled a barrier now and then on a loaded machine."""
     from torch.distributed.tensor import DTensor
     from train.toy_task import ToyTask
 
     from soarflow.train import load_config, train
 
-    cfg = load_config(None, ["--output_dir", str(out / "run"), *overrides])
-    result = train(cfg, task=ToyTask())
+    name = "resumed" if resume else "run"
+    start = ["--resume_from_checkpoint", str(out / "run" / "checkpoint-1")] if resume else []
+    result = train(load_config(None, ["--output_dir", str(out / name), *overrides, *start]), task=ToyTask())
     sharded = all(isinstance(p, DTensor) for p in result.model.parameters())
-    resumed = train(
-        load_config(
-            None,
-            [
-                "--output_dir",
-                str(out / "resumed"),
-                *overrides,
-                "--resume_from_checkpoint",
-                str(out / "run" / "checkpoint-1"),
-            ],
-        ),
-        task=ToyTask(),
-    )
     if os.environ.get("RANK", "0") != "0":
         return
-    (out / "result.json").write_text(
+    (out / f"{name}.json").write_text(
         json.dumps(
             {
                 "history": result.history,
-                "resumed_history": resumed.history,
                 "num_processes": result.num_processes,
                 "sharded": sharded,
                 "validation_images": [str(p) for p in result.validation_images],
@@ -84,26 +82,17 @@ def run_toy(out: Path, overrides: list[str]) -> None:
 def main() -> None:
     out, mode, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
-    if mode == "ddp-cli":  # the same runs without FSDP: accelerate's plain multi-CPU DDP, for comparison
+    watchdog()
+    if mode == "ddp-cli":  # the same run without FSDP: accelerate's plain multi-CPU DDP, for comparison
         mode = "cli"
     else:
         start_fsdp_on_cpu()
-    if mode == "toy":
-        run_toy(out, overrides)
-    elif mode == "cli":  # one or more `soarflow train` runs, their arguments separated by "::"
+    if mode in ("toy", "toy-resume"):
+        run_toy(out, overrides, resume=mode == "toy-resume")
+    elif mode == "cli":  # one `soarflow train` run (one per launch, as for toy)
         from soarflow.cli import main as cli
 
-        runs, current = [], []
-        for arg in overrides + ["::"]:
-            if arg == "::":
-                runs.append(current)
-                current = []
-            else:
-                current.append(arg)
-        for run in runs:
-            status = cli(["train", *run])
-            if status:
-                sys.exit(status)
+        sys.exit(cli(["train", *overrides]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -38,7 +38,9 @@ def launch(out: Path, mode: str, *args: str, timeout: int = 600) -> subprocess.C
 
 def test_fsdp2_two_processes_match_one_process_resume_exactly_and_save_whole_weights(tmp_path):
     launch(tmp_path / "fsdp", "toy", "--train_batch_size", "2", *RUN)
-    dist = json.loads((tmp_path / "fsdp" / "result.json").read_text())
+    launch(tmp_path / "fsdp", "toy-resume", "--train_batch_size", "2", *RUN)
+    dist = json.loads((tmp_path / "fsdp" / "run.json").read_text())
+    resumed_history = json.loads((tmp_path / "fsdp" / "resumed.json").read_text())["history"]
     assert dist["num_processes"] == 2 and dist["sharded"]  # FSDP2 DTensor parameters, not DDP
 
     single = train(
@@ -64,7 +66,7 @@ def test_fsdp2_two_processes_match_one_process_resume_exactly_and_save_whole_wei
     resumed = load_file(str(tmp_path / "fsdp" / "resumed" / "model" / "toy.safetensors"))
     for k, v in final.items():
         torch.testing.assert_close(resumed[k], v, rtol=1e-6, atol=1e-7)
-    for d, r in zip(dist["history"][1:], dist["resumed_history"], strict=True):
+    for d, r in zip(dist["history"][1:], resumed_history, strict=True):
         assert d["step"] == r["step"] and abs(d["loss"] - r["loss"]) <= 1e-6 * max(1.0, abs(d["loss"]))
 
     # validation ran on both ranks (a sharded forward needs both) and rank 0 wrote the grids
