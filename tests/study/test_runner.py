@@ -439,13 +439,15 @@ def test_rebuild_from_per_image_data_gives_the_same_intervals(tmp_path, tiny_bas
 
 def test_cells_run_seed_major_and_seeds_makes_an_interim_report(tmp_path, tiny_base, monkeypatch, capsys):
     rows = [{"name": "sft", "set": {"method": "sft"}}, {"name": "soar", "set": {"method": "soar"}}]
-    path = write_study(tmp_path, tiny_base, rows, seeds=[0, 1, 2])
+    primary = {"row": "soar", "against": "sft", "setting": "steps3_cfg2", "arm": "steps"}
+    path = write_study(tmp_path, tiny_base, rows, seeds=[0, 1, 2], primary=primary)
     out = tmp_path / "out"
     # an interim report from seed 0: same cells (hashes) as the declared study, and it says what it is
     assert main(["--config", str(path), "--output_dir", str(out), "--no_estimate", "--seeds", "0"]) == 0
     report = (out / "report.md").read_text()
     assert "**interim report**: seeds [0] of the 3 the study declares ([0, 1, 2])" in report
     assert json.loads((out / "results.json").read_text())["study"]["declared_seeds"] == [0, 1, 2]
+    assert "One training seed: the seed component of the variance cannot be estimated" in report
     interim, full = load_study(path, seeds=[0]), load_study(path)
     assert interim.interim and not full.interim and interim.seeds == [0]
     assert {c.hash for c in expand_cells(interim)} < {c.hash for c in expand_cells(full)}
@@ -461,6 +463,11 @@ def test_cells_run_seed_major_and_seeds_makes_an_interim_report(tmp_path, tiny_b
     records = run_study(full, out, estimate=False, log=quiet)
     assert ran == ["sft seed 1", "soar seed 1", "sft seed 2", "soar seed 2"]
     assert all(r["status"] == "ok" for r in records)
+    # the study as declared, from the cache: neither interim nor one seed
+    assert main(["--config", str(path), "--output_dir", str(out), "--no_estimate"]) == 0
+    report = (out / "report.md").read_text()
+    assert "interim report" not in report and "One training seed" not in report
+    assert "declared_seeds" not in json.loads((out / "results.json").read_text())["study"]
     # a seed the file does not declare is refused, naming it
     capsys.readouterr()
     assert main(["--config", str(path), "--output_dir", str(out), "--seeds", "0", "7"]) == 2

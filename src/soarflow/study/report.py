@@ -359,6 +359,16 @@ def primary_lines(spec: StudySpec, results: dict) -> list[str]:
         "",
         *(
             [
+                "One training seed: the seed component of the variance cannot be estimated, so this interval and "
+                "MDE cover the sampling of prompts and noise only; they understate the uncertainty about another "
+                "training run.",
+                "",
+            ]
+            if len(spec.seeds) < 2
+            else []
+        ),
+        *(
+            [
                 f"Cross-check, prompt-cluster bootstrap ({boot['num_resamples']} resamples, seed level corrected by "
                 f"S/(S-1)): [{boot['low']:+.3f}, {boot['high']:+.3f}]."
             ]
