@@ -295,3 +295,20 @@ def test_max_seconds_starts_no_cell_after_the_deadline_and_exits_75(tmp_path, ti
     assert not list(out.glob("cells/*/result.json")) and not (out / "report.md").exists()
     records = run_study(load_study(path), out, estimate=False, log=quiet, max_seconds=3600)
     assert [r["status"] for r in records] == ["ok", "ok"]
+
+
+def test_max_seconds_assumes_an_untimed_row_is_as_slow_as_the_slowest_cell(tmp_path, tiny_base, monkeypatch):
+    # the base cell "took" 1000 s: with no estimate, the untimed sft row must not start 1000 s before a 500 s
+    # deadline (it used to count as 0 s)
+    real_execute = runner_mod.execute_cell
+
+    def slow_record(*args, **kwargs):
+        record = real_execute(*args, **kwargs)
+        return {**record, "wall_seconds": 1000.0}
+
+    monkeypatch.setattr(runner_mod, "execute_cell", slow_record)
+    path = write_study(tmp_path, tiny_base, [{"name": "sft", "set": {"method": "sft"}}])
+    logged = []
+    records = run_study(load_study(path), tmp_path / "o", estimate=False, log=logged.append, max_seconds=500)
+    assert [r["status"] for r in records] == ["ok", "pending"]
+    assert any("not starting sft seed 0" in line and "16m40s needed" in line for line in logged)

@@ -15,7 +15,8 @@
 * ``device``: ``cpu`` or ``cuda`` (train and evaluate there). A cell's hash covers the device when it is not the
   CPU (its wall-clock arm and its arithmetic depend on it), so CPU and GPU cells never mix in one report.
 * ``jobs`` > 1 (:mod:`soarflow.study.parallel`): that many cells at once, each in its own worker process.
-* ``max_seconds``: no cell starts after the study has run this long (nor one predicted to end after it); cells
+* ``max_seconds``: no cell starts after the study has run this long (nor one predicted to end after it: by the
+  last finished cell of its row here, else the ``--estimate`` prediction, else the slowest cell so far); cells
   already running finish, the rest stay pending for the next invocation.
 """
 
@@ -558,7 +559,9 @@ def run_study(
         if max_seconds is None:
             return True
         elapsed = time.perf_counter() - started
-        need = observed.get(cell.row, predicted.get(cell.hash, 0.0))
+        # a row not timed yet (no cell of it finished here, no --estimate) may be the slowest: assume the slowest
+        # cell so far rather than 0, or a cell of hours starts just before the deadline
+        need = observed.get(cell.row, predicted.get(cell.hash, max(observed.values(), default=0.0)))
         if elapsed + need > max_seconds:
             log(
                 f"[study {spec.name}] --max_seconds {max_seconds:g}: not starting {cell.label} ({_fmt_s(elapsed)} "
