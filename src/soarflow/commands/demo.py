@@ -3,7 +3,8 @@
 1. Start from the shipped base model (the embedded U-Net pretrained on ShapesEval's noisy corpus).
 2. Post-train it on the curated set twice, with SFT and with SOAR: same optimizer, learning rate, batch, steps
    and seed; SOAR with an ODE-only rollout of one guided Euler step, a few auxiliary points.
-3. Evaluate base, SFT and SOAR on ShapesEval at the same sampler settings (40 Euler steps by default, `--eval_num_steps` for more; fixed guidance):
+3. Evaluate base, SFT and SOAR on ShapesEval at the same sampler settings (40 Euler steps by default,
+   `--eval_num_steps` for more; fixed guidance):
    per-family and overall accuracy, seen vs held-out prompts, Frechet distance to real renders, diversity,
    the exposure-bias gap, and the wall-clock of each post-training run.
 4. Print the table and write a report folder: report.json (every number and the exact settings), a sample

@@ -1,10 +1,11 @@
-"""`soarflow study-report FOLDER --config STUDY.yaml [--quick] [--only ROW ...] [--seeds S ...]`: rebuild a study report's intervals.
+"""`soarflow study-report FOLDER --config STUDY.yaml [--quick] [--only ROW ...] [--seeds S ...]`: rebuild a study
+report's intervals.
 
 Reads ``FOLDER/results.json`` (scalars, curves, cells) and ``FOLDER/per_image.npz`` (the per-image results the
 intervals come from), recomputes every interval, the primary contrast, its MDE and the Holm adjustment with the
 study file's current ``primary``/``contrasts``/``reference``, and rewrites results.json and report.md in place
-(``--output_dir`` to write elsewhere). No cell is trained or evaluated. Pass the same ``--quick`` / ``--only`` / ``--seeds`` as
-the run that made the folder.
+(``--output_dir`` to write elsewhere). No cell is trained or evaluated. Pass the same ``--quick`` / ``--only`` /
+``--seeds`` as the run that made the folder.
 """
 
 from __future__ import annotations
