@@ -118,16 +118,9 @@ def test_the_auto_layout_keeps_cell_hashes_and_caches_of_before(tmp_path, tiny_b
     assert runner_mod.load_cached(tmp_path / "out", cell) is not None
 
 
-def test_cache_resume_added_rows_mismatch_and_failed_cells(tmp_path, tiny_base, monkeypatch):
+def test_cache_resume_added_rows_mismatch_and_failed_cells(tmp_path, tiny_base, ran_cells):
     out = tmp_path / "out"
-    ran = []
-    real_run_cell = runner_mod.run_cell
-
-    def counting(spec, cell, *a, **k):
-        ran.append(cell.label)
-        return real_run_cell(spec, cell, *a, **k)
-
-    monkeypatch.setattr(runner_mod, "run_cell", counting)
+    ran = ran_cells
     rows = [{"name": "sft", "set": {"method": "sft"}}]
     records = run_study(load_study(write_study(tmp_path, tiny_base, rows)), out, estimate=False, log=quiet)
     assert ran == ["base", "sft seed 0"] and all(r["status"] == "ok" for r in records)
@@ -437,7 +430,7 @@ def test_rebuild_from_per_image_data_gives_the_same_intervals(tmp_path, tiny_bas
     assert "frechet_distance (no CI)" in report and "exposure_gap (no CI)" in report
 
 
-def test_cells_run_seed_major_and_seeds_makes_an_interim_report(tmp_path, tiny_base, monkeypatch, capsys):
+def test_cells_run_seed_major_and_seeds_makes_an_interim_report(tmp_path, tiny_base, ran_cells, capsys):
     rows = [{"name": "sft", "set": {"method": "sft"}}, {"name": "soar", "set": {"method": "soar"}}]
     primary = {"row": "soar", "against": "sft", "setting": "steps3_cfg2", "arm": "steps"}
     path = write_study(tmp_path, tiny_base, rows, seeds=[0, 1, 2], primary=primary)
@@ -452,16 +445,10 @@ def test_cells_run_seed_major_and_seeds_makes_an_interim_report(tmp_path, tiny_b
     assert interim.interim and not full.interim and interim.seeds == [0]
     assert {c.hash for c in expand_cells(interim)} < {c.hash for c in expand_cells(full)}
     # the rest runs seed-major, so that a run cut short leaves whole seeds
-    ran = []
-    real_run_cell = runner_mod.run_cell
-
-    def counting(spec, cell, *a, **k):
-        ran.append(cell.label)
-        return real_run_cell(spec, cell, *a, **k)
-
-    monkeypatch.setattr(runner_mod, "run_cell", counting)
+    assert ran_cells == ["base", "sft seed 0", "soar seed 0"]
+    ran_cells.clear()
     records = run_study(full, out, estimate=False, log=quiet)
-    assert ran == ["sft seed 1", "soar seed 1", "sft seed 2", "soar seed 2"]
+    assert ran_cells == ["sft seed 1", "soar seed 1", "sft seed 2", "soar seed 2"]
     assert all(r["status"] == "ok" for r in records)
     # the study as declared, from the cache: neither interim nor one seed
     assert main(["--config", str(path), "--output_dir", str(out), "--no_estimate"]) == 0
