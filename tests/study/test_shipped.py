@@ -22,7 +22,12 @@ STUDIES = [
     "study_claim_powered.yaml",
 ]
 # every shipped study file; the headroom studies compare SFT with the base at equal steps only
-ALL_STUDIES = STUDIES + ["study_headroom.yaml", "study_headroom_targeted.yaml", "study_headroom_replay.yaml"]
+ALL_STUDIES = STUDIES + [
+    "study_headroom.yaml",
+    "study_headroom_targeted.yaml",
+    "study_headroom_replay.yaml",
+    "study_headroom_noisy.yaml",
+]
 
 
 def test_claim_quick_runs_the_whole_pipeline(tmp_path):
