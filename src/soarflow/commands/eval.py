@@ -415,6 +415,14 @@ def run(args, scorers: Mapping[str, Any] | None = None) -> dict[str, Any] | None
     return results
 
 
+def close_process_group() -> None:
+    """Destroy the process group of an `accelerate launch` run before the interpreter exits: a rank that leaves
+    with its gloo group alive can abort in the group's destructor ("terminate called without an active exception",
+    seen in CI) and take the launch down with it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -422,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"soarflow eval: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group()
     if results is not None:
         print((Path(args.output_dir) / TABLE_FILE).read_text())
     return 0
