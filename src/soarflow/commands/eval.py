@@ -417,9 +417,7 @@ def run(args, scorers: Mapping[str, Any] | None = None) -> dict[str, Any] | None
 
 def close_process_group() -> None:
     """Destroy the process group of an `accelerate launch` run before the interpreter exits, so its teardown is
-    an orderly call rather than left to destructors at exit. (The 2-process test's rank 1 has aborted at its end
-    in CI, "terminate called without an active exception", cause not known; its worker called `run` without
-    this teardown until 2026-12-07.)"""
+    an orderly call rather than left to destructors at exit. Callers of `run` under a launcher call it too."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
